@@ -1,0 +1,1 @@
+"""The `lwm` CLI, stage plans, launchers and run lineage."""

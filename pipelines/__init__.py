@@ -1,0 +1,1 @@
+"""Beam jobs and the pure transforms they are made of; text and vision tokenizers."""

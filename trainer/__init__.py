@@ -1,0 +1,1 @@
+"""Model, ring attention, Grain loader, training loop, checkpoints, conversion, evaluation."""
