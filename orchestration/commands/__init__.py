@@ -1,0 +1,1 @@
+"""`lwm` sub-command groups; each module exposes ``register(subparsers)``."""
