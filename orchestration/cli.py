@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return int(args.func(args, extra) or 0)
+    try:
+        return int(args.func(args, extra) or 0)
+    except ValueError as error:  # bad input or config: a clear message, no traceback
+        print(f"lwm: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

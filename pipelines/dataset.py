@@ -1,0 +1,257 @@
+"""The back half of every data job: segments → packed, sharded, manifested datasets.
+
+:class:`WritePackedDatasets` takes what a job's front half produced (books,
+image-text or video-text alike) and writes one dataset per length bucket into
+``OUTPUT/seq{L}/``:
+
+1. segments are grouped by (bucket, hash shard of their document id) so no key is
+   hot, each group sorted (GroupByKey order is not deterministic) and packed with
+   best-fit-decreasing;
+2. packed examples are encoded (:mod:`schemas.packed`) and spread over shards,
+   each group's bins round-robin from a hashed offset;
+3. each shard is sorted, written with ``group_size:1`` to a temporary name (a
+   local file first where the output is remote) and renamed when complete;
+4. once every shard exists, each bucket's dead letters and then its
+   ``manifest.json`` are written (:mod:`schemas.manifest`).
+
+Every choice is a function of the data (stable hashes, sorted groups), so the
+same inputs and config give byte-identical shards in every running mode.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import hashlib
+import logging
+import math
+import os
+import shutil
+import tempfile
+from typing import Any, Iterable
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.localfilesystem import LocalFileSystem
+from apache_beam.metrics import Metrics
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from pipelines import packing
+from pipelines.buckets import Bucket
+from schemas import packed
+from schemas import manifest as manifest_lib
+from schemas.raw import DeadLetter
+
+log = logging.getLogger(__name__)
+NAMESPACE = "lwm"
+ALL_BUCKETS = 0  # bucket key of a dead letter that concerns every bucket (rejected before bucketing)
+
+
+def stable_hash(text: str) -> int:
+    """A hash that is the same in every process and run (Python's ``hash`` is salted)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """Where and how a job writes its datasets."""
+
+    output: str
+    name: str
+    job: str
+    buckets: tuple[Bucket, ...]
+    tokenizer: dict[str, str]  # {"path": ..., "sha256": ...}
+    config: dict[str, Any]  # the job's resolved config, recorded in every manifest
+    pack_groups: int = 16
+    shard_bytes: int = 256 << 20  # target shard size, estimated at 2 bytes per token
+    num_shards: int | None = None  # fixed shard count per bucket (overrides shard_bytes)
+
+    def bucket_dir(self, bucket: Bucket) -> str:
+        return FileSystems.join(self.output, bucket.name)
+
+    def shard_count(self, seq_len: int, records: int) -> int:
+        if self.num_shards:
+            return self.num_shards
+        return max(1, min(records, math.ceil(records * seq_len * 2 / self.shard_bytes)))
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedRecord:
+    seq_len: int
+    group: int
+    index: int  # bin index inside its group
+    data: bytes
+    tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class WrittenShard:
+    seq_len: int
+    info: manifest_lib.ShardInfo
+    tokens: int
+    pad_tokens: int
+
+
+def _write_array_record(path: str, records: Iterable[bytes]) -> int:
+    writer = ArrayRecordWriter(path, "group_size:1")
+    count = 0
+    for record in records:
+        writer.write(record)
+        count += 1
+    writer.close()
+    return count
+
+
+def write_shard(path: str, records: list[bytes]) -> manifest_lib.ShardInfo:
+    """Write one ArrayRecord shard at ``path`` (any filesystem) via a temporary name.
+
+    array-record writes local files only, so a remote shard is written locally and
+    streamed up; either way the final name appears only once the file is complete.
+    """
+    temporary = f"{path}.tmp-{os.getpid()}"
+    local = isinstance(FileSystems.get_filesystem(path), LocalFileSystem)
+    with tempfile.TemporaryDirectory() as scratch:
+        staging = temporary if local else os.path.join(scratch, "shard")
+        if local:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        _write_array_record(staging, records)
+        size = os.path.getsize(staging)
+        sha256 = manifest_lib.file_sha256(staging)
+        if not local:
+            with open(staging, "rb") as source, FileSystems.create(temporary) as target:
+                shutil.copyfileobj(source, target, 1 << 22)
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([temporary], [path])
+    return manifest_lib.ShardInfo(os.path.basename(path), len(records), size, sha256)
+
+
+def _pack_group(item) -> Iterable[PackedRecord]:
+    (seq_len, group), segments = item
+    sequences = packing.pack(list(segments), seq_len)
+    Metrics.counter(NAMESPACE, "packed_examples").inc(len(sequences))
+    for index, sequence in enumerate(sequences):
+        example = packing.to_example(sequence, seq_len)
+        yield PackedRecord(seq_len, group, index, packed.encode(**example), sum(len(s) for s in sequence))
+
+
+def _assign_shard(record: PackedRecord, record_counts: dict[int, int], spec: DatasetSpec):
+    shards = spec.shard_count(record.seq_len, record_counts[record.seq_len])
+    shard = (stable_hash(f"{record.seq_len}/{record.group}") + record.index) % shards
+    return (record.seq_len, shard, shards), record
+
+
+def _write_shard(item, spec: DatasetSpec) -> Iterable[WrittenShard]:
+    (seq_len, shard, shards), records = item
+    records = sorted(records, key=lambda r: (r.group, r.index))
+    bucket = next(b for b in spec.buckets if b.seq_len == seq_len)
+    path = FileSystems.join(spec.bucket_dir(bucket), manifest_lib.shard_name(spec.name, shard, shards))
+    info = write_shard(path, [r.data for r in records])
+    tokens = sum(r.tokens for r in records)
+    Metrics.counter(NAMESPACE, "shards_written").inc()
+    log.info("wrote %s (%d records)", path, info.records)
+    yield WrittenShard(seq_len, info, tokens, len(records) * seq_len - tokens)
+
+
+class _WriteManifest(beam.DoFn):
+    """Per bucket, after every shard: fill shard gaps, write dead letters, then the manifest."""
+
+    def __init__(self, spec: DatasetSpec):
+        self.spec = spec
+
+    def process(self, bucket: Bucket, written, counts, dead_letters, input_examples):
+        spec = self.spec
+        directory = spec.bucket_dir(bucket)
+        shards = sorted((w for w in written if w.seq_len == bucket.seq_len), key=lambda w: w.info.path)
+        infos = {w.info.path: w.info for w in shards}
+        records = sum(info.records for info in infos.values())
+        for index in range(spec.shard_count(bucket.seq_len, records) if records else 0):
+            name = manifest_lib.shard_name(spec.name, index, spec.shard_count(bucket.seq_len, records))
+            if name not in infos:  # a shard the hash left empty still exists, with 0 records
+                infos[name] = write_shard(FileSystems.join(directory, name), [])
+        letters = sorted(
+            (letter for key, letter in dead_letters if key in (ALL_BUCKETS, bucket.seq_len)),
+            key=lambda d: (d.source, d.id, d.reason, d.detail),
+        )
+        dead_path = FileSystems.join(directory, manifest_lib.DEAD_LETTER_DIR, "dead_letter.jsonl")
+        if not FileSystems.exists(FileSystems.join(directory, manifest_lib.DEAD_LETTER_DIR)):
+            FileSystems.mkdirs(FileSystems.join(directory, manifest_lib.DEAD_LETTER_DIR))
+        with FileSystems.create(dead_path) as f:
+            f.write("".join(d.to_json() + "\n" for d in letters).encode())
+        bucket_counts = collections.Counter({name: n for (seq_len, name), n in counts if seq_len == bucket.seq_len})
+        by_reason = collections.Counter(d.reason for d in letters)
+        summary = {
+            "input_examples": input_examples,
+            "documents": bucket_counts.get("documents", 0),
+            "too_short": bucket_counts.get("too_short", 0),
+            "too_long": bucket_counts.get("too_long", 0),
+            "segments": bucket_counts.get("segments", 0),
+            "packed_examples": records,
+            "dead_letter": dict(sorted(by_reason.items())),
+        }
+        result = manifest_lib.Manifest(
+            job=spec.job,
+            name=spec.name,
+            seq_len=bucket.seq_len,
+            tokenizer=spec.tokenizer,
+            shards=tuple(infos[name] for name in sorted(infos)),
+            counts=summary,
+            tokens=sum(w.tokens for w in shards),
+            pad_tokens=sum(w.pad_tokens for w in shards),
+            config={**spec.config, "bucket": bucket.spec()},
+            dead_letter=(f"{manifest_lib.DEAD_LETTER_DIR}/dead_letter.jsonl",),
+            created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        )
+        yield manifest_lib.write(directory, result)
+
+
+class WritePackedDatasets(beam.PTransform):
+    """Pack, shard and write one dataset per bucket; see the module docstring.
+
+    Input: a dict of PCollections
+      ``segments``: ``(seq_len, Segment)``, each segment at most ``seq_len`` long;
+      ``dead_letters``: ``(seq_len or ALL_BUCKETS, DeadLetter)``;
+      ``counts``: ``((seq_len, name), n)`` summed per key (``documents``, ``too_short``,
+      ``too_long``, ``segments``);
+      ``input_examples``: a single int, the number of records the job read.
+    Output: the manifest paths, one per bucket.
+    """
+
+    def __init__(self, spec: DatasetSpec):
+        super().__init__()
+        self.spec = spec
+
+    def expand(self, inputs):
+        spec = self.spec
+        pipeline = inputs["segments"].pipeline
+        records = (
+            inputs["segments"]
+            | "KeyByGroup" >> beam.Map(lambda kv: ((kv[0], stable_hash(kv[1].key[0]) % spec.pack_groups), kv[1]))
+            | "GroupForPacking" >> beam.GroupByKey()
+            | "Pack" >> beam.FlatMap(_pack_group)
+        )
+        record_counts = (
+            records
+            | "RecordSeqLen" >> beam.Map(lambda r: (r.seq_len, 1))
+            | "CountRecords" >> beam.CombinePerKey(sum)
+        )
+        written = (
+            records
+            | "AssignShard" >> beam.Map(_assign_shard, beam.pvalue.AsDict(record_counts), spec)
+            | "GroupShards" >> beam.GroupByKey()
+            | "WriteShards" >> beam.FlatMap(_write_shard, spec)
+        )
+        counts = inputs["counts"] | "SumCounts" >> beam.CombinePerKey(sum)
+        return (
+            pipeline
+            | "Buckets" >> beam.Create(list(spec.buckets))
+            | "WriteManifests"
+            >> beam.ParDo(
+                _WriteManifest(spec),
+                beam.pvalue.AsList(written),
+                beam.pvalue.AsList(counts),
+                beam.pvalue.AsList(inputs["dead_letters"]),
+                beam.pvalue.AsSingleton(inputs["input_examples"]),
+            )
+        )

@@ -1,0 +1,104 @@
+"""``lwm data inspect``: a readable view of a packed dataset (manifest summary + one record)."""
+
+from __future__ import annotations
+
+import tempfile
+
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from array_record.python.array_record_module import ArrayRecordReader
+
+from pipelines.text_tokenizer import TextTokenizer
+from schemas import manifest as manifest_lib
+from schemas import packed, vocab
+
+
+def summary(directory: str, manifest: manifest_lib.Manifest) -> str:
+    counts = manifest.counts
+    total = manifest.tokens + manifest.pad_tokens
+    lines = [
+        f"dataset   {directory}",
+        f"job       {manifest.job} ({manifest.name}), seq_len {manifest.seq_len}, created {manifest.created_at}",
+        f"tokenizer {manifest.tokenizer.get('path')} (sha256 {manifest.tokenizer.get('sha256', '')[:12]}…)",
+        f"records   {manifest.records} in {len(manifest.shards)} shard(s), "
+        f"{sum(s.bytes for s in manifest.shards) / max(total, 1):.3f} bytes/token on disk",
+        f"tokens    {manifest.tokens} + {manifest.pad_tokens} padding "
+        f"(pad fraction {manifest.pad_tokens / max(total, 1):.4f}, utilization {manifest.utilization:.4f})",
+        "inputs    " + ", ".join(f"{k} {v}" for k, v in counts.items() if k != "dead_letter"),
+        "dead      " + (", ".join(f"{k} {v}" for k, v in counts.get("dead_letter", {}).items()) or "none"),
+    ]
+    return "\n".join(lines)
+
+
+def _span_text(tokens: np.ndarray, vision: np.ndarray, tokenizer: TextTokenizer | None, max_chars: int) -> str:
+    if vision.all():
+        frames = int(np.sum((tokens == vocab.EOF_ID) | (tokens == vocab.EOV_ID)))
+        return f"<{len(tokens)} vision tokens, {frames} frame(s)>"
+    if tokenizer is None:
+        text = " ".join(map(str, tokens.tolist()))
+    else:
+        special = {tokenizer.bos_id: "<s>", tokenizer.eos_id: "</s>"}
+        cuts = [i for i, t in enumerate(tokens.tolist()) if t in special]
+        pieces, start = [], 0
+        for cut in cuts + [len(tokens)]:
+            pieces.append(tokenizer.decode(tokens[start:cut]))
+            if cut < len(tokens):
+                pieces.append(special[int(tokens[cut])])
+            start = cut + 1
+        text = "".join(pieces)
+    if len(text) > max_chars:
+        text = f"{text[: max_chars // 2]} … {text[-max_chars // 2 :]}"
+    return text
+
+
+def render_record(example: dict[str, np.ndarray], tokenizer: TextTokenizer | None, max_chars: int = 160) -> str:
+    """Segments one per line; ``[loss w: …]`` marks spans with non-zero loss weight, ``<…>`` vision spans."""
+    lines = []
+    segment_ids = example["segment_ids"]
+    for segment in range(1, int(segment_ids.max(initial=0)) + 1):
+        where = np.flatnonzero(segment_ids == segment)
+        tokens = example["tokens"][where]
+        weights = example["loss_weights"][where]
+        vision = example["vision_mask"][where]
+        # Runs of equal (weight, modality) inside the segment, rendered in order.
+        bounds = np.flatnonzero((np.diff(weights) != 0) | (np.diff(vision.astype(int)) != 0)) + 1
+        parts = []
+        for start, end in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(tokens)]])):
+            text = _span_text(tokens[start:end], vision[start:end], tokenizer, max_chars)
+            weight = float(weights[start])
+            parts.append(f"[loss {weight:g}: {text}]" if weight > 0 else text)
+        lines.append(f"  segment {segment} ({len(where)} tokens): {''.join(parts)}")
+    padding = int(np.sum(segment_ids == 0))
+    lines.append(f"  padding: {padding} tokens")
+    return "\n".join(lines)
+
+
+def inspect(directory: str, *, record: int = 0, tokenizer: str | None = None, verify_hashes: bool = True) -> str:
+    """The text ``lwm data inspect`` prints: summary, then record ``record`` decoded."""
+    manifest = manifest_lib.read(directory, verify_hashes=verify_hashes)
+    out = [summary(directory, manifest)]
+    paths = [(p, s.path) for p, s in zip(manifest_lib.shard_paths(directory, manifest), manifest.shards) if s.records]
+    if not paths:
+        out.append("(no records)")
+        return "\n".join(out)
+    tokenizer_path = tokenizer or manifest.tokenizer.get("path")
+    text_tokenizer = TextTokenizer(tokenizer_path) if tokenizer_path and FileSystems.exists(tokenizer_path) else None
+    path, name = paths[0]
+    reader = ArrayRecordReader(_local(path))
+    index = min(record, reader.num_records() - 1)
+    example = packed.decode(reader.read([index])[0])
+    reader.close()
+    out.append(f"record {index} of {name}:")
+    out.append(render_record(example, text_tokenizer))
+    return "\n".join(out)
+
+
+def _local(path: str) -> str:
+    """array-record reads local files; remote shards are read after a local copy."""
+    if "://" not in path:
+        return path
+    target = tempfile.NamedTemporaryFile(suffix=".array_record", delete=False)
+    with FileSystems.open(path) as source:
+        target.write(source.read())
+    target.close()
+    return target.name

@@ -1,0 +1,106 @@
+"""Masked sequence packing: cut long documents, pack segments into fixed-length sequences.
+
+Pure functions over :class:`Segment` values, shared by every pipeline (books,
+image-text, video-text) and by tests. Each segment becomes one segment of a packed
+example (its own segment id, positions restarting at 0, attending only to itself:
+LWM_FACTS "Masked sequence packing").
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from schemas import packed
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Tokens of one example (or one piece of a cut document) with their vision mask and loss weights.
+
+    ``key`` orders segments deterministically (document id, piece index).
+    """
+
+    key: tuple[str, int]
+    tokens: np.ndarray  # int32[n]
+    vision_mask: np.ndarray  # bool[n]
+    loss_weights: np.ndarray  # float32[n]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def text_segment(doc_id: str, tokens: np.ndarray, weight: float = 1.0) -> Segment:
+    """A text-only segment: ``weight`` on every token but the first (which has no context)."""
+    weights = np.full(len(tokens), weight, np.float32)
+    weights[:1] = 0.0
+    return Segment((doc_id, 0), np.asarray(tokens, np.int32), np.zeros(len(tokens), bool), weights)
+
+
+def cut(segment: Segment, seq_len: int) -> list[Segment]:
+    """Split a segment longer than ``seq_len`` into ``seq_len``-sized pieces (the last may be shorter).
+
+    Each piece is its own segment, so its first token gets weight 0. A segment holding
+    vision tokens is never cut: it raises ``ValueError`` if it does not fit.
+    """
+    if len(segment) <= seq_len:
+        return [segment]
+    if segment.vision_mask.any():
+        raise ValueError(f"a vision span is never cut: segment {segment.key[0]!r} has {len(segment)} > {seq_len} tokens")
+    pieces = []
+    for index, start in enumerate(range(0, len(segment), seq_len)):
+        weights = segment.loss_weights[start : start + seq_len].copy()
+        weights[0] = 0.0
+        pieces.append(
+            Segment(
+                (segment.key[0], index),
+                segment.tokens[start : start + seq_len],
+                segment.vision_mask[start : start + seq_len],
+                weights,
+            )
+        )
+    return pieces
+
+
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of item indices: longest items first, each into the fullest bin it still fits.
+
+    Deterministic: ties in length keep index order, ties in free space go to the
+    oldest bin. Bins come out in creation order, items inside a bin in insertion order.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free space, bin index), sorted
+    for item in order:
+        size = lengths[item]
+        if size > capacity or size <= 0:
+            raise ValueError(f"item {item} has length {size}, outside 1..{capacity}")
+        slot = bisect.bisect_left(free, (size, -1))
+        if slot == len(free):
+            bins.append([item])
+            remaining, index = capacity - size, len(bins) - 1
+        else:
+            remaining, index = free.pop(slot)
+            bins[index].append(item)
+            remaining -= size
+        if remaining > 0:
+            bisect.insort(free, (remaining, index))
+    return bins
+
+
+def pack(segments: Sequence[Segment], seq_len: int) -> list[list[Segment]]:
+    """Group segments (each at most ``seq_len`` long) into sequences; input order does not matter."""
+    ordered = sorted(segments, key=lambda s: s.key)
+    bins = best_fit_decreasing([len(s) for s in ordered], seq_len)
+    return [[ordered[i] for i in items] for items in bins]
+
+
+def to_example(segments: Sequence[Segment], seq_len: int) -> dict[str, np.ndarray]:
+    """The packed example (the five fields of :mod:`schemas.packed`) of one sequence's segments."""
+    return packed.from_segments(
+        [{"tokens": s.tokens, "vision_mask": s.vision_mask, "loss_weights": s.loss_weights} for s in segments],
+        seq_len,
+    )

@@ -1,0 +1,431 @@
+"""RingAttention: exact blockwise attention over a sequence sharded on a device ring.
+
+Each device on the mesh axis ``axis_name`` holds ``L = S / P`` tokens of the sequence
+(queries, keys, values, segment ids and global positions). Queries stay put; key/value
+blocks travel around the ring with ``jax.lax.ppermute`` while every device folds the
+block it currently holds into an online softmax (fp32 running max, normaliser and
+output). Masks are computed from the segment ids and global positions that travel with
+each block, so every token layout (contiguous, zigzag, striped) shares one code path, and
+(query block, key block) tiles that the mask makes entirely invisible are skipped with
+``lax.cond`` instead of being computed and masked.
+
+The whole ring is one ``jax.custom_vjp``: the forward saves q, k, v, the output and the
+logsumexp; the backward is a second ring in which dk/dv travel with their key/value
+blocks and probabilities are recomputed tile by tile. Memory per device is linear in
+``L`` (plus one ``block_q x block_kv`` tile), never in ``S``.
+
+Shape legend: B batch, S global length, L local length (S / P), P ring size, Hq query
+heads, K key/value heads, G = Hq // K query heads per key/value head, D head dim,
+nq/nk number of query/key blocks on a device, bq/bk their lengths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Hashable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+LAYOUTS = ("contiguous", "zigzag", "striped")
+_F32 = jnp.float32
+_INT_MAX = np.iinfo(np.int32).max
+_INT_MIN = np.iinfo(np.int32).min
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def layout_permutation(seq_len: int, num_shards: int, layout: str) -> np.ndarray:
+    """Token order that places a natural-order sequence on ``num_shards`` ring devices.
+
+    Returns an index array ``perm`` with ``permuted = natural[..., perm]``; device ``r``
+    then holds ``permuted[..., r * L:(r + 1) * L]`` with ``L = seq_len // num_shards``.
+
+    - ``contiguous``: device r holds tokens ``[r L, (r + 1) L)``.
+    - ``zigzag``: the sequence is cut into 2P chunks; device r holds chunks r and
+      2P - 1 - r, so under a causal mask every device has the same work.
+    - ``striped``: token i goes to device ``i mod P``.
+    """
+    _check_layout(seq_len, num_shards, layout)
+    idx = np.arange(seq_len)
+    if layout == "contiguous":
+        return idx
+    if layout == "striped":
+        return idx.reshape(seq_len // num_shards, num_shards).T.reshape(-1)
+    chunks = idx.reshape(2 * num_shards, -1)
+    order = [c for r in range(num_shards) for c in (r, 2 * num_shards - 1 - r)]
+    return chunks[order].reshape(-1)
+
+
+def inverse_layout_permutation(seq_len: int, num_shards: int, layout: str) -> np.ndarray:
+    """Index array undoing :func:`layout_permutation`: ``natural = permuted[..., inv]``."""
+    return np.argsort(layout_permutation(seq_len, num_shards, layout))
+
+
+def _check_layout(seq_len: int, num_shards: int, layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    unit = 2 * num_shards if layout == "zigzag" else num_shards
+    if seq_len <= 0 or seq_len % unit:
+        raise ValueError(
+            f"seq_len {seq_len} must be a positive multiple of {unit} for layout "
+            f"{layout!r} on {num_shards} shards"
+        )
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def dense_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+                    causal: bool = True):
+    """Plain O(S^2) attention with the same mask semantics as :func:`ring_attention`.
+
+    A query attends to a key iff both carry the same non-zero segment id and, if
+    ``causal``, the key's position is <= the query's. Query rows with no visible key
+    return zeros. Softmax runs in fp32; the result has q's dtype. Scale 1/sqrt(D).
+    """
+    _check_shapes(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+    b, sq, hq, d = q.shape
+    kh = k.shape[2]
+    q_BxSxKxGxD = q.reshape(b, sq, kh, hq // kh, d).astype(_F32)
+    s_BxKxGxSxT = jnp.einsum("bqkgd,bskd->bkgqs", q_BxSxKxGxD, k.astype(_F32)) * d**-0.5
+    mask = _mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal)
+    s_BxKxGxSxT = jnp.where(mask, s_BxKxGxSxT, -jnp.inf)
+    m = jax.lax.stop_gradient(_finite(jnp.max(s_BxKxGxSxT, axis=-1, keepdims=True)))
+    p = jnp.exp(s_BxKxGxSxT - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom > 0, denom, 1.0)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", p, v.astype(_F32))
+    return out.reshape(b, sq, hq, d).astype(q.dtype)
+
+
+def _mask(q_seg_BxQ, kv_seg_BxT, q_pos_BxQ, kv_pos_BxT, causal):
+    """Visibility [B, 1, 1, Q, T]: same non-zero segment and, if causal, key pos <= query pos."""
+    visible = (q_seg_BxQ[:, :, None] == kv_seg_BxT[:, None, :]) & (q_seg_BxQ[:, :, None] > 0)
+    if causal:
+        visible &= kv_pos_BxT[:, None, :] <= q_pos_BxQ[:, :, None]
+    return visible[:, None, None]
+
+
+def _finite(x):
+    """Replace -inf (rows with no visible key yet) by 0 so ``exp(s - m)`` never sees inf - inf."""
+    return jnp.where(jnp.isneginf(x), 0.0, x)
+
+
+def _check_shapes(q, k, v, q_seg, kv_seg, q_pos, kv_pos):
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(f"expected q [B,S,Hq,D] and k == v [B,S,K,D], got {q.shape}, "
+                         f"{k.shape}, {v.shape}")
+    b, sq, hq, d = q.shape
+    _, sk, kh, dk = k.shape
+    if k.shape[0] != b or dk != d:
+        raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head dim")
+    if hq % kh:
+        raise ValueError(f"query heads {hq} must be a multiple of key/value heads {kh}")
+    for name, arr, want in (("q_segment_ids", q_seg, (b, sq)), ("kv_segment_ids", kv_seg, (b, sk)),
+                            ("q_positions", q_pos, (b, sq)), ("kv_positions", kv_pos, (b, sk))):
+        if tuple(arr.shape) != want:
+            raise ValueError(f"{name} must have shape {want}, got {tuple(arr.shape)}")
+        if not jnp.issubdtype(arr.dtype, jnp.integer):
+            raise ValueError(f"{name} must be integer, got {arr.dtype}")
+
+
+# ----------------------------------------------------------------------------- ring
+
+
+@dataclasses.dataclass(frozen=True)
+class _RingConfig:
+    """Static settings of one ring (hashable: it is a custom_vjp non-differentiable arg)."""
+
+    axis_name: Hashable
+    causal: bool
+    block_q: int
+    block_kv: int
+    float32_logits: bool
+
+
+def ring_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+                   axis_name: Hashable, causal: bool = True, block_q: int = 512,
+                   block_kv: int = 512, float32_logits: bool = True):
+    """Exact attention of this device's queries against all keys on the ``axis_name`` ring.
+
+    Call per shard inside ``jax.shard_map``; only collectives over ``axis_name`` are
+    used, so the shard_map may cover other mesh axes too (batch over dp/fsdp, heads
+    over tp). Shapes per shard: q [B, L, Hq, D], k and v [B, L, K, D] with Hq % K == 0
+    (key/value heads rotate un-repeated), segment ids and positions [B, L] integer.
+    Positions are global token positions (the causal mask compares them); segment id 0
+    is padding. Query rows with no visible key return zeros. Blocks of ``block_q``
+    queries and ``block_kv`` keys (clipped to L, must divide it) bound the working set;
+    ``float32_logits`` runs the tile matmuls in fp32 (else in the input dtype with fp32
+    accumulation). Statistics, accumulators and gradients are fp32 either way.
+    Returns [B, L, Hq, D] in q's dtype.
+    """
+    _check_shapes(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+    length = q.shape[1]
+    if k.shape[1] != length:
+        raise ValueError(f"q and k must hold the same number of tokens per device, got "
+                         f"{length} and {k.shape[1]}")
+    cfg = _RingConfig(axis_name, bool(causal), _block(block_q, length, "block_q"),
+                      _block(block_kv, length, "block_kv"), bool(float32_logits))
+    return _ring(cfg, q, k, v, q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32),
+                 q_positions.astype(jnp.int32), kv_positions.astype(jnp.int32))
+
+
+def _block(block: int, length: int, name: str) -> int:
+    block = min(int(block), length)
+    if block < 1 or length % block:
+        raise ValueError(f"{name}={block} must be >= 1 and divide the local length {length}")
+    return block
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring(cfg, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
+    return _ring_forward(cfg, q, k, v, q_seg, kv_seg, q_pos, kv_pos)[0]
+
+
+def _ring_fwd(cfg, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
+    out, lse = _ring_forward(cfg, q, k, v, q_seg, kv_seg, q_pos, kv_pos)
+    return out, (q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse)
+
+
+def _rotate(tree, axis_name, size):
+    """Send every leaf to the next device on the ring."""
+    perm = [(i, (i + 1) % size) for i in range(size)]
+    return jax.lax.ppermute(tree, axis_name, perm)
+
+
+def _split(x, block):
+    """[B, L, ...] -> [L / block, B, block, ...]: blocks first, for ``lax.scan``."""
+    b, length = x.shape[:2]
+    x = x.reshape(b, length // block, block, *x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+
+def _merge(x):
+    """Inverse of :func:`_split`."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _block_ranges(seg_NxBxb, pos_NxBxb):
+    """Per block and batch row: (min pos, max pos, min seg, max seg) over non-padding tokens."""
+    valid = seg_NxBxb > 0
+    return (jnp.min(jnp.where(valid, pos_NxBxb, _INT_MAX), axis=-1),
+            jnp.max(jnp.where(valid, pos_NxBxb, _INT_MIN), axis=-1),
+            jnp.min(jnp.where(valid, seg_NxBxb, _INT_MAX), axis=-1),
+            jnp.max(jnp.where(valid, seg_NxBxb, 0), axis=-1))
+
+
+def tile_visibility(q_seg_NxBxb, q_pos_NxBxb, kv_seg_MxBxb, kv_pos_MxBxb, causal: bool):
+    """Bool [nq, nk]: may query block i see any key of key block j (for some batch row)?
+
+    Conservative (never false when a visible pair exists) and exact at block level for
+    causal masks and for segments that do not interleave. Tiles where it is False are
+    skipped by the ring; benchmarks count the True ones as work.
+    """
+    q_pmin, q_pmax, q_smin, q_smax = (x[:, None] for x in _block_ranges(q_seg_NxBxb, q_pos_NxBxb))
+    k_pmin, _, k_smin, k_smax = (x[None] for x in _block_ranges(kv_seg_MxBxb, kv_pos_MxBxb))
+    visible = (q_smin <= k_smax) & (k_smin <= q_smax)
+    if causal:
+        visible &= k_pmin <= q_pmax
+    return jnp.any(visible, axis=-1)
+
+
+def _logits(cfg, q_BxbxKxGxD, k_BxcxKxD):
+    """Scaled logits [B, K, G, bq, bk] in fp32."""
+    dtype = _F32 if cfg.float32_logits else q_BxbxKxGxD.dtype
+    s = jnp.einsum("bqkgd,bskd->bkgqs", q_BxbxKxGxD.astype(dtype), k_BxcxKxD.astype(dtype),
+                   preferred_element_type=_F32)
+    return s * q_BxbxKxGxD.shape[-1] ** -0.5
+
+
+def _dot(cfg, spec, x, y):
+    """A tile matmul: operands in fp32 or the input dtype, fp32 accumulation."""
+    dtype = _F32 if cfg.float32_logits else y.dtype
+    return jnp.einsum(spec, x.astype(dtype), y.astype(dtype), preferred_element_type=_F32)
+
+
+def _ring_forward(cfg, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
+    """Forward ring: returns the output [B, L, Hq, D] and logsumexp [nq, B, K, G, bq]."""
+    size = jax.lax.axis_size(cfg.axis_name)
+    b, length, hq, d = q.shape
+    kh = k.shape[2]
+    q_NxBxbxKxGxD = _split(q.reshape(b, length, kh, hq // kh, d), cfg.block_q)
+    q_seg_NxBxb, q_pos_NxBxb = _split(q_seg, cfg.block_q), _split(q_pos, cfg.block_q)
+    nq = q_NxBxbxKxGxD.shape[0]
+    o = jnp.zeros((nq, b, cfg.block_q, kh, hq // kh, d), _F32)
+    m = jnp.full((nq, b, kh, hq // kh, cfg.block_q), -jnp.inf, _F32)
+    l = jnp.zeros_like(m)
+    kv = (k, v, kv_seg, kv_pos)
+    for hop in range(size):
+        # Issue the next rotation before computing, so XLA may overlap the two; the
+        # rotation that would only bring blocks home after the last hop is not sent.
+        incoming = _rotate(kv, cfg.axis_name, size) if hop < size - 1 else None
+        o, m, l = _hop_forward(cfg, q_NxBxbxKxGxD, q_seg_NxBxb, q_pos_NxBxb, (o, m, l), kv)
+        kv = incoming
+    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
+    l_NxBxbxKxG = jnp.moveaxis(l, -1, 2)[..., None]
+    out = o / jnp.where(l_NxBxbxKxG > 0, l_NxBxbxKxG, 1.0)
+    return _merge(out).reshape(b, length, hq, d).astype(q.dtype), lse
+
+
+def _hop_forward(cfg, q_blocks, q_seg_blocks, q_pos_blocks, acc, kv):
+    """Fold one key/value shard into the running (output, max, normaliser) of every query block."""
+    k, v, kv_seg, kv_pos = kv
+    k_blocks, v_blocks = _split(k, cfg.block_kv), _split(v, cfg.block_kv)
+    kv_seg_blocks, kv_pos_blocks = _split(kv_seg, cfg.block_kv), _split(kv_pos, cfg.block_kv)
+    visible_NxM = tile_visibility(q_seg_blocks, q_pos_blocks, kv_seg_blocks, kv_pos_blocks,
+                                  cfg.causal)
+
+    def tile(carry, q_i, q_seg_i, q_pos_i, k_j, v_j, kv_seg_j, kv_pos_j):
+        o_i, m_i, l_i = carry
+        s = _logits(cfg, q_i, k_j)
+        s = jnp.where(_mask(q_seg_i, kv_seg_j, q_pos_i, kv_pos_j, cfg.causal), s, -jnp.inf)
+        m_new = jnp.maximum(m_i, jnp.max(s, axis=-1))
+        m_safe = _finite(m_new)
+        p = jnp.exp(s - m_safe[..., None])
+        correction = jnp.exp(m_i - m_safe)
+        l_new = l_i * correction + jnp.sum(p, axis=-1)
+        pv = _dot(cfg, "bkgqs,bskd->bqkgd", p, v_j)
+        o_new = o_i * jnp.moveaxis(correction, -1, 1)[..., None] + pv
+        return o_new, m_new, l_new
+
+    def per_query_block(_, xs):
+        q_i, q_seg_i, q_pos_i, o_i, m_i, l_i, visible_j = xs
+
+        def per_key_block(carry, ys):
+            k_j, v_j, kv_seg_j, kv_pos_j, visible = ys
+            carry = jax.lax.cond(
+                visible, lambda c: tile(c, q_i, q_seg_i, q_pos_i, k_j, v_j, kv_seg_j, kv_pos_j),
+                lambda c: c, carry)
+            return carry, None
+
+        carry, _ = jax.lax.scan(per_key_block, (o_i, m_i, l_i),
+                                (k_blocks, v_blocks, kv_seg_blocks, kv_pos_blocks, visible_j))
+        return None, carry
+
+    o, m, l = acc
+    _, acc = jax.lax.scan(per_query_block, None,
+                          (q_blocks, q_seg_blocks, q_pos_blocks, o, m, l, visible_NxM))
+    return acc
+
+
+def _ring_bwd(cfg, res, g):
+    """Backward ring: dq stays home, dk/dv travel with their blocks and get one last hop home."""
+    q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse = res
+    size = jax.lax.axis_size(cfg.axis_name)
+    b, length, hq, d = q.shape
+    kh = k.shape[2]
+    shape5 = (b, length, kh, hq // kh, d)
+    q_blocks = _split(q.reshape(shape5), cfg.block_q)
+    do_blocks = _split(g.reshape(shape5), cfg.block_q)
+    delta = jnp.sum(g.astype(_F32) * out.astype(_F32), axis=-1).reshape(shape5[:-1])
+    delta_blocks = jnp.moveaxis(_split(delta, cfg.block_q), 2, -1)
+    q_seg_blocks, q_pos_blocks = _split(q_seg, cfg.block_q), _split(q_pos, cfg.block_q)
+    dq = jnp.zeros(q_blocks.shape, _F32)
+    dkv = (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32))
+    kv = (k, v, kv_seg, kv_pos)
+    for hop in range(size):
+        incoming = _rotate(kv, cfg.axis_name, size) if hop < size - 1 else None
+        dq, dkv = _hop_backward(cfg, (q_blocks, q_seg_blocks, q_pos_blocks, do_blocks, lse,
+                                      delta_blocks), dq, kv, dkv)
+        dkv = _rotate(dkv, cfg.axis_name, size)
+        kv = incoming
+    dq = _merge(dq).reshape(q.shape).astype(q.dtype)
+    return dq, dkv[0].astype(k.dtype), dkv[1].astype(v.dtype), None, None, None, None
+
+
+def _hop_backward(cfg, q_side, dq, kv, dkv):
+    """Accumulate dq (home) and dk/dv (of the visiting shard) over all visible tiles."""
+    q_blocks, q_seg_blocks, q_pos_blocks, do_blocks, lse_blocks, delta_blocks = q_side
+    k, v, kv_seg, kv_pos = kv
+    k_blocks, v_blocks = _split(k, cfg.block_kv), _split(v, cfg.block_kv)
+    kv_seg_blocks, kv_pos_blocks = _split(kv_seg, cfg.block_kv), _split(kv_pos, cfg.block_kv)
+    dk_blocks, dv_blocks = _split(dkv[0], cfg.block_kv), _split(dkv[1], cfg.block_kv)
+    visible_NxM = tile_visibility(q_seg_blocks, q_pos_blocks, kv_seg_blocks, kv_pos_blocks,
+                                  cfg.causal)
+    scale = q_blocks.shape[-1] ** -0.5
+
+    def tile(carry, q_side_i, kv_j):
+        dq_i, dk_j, dv_j = carry
+        q_i, q_seg_i, q_pos_i, do_i, lse_i, delta_i = q_side_i
+        k_j, v_j, kv_seg_j, kv_pos_j = kv_j
+        s = _logits(cfg, q_i, k_j)
+        s = jnp.where(_mask(q_seg_i, kv_seg_j, q_pos_i, kv_pos_j, cfg.causal), s, -jnp.inf)
+        p = jnp.exp(s - lse_i[..., None])
+        dv_j = dv_j + _dot(cfg, "bkgqs,bqkgd->bskd", p, do_i)
+        dp = _dot(cfg, "bqkgd,bskd->bkgqs", do_i, v_j)
+        ds = p * (dp - delta_i[..., None]) * scale
+        dq_i = dq_i + _dot(cfg, "bkgqs,bskd->bqkgd", ds, k_j)
+        dk_j = dk_j + _dot(cfg, "bkgqs,bqkgd->bskd", ds, q_i)
+        return dq_i, dk_j, dv_j
+
+    def per_query_block(dkv_blocks, xs):
+        *q_side_i, dq_i, visible_j = xs
+
+        def per_key_block(dq_i, ys):
+            *kv_j, dk_j, dv_j, visible = ys
+            dq_i, dk_j, dv_j = jax.lax.cond(
+                visible, lambda c: tile(c, q_side_i, kv_j), lambda c: c, (dq_i, dk_j, dv_j))
+            return dq_i, (dk_j, dv_j)
+
+        dq_i, dkv_blocks = jax.lax.scan(
+            per_key_block, dq_i,
+            (k_blocks, v_blocks, kv_seg_blocks, kv_pos_blocks, *dkv_blocks, visible_NxM_row(visible_j)))
+        return dkv_blocks, dq_i
+
+    (dk_blocks, dv_blocks), dq = jax.lax.scan(
+        per_query_block, (dk_blocks, dv_blocks),
+        (q_blocks, q_seg_blocks, q_pos_blocks, do_blocks, lse_blocks, delta_blocks, dq,
+         visible_NxM))
+    return dq, (_merge(dk_blocks), _merge(dv_blocks))
+
+
+def visible_NxM_row(row):
+    return row
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+# ----------------------------------------------------------------------------- global wrapper
+
+
+def sharded_attention(q, k, v, segment_ids, *, mesh, axis_name: str = "sp", causal: bool = True,
+                      layout: str = "zigzag", impl: str = "ring", block_q: int = 512,
+                      block_kv: int = 512, float32_logits: bool = True):
+    """Attention over global natural-order arrays, computed on the ``axis_name`` ring.
+
+    q [B, S, Hq, D], k and v [B, S, K, D], segment_ids [B, S] (0 = padding); positions
+    are the natural token indices. ``layout`` places tokens on devices (see
+    :func:`layout_permutation`); the result comes back in natural order. ``impl="dense"``
+    is the single-device O(S^2) reference on the same inputs (mesh and layout unused).
+    """
+    if impl not in ("ring", "dense"):
+        raise ValueError(f"impl must be 'ring' or 'dense', got {impl!r}")
+    b, seq_len = segment_ids.shape
+    positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (b, seq_len))
+    if impl == "dense":
+        return dense_attention(q, k, v, segment_ids, segment_ids, positions, positions, causal)
+    num_shards = mesh.shape[axis_name]
+    perm = layout_permutation(seq_len, num_shards, layout)
+    inverse = np.argsort(perm)
+    spec4, spec2 = PartitionSpec(None, axis_name), PartitionSpec(None, axis_name)
+    per_shard = functools.partial(_ring_shard, axis_name=axis_name, causal=causal,
+                                  block_q=block_q, block_kv=block_kv,
+                                  float32_logits=float32_logits)
+    out = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec4, spec4, spec4, spec2, spec2),
+                        out_specs=spec4)(q[:, perm], k[:, perm], v[:, perm],
+                                         segment_ids[:, perm], positions[:, perm])
+    return out[:, inverse]
+
+
+def _ring_shard(q, k, v, segment_ids, positions, **kwargs: Any):
+    return ring_attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                          q_positions=positions, kv_positions=positions, **kwargs)
