@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 
 import apache_beam as beam
 from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -47,6 +48,7 @@ class BooksConfig:
 
     def manifest_config(self) -> dict:
         fields = dataclasses.asdict(self)
+        del fields["output"]  # where a dataset lives is not part of what it is
         fields["buckets"] = [b.spec() for b in self.buckets]
         fields["inputs"] = list(self.inputs)
         return fields
@@ -59,7 +61,7 @@ class ReadDocuments(beam.DoFn):
         path = readable.metadata.path
         Metrics.counter(NAMESPACE, "files_read").inc()
         try:
-            with readable.open() as stream:
+            with readable.open(compression_type=CompressionTypes.UNCOMPRESSED) as stream:
                 yield from raw.iter_documents(stream, path)
         except Exception as error:  # a file that fails mid-read: report it, keep the job alive
             yield raw.DeadLetter("", "unreadable_file", f"{type(error).__name__}: {error}", path)

@@ -15,6 +15,7 @@ becomes a dead letter with a reason from :data:`REASONS`.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import posixpath
 from typing import Any, Iterator
@@ -126,7 +127,7 @@ def parse_text_file(data: bytes, path: str) -> Document | DeadLetter:
 
 def iter_json_lines(stream, path: str) -> Iterator[Document | DeadLetter]:
     """Records of a JSON-lines stream (binary); blank lines are skipped."""
-    for number, line in enumerate(stream, start=1):
+    for number, line in enumerate(iter(stream.readline, b""), start=1):  # Beam's gzip streams only readline
         if line.strip():
             yield parse_json_line(line, path, number)
 
@@ -146,7 +147,13 @@ def iter_parquet(stream, path: str) -> Iterator[Document | DeadLetter]:
 
 
 def iter_documents(stream, path: str) -> Iterator[Document | DeadLetter]:
-    """Every record of one input file (binary stream), whatever its format."""
+    """Every record of one input file (raw binary stream, still compressed if ``.gz``), whatever its format.
+
+    Decompression happens here with Python's gzip so that a corrupt or truncated
+    archive raises (the caller dead-letters the file) instead of reading as empty.
+    """
+    if path.lower().endswith(".gz"):
+        stream = gzip.GzipFile(fileobj=stream, mode="rb")
     kind = input_format(path)
     if kind is None:
         yield DeadLetter("", "unsupported_format", "expected .jsonl, .json, .parquet or .txt (optionally .gz)", path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines import text_tokenizer
@@ -12,7 +13,7 @@ from schemas import raw
 def _texts(patterns):
     for pattern in patterns:
         for metadata in FileSystems.match([pattern])[0].metadata_list:
-            with FileSystems.open(metadata.path) as stream:
+            with FileSystems.open(metadata.path, compression_type=CompressionTypes.UNCOMPRESSED) as stream:
                 for item in raw.iter_documents(stream, metadata.path):
                     if isinstance(item, raw.Document):
                         yield item.text

@@ -1,0 +1,71 @@
+"""Packing: every token once, in order, in one segment; sequences never overflow; padding at the end."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipelines import packing
+from schemas import packed
+
+
+def _documents(lengths):
+    return {f"doc{i}": np.arange(n, dtype=np.int32) + 1000 * i for i, n in enumerate(lengths)}
+
+
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=40), st.integers(8, 128))
+@settings(max_examples=150, deadline=None)
+def test_every_token_appears_once_in_order_in_one_segment(lengths, seq_len):
+    documents = _documents(lengths)
+    segments = [p for d, t in documents.items() for p in packing.cut(packing.text_segment(d, t), seq_len)]
+    sequences = packing.pack(segments, seq_len)
+    pieces: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for sequence in sequences:
+        example = packed.decode(packed.encode(**packing.to_example(sequence, seq_len)))
+        ids, positions = example["segment_ids"], example["positions"]
+        assert len(ids) == seq_len
+        used = int(np.count_nonzero(ids))
+        assert np.all(ids[used:] == 0) and np.all(example["tokens"][used:] == 0)  # padding only at the end
+        assert np.all(np.diff(ids[:used]) >= 0)
+        for segment_id, segment in enumerate(sequence, start=1):
+            where = np.flatnonzero(ids == segment_id)
+            np.testing.assert_array_equal(positions[where], np.arange(len(where)))
+            np.testing.assert_array_equal(example["tokens"][where], segment.tokens)
+            assert example["loss_weights"][where][0] == 0.0
+            pieces.setdefault(segment.key[0], []).append((segment.key[1], example["tokens"][where]))
+    for doc_id, tokens in documents.items():
+        ordered = [t for _, t in sorted(pieces[doc_id], key=lambda p: p[0])]
+        np.testing.assert_array_equal(np.concatenate(ordered), tokens)
+
+
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=60), st.integers(50, 100))
+@settings(max_examples=100, deadline=None)
+def test_best_fit_decreasing_never_overflows_and_places_every_item_once(lengths, capacity):
+    bins = packing.best_fit_decreasing(lengths, capacity)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= capacity for b in bins)
+    # No two bins could be merged: best fit leaves at most one bin at most half full.
+    assert sum(sum(lengths[i] for i in b) <= capacity // 2 for b in bins) <= 1
+
+
+@given(st.lists(st.integers(1, 60), min_size=1, max_size=30), st.randoms())
+@settings(max_examples=50, deadline=None)
+def test_packing_does_not_depend_on_input_order(lengths, rng):
+    segments = [packing.text_segment(d, t) for d, t in _documents(lengths).items()]
+    shuffled = list(segments)
+    rng.shuffle(shuffled)
+    keys = [[s.key for s in seq] for seq in packing.pack(segments, 64)]
+    assert keys == [[s.key for s in seq] for seq in packing.pack(shuffled, 64)]
+
+
+def test_cut_pieces_restart_their_loss_weights():
+    pieces = packing.cut(packing.text_segment("d", np.arange(10), weight=0.5), 4)
+    assert [len(p) for p in pieces] == [4, 4, 2]
+    assert [p.key for p in pieces] == [("d", 0), ("d", 1), ("d", 2)]
+    assert all(p.loss_weights[0] == 0 and np.all(p.loss_weights[1:] == 0.5) for p in pieces)
+
+
+def test_a_vision_span_is_never_cut():
+    segment = packing.Segment(("v", 0), np.arange(10), np.ones(10, bool), np.ones(10, np.float32))
+    with pytest.raises(ValueError, match="never cut"):
+        packing.cut(segment, 4)
