@@ -113,6 +113,23 @@ def _mask(q_seg_BxQ, kv_seg_BxT, q_pos_BxQ, kv_pos_BxT, causal):
     return visible[:, None, None]
 
 
+def _varying_like(x, *refs):
+    """Mark ``x`` as varying over the mesh axes any of ``refs`` varies over (shard_map vma).
+
+    Fresh accumulators (zeros) are device-invariant; loop carries and ``lax.cond``
+    branches must agree with the device-varying values folded into them.
+    """
+    axes = set().union(*(_vma(r) for r in refs)) - _vma(x)
+    return jax.lax.pcast(x, tuple(sorted(axes, key=str)), to="varying") if axes else x
+
+
+def _vma(x) -> frozenset:
+    """Mesh axes ``x`` varies over (``aval.mat.varying`` since JAX 0.10, ``aval.vma`` before)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
 def _finite(x):
     """Replace -inf (rows with no visible key yet) by 0 so ``exp(s - m)`` never sees inf - inf."""
     return jnp.where(jnp.isneginf(x), 0.0, x)
@@ -259,8 +276,9 @@ def _ring_forward(cfg, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
     q_NxBxbxKxGxD = _split(q.reshape(b, length, kh, hq // kh, d), cfg.block_q)
     q_seg_NxBxb, q_pos_NxBxb = _split(q_seg, cfg.block_q), _split(q_pos, cfg.block_q)
     nq = q_NxBxbxKxGxD.shape[0]
-    o = jnp.zeros((nq, b, cfg.block_q, kh, hq // kh, d), _F32)
-    m = jnp.full((nq, b, kh, hq // kh, cfg.block_q), -jnp.inf, _F32)
+    refs = (q, k, v, q_seg, kv_seg, q_pos, kv_pos)
+    o = _varying_like(jnp.zeros((nq, b, cfg.block_q, kh, hq // kh, d), _F32), *refs)
+    m = _varying_like(jnp.full((nq, b, kh, hq // kh, cfg.block_q), -jnp.inf, _F32), *refs)
     l = jnp.zeros_like(m)
     kv = (k, v, kv_seg, kv_pos)
     for hop in range(size):
@@ -328,8 +346,10 @@ def _ring_bwd(cfg, res, g):
     delta = jnp.sum(g.astype(_F32) * out.astype(_F32), axis=-1).reshape(shape5[:-1])
     delta_blocks = jnp.moveaxis(_split(delta, cfg.block_q), 2, -1)
     q_seg_blocks, q_pos_blocks = _split(q_seg, cfg.block_q), _split(q_pos, cfg.block_q)
-    dq = jnp.zeros(q_blocks.shape, _F32)
-    dkv = (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32))
+    refs = (q, k, v, q_seg, kv_seg, q_pos, kv_pos, g)
+    dq = _varying_like(jnp.zeros(q_blocks.shape, _F32), *refs)
+    dkv = (_varying_like(jnp.zeros(k.shape, _F32), *refs),
+           _varying_like(jnp.zeros(v.shape, _F32), *refs))
     kv = (k, v, kv_seg, kv_pos)
     for hop in range(size):
         incoming = _rotate(kv, cfg.axis_name, size) if hop < size - 1 else None
@@ -377,7 +397,7 @@ def _hop_backward(cfg, q_side, dq, kv, dkv):
 
         dq_i, dkv_blocks = jax.lax.scan(
             per_key_block, dq_i,
-            (k_blocks, v_blocks, kv_seg_blocks, kv_pos_blocks, *dkv_blocks, visible_NxM_row(visible_j)))
+            (k_blocks, v_blocks, kv_seg_blocks, kv_pos_blocks, *dkv_blocks, visible_j))
         return dkv_blocks, dq_i
 
     (dk_blocks, dv_blocks), dq = jax.lax.scan(
@@ -385,10 +405,6 @@ def _hop_backward(cfg, q_side, dq, kv, dkv):
         (q_blocks, q_seg_blocks, q_pos_blocks, do_blocks, lse_blocks, delta_blocks, dq,
          visible_NxM))
     return dq, (_merge(dk_blocks), _merge(dv_blocks))
-
-
-def visible_NxM_row(row):
-    return row
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
@@ -416,12 +432,11 @@ def sharded_attention(q, k, v, segment_ids, *, mesh, axis_name: str = "sp", caus
     num_shards = mesh.shape[axis_name]
     perm = layout_permutation(seq_len, num_shards, layout)
     inverse = np.argsort(perm)
-    spec4, spec2 = PartitionSpec(None, axis_name), PartitionSpec(None, axis_name)
+    spec = PartitionSpec(None, axis_name)
     per_shard = functools.partial(_ring_shard, axis_name=axis_name, causal=causal,
                                   block_q=block_q, block_kv=block_kv,
                                   float32_logits=float32_logits)
-    out = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec4, spec4, spec4, spec2, spec2),
-                        out_specs=spec4)(q[:, perm], k[:, perm], v[:, perm],
+    out = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec)(q[:, perm], k[:, perm], v[:, perm],
                                          segment_ids[:, perm], positions[:, perm])
     return out[:, inverse]
 
