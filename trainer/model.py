@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trainer.ring_attention import dense_attention
+
 
 AttentionFn = Callable[..., jax.Array]
 """``fn(q_BxSxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxS, positions_BxS) -> out_BxSxHxE``."""
@@ -174,25 +176,9 @@ def sequence_chunked_map(fn: Callable[..., Any], arrays: tuple[jax.Array, ...], 
     return jax.tree.map(merge, outs)
 
 
-def _temporary_dense_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal):
-    """TEMPORARY stand-in for ``trainer.ring_attention.dense_attention`` until issue 3 lands."""
-    groups = q.shape[2] // k.shape[2]
-    k = jnp.repeat(k, groups, axis=2)
-    v = jnp.repeat(v, groups, axis=2)
-    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
-    mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (q_segment_ids[:, :, None] != 0)
-    if causal:
-        mask &= kv_positions[:, None, :] <= q_positions[:, :, None]
-    scores = jnp.where(mask[:, None], scores, -jnp.inf)
-    probs = jnp.exp(scores - jnp.max(jnp.where(mask[:, None], scores, 0.0), axis=-1, keepdims=True))
-    probs = jnp.where(mask[:, None], probs, 0.0)
-    probs = probs / jnp.maximum(jnp.sum(probs, axis=-1, keepdims=True), 1e-30)
-    return jnp.einsum("bhqk,bkhe->bqhe", probs, v.astype(jnp.float32)).astype(q.dtype)
-
-
 def self_attention(q, k, v, segment_ids, positions):
     """Dense attention on one device: the ``AttentionFn`` used when no mesh is given."""
-    return _temporary_dense_attention(q, k, v, segment_ids, segment_ids, positions, positions, causal=True)
+    return dense_attention(q, k, v, segment_ids, segment_ids, positions, positions, causal=True)
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init) -> jax.Array:
@@ -364,6 +350,12 @@ def abstract_params(config: ModelConfig) -> Any:
     """Parameter shapes and dtypes, boxed with their logical axis names (no allocation)."""
     model = LWM(config)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), *_dummy_inputs()))["params"]
+
+
+def param_shapes(config: ModelConfig) -> Any:
+    """Parameter shapes and dtypes as plain ``jax.ShapeDtypeStruct`` leaves."""
+    model = LWM(config)
+    return jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), *_dummy_inputs())["params"]))
 
 
 def init_params(config: ModelConfig, rng: jax.Array, shardings: Any = None) -> Any:

@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from trainer.model import AttentionFn, ModelConfig
+from trainer.ring_attention import ring_attention
 
 MESH_AXES = ("dp", "fsdp", "sp", "tp")
 
@@ -153,8 +154,6 @@ def attention_fn(mesh: Mesh, config: ModelConfig) -> AttentionFn:
     ``positions`` serve as the causal-mask positions: tokens only attend within their
     own segment, where per-segment positions order tokens exactly as global ones do.
     """
-    from trainer.ring_attention import ring_attention
-
     heads = logical_to_spec(("batch", "length", "act_heads", "head_dim"))
     kv_heads = logical_to_spec(("batch", "length", "act_kv_heads", "head_dim"))
     tokens = logical_to_spec(("batch", "length"))

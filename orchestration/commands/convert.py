@@ -1,0 +1,74 @@
+"""`lwm convert`: checkpoint conversions (HF Llama import/export; VQGAN import)."""
+
+from __future__ import annotations
+
+import json
+
+from orchestration.commands import convert_vqgan
+
+
+def _base_config(args):
+    """The ModelConfig named by --preset and/or --config (a JSON or YAML file of fields)."""
+    from trainer.model import ModelConfig, get_preset
+
+    if args.preset is None and args.config is None:
+        return None
+    fields = get_preset(args.preset).to_dict() if args.preset else {}
+    if args.config:
+        import yaml
+
+        with open(args.config) as f:
+            overrides = yaml.safe_load(f) or {}
+        if not isinstance(overrides, dict):
+            raise SystemExit(f"{args.config}: expected a mapping of ModelConfig fields")
+        fields.update(overrides)
+    return ModelConfig.from_dict(fields)
+
+
+def hf_import(args, extra) -> int:
+    from trainer.hf_convert import import_hf
+
+    config = import_hf(args.hf_dir, args.out, base=_base_config(args), seed=args.seed)
+    print(f"wrote {args.out}: {config.num_params() / 1e6:.1f}M parameters")
+    print(json.dumps(config.to_dict(), sort_keys=True))
+    return 0
+
+
+def hf_export(args, extra) -> int:
+    from trainer.hf_convert import export_hf
+
+    export_hf(args.ckpt, args.out, step=args.step, dtype=args.dtype)
+    print(f"wrote {args.out} (HF Llama, safetensors)")
+    return 0
+
+
+def register(subparsers) -> None:
+    group = subparsers.add_parser("convert", help="convert checkpoints to and from other formats")
+    actions = group.add_subparsers(dest="action", required=True)
+    p = actions.add_parser(
+        "hf-import",
+        help="HF Llama safetensors directory -> LWM checkpoint",
+        description="Reads config.json and model.safetensors (or sharded safetensors with an index) from "
+                    "--hf-dir; never loads pickle files. The architecture comes from config.json; "
+                    "--preset/--config supply the rest (vision vocabulary, dtypes, remat) and must agree "
+                    "with the weights' shapes. Vision embedding and head are freshly initialised.",
+    )
+    p.add_argument("--hf-dir", required=True, help="HF Llama model directory")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--preset", help="base model preset (llama2-7b, lwm-7b, tiny)")
+    p.add_argument("--config", help="JSON/YAML file of ModelConfig fields (applied over --preset)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the vision embedding/head initialisation")
+    p.set_defaults(func=hf_import)
+
+    p = actions.add_parser(
+        "hf-export",
+        help="LWM checkpoint -> HF Llama directory (text model; config.json + safetensors)",
+    )
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (hf-import or training output)")
+    p.add_argument("--out", required=True, help="HF directory to write")
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="tensor dtype (default: the checkpoint's param_dtype)")
+    p.set_defaults(func=hf_export)
+
+    convert_vqgan.register_convert(actions)

@@ -1,0 +1,103 @@
+"""On-disk checkpoints: one orbax ``CheckpointManager`` directory shared by every writer.
+
+Layout: ``CKPT/<step>/<item>/`` for each saved step. Items every checkpoint has:
+- ``params``: the model parameters (a pytree of arrays, ``StandardSave``);
+- ``model_config``: ``trainer.model.ModelConfig`` as JSON, so a checkpoint alone
+  says how to build its model.
+
+Training adds its own items to the same steps (e.g. ``opt_state``, ``data_iter``,
+``train_config``): build the manager with ``manager(ckpt_dir, item_names=
+item_names("opt_state", ...))`` and save them in the same ``ocp.args.Composite``.
+Readers of the model (``restore_params``, ``trainer.inference``, HF export) restore
+only the two base items, whatever else a step holds.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from trainer.model import ModelConfig, param_shapes
+
+PARAMS = "params"
+MODEL_CONFIG = "model_config"
+
+
+def item_names(*extra: str) -> tuple[str, ...]:
+    """The base item names plus ``extra`` ones (training state), without duplicates."""
+    names = (PARAMS, MODEL_CONFIG)
+    return names + tuple(n for n in extra if n not in names)
+
+
+def manager(ckpt_dir: str | os.PathLike, *, item_names: tuple[str, ...] = item_names(),
+            **options: Any) -> ocp.CheckpointManager:
+    """A ``CheckpointManager`` on ``ckpt_dir`` with ``item_names`` registered.
+
+    ``options`` go to ``ocp.CheckpointManagerOptions`` (``max_to_keep``,
+    ``save_interval_steps``, ``enable_async_checkpointing``, ...). Close it (or use
+    it as a context manager) so asynchronous saves finish.
+    """
+    opts = ocp.CheckpointManagerOptions(**{"create": True, **options})
+    return ocp.CheckpointManager(os.path.abspath(os.fspath(ckpt_dir)), item_names=item_names, options=opts)
+
+
+def save_params(ckpt_dir: str | os.PathLike, params: Any, model_config: ModelConfig, step: int = 0) -> None:
+    """Writes ``params`` and ``model_config`` as checkpoint ``step`` (blocking)."""
+    with manager(ckpt_dir, enable_async_checkpointing=False) as mngr:
+        mngr.save(step, args=ocp.args.Composite(**{
+            PARAMS: ocp.args.StandardSave(params),
+            MODEL_CONFIG: ocp.args.JsonSave(model_config.to_dict()),
+        }))
+        mngr.wait_until_finished()
+
+
+def _resolve_step(mngr: ocp.CheckpointManager, ckpt_dir, step: int | None) -> int:
+    steps = mngr.all_steps()
+    if not steps:
+        raise ValueError(f"no checkpoint found in {os.fspath(ckpt_dir)!r}")
+    if step is None:
+        return max(steps)
+    if step not in steps:
+        raise ValueError(f"step {step} not in checkpoint {os.fspath(ckpt_dir)!r}; steps: {sorted(steps)}")
+    return step
+
+
+def latest_step(ckpt_dir: str | os.PathLike) -> int:
+    """The newest step saved in ``ckpt_dir`` (ValueError if none)."""
+    if not os.path.isdir(ckpt_dir):
+        raise ValueError(f"checkpoint directory {os.fspath(ckpt_dir)!r} does not exist")
+    with manager(ckpt_dir, create=False, read_only=True) as mngr:
+        return _resolve_step(mngr, ckpt_dir, None)
+
+
+def restore_model_config(ckpt_dir: str | os.PathLike, step: int | None = None) -> ModelConfig:
+    """The ``ModelConfig`` saved with ``step`` (default: the latest)."""
+    if not os.path.isdir(ckpt_dir):
+        raise ValueError(f"checkpoint directory {os.fspath(ckpt_dir)!r} does not exist")
+    with manager(ckpt_dir, create=False, read_only=True) as mngr:
+        step = _resolve_step(mngr, ckpt_dir, step)
+        restored = mngr.restore(step, args=ocp.args.Composite(**{MODEL_CONFIG: ocp.args.JsonRestore()}))
+    return ModelConfig.from_dict(dict(restored[MODEL_CONFIG]))
+
+
+def restore_params(ckpt_dir: str | os.PathLike, step: int | None = None,
+                   sharding: Any = None) -> tuple[Any, ModelConfig]:
+    """Parameters and model config of ``step`` (default: the latest).
+
+    ``sharding`` places the arrays: a pytree of ``jax.sharding.Sharding`` matching
+    the parameters (e.g. ``trainer.sharding.param_shardings``), or None for the
+    default device.
+    """
+    model_config = restore_model_config(ckpt_dir, step)
+    shapes = param_shapes(model_config)
+    if sharding is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = jax.tree.map(lambda _: device, shapes)
+    targets = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, sharding)
+    with manager(ckpt_dir, create=False, read_only=True) as mngr:
+        step = _resolve_step(mngr, ckpt_dir, step)
+        restored = mngr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(targets)}))
+    return restored[PARAMS], model_config
