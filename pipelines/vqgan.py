@@ -245,7 +245,6 @@ class Codebook(nn.Module):
     dim: int
 
     def setup(self):
-        # Unit-scale entries so a randomly initialised model spreads frames over many codes.
         self.embedding = self.param("embedding", nn.initializers.normal(1.0), (self.num, self.dim))
 
     def nearest(self, z_MxD):
@@ -333,11 +332,22 @@ class VQGAN:
 
     @classmethod
     def init_random(cls, config: VQGANConfig, seed: int, input_range=(0.0, 1.0), **kwargs) -> VQGAN:
-        """Randomly initialised weights (tests, the demo); codes are meaningless but deterministic."""
-        size = config.downsample_factor
-        dummy = jnp.zeros((1, size, size, config.in_channels), jnp.float32)
-        params = jax.jit(VQModel(config).init)(jax.random.key(seed), dummy)["params"]
-        return cls(config, params, input_range, **kwargs)
+        """Random weights (tests, the demo): codes are meaningless but deterministic per seed.
+
+        Drawn with numpy (fast, no compilation): LeCun-normal kernels, zero biases, unit
+        norm scales, and a unit-normal codebook so random frames spread over many codes.
+        """
+        rng = np.random.default_rng(seed)
+        flat = {}
+        for name, shape in sorted(param_shapes(config).items()):
+            leaf = name.rsplit("/", 1)[-1]
+            if leaf == "kernel":
+                flat[name] = rng.standard_normal(shape, np.float32) / np.float32(math.sqrt(np.prod(shape[:-1])))
+            elif leaf == "embedding":
+                flat[name] = rng.standard_normal(shape, np.float32)
+            else:
+                flat[name] = (np.ones if leaf == "scale" else np.zeros)(shape, np.float32)
+        return cls(config, traverse_util.unflatten_dict(flat, sep="/"), input_range, **kwargs)
 
     @classmethod
     def load(cls, path: str, **kwargs) -> VQGAN:
