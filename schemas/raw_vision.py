@@ -1,0 +1,170 @@
+"""Raw image-text and video-text inputs.
+
+One example is an ``id``, a ``caption`` and the image or video, given one of three ways
+(the first present wins):
+
+* inline bytes in the media field (``image`` for image-text, ``video`` for video-text):
+  a binary column in Parquet, a base64 string in JSON lines;
+* ``path``: a file on any Beam filesystem (local, ``gs://``); a relative path is
+  resolved against the directory of the input file that names it;
+* ``url``: the same, under the name web-scale datasets use (read with Beam
+  FileSystems, so ``gs://`` and local paths; a scheme no Beam filesystem serves
+  becomes a dead letter when the media is fetched).
+
+Input files are JSON lines (``.jsonl``, ``.json``) or Parquet (``.parquet``), ``.gz``
+allowed on top; columns as :data:`IMAGE_TEXT_SCHEMA` / :data:`VIDEO_TEXT_SCHEMA`.
+
+Parsing is pure (bytes in, :class:`VisionExample` or :class:`~schemas.raw.DeadLetter`
+out): bad input never raises, it becomes a dead letter with a reason from
+:data:`REASONS` (the media stage adds its own, see ``pipelines.media``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import gzip
+import json
+import posixpath
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.raw import DeadLetter, input_format
+
+MEDIA_FIELDS = ("image", "video")  # the inline-bytes field of image-text and video-text inputs
+LOCATION_FIELDS = ("path", "url")
+
+
+def _schema(media_field: str) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("caption", pa.string(), nullable=False),
+            pa.field(media_field, pa.binary()),
+            pa.field("path", pa.string()),
+            pa.field("url", pa.string()),
+        ]
+    )
+
+
+IMAGE_TEXT_SCHEMA = _schema("image")
+VIDEO_TEXT_SCHEMA = _schema("video")
+
+REASONS = (
+    "unreadable_file",
+    "unsupported_format",
+    "invalid_utf8",
+    "invalid_json",
+    "not_an_object",
+    "missing_id",
+    "missing_caption",
+    "empty_caption",
+    "missing_media",
+    "invalid_media",
+    "duplicate_id",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionExample:
+    """One raw image-text or video-text example: inline ``media`` bytes or a ``location`` to fetch.
+
+    ``path`` and ``index`` say where it came from (input file, 1-based line or row).
+    """
+
+    id: str
+    caption: str
+    path: str
+    index: int
+    media: bytes | None = None
+    location: str | None = None
+
+    @property
+    def source(self) -> str:
+        return f"{self.path}:{self.index}"
+
+
+def resolve_location(location: str, input_path: str) -> str:
+    """``location`` as an absolute path or URI; relative ones are taken from ``input_path``'s directory."""
+    if "://" in location or location.startswith("/"):
+        return location
+    return posixpath.join(posixpath.dirname(input_path), location)
+
+
+def from_fields(fields: Any, media_field: str, path: str, index: int) -> VisionExample | DeadLetter:
+    """Validate one record (a JSON object or a Parquet row as a dict)."""
+    if media_field not in MEDIA_FIELDS:
+        raise ValueError(f"media field must be one of {MEDIA_FIELDS}, got {media_field!r}")
+    source = f"{path}:{index}"
+    if not isinstance(fields, dict):
+        return DeadLetter("", "not_an_object", f"expected a JSON object, got {type(fields).__name__}", source)
+    example_id = fields.get("id")
+    if example_id is None or (isinstance(example_id, str) and not example_id.strip()):
+        return DeadLetter("", "missing_id", "no non-empty 'id' field", source)
+    example_id = str(example_id)
+    caption = fields.get("caption")
+    if not isinstance(caption, str):
+        found = "no 'caption' field" if caption is None else f"'caption' is a {type(caption).__name__}, not a string"
+        return DeadLetter(example_id, "missing_caption", found, source)
+    if not caption.strip():
+        return DeadLetter(example_id, "empty_caption", "'caption' is empty or whitespace", source)
+    media = fields.get(media_field)
+    if media is not None:
+        if isinstance(media, str):  # JSON carries bytes as base64
+            try:
+                media = base64.b64decode(media, validate=True)
+            except (binascii.Error, ValueError) as error:
+                return DeadLetter(example_id, "invalid_media", f"'{media_field}' is not base64: {error}", source)
+        if not isinstance(media, bytes):
+            return DeadLetter(example_id, "invalid_media", f"'{media_field}' is a {type(media).__name__}", source)
+        return VisionExample(example_id, caption, path, index, media=media)
+    for name in LOCATION_FIELDS:
+        location = fields.get(name)
+        if location is None:
+            continue
+        if not isinstance(location, str) or not location.strip():
+            return DeadLetter(example_id, "invalid_media", f"'{name}' is not a non-empty string", source)
+        return VisionExample(example_id, caption, path, index, location=resolve_location(location.strip(), path))
+    return DeadLetter(example_id, "missing_media", f"none of '{media_field}', 'path', 'url'", source)
+
+
+def iter_examples(stream, path: str, media_field: str) -> Iterator[VisionExample | DeadLetter]:
+    """Every record of one input file (raw binary stream, still compressed if ``.gz``).
+
+    Like :func:`schemas.raw.iter_documents`, a corrupt archive raises so the caller
+    dead-letters the file.
+    """
+    if path.lower().endswith(".gz"):
+        stream = gzip.GzipFile(fileobj=stream, mode="rb")
+    kind = input_format(path)
+    if kind == "jsonl":
+        for number, line in enumerate(iter(stream.readline, b""), start=1):
+            if line.strip():
+                yield _parse_json_line(line, media_field, path, number)
+    elif kind == "parquet":
+        table = pq.ParquetFile(stream)
+        names = table.schema_arrow.names
+        if "id" not in names or "caption" not in names:
+            yield DeadLetter("", "unsupported_format", f"parquet columns {names} lack 'id' and 'caption'", path)
+            return
+        row = 0
+        for batch in table.iter_batches(batch_size=64):
+            for fields in batch.to_pylist():
+                row += 1
+                yield from_fields(fields, media_field, path, row)
+    else:
+        yield DeadLetter("", "unsupported_format", "expected .jsonl, .json or .parquet (optionally .gz)", path)
+
+
+def _parse_json_line(line: bytes, media_field: str, path: str, index: int) -> VisionExample | DeadLetter:
+    source = f"{path}:{index}"
+    try:
+        fields = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        return DeadLetter("", "invalid_utf8", str(error), source)
+    except json.JSONDecodeError as error:
+        return DeadLetter("", "invalid_json", str(error), source)
+    return from_fields(fields, media_field, path, index)
