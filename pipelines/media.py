@@ -1,0 +1,287 @@
+"""Media decoding for the vision pipelines: bytes in, uint8 RGB frames [N, S, S, 3] out.
+
+Images are decoded with Pillow, videos with ffmpeg (argument lists built with
+ffmpeg-python, run as a subprocess with a timeout). Both give LWM's frame geometry:
+short side resized to S (256), centre crop S×S. Anything that cannot be decoded raises
+``MediaError(reason, detail)``; pipelines turn it into a dead letter, so one bad file
+never crashes or stalls a job. Reasons:
+
+    empty_file          zero bytes
+    corrupt_image       not an image Pillow can read, or truncated image data
+    image_too_large     over Pillow's decompression-bomb limit
+    image_too_small     short side under ``min_short_side``
+    corrupt_video       ffmpeg cannot open or decode it
+    truncated_video     ffmpeg reported errors and stopped well short of the expected frames
+    no_video_stream     audio-only (cover art does not count as video)
+    too_long_duration   longer than ``VideoConfig.max_duration_s``
+    zero_frames         opened fine but produced no frames
+    ffmpeg_timeout      ffmpeg/ffprobe ran longer than ``VideoConfig.timeout_s``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import ffmpeg
+import numpy as np
+from PIL import Image, ImageOps
+
+FRAME_SIZE = 256
+
+
+class MediaError(Exception):
+    """A media item that cannot be turned into frames; ``reason`` is a short stable label."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _square_box(width: int, height: int) -> tuple[float, float, float, float]:
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return left, top, left + side, top + side
+
+
+def decode_image(data: bytes, size: int = FRAME_SIZE, min_short_side: int = 0) -> np.ndarray:
+    """Any Pillow-readable image → uint8 RGB [size, size, 3].
+
+    EXIF orientation is applied; transparency is composited onto white; multi-frame
+    images give their first frame. The short side is resized to ``size`` (bicubic)
+    and the centre square kept, in one resampling step.
+    """
+    if not data:
+        raise MediaError("empty_file", "0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            # JPEG: let libjpeg decode at the smallest power-of-two scale still >= size.
+            img.draft("RGB", (size, size))
+            img = ImageOps.exif_transpose(img)
+            img.load()
+    except Image.DecompressionBombError as e:
+        raise MediaError("image_too_large", str(e)) from None
+    except Exception as e:  # Pillow's format plugins raise many types on malformed input
+
+        raise MediaError("corrupt_image", f"{type(e).__name__}: {e}") from None
+    if min(img.size) < max(1, min_short_side):
+        raise MediaError("image_too_small", f"{img.size[0]}x{img.size[1]} (short side < {min_short_side})")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    rgb = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC, box=_square_box(*img.size))
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoConfig:
+    """How a video becomes frames.
+
+    fps: sampling rate (LWM: 4 fps at the 8K stage); None samples ``max_frames``
+      frames uniformly over the whole video instead.
+    max_frames: cap on frames per video; a video whose ``fps`` sampling would exceed it
+      is sampled uniformly at ``max_frames`` instead (so long clips keep their span).
+    max_duration_s: longer videos are refused (``too_long_duration``); also bounds
+      decoding when a container does not state its duration.
+    timeout_s: wall-clock limit for each ffmpeg/ffprobe call.
+    size: output frame side (short side resize, centre crop).
+    """
+
+    fps: float | None = 4.0
+    max_frames: int | None = None
+    max_duration_s: float = 600.0
+    timeout_s: float = 120.0
+    size: int = FRAME_SIZE
+
+    def __post_init__(self):
+        if self.fps is None and self.max_frames is None:
+            raise ValueError("VideoConfig needs fps, max_frames, or both")
+        if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
+            raise ValueError(f"fps must be a positive number, got {self.fps}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
+        for name in ("max_duration_s", "timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.size < 1:
+            raise ValueError(f"size must be >= 1, got {self.size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FFmpegTools:
+    """Executables: ffmpeg always; ffprobe when available (else probing parses ``ffmpeg -i``)."""
+
+    ffmpeg: str
+    ffprobe: str | None
+
+
+@functools.cache
+def ffmpeg_tools() -> FFmpegTools:
+    """The system ffmpeg/ffprobe on PATH, else the binary bundled with imageio-ffmpeg (no ffprobe)."""
+    system = shutil.which("ffmpeg")
+    if system:
+        return FFmpegTools(system, shutil.which("ffprobe"))
+    try:
+        import imageio_ffmpeg
+
+        return FFmpegTools(imageio_ffmpeg.get_ffmpeg_exe(), None)
+    except (ImportError, RuntimeError) as e:
+        raise RuntimeError("no ffmpeg: install the system package (make venv) or imageio-ffmpeg") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+    """What probing found; None where the container does not say."""
+
+    duration_s: float | None
+    frame_rate: float | None
+    has_video: bool
+
+
+def _run(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        raise MediaError("ffmpeg_timeout", f"{os.path.basename(args[0])} ran over {timeout_s}s") from None
+
+
+def _tail(stderr: bytes, chars: int = 300) -> str:
+    return stderr.decode("utf-8", "replace").strip()[-chars:]
+
+
+def _rate(text) -> float | None:
+    """"30000/1001" or "25" → frames per second; None for "0/0" and the like."""
+    num, _, den = str(text).partition("/")
+    value = _float_or_none(num)
+    if den:
+        d = _float_or_none(den)
+        value = value / d if value is not None and d else None
+    return value or None
+
+
+def _float_or_none(value) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) and out >= 0 else None
+
+
+def _probe_ffprobe(path: str, tools: FFmpegTools, timeout_s: float) -> VideoInfo:
+    proc = _run([tools.ffprobe, "-v", "error", "-show_entries",
+                 "format=duration:stream=codec_type,duration,avg_frame_rate:stream_disposition=attached_pic",
+                 "-of", "json", path], timeout_s)
+    info = json.loads(proc.stdout or b"{}") if proc.returncode == 0 else {}
+    streams, fmt = info.get("streams", []), info.get("format", {})
+    if proc.returncode != 0 or not (streams or fmt):
+        raise MediaError("corrupt_video", _tail(proc.stderr) or "ffprobe found no streams")
+    video = [s for s in streams
+             if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic")]
+    durations = [_float_or_none(fmt.get("duration"))] + [_float_or_none(s.get("duration")) for s in video]
+    known = [d for d in durations if d is not None]
+    return VideoInfo(duration_s=known[0] if known else None,
+                     frame_rate=_rate(video[0].get("avg_frame_rate")) if video else None, has_video=bool(video))
+
+
+_DURATION = re.compile(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)")
+_VIDEO_STREAM = re.compile(r"^\s*Stream #\d+:\d+.*?: Video:(?!.*\(attached pic\))(?:.*?, ([\d.]+) fps)?",
+                           re.MULTILINE)
+
+
+def _probe_ffmpeg(path: str, tools: FFmpegTools, timeout_s: float) -> VideoInfo:
+    # Without ffprobe: `ffmpeg -i FILE` prints the input description, then fails for want of an output.
+    text = _run([tools.ffmpeg, "-nostdin", "-hide_banner", "-i", path], timeout_s).stderr.decode("utf-8", "replace")
+    if "Input #0" not in text:
+        raise MediaError("corrupt_video", text.strip()[-300:] or "ffmpeg could not open the input")
+    m = _DURATION.search(text)
+    duration = int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3]) if m else None
+    video = _VIDEO_STREAM.search(text)
+    return VideoInfo(duration_s=duration, frame_rate=_rate(video[1]) if video else None, has_video=bool(video))
+
+
+def probe_video(path: str, timeout_s: float = 30.0, tools: FFmpegTools | None = None) -> VideoInfo:
+    """Duration (None if the container does not say) and whether there is a real video stream."""
+    tools = tools or ffmpeg_tools()
+    probe = _probe_ffprobe if tools.ffprobe else _probe_ffmpeg
+    return probe(path, tools, timeout_s)
+
+
+def _sample_rate(info: VideoInfo, config: VideoConfig) -> float:
+    """Frames per second to ask ffmpeg for: ``fps``, or max_frames spread over the duration
+    (never above the video's own rate, so uniform sampling does not repeat frames)."""
+    span = info.duration_s if info.duration_s else config.max_duration_s
+    uniform = config.max_frames / span if config.max_frames is not None else math.inf
+    uniform = min(uniform, info.frame_rate or math.inf)
+    return min(config.fps, uniform) if config.fps is not None else uniform
+
+
+def _uniform_subsample(frames: np.ndarray, count: int | None) -> np.ndarray:
+    if count is None or len(frames) <= count:
+        return frames
+    return frames[np.linspace(0, len(frames) - 1, count).round().astype(int)]
+
+
+# ffmpeg's words for a video stream that holds no packets (not damage).
+_NO_FRAMES = re.compile(r"does not contain any stream|Cannot determine format of input stream")
+
+
+def _decode_file(path: str, config: VideoConfig, tools: FFmpegTools) -> np.ndarray:
+    if os.path.getsize(path) == 0:
+        raise MediaError("empty_file", "0 bytes")
+    info = probe_video(path, config.timeout_s, tools)
+    if not info.has_video:
+        raise MediaError("no_video_stream", f"duration {info.duration_s}s, no video stream")
+    if info.duration_s is not None and info.duration_s > config.max_duration_s:
+        raise MediaError("too_long_duration", f"{info.duration_s:.1f}s > {config.max_duration_s}s")
+    rate, s = _sample_rate(info, config), config.size
+    args = (ffmpeg.input(path, t=config.max_duration_s)
+            # eof_action=pass: clips shorter than one sampling step still give their frame.
+            .filter("fps", fps=f"{rate:.9g}", eof_action="pass")
+            .filter("scale", s, s, force_original_aspect_ratio="increase")
+            .filter("crop", s, s)
+            .output("pipe:", format="rawvideo", pix_fmt="rgb24", an=None, sn=None, dn=None)
+            .global_args("-nostdin", "-hide_banner", "-v", "error")
+            .compile(cmd=tools.ffmpeg))
+    proc = _run(args, config.timeout_s)
+    n = len(proc.stdout) // (s * s * 3)
+    frames = np.frombuffer(proc.stdout, np.uint8, count=n * s * s * 3).reshape(n, s, s, 3)
+    errors = _tail(proc.stderr)
+    if n == 0 and (not errors or _NO_FRAMES.search(errors)):
+        raise MediaError("zero_frames", f"duration {info.duration_s}s, sampled at {rate:.4g} fps; {errors}".strip())
+    if proc.returncode != 0 or n == 0:
+        raise MediaError("corrupt_video", errors or f"ffmpeg exit status {proc.returncode}")
+    expected = info.duration_s * rate if info.duration_s else 0.0
+    if errors and n < 0.9 * expected:
+        raise MediaError("truncated_video", f"{n} of ~{expected:.0f} frames; ffmpeg: {errors}")
+    return _uniform_subsample(frames, config.max_frames)
+
+
+def decode_video(source: bytes | str | os.PathLike, config: VideoConfig = VideoConfig(),
+                 tools: FFmpegTools | None = None) -> np.ndarray:
+    """A video (bytes, or a local file path) → uint8 RGB frames [N, size, size, 3], in time order.
+
+    Frames are sampled in ffmpeg's filter graph (``fps``, scale short side, centre crop)
+    and streamed back as raw RGB over a pipe. Bytes are written to one temporary file
+    first, because common containers (MP4 without faststart) need a seekable input.
+    """
+    tools = tools or ffmpeg_tools()
+    if isinstance(source, (str, os.PathLike)):
+        return _decode_file(os.fspath(source), config, tools)
+    if not source:
+        raise MediaError("empty_file", "0 bytes")
+    with tempfile.NamedTemporaryFile(suffix=".video") as f:
+        f.write(source)
+        f.flush()
+        return _decode_file(f.name, config, tools)
