@@ -21,13 +21,16 @@ from schemas import packed
 class Segment:
     """Tokens of one example (or one piece of a cut document) with their vision mask and loss weights.
 
-    ``key`` orders segments deterministically (document id, piece index).
+    ``key`` orders segments deterministically: (document id, offset of the piece's
+    first token in the document). ``splittable`` marks the last piece of a text
+    document longer than L, which the packer may split further to fill gaps.
     """
 
     key: tuple[str, int]
     tokens: np.ndarray  # int32[n]
     vision_mask: np.ndarray  # bool[n]
     loss_weights: np.ndarray  # float32[n]
+    splittable: bool = False
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -40,29 +43,32 @@ def text_segment(doc_id: str, tokens: np.ndarray, weight: float = 1.0) -> Segmen
     return Segment((doc_id, 0), np.asarray(tokens, np.int32), np.zeros(len(tokens), bool), weights)
 
 
+def _piece(segment: Segment, start: int, stop: int, splittable: bool) -> Segment:
+    """Tokens [start, stop) of a segment as a segment of their own (first weight 0: it has no context)."""
+    weights = segment.loss_weights[start:stop].copy()
+    weights[0] = 0.0
+    return Segment(
+        (segment.key[0], segment.key[1] + start),
+        segment.tokens[start:stop],
+        segment.vision_mask[start:stop],
+        weights,
+        splittable,
+    )
+
+
 def cut(segment: Segment, seq_len: int) -> list[Segment]:
     """Split a segment longer than ``seq_len`` into ``seq_len``-sized pieces (the last may be shorter).
 
-    Each piece is its own segment, so its first token gets weight 0. A segment holding
-    vision tokens is never cut: it raises ``ValueError`` if it does not fit.
+    Each piece is its own segment, so its first token gets weight 0; the last piece
+    is ``splittable``. A segment holding vision tokens is never cut: it raises
+    ``ValueError`` if it does not fit.
     """
     if len(segment) <= seq_len:
         return [segment]
     if segment.vision_mask.any():
         raise ValueError(f"a vision span is never cut: segment {segment.key[0]!r} has {len(segment)} > {seq_len} tokens")
-    pieces = []
-    for index, start in enumerate(range(0, len(segment), seq_len)):
-        weights = segment.loss_weights[start : start + seq_len].copy()
-        weights[0] = 0.0
-        pieces.append(
-            Segment(
-                (segment.key[0], index),
-                segment.tokens[start : start + seq_len],
-                segment.vision_mask[start : start + seq_len],
-                weights,
-            )
-        )
-    return pieces
+    starts = range(0, len(segment), seq_len)
+    return [_piece(segment, start, min(start + seq_len, len(segment)), start + seq_len >= len(segment)) for start in starts]
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -91,11 +97,41 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return bins
 
 
-def pack(segments: Sequence[Segment], seq_len: int) -> list[list[Segment]]:
-    """Group segments (each at most ``seq_len`` long) into sequences; input order does not matter."""
+def pack(segments: Sequence[Segment], seq_len: int, *, min_piece: int = 128) -> list[list[Segment]]:
+    """Group segments (each at most ``seq_len`` long) into sequences; input order does not matter.
+
+    Whole segments go in with best-fit-decreasing. Then the splittable tails of cut
+    documents fill what space is left, split where a bin ends (no new piece shorter
+    than ``min_piece``), and what remains of them fills new sequences end to end. So
+    every sequence is full but the last few, whatever the length mix, and no
+    document that fits a sequence is ever split.
+    """
     ordered = sorted(segments, key=lambda s: s.key)
-    bins = best_fit_decreasing([len(s) for s in ordered], seq_len)
-    return [[ordered[i] for i in items] for items in bins]
+    whole = [s for s in ordered if not s.splittable]
+    tails = [s for s in ordered if s.splittable]
+    bins = [[whole[i] for i in items] for items in best_fit_decreasing([len(s) for s in whole], seq_len)]
+    free = [seq_len - sum(len(s) for s in b) for b in bins]
+    pending = list(reversed(tails))  # a stack: next tail on top
+    for index in range(len(bins)):
+        while pending and free[index] >= min(min_piece, len(pending[-1])):
+            free[index] -= _place(pending, bins[index], free[index])
+    while pending:
+        bins.append([])
+        room = seq_len
+        while pending and room >= min(min_piece, len(pending[-1])):
+            room -= _place(pending, bins[-1], room)
+    return bins
+
+
+def _place(pending: list[Segment], sequence: list[Segment], room: int) -> int:
+    """Put the top tail (or its first ``room`` tokens) into ``sequence``; returns tokens used."""
+    tail = pending.pop()
+    if len(tail) <= room:
+        sequence.append(tail)
+        return len(tail)
+    sequence.append(_piece(tail, 0, room, False))
+    pending.append(_piece(tail, room, len(tail), True))
+    return room
 
 
 def to_example(segments: Sequence[Segment], seq_len: int) -> dict[str, np.ndarray]:

@@ -61,7 +61,8 @@ def test_packing_does_not_depend_on_input_order(lengths, rng):
 def test_cut_pieces_restart_their_loss_weights():
     pieces = packing.cut(packing.text_segment("d", np.arange(10), weight=0.5), 4)
     assert [len(p) for p in pieces] == [4, 4, 2]
-    assert [p.key for p in pieces] == [("d", 0), ("d", 1), ("d", 2)]
+    assert [p.key for p in pieces] == [("d", 0), ("d", 4), ("d", 8)]
+    assert [p.splittable for p in pieces] == [False, False, True]
     assert all(p.loss_weights[0] == 0 and np.all(p.loss_weights[1:] == 0.5) for p in pieces)
 
 
@@ -69,3 +70,20 @@ def test_a_vision_span_is_never_cut():
     segment = packing.Segment(("v", 0), np.arange(10), np.ones(10, bool), np.ones(10, np.float32))
     with pytest.raises(ValueError, match="never cut"):
         packing.cut(segment, 4)
+
+
+def test_tails_of_long_documents_fill_the_gaps_left_by_whole_documents():
+    lengths = [700, 600, 300, 2500, 3300, 1900]  # three fit whole, three are cut at 1024
+    segments = [p for d, t in _documents(lengths).items() for p in packing.cut(packing.text_segment(d, t), 1024)]
+    sequences = packing.pack(segments, 1024, min_piece=16)
+    fill = [sum(len(s) for s in seq) for seq in sequences]
+    assert all(f == 1024 for f in fill[:-1]) and sum(fill) == sum(lengths)
+    whole = {f"doc{i}" for i in range(3)}
+    for sequence in sequences:  # documents that fit are never split
+        assert all(len(s) == lengths[int(s.key[0][3:])] for s in sequence if s.key[0] in whole)
+
+
+def test_no_fill_piece_is_shorter_than_min_piece():
+    segments = [packing.text_segment("short", np.arange(1000))] + packing.cut(packing.text_segment("long", np.arange(1500)), 1024)
+    sequences = packing.pack(segments, 1024, min_piece=100)
+    assert [[len(s) for s in seq] for seq in sequences] == [[1024], [1000], [476]]
