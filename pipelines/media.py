@@ -90,7 +90,9 @@ class VideoConfig:
     """How a video becomes frames.
 
     fps: sampling rate (LWM: 4 fps at the 8K stage); None samples ``max_frames``
-      frames uniformly over the whole video instead.
+      frames uniformly over the whole video instead. Either way the video is cut into
+      equal segments of 1/rate seconds and each gives the frame at its centre (ffmpeg's
+      ``fps`` filter); a rate above the video's own repeats frames at a constant step.
     max_frames: cap on frames per video; a video whose ``fps`` sampling would exceed it
       is sampled uniformly at ``max_frames`` instead (so long clips keep their span).
     max_duration_s: longer videos are refused (``too_long_duration``); also bounds

@@ -1,0 +1,211 @@
+"""Image and video decoding: geometry, sampling, and a reason for every failure."""
+
+import io
+import subprocess
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from pipelines.media import FFmpegTools, MediaError, VideoConfig, decode_image, decode_video, ffmpeg_tools
+
+
+def image_bytes(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def three_bands(width: int, height: int, colours, vertical: bool) -> Image.Image:
+    """Quarter / half / quarter bands, so the centre square is exactly the middle band."""
+    img = Image.new("RGB", (width, height))
+    long_side = height if vertical else width
+    edges = [0, long_side // 4, long_side - long_side // 4, long_side]
+    for colour, start, stop in zip(colours, edges, edges[1:]):
+        box = (0, start, width, stop) if vertical else (start, 0, stop, height)
+        img.paste(colour, box)
+    return img
+
+
+# ---------------------------------------------------------------- images
+
+# (format, mode) pairs Pillow can write.
+SAVABLE = [(fmt, mode) for fmt, modes in {
+    "PNG": ["RGB", "L", "RGBA", "P", "1"], "JPEG": ["RGB", "L", "CMYK"], "GIF": ["P", "L"],
+    "BMP": ["RGB", "L", "P", "1"], "WEBP": ["RGB", "RGBA"], "TIFF": ["RGB", "CMYK", "RGBA", "L", "1"],
+}.items() for mode in modes]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(width=st.integers(1, 700), height=st.integers(1, 700), fmt_mode=st.sampled_from(SAVABLE),
+       seed=st.integers(0, 255))
+def test_any_image_becomes_a_256_square_rgb_frame(width, height, fmt_mode, seed):
+    fmt, mode = fmt_mode
+    img = Image.new("RGB", (width, height), (seed, 255 - seed, seed // 2)).convert(mode)
+    frame = decode_image(image_bytes(img, fmt))
+    assert frame.shape == (256, 256, 3) and frame.dtype == np.uint8
+    if mode == "RGB" and fmt in ("PNG", "BMP", "TIFF"):  # lossless: the flat colour survives
+        assert (frame == np.array([seed, 255 - seed, seed // 2], np.uint8)).all()
+
+
+@pytest.mark.parametrize("size,vertical", [((1024, 512), False), ((300, 600), True)])
+def test_image_keeps_the_centre_square_after_resizing_the_short_side(size, vertical):
+    red, green, blue = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    frame = decode_image(image_bytes(three_bands(*size, (red, green, blue), vertical), "PNG"))
+    interior = frame[4:-4, 4:-4].reshape(-1, 3).astype(int)
+    assert np.abs(interior - np.array(green)).max() <= 2
+
+
+def test_transparent_pixels_become_white():
+    frame = decode_image(image_bytes(Image.new("RGBA", (300, 300), (10, 20, 30, 0)), "PNG"))
+    assert (frame == 255).all()
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (512, 256), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 256, 256))  # white left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display: white ends up on top
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", exif=exif)
+    frame = decode_image(buf.getvalue()).astype(int)
+    assert frame[:100].mean() > 200 and frame[-100:].mean() < 50
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty_file"),
+    (b"definitely not an image", "corrupt_image"),
+    (image_bytes(Image.new("RGB", (300, 300), (1, 2, 3)), "PNG")[:200], "corrupt_image"),
+    (image_bytes(Image.effect_noise((300, 300), 50).convert("RGB"), "JPEG")[:1500], "corrupt_image"),
+])
+def test_undecodable_images_raise_media_error_with_reason(data, reason):
+    with pytest.raises(MediaError) as err:
+        decode_image(data)
+    assert err.value.reason == reason
+
+
+def test_images_under_the_minimum_size_are_refused():
+    data = image_bytes(Image.new("RGB", (300, 200)), "PNG")
+    assert decode_image(data, min_short_side=200).shape == (256, 256, 3)
+    with pytest.raises(MediaError) as err:
+        decode_image(data, min_short_side=256)
+    assert err.value.reason == "image_too_small"
+
+
+# ---------------------------------------------------------------- videos
+
+def ffmpeg(*args: str) -> None:
+    subprocess.run([ffmpeg_tools().ffmpeg, "-nostdin", "-hide_banner", "-v", "error", "-y", *args], check=True)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """Small videos made from ffmpeg's test sources."""
+    d = tmp_path_factory.mktemp("videos")
+    paths = {name: str(d / name) for name in (
+        "testsrc.mp4", "fade.mkv", "bands.mkv", "noise_faststart.mp4", "audio.m4a", "no_packets.mkv")}
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=320x240:rate=25:duration=4", "-pix_fmt", "yuv420p",
+           "-c:v", "libx264", paths["testsrc.mp4"])
+    # Brightness rises frame by frame: sampled frames must come back in time order.
+    ffmpeg("-f", "lavfi", "-i", "color=c=white:size=64x48:rate=25:duration=4,fade=in:0:100",
+           "-c:v", "ffv1", paths["fade.mkv"])
+    ffmpeg("-filter_complex", "color=c=blue:s=128x256:d=1[a];color=c=lime:s=256x256:d=1[b];"
+           "color=c=red:s=128x256:d=1[c];[a][b][c]hstack=inputs=3", "-c:v", "ffv1", paths["bands.mkv"])
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=4,noise=alls=30:allf=t",
+           "-pix_fmt", "yuv420p", "-c:v", "libx264", "-movflags", "+faststart", paths["noise_faststart.mp4"])
+    ffmpeg("-f", "lavfi", "-i", "sine=duration=2", "-c:a", "aac", paths["audio.m4a"])
+    ffmpeg("-f", "lavfi", "-i", "sine=duration=2", "-f", "lavfi", "-i", "testsrc=size=64x64:duration=1",
+           "-map", "0", "-map", "1", "-frames:v", "0", "-c:a", "aac", "-c:v", "png", paths["no_packets.mkv"])
+    return paths
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture(params=["ffprobe", "ffmpeg_only"])
+def tools(request):
+    """Both probing paths: the system ffprobe, and parsing `ffmpeg -i` (imageio-ffmpeg has no ffprobe)."""
+    found = ffmpeg_tools()
+    if request.param == "ffprobe" and found.ffprobe is None:
+        pytest.skip("no ffprobe on PATH")
+    return found if request.param == "ffprobe" else FFmpegTools(found.ffmpeg, None)
+
+
+def test_video_is_sampled_at_4_fps_into_256_square_frames(videos, tools):
+    frames = decode_video(read(videos["testsrc.mp4"]), tools=tools)
+    assert frames.shape == (16, 256, 256, 3) and frames.dtype == np.uint8
+    assert len({f.tobytes() for f in frames}) == 16
+
+
+def test_bytes_and_path_inputs_give_the_same_frames(videos):
+    np.testing.assert_array_equal(decode_video(videos["testsrc.mp4"]), decode_video(read(videos["testsrc.mp4"])))
+
+
+def test_sampled_frames_come_back_in_time_order(videos):
+    brightness = decode_video(videos["fade.mkv"]).mean(axis=(1, 2, 3))
+    assert len(brightness) == 16 and np.all(np.diff(brightness) > 0)
+
+
+def test_video_keeps_the_centre_square_after_resizing_the_short_side(videos):
+    frame = decode_video(videos["bands.mkv"])[0]
+    interior = frame[4:-4, 4:-4].reshape(-1, 3).astype(int)
+    assert np.abs(interior - np.array([0, 255, 0])).max() <= 4
+
+
+@pytest.mark.parametrize("config,count", [
+    (VideoConfig(fps=None, max_frames=5), 5),
+    (VideoConfig(fps=4.0, max_frames=6), 6),
+    (VideoConfig(fps=2.0, max_frames=100), 8),
+    (VideoConfig(fps=None, max_frames=1000), 100),  # never more than the video's own 25 fps × 4 s
+])
+def test_frame_count_follows_fps_and_max_frames(videos, tools, config, count):
+    frames = decode_video(videos["fade.mkv"], config, tools=tools)
+    assert len(frames) == count
+    assert np.all(np.diff(frames.mean(axis=(1, 2, 3))) > 0)
+
+
+def test_uniform_sampling_takes_the_centre_of_equal_segments(videos):
+    # 4 s at 25 fps, brightness rising linearly over all 100 frames: 3 samples sit at 1/6, 3/6, 5/6.
+    brightness = decode_video(videos["fade.mkv"], VideoConfig(fps=None, max_frames=3)).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(brightness, 255 * (np.arange(3) + 0.5) / 3, atol=8)
+
+
+def truncated(path: str) -> bytes:
+    data = read(path)
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("make,config,reason", [
+    (lambda v: b"", VideoConfig(), "empty_file"),
+    (lambda v: b"\x00\x01garbage" * 500, VideoConfig(), "corrupt_video"),
+    (lambda v: truncated(v["testsrc.mp4"]), VideoConfig(), "corrupt_video"),  # index (moov) at the end: cut off
+    (lambda v: truncated(v["noise_faststart.mp4"]), VideoConfig(), "truncated_video"),
+    (lambda v: read(v["audio.m4a"]), VideoConfig(), "no_video_stream"),
+    (lambda v: read(v["no_packets.mkv"]), VideoConfig(), "zero_frames"),
+    (lambda v: read(v["testsrc.mp4"]), VideoConfig(max_duration_s=3.0), "too_long_duration"),
+    (lambda v: read(v["testsrc.mp4"]), VideoConfig(timeout_s=1e-4), "ffmpeg_timeout"),
+])
+def test_undecodable_videos_raise_media_error_with_reason(videos, tools, make, config, reason):
+    with pytest.raises(MediaError) as err:
+        decode_video(make(videos), config, tools=tools)
+    assert err.value.reason == reason
+
+
+def test_zero_byte_video_file_is_an_empty_file(tmp_path):
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(MediaError) as err:
+        decode_video(tmp_path / "empty.mp4")
+    assert err.value.reason == "empty_file"
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"fps": None, "max_frames": None}, {"fps": 0.0}, {"fps": float("nan")}, {"max_frames": 0},
+    {"max_duration_s": 0.0}, {"timeout_s": -1.0}, {"size": 0},
+])
+def test_video_config_rejects_impossible_settings(kwargs):
+    with pytest.raises(ValueError):
+        VideoConfig(**kwargs)
