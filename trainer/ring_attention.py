@@ -217,6 +217,26 @@ def _rotate(tree, axis_name, size):
     return jax.lax.ppermute(tree, axis_name, perm)
 
 
+def _ring_loop(cfg, hop, state, kv):
+    """Apply ``state = hop(state, kv)`` for each of the P shards that visit this device.
+
+    One ``lax.scan`` over the first P - 1 hops (program size independent of P); each
+    step starts the rotation of the shard it holds before computing on it, so XLA can
+    overlap the two. The last hop runs after the scan and sends nothing: the rotation
+    that would only bring the shards home is never made.
+    """
+    size = jax.lax.axis_size(cfg.axis_name)
+
+    def step(carry, _):
+        state, kv = carry
+        incoming = _rotate(kv, cfg.axis_name, size)
+        return (hop(state, kv), incoming), None
+
+    if size > 1:
+        (state, kv), _ = jax.lax.scan(step, (state, kv), length=size - 1)
+    return hop(state, kv)
+
+
 def _split(x, block):
     """[B, L, ...] -> [L / block, B, block, ...]: blocks first, for ``lax.scan``."""
     b, length = x.shape[:2]
@@ -254,6 +274,32 @@ def tile_visibility(q_seg_NxBxb, q_pos_NxBxb, kv_seg_MxBxb, kv_pos_MxBxb, causal
     return jnp.any(visible, axis=-1)
 
 
+def ring_tile_counts(segment_ids, num_shards: int, layout: str, block_q: int, block_kv: int,
+                     causal: bool = True) -> np.ndarray:
+    """Tiles the ring computes, as an int array [hop, device], for one natural-order batch.
+
+    ``segment_ids`` is [B, S] in natural order (positions are the token indices). At hop
+    h device r holds the key/value shard of device (r - h) mod P and computes the tiles
+    :func:`tile_visibility` marks; this replays that schedule without running attention,
+    for the load-balance benchmark and tests.
+    """
+    segment_ids = np.asarray(segment_ids, np.int32)
+    b, seq_len = segment_ids.shape
+    perm = layout_permutation(seq_len, num_shards, layout)
+    length = seq_len // num_shards
+    bq, bk = _block(block_q, length, "block_q"), _block(block_kv, length, "block_kv")
+    seg = segment_ids[:, perm].reshape(b, num_shards, length)
+    pos = np.broadcast_to(perm, (b, seq_len)).reshape(b, num_shards, length)
+    counts = np.zeros((num_shards, num_shards), np.int64)
+    for hop in range(num_shards):
+        for r in range(num_shards):
+            src = (r - hop) % num_shards
+            visible = tile_visibility(_split(seg[:, r], bq), _split(pos[:, r], bq),
+                                      _split(seg[:, src], bk), _split(pos[:, src], bk), causal)
+            counts[hop, r] = int(np.sum(visible))
+    return counts
+
+
 def _logits(cfg, q_BxbxKxGxD, k_BxcxKxD):
     """Scaled logits [B, K, G, bq, bk] in fp32."""
     dtype = _F32 if cfg.float32_logits else q_BxbxKxGxD.dtype
@@ -270,7 +316,6 @@ def _dot(cfg, spec, x, y):
 
 def _ring_forward(cfg, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
     """Forward ring: returns the output [B, L, Hq, D] and logsumexp [nq, B, K, G, bq]."""
-    size = jax.lax.axis_size(cfg.axis_name)
     b, length, hq, d = q.shape
     kh = k.shape[2]
     q_NxBxbxKxGxD = _split(q.reshape(b, length, kh, hq // kh, d), cfg.block_q)
@@ -280,13 +325,9 @@ def _ring_forward(cfg, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
     o = _varying_like(jnp.zeros((nq, b, cfg.block_q, kh, hq // kh, d), _F32), *refs)
     m = _varying_like(jnp.full((nq, b, kh, hq // kh, cfg.block_q), -jnp.inf, _F32), *refs)
     l = jnp.zeros_like(m)
-    kv = (k, v, kv_seg, kv_pos)
-    for hop in range(size):
-        # Issue the next rotation before computing, so XLA may overlap the two; the
-        # rotation that would only bring blocks home after the last hop is not sent.
-        incoming = _rotate(kv, cfg.axis_name, size) if hop < size - 1 else None
-        o, m, l = _hop_forward(cfg, q_NxBxbxKxGxD, q_seg_NxBxb, q_pos_NxBxb, (o, m, l), kv)
-        kv = incoming
+    o, m, l = _ring_loop(
+        cfg, lambda acc, kv: _hop_forward(cfg, q_NxBxbxKxGxD, q_seg_NxBxb, q_pos_NxBxb, acc, kv),
+        (o, m, l), (k, v, kv_seg, kv_pos))
     lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
     l_NxBxbxKxG = jnp.moveaxis(l, -1, 2)[..., None]
     out = o / jnp.where(l_NxBxbxKxG > 0, l_NxBxbxKxG, 1.0)
@@ -350,20 +391,21 @@ def _ring_bwd(cfg, res, g):
     dq = _varying_like(jnp.zeros(q_blocks.shape, _F32), *refs)
     dkv = (_varying_like(jnp.zeros(k.shape, _F32), *refs),
            _varying_like(jnp.zeros(v.shape, _F32), *refs))
-    kv = (k, v, kv_seg, kv_pos)
-    for hop in range(size):
-        incoming = _rotate(kv, cfg.axis_name, size) if hop < size - 1 else None
-        dq, dkv = _hop_backward(cfg, (q_blocks, q_seg_blocks, q_pos_blocks, do_blocks, lse,
-                                      delta_blocks), dq, kv, dkv)
-        dkv = _rotate(dkv, cfg.axis_name, size)
-        kv = incoming
+    q_side = (q_blocks, q_seg_blocks, q_pos_blocks, do_blocks, lse, delta_blocks)
+
+    def hop(grads, kv):
+        dq, dkv = _hop_backward(cfg, q_side, grads, kv)
+        return dq, _rotate(dkv, cfg.axis_name, size)
+
+    dq, dkv = _ring_loop(cfg, hop, (dq, dkv), (k, v, kv_seg, kv_pos))
     dq = _merge(dq).reshape(q.shape).astype(q.dtype)
     return dq, dkv[0].astype(k.dtype), dkv[1].astype(v.dtype), None, None, None, None
 
 
-def _hop_backward(cfg, q_side, dq, kv, dkv):
+def _hop_backward(cfg, q_side, grads, kv):
     """Accumulate dq (home) and dk/dv (of the visiting shard) over all visible tiles."""
     q_blocks, q_seg_blocks, q_pos_blocks, do_blocks, lse_blocks, delta_blocks = q_side
+    dq, dkv = grads
     k, v, kv_seg, kv_pos = kv
     k_blocks, v_blocks = _split(k, cfg.block_kv), _split(v, cfg.block_kv)
     kv_seg_blocks, kv_pos_blocks = _split(kv_seg, cfg.block_kv), _split(kv_pos, cfg.block_kv)
