@@ -370,3 +370,32 @@ def init_params(config: ModelConfig, rng: jax.Array, shardings: Any = None) -> A
         return nn.meta.unbox(model.init(key, *_dummy_inputs())["params"])
 
     return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def example_batch(config: ModelConfig, batch_size: int, seq_len: int, seed: int = 0,
+                  max_segments: int = 4, vision_fraction: float = 0.3) -> dict[str, np.ndarray]:
+    """A natural-order batch in the packed-example format with random tokens.
+
+    Each row holds up to ``max_segments`` packed segments (positions restart at 0,
+    loss weight 0 on each segment's first token), some trailing padding, and vision
+    tokens on about ``vision_fraction`` of positions when the model has a vision
+    vocabulary. For tests, benchmarks and compile-time checks.
+    """
+    rng = np.random.default_rng(seed)
+    shape = (batch_size, seq_len)
+    cuts = np.sort(rng.integers(1, seq_len, (batch_size, max_segments - 1)), axis=1)
+    segment_ids = 1 + np.sum(np.arange(seq_len)[None, :, None] >= cuts[:, None, :], axis=-1)
+    segment_ids[:, seq_len - seq_len // 8:] = 0  # trailing padding
+    starts = np.concatenate([np.ones((batch_size, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    index = np.broadcast_to(np.arange(seq_len), shape)
+    positions = index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    vision_mask = (rng.random(shape) < vision_fraction) & (config.vision_vocab_size > 0) & (segment_ids > 0)
+    tokens = np.where(vision_mask, rng.integers(0, max(config.vision_vocab_size, 1), shape),
+                      rng.integers(0, config.vocab_size, shape))
+    return {
+        "tokens": tokens.astype(np.int32),
+        "vision_mask": vision_mask,
+        "segment_ids": segment_ids.astype(np.int32),
+        "positions": np.where(segment_ids > 0, positions, 0).astype(np.int32),
+        "loss_weights": ((segment_ids > 0) & ~starts).astype(np.float32),
+    }
