@@ -2,8 +2,8 @@
 
 Efficiency = (tokens/s per core of ``lwm data books`` on the local runner) /
 (tokens/s per core of plain SentencePiece encoding of the same text in one process).
-Per core means divided by the cores the process could use (CPU time would hide
-idle time, so wall time × cores is the denominator).
+Per core: the pipeline's tokens/s over wall time divided by its worker count
+(CPU time would hide idle time).
 
 Utilization = non-pad tokens / all tokens at L = 32768 for documents of 10K–100K
 tokens (the paper's 32K-stage filter), on a synthetic corpus of that shape, beside
@@ -47,8 +47,8 @@ def efficiency(workdir: pathlib.Path, books: int, workers: int) -> dict:
     start = time.perf_counter()
     cli.main(args)
     seconds = time.perf_counter() - start
-    packed_tokens = manifest.read(str(workdir / "out" / "seq32768"), verify_hashes=False).tokens
-    pipeline = packed_tokens / seconds / workers
+    result = manifest.read(str(workdir / "out" / "seq32768"), verify_hashes=False)
+    pipeline = result.tokens / seconds / workers
     return {
         "corpus_tokens": tokens,
         "sentencepiece_tokens_per_s_per_core": round(baseline),
@@ -56,6 +56,7 @@ def efficiency(workdir: pathlib.Path, books: int, workers: int) -> dict:
         "pipeline_seconds": round(seconds, 1),
         "workers": workers,
         "efficiency": round(pipeline / baseline, 3),
+        "bytes_per_token_on_disk": round(sum(s.bytes for s in result.shards) / (result.tokens + result.pad_tokens), 3),
     }
 
 

@@ -33,7 +33,6 @@ from typing import Any, Iterable
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.localfilesystem import LocalFileSystem
 from apache_beam.metrics import Metrics
 from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -110,7 +109,7 @@ def write_shard(path: str, records: list[bytes]) -> manifest_lib.ShardInfo:
     streamed up; either way the final name appears only once the file is complete.
     """
     temporary = f"{path}.tmp-{os.getpid()}"
-    local = isinstance(FileSystems.get_filesystem(path), LocalFileSystem)
+    local = FileSystems.get_scheme(path) in (None, "file")
     with tempfile.TemporaryDirectory() as scratch:
         staging = temporary if local else os.path.join(scratch, "shard")
         if local:

@@ -48,15 +48,14 @@ def prepare_output(directories: Sequence[str], overwrite: bool) -> None:
     """Refuse to mix with earlier output; with ``overwrite``, delete it first (manifest first, so a
     half-deleted dataset can never look complete)."""
     for directory in directories:
-        if not FileSystems.exists(directory):
-            continue
-        existing = FileSystems.match([FileSystems.join(directory, "*")])[0].metadata_list
+        existing = sorted(m.path for m in FileSystems.match([FileSystems.join(directory, "**")])[0].metadata_list)
         if not existing:
             continue
         if not overwrite:
             raise ValueError(f"{directory} already holds files; pass --overwrite to replace them")
         manifest = FileSystems.join(directory, "manifest.json")
-        if FileSystems.exists(manifest):
+        if manifest in existing:
             FileSystems.delete([manifest])
-        FileSystems.delete([directory])
-        log.info("deleted earlier output %s", directory)
+            existing.remove(manifest)
+        FileSystems.delete(existing)  # files, not the folder: object stores have no folders
+        log.info("deleted %d earlier output files in %s", len(existing), directory)

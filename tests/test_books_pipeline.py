@@ -162,3 +162,20 @@ def test_bucket_assignment_cuts_and_counts():
     counts = [o.value for o in outputs if isinstance(o, beam.pvalue.TaggedOutput)]
     assert [(seq_len, len(p)) for seq_len, p in pieces] == [(8, 8), (8, 2)]
     assert counts == [((4, "too_long"), 1), ((8, "documents"), 1), ((8, "segments"), 2)]
+
+
+def test_remote_input_and_output_go_through_beam_filesystems(corpus, tokenizer_path, tmp_path, monkeypatch):
+    from tests.fake_remote_fs import FakeRemoteFileSystem
+
+    monkeypatch.setattr(FakeRemoteFileSystem, "root", str(tmp_path))
+    shutil.copy(corpus / "part1.jsonl", tmp_path / "in.jsonl")
+    shutil.copy(tokenizer_path, tmp_path / "tok.model")
+    args = ["--input", "fakegcs://in.jsonl", "--output", "fakegcs://out", "--tokenizer", "fakegcs://tok.model"]
+    assert cli.main(["data", "books", *args, "--seq-len", "1024", "--num-shards", "2"]) == 0
+    result = manifest.read("fakegcs://out/seq1024")
+    assert result.counts["documents"] == 40 and len(result.shards) == 2
+    assert not list(tmp_path.glob("out/seq1024/*.tmp*"))  # temporary names renamed away
+    assert cli.main(["data", "books", *args, "--seq-len", "1024", "--overwrite"]) == 0
+    assert len(manifest.read("fakegcs://out/seq1024").shards) == 1
+    assert sorted(p.name for p in (tmp_path / "out" / "seq1024").iterdir()) == [
+        "books.array_record-00000-of-00001", "dead_letter", "manifest.json"]
