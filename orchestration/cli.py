@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = (
     "tokenizer",
     "data",
+    "train",
     "convert",
     "demo",
 )

@@ -10,6 +10,13 @@ Training adds its own items to the same steps (e.g. ``opt_state``, ``data_iter``
 item_names("opt_state", ...))`` and save them in the same ``ocp.args.Composite``.
 Readers of the model (``restore_params``, ``trainer.inference``, HF export) restore
 only the two base items, whatever else a step holds.
+
+Training checkpoints (``save_train_state`` / ``restore_train_state``) add
+``opt_state`` (optax state, ``StandardSave``), ``data_iter`` (the Grain iterator's
+position; every process writes its own ``process_<i>-of-<n>.json``) and
+``train_config`` (the resolved ``trainer.config.TrainConfig`` as JSON). Steps are
+written to a temporary name and renamed when complete, so a run killed mid-save
+resumes from the newest complete step.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -24,6 +32,9 @@ from trainer.model import ModelConfig, param_shapes
 
 PARAMS = "params"
 MODEL_CONFIG = "model_config"
+OPT_STATE = "opt_state"
+DATA_ITER = "data_iter"
+TRAIN_CONFIG = "train_config"
 
 
 def item_names(*extra: str) -> tuple[str, ...]:
@@ -101,3 +112,47 @@ def restore_params(ckpt_dir: str | os.PathLike, step: int | None = None,
         step = _resolve_step(mngr, ckpt_dir, step)
         restored = mngr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(targets)}))
     return restored[PARAMS], model_config
+
+
+def train_manager(ckpt_dir: str | os.PathLike, **options: Any) -> ocp.CheckpointManager:
+    """A ``manager`` with the training items registered; ``options`` as for ``manager``."""
+    return manager(ckpt_dir, item_names=item_names(OPT_STATE, DATA_ITER, TRAIN_CONFIG), **options)
+
+
+def save_train_state(mngr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: Any,
+                     model_config: ModelConfig, data_iter: grain.DatasetIterator,
+                     train_config: dict[str, Any], force: bool = False) -> bool:
+    """Saves everything a run needs to continue as checkpoint ``step``; False if the interval skipped it.
+
+    ``data_iter`` must stand exactly after the last batch that step consumed.
+    """
+    return mngr.save(step, force=force, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardSave(params),
+        OPT_STATE: ocp.args.StandardSave(opt_state),
+        MODEL_CONFIG: ocp.args.JsonSave(model_config.to_dict()),
+        DATA_ITER: grain.checkpoint.CheckpointSave(data_iter),
+        TRAIN_CONFIG: ocp.args.JsonSave(train_config),
+    }))
+
+
+def restore_train_state(mngr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: Any,
+                        data_iter: grain.DatasetIterator) -> tuple[Any, Any]:
+    """Restores ``step``: returns ``(params, opt_state)`` and moves ``data_iter`` to its saved position.
+
+    ``params`` and ``opt_state`` are targets: pytrees of ``jax.ShapeDtypeStruct``
+    carrying the shardings to restore onto.
+    """
+    restored = mngr.restore(step, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardRestore(params),
+        OPT_STATE: ocp.args.StandardRestore(opt_state),
+        DATA_ITER: grain.checkpoint.CheckpointRestore(data_iter),
+    }))
+    return restored[PARAMS], restored[OPT_STATE]
+
+
+def restore_train_config(ckpt_dir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """The resolved training config saved with ``step`` (default: the latest), as a mapping."""
+    with train_manager(ckpt_dir, create=False, read_only=True) as mngr:
+        step = _resolve_step(mngr, ckpt_dir, step)
+        restored = mngr.restore(step, args=ocp.args.Composite(**{TRAIN_CONFIG: ocp.args.JsonRestore()}))
+    return dict(restored[TRAIN_CONFIG])
