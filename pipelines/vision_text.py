@@ -1,0 +1,317 @@
+"""The Beam job behind ``lwm data image-text`` and ``lwm data video-text`` (one code path for both).
+
+read (JSON lines / Parquet, any Beam filesystem; :mod:`schemas.raw_vision`) → validate
+(dead letters) → drop duplicate ids (the first by path and line is kept) → fetch and
+decode the media (inline bytes or a path on any Beam filesystem; ``pipelines.media``,
+whose ``MediaError`` becomes a dead letter with its reason, so a bad file never crashes
+or stalls the job) → batch frames across examples (``BatchElements``, sized in frames)
+→ VQGAN encode (loaded once per worker in ``setup``; every device call the same batch
+shape, so there is one compiled program and codes do not depend on how examples were
+batched) → tokenize captions → LWM layout (:mod:`pipelines.vision_layout`) → for every
+bucket holding the example: the whole segment if it fits, else (``resample_to_fit``)
+the most uniformly spaced frames that fit, else a ``too_long`` dead letter for that
+bucket: a vision span is never cut → the shared packed-dataset writer
+(:mod:`pipelines.dataset`).
+
+Images are one-frame videos here; what differs between the two jobs is the media
+(:class:`pipelines.image_text.ImageMedia`, :class:`pipelines.video_text.VideoMedia`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import re
+from typing import Any, Iterable, Protocol, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.localfilesystem import LocalFileSystem
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines import vision_layout
+from pipelines.books import _count_dead_letter, _first_of_duplicates
+from pipelines.buckets import Bucket
+from pipelines.dataset import ALL_BUCKETS, NAMESPACE, DatasetSpec, WritePackedDatasets
+from pipelines.media import MediaError
+from pipelines.text_tokenizer import SpecialTokens, TextTokenizer
+from pipelines.vision_layout import LayoutConfig, Markers
+from pipelines.vqgan import CONFIG_FILE, PARAMS_FILE, VQGAN
+from schemas import manifest as manifest_lib
+from schemas import raw_vision
+from schemas.raw import DeadLetter
+
+log = logging.getLogger(__name__)
+
+
+class Media(Protocol):
+    """What a job's media kind provides: its name, the input field of inline bytes, and decoding."""
+
+    name: str  # "image" or "video": the input field, the layout's wording, the job "{name}-text"
+    takes_paths: bool  # decode() reads local files by path (no copy into memory first)
+
+    def decode(self, source: bytes | str) -> np.ndarray:
+        """Encoded bytes (or a local path) → uint8 RGB frames [F, 256, 256, 3]; raises ``MediaError``."""
+
+    def config(self) -> dict[str, Any]:
+        """The decoding options, recorded in the manifest."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """Everything an image-text or video-text job needs; recorded in every manifest it writes.
+
+    ``encode_batch``: frames per VQGAN call (examples are batched up to it).
+    ``resample_to_fit``: a video too long for a bucket keeps the most uniformly spaced
+    frames that fit (at least ``min_frames``) instead of becoming a ``too_long`` dead letter.
+    """
+
+    inputs: tuple[str, ...]
+    output: str
+    tokenizer: str
+    vqgan: str
+    buckets: tuple[Bucket, ...]
+    media: Media
+    name: str = ""  # shard name prefix; default: the job name with "_" ("image_text")
+    layout: LayoutConfig = LayoutConfig()
+    special: SpecialTokens = SpecialTokens()
+    resample_to_fit: bool = False
+    min_frames: int = 1
+    encode_batch: int = 16
+    pack_groups: int = 16
+    shard_bytes: int = 256 << 20
+    num_shards: int | None = None
+
+    def __post_init__(self):
+        if self.encode_batch < 1 or self.min_frames < 1:
+            raise ValueError(f"encode_batch and min_frames must be >= 1, got {self.encode_batch}, {self.min_frames}")
+        if not self.name:
+            object.__setattr__(self, "name", self.job.replace("-", "_"))
+
+    @property
+    def job(self) -> str:
+        return f"{self.media.name}-text"
+
+    def manifest_config(self) -> dict:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("output", "media")}
+        fields.update(
+            inputs=list(self.inputs),
+            buckets=[b.spec() for b in self.buckets],
+            layout=dataclasses.asdict(self.layout),
+            special=dataclasses.asdict(self.special),
+            media={"kind": self.media.name, **self.media.config()},
+        )
+        return fields
+
+
+class ReadExamples(beam.DoFn):
+    """A matched file → its examples; unreadable files and bad records → dead letters."""
+
+    def __init__(self, media_field: str):
+        self.media_field = media_field
+
+    def process(self, readable: fileio.ReadableFile) -> Iterable[raw_vision.VisionExample | DeadLetter]:
+        path = readable.metadata.path
+        Metrics.counter(NAMESPACE, "files_read").inc()
+        try:
+            with readable.open(compression_type=CompressionTypes.UNCOMPRESSED) as stream:
+                yield from raw_vision.iter_examples(stream, path, self.media_field)
+        except Exception as error:  # a file that fails mid-read: report it, keep the job alive
+            yield DeadLetter("", "unreadable_file", f"{type(error).__name__}: {error}", path)
+
+
+def fetch(example: raw_vision.VisionExample, local_paths: bool) -> bytes | str:
+    """The example's media: inline bytes, a local path (if the decoder takes paths), or the fetched bytes."""
+    if example.media is not None:
+        return example.media
+    location = example.location
+    if not FileSystems.exists(location):
+        raise FileNotFoundError(f"{location} does not exist")
+    if local_paths and isinstance(FileSystems.get_filesystem(location), LocalFileSystem):
+        return location
+    with FileSystems.open(location, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return f.read()
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _stable(detail: str) -> str:
+    """An error message without object addresses (``<BytesIO object at 0x7f…>``), so reruns give the same dead letters."""
+    return _ADDRESS.sub("", detail)
+
+
+class DecodeMedia(beam.DoFn):
+    """Example → (example without its inline bytes, uint8 frames); failures → tagged dead letters."""
+
+    def __init__(self, media: Media):
+        self.media = media
+
+    def setup(self):
+        self.frames = Metrics.counter(NAMESPACE, "frames_decoded")
+
+    def process(self, example: raw_vision.VisionExample):
+        try:
+            frames = self.media.decode(fetch(example, self.media.takes_paths))
+        except MediaError as error:
+            letter = DeadLetter(example.id, error.reason, _stable(error.detail), example.source)
+            yield beam.pvalue.TaggedOutput("dead_letters", letter)
+            return
+        except Exception as error:  # missing file, filesystem errors, anything else: one dead letter, not a crash
+            detail = _stable(f"{example.location or 'inline'}: {type(error).__name__}: {error}")
+            yield beam.pvalue.TaggedOutput("dead_letters", DeadLetter(example.id, "unreadable_media", detail, example.source))
+            return
+        self.frames.inc(len(frames))
+        yield dataclasses.replace(example, media=None), frames
+
+
+class EncodeFrames(beam.DoFn):
+    """Batches of (example, frames) → (example, int32 codes [F, 16, 16]); the VQGAN is loaded once per worker.
+
+    The frames of a batch are padded to a multiple of ``batch_size``, so every device
+    call has one shape: one compilation, and each frame's codes independent of its batch.
+    """
+
+    def __init__(self, vqgan_path: str, batch_size: int):
+        self.vqgan_path = vqgan_path
+        self.batch_size = batch_size
+
+    def setup(self):
+        self.vq = VQGAN.load(self.vqgan_path, batch_size=self.batch_size)
+        self.encoded = Metrics.counter(NAMESPACE, "frames_encoded")
+
+    def process(self, batch: Sequence[tuple[raw_vision.VisionExample, np.ndarray]]):
+        if not batch:  # BatchElements emits an empty batch when its first element is over the size target
+            return
+        frames = np.concatenate([f for _, f in batch])
+        padding = -len(frames) % self.batch_size
+        padded = np.concatenate([frames, np.zeros((padding, *frames.shape[1:]), frames.dtype)])
+        codes = self.vq.encode(self.vq.preprocess(padded))[: len(frames)]
+        self.encoded.inc(len(frames))
+        ends = np.cumsum([len(f) for _, f in batch])
+        for (example, _), start, end in zip(batch, ends - [len(f) for _, f in batch], ends):
+            yield example, codes[start:end]
+
+
+def assign_buckets(example_id: str, source: str, parts: Sequence[vision_layout.Part], codes: np.ndarray,
+                   markers: Markers, config: VisionConfig):
+    """One example's ``(seq_len, Segment)`` for every bucket holding it, with counts and ``too_long`` dead letters.
+
+    The bucket is chosen by the example's full length; one longer than the bucket's
+    sequence length is resampled to fewer frames if configured, else dead-lettered.
+    """
+    frames = len(codes)
+    length = vision_layout.text_length(parts, markers) + vision_layout.FRAME_TOKENS * frames
+    for bucket in config.buckets:
+        place = bucket.place(length)
+        if place != "in":
+            yield beam.pvalue.TaggedOutput("counts", ((bucket.seq_len, place), 1))
+            continue
+        keep = frames
+        if length > bucket.seq_len:
+            keep = vision_layout.frames_that_fit(parts, markers, frames, bucket.seq_len) if config.resample_to_fit else 0
+            if keep < config.min_frames:
+                detail = f"{length} tokens ({frames} frame(s)) > {bucket.seq_len}" + (
+                    f"; fewer than {config.min_frames} frame(s) fit" if config.resample_to_fit else "")
+                yield beam.pvalue.TaggedOutput("dead_letters", (bucket.seq_len, DeadLetter(example_id, "too_long", detail, source)))
+                continue
+            Metrics.counter(NAMESPACE, "resampled").inc()
+        chosen = codes if keep == frames else codes[vision_layout.uniform_frames(frames, keep)]
+        segment = vision_layout.assemble((example_id, 0), parts, chosen, markers, config.layout)
+        yield beam.pvalue.TaggedOutput("counts", ((bucket.seq_len, "documents"), 1))
+        yield beam.pvalue.TaggedOutput("counts", ((bucket.seq_len, "segments"), 1))
+        yield bucket.seq_len, segment
+
+
+class LayOut(beam.DoFn):
+    """(example, codes) → bucketed segments: tokenize the caption, lay out, fit each bucket."""
+
+    def __init__(self, config: VisionConfig):
+        self.config = config
+
+    def setup(self):
+        self.tokenizer = TextTokenizer(self.config.tokenizer)
+        self.markers = Markers.from_tokenizer(self.tokenizer, self.config.special)
+
+    def process(self, item):
+        example, codes = item
+        config = self.config
+        parts = vision_layout.example_parts(example.id, example.caption, config.media.name, config.layout,
+                                            self.tokenizer.encode)
+        yield from assign_buckets(example.id, example.source, parts, codes, self.markers, config)
+
+
+def _is_example(item) -> int:
+    return int(isinstance(item, raw_vision.VisionExample))
+
+
+def build(pipeline: beam.Pipeline, config: VisionConfig, tokenizer_sha256: str, vqgan_sha256: str):
+    """Add the job to ``pipeline``; returns the PCollection of manifest paths."""
+    read = (
+        pipeline
+        | "Patterns" >> beam.Create(list(config.inputs))
+        | "Match" >> fileio.MatchAll()
+        | "Open" >> fileio.ReadMatches()
+        | "Spread" >> beam.Reshuffle()
+        | "Read" >> beam.ParDo(ReadExamples(config.media.name))
+    )
+    input_examples = read | "CountInputs" >> beam.combiners.Count.Globally()
+    valid = read | "Valid" >> beam.Partition(lambda x, _: _is_example(x), 2)
+    unique = (
+        valid[1]
+        | "KeyById" >> beam.Map(lambda e: (e.id, e))
+        | "GroupById" >> beam.GroupByKey()
+        | "Dedupe" >> beam.FlatMap(_first_of_duplicates)
+        | "Unique" >> beam.Partition(lambda x, _: _is_example(x), 2)
+    )
+    decoded = unique[1] | "Decode" >> beam.ParDo(DecodeMedia(config.media)).with_outputs("dead_letters", main="frames")
+    bucketed = (
+        decoded.frames
+        | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=config.encode_batch,
+                                        element_size_fn=lambda item: len(item[1]))
+        | "Encode" >> beam.ParDo(EncodeFrames(config.vqgan, config.encode_batch))
+        | "LayOut" >> beam.ParDo(LayOut(config)).with_outputs("counts", "dead_letters", main="segments")
+    )
+    dead_letters = (
+        (valid[0], unique[0], decoded.dead_letters)
+        | "EarlyDeadLetters" >> beam.Flatten()
+        | "CountDeadLetters" >> beam.Map(_count_dead_letter)
+        | "ForAllBuckets" >> beam.Map(lambda d: (ALL_BUCKETS, d))
+    )
+    spec = DatasetSpec(
+        output=config.output,
+        name=config.name,
+        job=config.job,
+        buckets=config.buckets,
+        tokenizer={"path": config.tokenizer, "sha256": tokenizer_sha256},
+        config={**config.manifest_config(), "vqgan_sha256": vqgan_sha256},
+        pack_groups=config.pack_groups,
+        shard_bytes=config.shard_bytes,
+        num_shards=config.num_shards,
+    )
+    return {
+        "segments": bucketed.segments,
+        "counts": bucketed.counts,
+        "dead_letters": (dead_letters, bucketed.dead_letters) | "AllDeadLetters" >> beam.Flatten(),
+        "input_examples": input_examples,
+    } | "WriteDatasets" >> WritePackedDatasets(spec)
+
+
+def vqgan_sha256(path: str) -> str:
+    """A fingerprint of VQGAN weights: sha256 over its config and params files."""
+    return hashlib.sha256(
+        "".join(manifest_lib.file_sha256(FileSystems.join(path, name)) for name in (CONFIG_FILE, PARAMS_FILE)).encode()
+    ).hexdigest()
+
+
+def run(config: VisionConfig, options: PipelineOptions) -> beam.runners.runner.PipelineResult:
+    """Run the job to completion with ``options`` (see :mod:`pipelines.runner`)."""
+    tokenizer = TextTokenizer(config.tokenizer)
+    with beam.Pipeline(options=options) as pipeline:
+        build(pipeline, config, tokenizer.sha256, vqgan_sha256(config.vqgan))
+    return pipeline.result
