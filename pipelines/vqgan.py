@@ -87,9 +87,9 @@ class VQGANConfig:
 
 # aMUSEd's VQ model (what LWM uses).
 AMUSED = VQGANConfig()
-# Same layout and codebook size (so codes fit the vision vocabulary), ~1/50 of the
-# compute: for tests and the CPU demo with random weights.
-SMALL = VQGANConfig(block_out_channels=(16, 32, 32, 64, 64), layers_per_block=1,
+# aMUSEd's structure (levels, blocks per level, codebook size, so codes fit the vision
+# vocabulary) with narrow channels, ~1/40 of the compute: tests and the CPU demo.
+SMALL = VQGANConfig(block_out_channels=(16, 32, 32, 64, 64), layers_per_block=2,
                     latent_channels=16, vq_embed_dim=16, norm_num_groups=8)
 PRESETS = {"amused": AMUSED, "small": SMALL}
 

@@ -84,9 +84,10 @@ def assert_parity(cfg: VQGANConfig, size: int, n: int):
 
 
 def test_small_config_matches_diffusers_codes_and_decoded_frames():
-    assert_parity(SMALL, size=256, n=2)
+    assert_parity(SMALL, size=128, n=2)
 
 
+@pytest.mark.slow
 def test_amused_config_matches_diffusers_on_small_frames():
     # Every aMUSEd weight takes part; 64×64 frames (4×4 codes) keep it fast.
     assert_parity(AMUSED, size=64, n=2)
@@ -175,7 +176,7 @@ def test_decode_returns_frames_clipped_to_the_input_range(small_vq):
 
 
 @settings(max_examples=8, deadline=None)
-@given(n=st.integers(0, 9), seed=st.integers(0, 2**16))
+@given(n=st.integers(0, 6), seed=st.integers(0, 2**16))
 def test_codes_do_not_depend_on_how_frames_are_batched(small_vq, n, seed):
     frames = np.random.default_rng(seed).uniform(-1, 1, (n, 32, 32, 3)).astype(np.float32)
     codes = small_vq.encode(frames)
