@@ -10,7 +10,7 @@ import pathlib
 import time
 from typing import Callable
 
-from orchestration import cli, sample_data
+from orchestration import cli, sample_data, sample_media
 
 SEQ_LEN = 1024  # the demo's one bucket: short enough for a tiny model on CPU
 
@@ -38,7 +38,32 @@ def books(workdir: pathlib.Path) -> None:
     _lwm("data", "inspect", str(workdir / "data" / "books" / f"seq{SEQ_LEN}"))
 
 
-STEPS: tuple[Callable[[pathlib.Path], None], ...] = (books,)
+def vision(workdir: pathlib.Path) -> None:
+    """Generated images and videos → a random small VQGAN → image-text and video-text datasets.
+
+    No weights can be downloaded here, so the VQGAN is randomly initialised (its codes
+    are deterministic but meaningless); with real aMUSEd weights from
+    ``lwm convert vqgan-import`` the same commands give LWM's vision tokens.
+    """
+    from pipelines.vqgan import SMALL, VQGAN
+
+    _banner("generated images and videos → small random VQGAN → vision-language packed shards")
+    images = sample_media.write_image_text(workdir / "raw" / "image_text", 24)
+    videos = sample_media.write_video_text(workdir / "raw" / "video_text", 8)
+    print(f"wrote {images} (24 captioned shapes) and {videos} (8 captioned moving shapes)")
+    vqgan = workdir / "vqgan_small_random"
+    VQGAN.init_random(SMALL, seed=0).save(str(vqgan))
+    print(f"saved a randomly initialised small VQGAN to {vqgan}")
+    common = ("--tokenizer", str(workdir / "tokenizer.model"), "--vqgan", str(vqgan), "--seq-len", str(SEQ_LEN),
+              "--num-shards", "2", "--overwrite")
+    _lwm("data", "image-text", "--input", str(images), "--output", str(workdir / "data" / "image_text"), *common)
+    # 3 frames × 257 tokens + the caption fit the demo's 1024-token sequences.
+    _lwm("data", "video-text", "--input", str(videos), "--output", str(workdir / "data" / "video_text"),
+         "--max-frames", "3", *common)
+    _lwm("data", "inspect", str(workdir / "data" / "video_text" / f"seq{SEQ_LEN}"))
+
+
+STEPS: tuple[Callable[[pathlib.Path], None], ...] = (books, vision,)
 
 
 def run(workdir: str) -> None:

@@ -272,7 +272,8 @@ def build(pipeline: beam.Pipeline, config: VisionConfig, tokenizer_sha256: str, 
     decoded = unique[1] | "Decode" >> beam.ParDo(DecodeMedia(config.media)).with_outputs("dead_letters", main="frames")
     bucketed = (
         decoded.frames
-        | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=config.encode_batch,
+        # Fixed-size batches (in frames): every call is padded to ``encode_batch`` frames anyway.
+        | "Batch" >> beam.BatchElements(min_batch_size=config.encode_batch, max_batch_size=config.encode_batch,
                                         element_size_fn=lambda item: len(item[1]))
         | "Encode" >> beam.ParDo(EncodeFrames(config.vqgan, config.encode_batch))
         | "LayOut" >> beam.ParDo(LayOut(config)).with_outputs("counts", "dead_letters", main="segments")
