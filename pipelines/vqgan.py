@@ -312,6 +312,9 @@ class VQGAN:
         two, so at most log2(batch_size)+1 programs are compiled.
       precision: "highest" (float32 convs everywhere; codes match the reference) or
         "default" (the backend's fast float32 mode, e.g. TF32 on GPUs).
+
+    ``model`` is the Flax ``VQModel`` and ``params`` its weights, for callers that jit
+    their own functions around it (e.g. on device-resident frames).
     """
 
     def __init__(self, config: VQGANConfig, params, input_range=(0.0, 1.0), batch_size: int = 8,
@@ -326,7 +329,7 @@ class VQGAN:
         self.precision = precision
         params = params.get("params", params)
         self.params = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params))
-        model = VQModel(config, _PRECISIONS[precision])
+        self.model = model = VQModel(config, _PRECISIONS[precision])
         self._encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VQModel.encode))
         self._decode = jax.jit(lambda p, c: model.apply({"params": p}, c, method=VQModel.decode))
 
