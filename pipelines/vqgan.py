@@ -308,8 +308,8 @@ class VQGAN:
       config: architecture.
       params: Flax params of ``VQModel`` (``{"params": ...}`` is accepted too).
       input_range: (low, high) float pixel range the weights expect.
-      batch_size: frames per device call; smaller calls are padded to the next power of
-        two, so at most log2(batch_size)+1 programs are compiled.
+      batch_size: frames per device call; a smaller remainder is padded to the next power
+        of two (at most batch_size), so at most log2(batch_size)+2 programs are compiled.
       precision: "highest" (float32 convs everywhere; codes match the reference) or
         "default" (the backend's fast float32 mode, e.g. TF32 on GPUs).
 
@@ -416,7 +416,7 @@ class VQGAN:
         outs = []
         for start in range(0, len(x), self.batch_size):
             chunk = x[start:start + self.batch_size]
-            padded = 1 << (len(chunk) - 1).bit_length()
+            padded = min(1 << (len(chunk) - 1).bit_length(), self.batch_size)
             if padded > len(chunk):
                 chunk = np.concatenate([chunk, np.zeros((padded - len(chunk), *chunk.shape[1:]), chunk.dtype)])
             outs.append((fn(self.params, chunk), len(x[start:start + self.batch_size])))

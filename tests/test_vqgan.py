@@ -125,7 +125,7 @@ def test_params_from_diffusers_reports_missing_and_misshapen_tensors():
 
 @pytest.fixture(scope="module")
 def small_vq():
-    return VQGAN.init_random(SMALL, seed=0, input_range=(-1.0, 1.0), batch_size=4)
+    return VQGAN.init_random(SMALL, seed=0, input_range=(-1.0, 1.0), batch_size=3)
 
 
 def test_save_then_load_gives_the_same_codes_and_input_range(small_vq, tmp_path):
