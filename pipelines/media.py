@@ -7,6 +7,7 @@ short side resized to S (256), centre crop S×S. Anything that cannot be decoded
 never crashes or stalls a job. Reasons:
 
     empty_file          zero bytes
+    missing_file        a video path that does not exist
     corrupt_image       not an image Pillow can read, or truncated image data
     image_too_large     over Pillow's decompression-bomb limit
     image_too_small     short side under ``min_short_side``
@@ -159,8 +160,13 @@ def _run(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
         raise MediaError("ffmpeg_timeout", f"{os.path.basename(args[0])} ran over {timeout_s}s") from None
 
 
-def _tail(stderr: bytes, chars: int = 300) -> str:
-    return stderr.decode("utf-8", "replace").strip()[-chars:]
+_ADDRESS = re.compile(r" @ 0x[0-9a-f]+")
+
+
+def _tail(stderr: bytes, path: str, chars: int = 300) -> str:
+    """The end of ffmpeg's messages, made stable across runs (no temp paths or pointer values)."""
+    text = _ADDRESS.sub("", stderr.decode("utf-8", "replace").replace(path, "<input>"))
+    return text.strip()[-chars:]
 
 
 def _rate(text) -> float | None:
@@ -188,7 +194,7 @@ def _probe_ffprobe(path: str, tools: FFmpegTools, timeout_s: float) -> VideoInfo
     info = json.loads(proc.stdout or b"{}") if proc.returncode == 0 else {}
     streams, fmt = info.get("streams", []), info.get("format", {})
     if proc.returncode != 0 or not (streams or fmt):
-        raise MediaError("corrupt_video", _tail(proc.stderr) or "ffprobe found no streams")
+        raise MediaError("corrupt_video", _tail(proc.stderr, path) or "ffprobe found no streams")
     video = [s for s in streams
              if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic")]
     durations = [_float_or_none(fmt.get("duration"))] + [_float_or_none(s.get("duration")) for s in video]
@@ -204,9 +210,10 @@ _VIDEO_STREAM = re.compile(r"^\s*Stream #\d+:\d+.*?: Video:(?!.*\(attached pic\)
 
 def _probe_ffmpeg(path: str, tools: FFmpegTools, timeout_s: float) -> VideoInfo:
     # Without ffprobe: `ffmpeg -i FILE` prints the input description, then fails for want of an output.
-    text = _run([tools.ffmpeg, "-nostdin", "-hide_banner", "-i", path], timeout_s).stderr.decode("utf-8", "replace")
+    stderr = _run([tools.ffmpeg, "-nostdin", "-hide_banner", "-i", path], timeout_s).stderr
+    text = stderr.decode("utf-8", "replace")
     if "Input #0" not in text:
-        raise MediaError("corrupt_video", text.strip()[-300:] or "ffmpeg could not open the input")
+        raise MediaError("corrupt_video", _tail(stderr, path) or "ffmpeg could not open the input")
     m = _DURATION.search(text)
     duration = int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3]) if m else None
     video = _VIDEO_STREAM.search(text)
@@ -240,8 +247,11 @@ _NO_FRAMES = re.compile(r"does not contain any stream|Cannot determine format of
 
 
 def _decode_file(path: str, config: VideoConfig, tools: FFmpegTools) -> np.ndarray:
-    if os.path.getsize(path) == 0:
-        raise MediaError("empty_file", "0 bytes")
+    try:
+        if os.path.getsize(path) == 0:
+            raise MediaError("empty_file", "0 bytes")
+    except FileNotFoundError:
+        raise MediaError("missing_file", path) from None
     info = probe_video(path, config.timeout_s, tools)
     if not info.has_video:
         raise MediaError("no_video_stream", f"duration {info.duration_s}s, no video stream")
@@ -259,7 +269,7 @@ def _decode_file(path: str, config: VideoConfig, tools: FFmpegTools) -> np.ndarr
     proc = _run(args, config.timeout_s)
     n = len(proc.stdout) // (s * s * 3)
     frames = np.frombuffer(proc.stdout, np.uint8, count=n * s * s * 3).reshape(n, s, s, 3)
-    errors = _tail(proc.stderr)
+    errors = _tail(proc.stderr, path)
     if n == 0 and (not errors or _NO_FRAMES.search(errors)):
         raise MediaError("zero_frames", f"duration {info.duration_s}s, sampled at {rate:.4g} fps; {errors}".strip())
     if proc.returncode != 0 or n == 0:

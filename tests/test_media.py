@@ -195,6 +195,22 @@ def test_undecodable_videos_raise_media_error_with_reason(videos, tools, make, c
     assert err.value.reason == reason
 
 
+def test_failure_details_are_the_same_on_every_run(videos, tools):
+    # Dead letters must be byte-identical across reruns: no temp file names or pointer values.
+    details = set()
+    for _ in range(2):
+        with pytest.raises(MediaError) as err:
+            decode_video(truncated(videos["noise_faststart.mp4"]), tools=tools)
+        details.add(err.value.detail)
+    assert len(details) == 1 and " @ 0x" not in details.pop()
+
+
+def test_missing_video_path_is_reported(tmp_path):
+    with pytest.raises(MediaError) as err:
+        decode_video(tmp_path / "nope.mp4")
+    assert err.value.reason == "missing_file"
+
+
 def test_zero_byte_video_file_is_an_empty_file(tmp_path):
     (tmp_path / "empty.mp4").write_bytes(b"")
     with pytest.raises(MediaError) as err:
