@@ -203,12 +203,7 @@ def _block(block: int, length: int, name: str) -> int:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _ring(cfg, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
-    return _ring_forward(cfg, q, k, v, q_seg, kv_seg, q_pos, kv_pos)[0]
-
-
-def _ring_fwd(cfg, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
-    out, lse = _ring_forward(cfg, q, k, v, q_seg, kv_seg, q_pos, kv_pos)
-    return out, (q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse)
+    return _ring_fwd(cfg, q, k, v, q_seg, kv_seg, q_pos, kv_pos)[0]
 
 
 def _rotate(tree, axis_name, size):
@@ -237,17 +232,31 @@ def _ring_loop(cfg, hop, state, kv):
     return hop(state, kv)
 
 
-def _split(x, block):
-    """[B, L, ...] -> [L / block, B, block, ...]: blocks first, for ``lax.scan``."""
-    b, length = x.shape[:2]
-    x = x.reshape(b, length // block, block, *x.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
+def _split(x, block, axis=1):
+    """Cut ``axis`` into blocks and put the block index first (for ``lax.scan``).
+
+    [B, L] -> [L / block, B, block]; with ``axis=3``, [B, K, G, L, D] -> [nq, B, K, G, bq, D].
+    """
+    x = x.reshape(*x.shape[:axis], x.shape[axis] // block, block, *x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
 
 
-def _merge(x):
+def _merge(x, axis=1):
     """Inverse of :func:`_split`."""
-    x = jnp.moveaxis(x, 0, 1)
-    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(*x.shape[:axis], x.shape[axis] * x.shape[axis + 1], *x.shape[axis + 2:])
+
+
+def _heads_major(x, kv_heads):
+    """[B, L, K * G, D] -> [B, K, G, L, D]: tile matmuls then need no per-tile transposes."""
+    b, length, h, d = x.shape
+    return x.reshape(b, length, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
+
+
+def _tokens_major(x):
+    """Inverse of :func:`_heads_major`."""
+    b, k, g, length, d = x.shape
+    return x.transpose(0, 3, 1, 2, 4).reshape(b, length, k * g, d)
 
 
 def _block_ranges(seg_NxBxb, pos_NxBxb):
@@ -300,78 +309,88 @@ def ring_tile_counts(segment_ids, num_shards: int, layout: str, block_q: int, bl
     return counts
 
 
-def _logits(cfg, q_BxbxKxGxD, k_BxcxKxD):
-    """Scaled logits [B, K, G, bq, bk] in fp32."""
-    dtype = _F32 if cfg.float32_logits else q_BxbxKxGxD.dtype
-    s = jnp.einsum("bqkgd,bskd->bkgqs", q_BxbxKxGxD.astype(dtype), k_BxcxKxD.astype(dtype),
-                   preferred_element_type=_F32)
-    return s * q_BxbxKxGxD.shape[-1] ** -0.5
+def _compute_dtype(cfg, x):
+    return _F32 if cfg.float32_logits else x.dtype
 
 
 def _dot(cfg, spec, x, y):
     """A tile matmul: operands in fp32 or the input dtype, fp32 accumulation."""
-    dtype = _F32 if cfg.float32_logits else y.dtype
+    dtype = _compute_dtype(cfg, y)
     return jnp.einsum(spec, x.astype(dtype), y.astype(dtype), preferred_element_type=_F32)
 
 
-def _ring_forward(cfg, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
-    """Forward ring: returns the output [B, L, Hq, D] and logsumexp [nq, B, K, G, bq]."""
-    b, length, hq, d = q.shape
-    kh = k.shape[2]
-    q_NxBxbxKxGxD = _split(q.reshape(b, length, kh, hq // kh, d), cfg.block_q)
-    q_seg_NxBxb, q_pos_NxBxb = _split(q_seg, cfg.block_q), _split(q_pos, cfg.block_q)
-    nq = q_NxBxbxKxGxD.shape[0]
-    refs = (q, k, v, q_seg, kv_seg, q_pos, kv_pos)
-    o = _varying_like(jnp.zeros((nq, b, cfg.block_q, kh, hq // kh, d), _F32), *refs)
-    m = _varying_like(jnp.full((nq, b, kh, hq // kh, cfg.block_q), -jnp.inf, _F32), *refs)
-    l = jnp.zeros_like(m)
-    o, m, l = _ring_loop(
-        cfg, lambda acc, kv: _hop_forward(cfg, q_NxBxbxKxGxD, q_seg_NxBxb, q_pos_NxBxb, acc, kv),
-        (o, m, l), (k, v, kv_seg, kv_pos))
-    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
-    l_NxBxbxKxG = jnp.moveaxis(l, -1, 2)[..., None]
-    out = o / jnp.where(l_NxBxbxKxG > 0, l_NxBxbxKxG, 1.0)
-    return _merge(out).reshape(b, length, hq, d).astype(q.dtype), lse
+def _query_side(cfg, q, kv_heads, q_seg, q_pos):
+    """Query blocks [nq, B, K, G, bq, D] pre-scaled by 1/sqrt(D), their segment ids and positions."""
+    scaled = (q.astype(_F32) * q.shape[-1] ** -0.5).astype(_compute_dtype(cfg, q))
+    return (_split(_heads_major(scaled, kv_heads), cfg.block_q, axis=3),
+            _split(q_seg, cfg.block_q), _split(q_pos, cfg.block_q))
 
 
-def _hop_forward(cfg, q_blocks, q_seg_blocks, q_pos_blocks, acc, kv):
-    """Fold one key/value shard into the running (output, max, normaliser) of every query block."""
+def _kv_shard(k, v, kv_seg, kv_pos):
+    """What travels the ring: k, v as [B, K, L, D] (input dtype), segment ids, positions."""
+    return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), kv_seg, kv_pos
+
+
+def _kv_blocks(cfg, kv):
     k, v, kv_seg, kv_pos = kv
-    k_blocks, v_blocks = _split(k, cfg.block_kv), _split(v, cfg.block_kv)
-    kv_seg_blocks, kv_pos_blocks = _split(kv_seg, cfg.block_kv), _split(kv_pos, cfg.block_kv)
-    visible_NxM = tile_visibility(q_seg_blocks, q_pos_blocks, kv_seg_blocks, kv_pos_blocks,
-                                  cfg.causal)
+    return (_split(k, cfg.block_kv, axis=2), _split(v, cfg.block_kv, axis=2),
+            _split(kv_seg, cfg.block_kv), _split(kv_pos, cfg.block_kv))
+
+
+def _masked_logits(cfg, q_i, q_seg_i, q_pos_i, k_j, kv_seg_j, kv_pos_j):
+    """Logits [B, K, G, bq, bk] in fp32, -inf where the key is invisible."""
+    s = _dot(cfg, "bkgqd,bksd->bkgqs", q_i, k_j)
+    return jnp.where(_mask(q_seg_i, kv_seg_j, q_pos_i, kv_pos_j, cfg.causal), s, -jnp.inf)
+
+
+def _ring_fwd(cfg, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
+    """Forward ring. Residuals: the inputs, the output and the logsumexp [nq, B, K, G, bq]."""
+    kv_heads = k.shape[2]
+    q_blocks, q_seg_blocks, q_pos_blocks = _query_side(cfg, q, kv_heads, q_seg, q_pos)
+    refs = (q, k, v, q_seg, kv_seg, q_pos, kv_pos)
+    o = _varying_like(jnp.zeros(q_blocks.shape, _F32), *refs)
+    m = _varying_like(jnp.full(q_blocks.shape[:-1], -jnp.inf, _F32), *refs)
+    l = jnp.zeros_like(m)
+
+    def hop(acc, kv):
+        return _hop_forward(cfg, q_blocks, q_seg_blocks, q_pos_blocks, acc, _kv_blocks(cfg, kv))
+
+    o, m, l = _ring_loop(cfg, hop, (o, m, l), _kv_shard(k, v, kv_seg, kv_pos))
+    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
+    o = o / jnp.where(l > 0, l, 1.0)[..., None]
+    out = _tokens_major(_merge(o, axis=3)).astype(q.dtype)
+    return out, (q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse)
+
+
+def _hop_forward(cfg, q_blocks, q_seg_blocks, q_pos_blocks, acc, kv_blocks):
+    """Fold one key/value shard into the running (output, max, normaliser) of every query block."""
+    visible_NxM = tile_visibility(q_seg_blocks, q_pos_blocks, *kv_blocks[2:], cfg.causal)
 
     def tile(carry, q_i, q_seg_i, q_pos_i, k_j, v_j, kv_seg_j, kv_pos_j):
         o_i, m_i, l_i = carry
-        s = _logits(cfg, q_i, k_j)
-        s = jnp.where(_mask(q_seg_i, kv_seg_j, q_pos_i, kv_pos_j, cfg.causal), s, -jnp.inf)
+        s = _masked_logits(cfg, q_i, q_seg_i, q_pos_i, k_j, kv_seg_j, kv_pos_j)
         m_new = jnp.maximum(m_i, jnp.max(s, axis=-1))
         m_safe = _finite(m_new)
         p = jnp.exp(s - m_safe[..., None])
         correction = jnp.exp(m_i - m_safe)
         l_new = l_i * correction + jnp.sum(p, axis=-1)
-        pv = _dot(cfg, "bkgqs,bskd->bqkgd", p, v_j)
-        o_new = o_i * jnp.moveaxis(correction, -1, 1)[..., None] + pv
+        o_new = o_i * correction[..., None] + _dot(cfg, "bkgqs,bksd->bkgqd", p, v_j)
         return o_new, m_new, l_new
 
     def per_query_block(_, xs):
         q_i, q_seg_i, q_pos_i, o_i, m_i, l_i, visible_j = xs
 
         def per_key_block(carry, ys):
-            k_j, v_j, kv_seg_j, kv_pos_j, visible = ys
-            carry = jax.lax.cond(
-                visible, lambda c: tile(c, q_i, q_seg_i, q_pos_i, k_j, v_j, kv_seg_j, kv_pos_j),
-                lambda c: c, carry)
+            *kv_j, visible = ys
+            carry = jax.lax.cond(visible, lambda c: tile(c, q_i, q_seg_i, q_pos_i, *kv_j),
+                                 lambda c: c, carry)
             return carry, None
 
-        carry, _ = jax.lax.scan(per_key_block, (o_i, m_i, l_i),
-                                (k_blocks, v_blocks, kv_seg_blocks, kv_pos_blocks, visible_j))
+        carry, _ = jax.lax.scan(per_key_block, (o_i, m_i, l_i), (*kv_blocks, visible_j))
         return None, carry
 
-    o, m, l = acc
     _, acc = jax.lax.scan(per_query_block, None,
-                          (q_blocks, q_seg_blocks, q_pos_blocks, o, m, l, visible_NxM))
+                          (q_blocks, q_seg_blocks, q_pos_blocks, *acc, visible_NxM))
     return acc
 
 
@@ -379,53 +398,45 @@ def _ring_bwd(cfg, res, g):
     """Backward ring: dq stays home, dk/dv travel with their blocks and get one last hop home."""
     q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse = res
     size = jax.lax.axis_size(cfg.axis_name)
-    b, length, hq, d = q.shape
-    kh = k.shape[2]
-    shape5 = (b, length, kh, hq // kh, d)
-    q_blocks = _split(q.reshape(shape5), cfg.block_q)
-    do_blocks = _split(g.reshape(shape5), cfg.block_q)
-    delta = jnp.sum(g.astype(_F32) * out.astype(_F32), axis=-1).reshape(shape5[:-1])
-    delta_blocks = jnp.moveaxis(_split(delta, cfg.block_q), 2, -1)
-    q_seg_blocks, q_pos_blocks = _split(q_seg, cfg.block_q), _split(q_pos, cfg.block_q)
+    kv_heads = k.shape[2]
+    q_blocks, q_seg_blocks, q_pos_blocks = _query_side(cfg, q, kv_heads, q_seg, q_pos)
+    do_blocks = _split(_heads_major(g.astype(_compute_dtype(cfg, g)), kv_heads), cfg.block_q, 3)
+    delta = jnp.sum(g.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)
+    delta_blocks = _split(_heads_major(delta, kv_heads)[..., 0], cfg.block_q, axis=3)
+    q_side = (q_blocks, q_seg_blocks, q_pos_blocks, do_blocks, lse, delta_blocks)
+    kv = _kv_shard(k, v, kv_seg, kv_pos)
     refs = (q, k, v, q_seg, kv_seg, q_pos, kv_pos, g)
     dq = _varying_like(jnp.zeros(q_blocks.shape, _F32), *refs)
-    dkv = (_varying_like(jnp.zeros(k.shape, _F32), *refs),
-           _varying_like(jnp.zeros(v.shape, _F32), *refs))
-    q_side = (q_blocks, q_seg_blocks, q_pos_blocks, do_blocks, lse, delta_blocks)
+    dkv = tuple(_varying_like(jnp.zeros(x.shape, _F32), *refs) for x in kv[:2])
 
     def hop(grads, kv):
-        dq, dkv = _hop_backward(cfg, q_side, grads, kv)
+        dq, dkv = _hop_backward(cfg, q_side, grads, _kv_blocks(cfg, kv))
         return dq, _rotate(dkv, cfg.axis_name, size)
 
-    dq, dkv = _ring_loop(cfg, hop, (dq, dkv), (k, v, kv_seg, kv_pos))
-    dq = _merge(dq).reshape(q.shape).astype(q.dtype)
-    return dq, dkv[0].astype(k.dtype), dkv[1].astype(v.dtype), None, None, None, None
+    dq, (dk, dv) = _ring_loop(cfg, hop, (dq, dkv), kv)
+    # q was pre-scaled, so the tiles produced dq / sqrt(D) (and dk already includes it).
+    dq = _tokens_major(_merge(dq, axis=3)) * q.shape[-1] ** -0.5
+    return (dq.astype(q.dtype), dk.transpose(0, 2, 1, 3).astype(k.dtype),
+            dv.transpose(0, 2, 1, 3).astype(v.dtype), None, None, None, None)
 
 
-def _hop_backward(cfg, q_side, grads, kv):
+def _hop_backward(cfg, q_side, grads, kv_blocks):
     """Accumulate dq (home) and dk/dv (of the visiting shard) over all visible tiles."""
-    q_blocks, q_seg_blocks, q_pos_blocks, do_blocks, lse_blocks, delta_blocks = q_side
+    q_blocks, q_seg_blocks, q_pos_blocks = q_side[:3]
     dq, dkv = grads
-    k, v, kv_seg, kv_pos = kv
-    k_blocks, v_blocks = _split(k, cfg.block_kv), _split(v, cfg.block_kv)
-    kv_seg_blocks, kv_pos_blocks = _split(kv_seg, cfg.block_kv), _split(kv_pos, cfg.block_kv)
-    dk_blocks, dv_blocks = _split(dkv[0], cfg.block_kv), _split(dkv[1], cfg.block_kv)
-    visible_NxM = tile_visibility(q_seg_blocks, q_pos_blocks, kv_seg_blocks, kv_pos_blocks,
-                                  cfg.causal)
-    scale = q_blocks.shape[-1] ** -0.5
+    dkv_blocks = tuple(_split(x, cfg.block_kv, axis=2) for x in dkv)
+    visible_NxM = tile_visibility(q_seg_blocks, q_pos_blocks, *kv_blocks[2:], cfg.causal)
 
     def tile(carry, q_side_i, kv_j):
         dq_i, dk_j, dv_j = carry
         q_i, q_seg_i, q_pos_i, do_i, lse_i, delta_i = q_side_i
         k_j, v_j, kv_seg_j, kv_pos_j = kv_j
-        s = _logits(cfg, q_i, k_j)
-        s = jnp.where(_mask(q_seg_i, kv_seg_j, q_pos_i, kv_pos_j, cfg.causal), s, -jnp.inf)
+        s = _masked_logits(cfg, q_i, q_seg_i, q_pos_i, k_j, kv_seg_j, kv_pos_j)
         p = jnp.exp(s - lse_i[..., None])
-        dv_j = dv_j + _dot(cfg, "bkgqs,bqkgd->bskd", p, do_i)
-        dp = _dot(cfg, "bqkgd,bskd->bkgqs", do_i, v_j)
-        ds = p * (dp - delta_i[..., None]) * scale
-        dq_i = dq_i + _dot(cfg, "bkgqs,bskd->bqkgd", ds, k_j)
-        dk_j = dk_j + _dot(cfg, "bkgqs,bqkgd->bskd", ds, q_i)
+        dv_j = dv_j + _dot(cfg, "bkgqs,bkgqd->bksd", p, do_i)
+        ds = p * (_dot(cfg, "bkgqd,bksd->bkgqs", do_i, v_j) - delta_i[..., None])
+        dq_i = dq_i + _dot(cfg, "bkgqs,bksd->bkgqd", ds, k_j)
+        dk_j = dk_j + _dot(cfg, "bkgqs,bkgqd->bksd", ds, q_i)
         return dq_i, dk_j, dv_j
 
     def per_query_block(dkv_blocks, xs):
@@ -437,16 +448,11 @@ def _hop_backward(cfg, q_side, grads, kv):
                 visible, lambda c: tile(c, q_side_i, kv_j), lambda c: c, (dq_i, dk_j, dv_j))
             return dq_i, (dk_j, dv_j)
 
-        dq_i, dkv_blocks = jax.lax.scan(
-            per_key_block, dq_i,
-            (k_blocks, v_blocks, kv_seg_blocks, kv_pos_blocks, *dkv_blocks, visible_j))
+        dq_i, dkv_blocks = jax.lax.scan(per_key_block, dq_i, (*kv_blocks, *dkv_blocks, visible_j))
         return dkv_blocks, dq_i
 
-    (dk_blocks, dv_blocks), dq = jax.lax.scan(
-        per_query_block, (dk_blocks, dv_blocks),
-        (q_blocks, q_seg_blocks, q_pos_blocks, do_blocks, lse_blocks, delta_blocks, dq,
-         visible_NxM))
-    return dq, (_merge(dk_blocks), _merge(dv_blocks))
+    dkv_blocks, dq = jax.lax.scan(per_query_block, dkv_blocks, (*q_side, dq, visible_NxM))
+    return dq, tuple(_merge(x, axis=2) for x in dkv_blocks)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
