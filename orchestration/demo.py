@@ -63,7 +63,39 @@ def vision(workdir: pathlib.Path) -> None:
     _lwm("data", "inspect", str(workdir / "data" / "video_text" / f"seq{SEQ_LEN}"))
 
 
-STEPS: tuple[Callable[[pathlib.Path], None], ...] = (books, vision,)
+def train(workdir: pathlib.Path) -> None:
+    """``lwm train configs/train_tiny.yaml`` on the demo books, then a loss summary.
+
+    It runs in a child process with 8 simulated CPU devices (fsdp 2 × sp 4), since
+    JAX in this process may already have started with one device.
+    """
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    _banner("tiny model on the books shards: ring attention over sp=4, 8 simulated CPU devices → checkpoint")
+    run_dir = workdir / "runs" / "tiny"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each demo, not a resume
+    books_dir = workdir / "data" / "books" / f"seq{SEQ_LEN}"
+    argv = ["train", str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "train_tiny.yaml"),
+            "--set", f"run_dir={run_dir}", "--set", f"data.datasets=[{{path: '{books_dir}'}}]"]
+    print("$ lwm " + " ".join(argv), flush=True)
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": " ".join(flags + ["--xla_force_host_platform_device_count=8"])}
+    code = subprocess.run([sys.executable, "-m", "orchestration.cli", *argv], env=env).returncode
+    if code:
+        raise SystemExit(f"demo step failed: lwm {' '.join(argv)} exited {code}")
+    with open(run_dir / "metrics.jsonl") as f:
+        logged = [json.loads(line) for line in f]
+    print("loss by step: " + ", ".join(f"{m['step']}: {m['loss']:.3f}" for m in logged))
+    print(f"checkpoint (params, optimizer, loader state, config) in {run_dir / 'checkpoints'}; "
+          f"metrics in {run_dir / 'metrics.jsonl'}, TensorBoard events in {run_dir / 'tensorboard'}")
+
+
+STEPS: tuple[Callable[[pathlib.Path], None], ...] = (books, vision, train)
 
 
 def run(workdir: str) -> None:

@@ -171,7 +171,7 @@ def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _init_from_params(config: TrainConfig, shardings: Any) -> Any:
+def init_from_params(config: TrainConfig, shardings: Any) -> Any:
     """The newest params of ``checkpoint.init_from``, checked to fit this run's model."""
     source = config.checkpoint.init_from
     nested = os.path.join(source, "checkpoints")
@@ -275,7 +275,7 @@ def _initial_state(config: TrainConfig, mngr, loader: Loader, tx, state_sh: Trai
         log.message(f"resumed from checkpoint {latest} in {mngr.directory}")
         return TrainState(params, opt_state), latest
     if config.checkpoint.init_from:
-        params = _init_from_params(config, state_sh.params)
+        params = init_from_params(config, state_sh.params)
         log.message(f"initialised params from {config.checkpoint.init_from}; fresh optimizer")
     else:
         params = init_params(config.model, jax.random.key(config.seed), state_sh.params)
