@@ -44,7 +44,7 @@ def load_reference():
     return module
 
 
-def reference_attention(reference, mesh, block_q, block_kv, axis_name="sp"):
+def reference_attention(reference, mesh, block_q, block_kv, axis_name="sp", float32_logits=True):
     """(q, k, v) -> causal output with the reference ring over ``axis_name`` (contiguous layout)."""
     options = dict(causal_block_size=1, query_chunk_size=block_q, key_chunk_size=block_kv,
                    deterministic=True, dropout_rng=None, attn_pdrop=0.0, dtype=jnp.float32,
@@ -54,14 +54,15 @@ def reference_attention(reference, mesh, block_q, block_kv, axis_name="sp"):
     def per_shard(q, k, v):
         groups = q.shape[2] // k.shape[2]
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-        return reference.ring_attention(q, k, v, None, None, None, axis_name, True, options)
+        return reference.ring_attention(q, k, v, None, None, None, axis_name, float32_logits,
+                                        options)
 
     spec = PartitionSpec(None, axis_name)
     return jax.shard_map(per_shard, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
                          check_vma=False)
 
 
-def our_attention(mesh, block_q, block_kv, axis_name="sp"):
+def our_attention(mesh, block_q, block_kv, axis_name="sp", float32_logits=True):
     """(q, k, v) -> causal output with our ring on inputs already in zigzag order.
 
     Inputs are laid out once per batch in training, so the permutation is not timed.
@@ -70,7 +71,8 @@ def our_attention(mesh, block_q, block_kv, axis_name="sp"):
     def per_shard(q, k, v, segment_ids, positions):
         return ra.ring_attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                                  q_positions=positions, kv_positions=positions,
-                                 axis_name=axis_name, block_q=block_q, block_kv=block_kv)
+                                 axis_name=axis_name, block_q=block_q, block_kv=block_kv,
+                                 float32_logits=float32_logits)
 
     spec = PartitionSpec(None, axis_name)
     sharded = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec)
