@@ -13,12 +13,16 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pipelines.dataset import write_shard
 from schemas import manifest, packed
-from trainer import checkpoint, config as config_lib, train as train_lib
+from trainer import checkpoint, config as config_lib, optimizer, train as train_lib
+from trainer.config import OptimizerConfig
+from trainer.model import abstract_params, init_params
+from trainer.sharding import make_mesh, param_shardings
 
 STEPS = 24
 
@@ -32,9 +36,12 @@ def _sets(run_dir, *datasets):
 
 @pytest.fixture(scope="module")
 def cache_env(tmp_path_factory):
+    """The environment for `lwm train` children: one persistent compilation cache for all test workers."""
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_cache_train"
     env = dict(os.environ)
-    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env
 
 
@@ -67,24 +74,9 @@ def _metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module")
-def reference(books_dataset, cache_env, tmp_path_factory):
-    """An uninterrupted run: its directory and loss per step."""
-    run_dir = tmp_path_factory.mktemp("reference")
-    code, out, err = _finish(_start(_sets(run_dir, (books_dataset, 1.0)), cache_env))
-    assert code == 0, err
-    return run_dir, {m["step"]: m["loss"] for m in _metrics(run_dir)}, out
-
-
-def test_tiny_model_loss_falls_on_books_shards(reference):
-    _, losses, out = reference
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    assert np.mean([losses[s] for s in range(STEPS - 4, STEPS + 1)]) < losses[1] - 0.5
+def _check_outputs(run_dir, out):
+    """Progress lines, resolved config, TensorBoard events, kept checkpoints readable by inference."""
     assert f"step {STEPS}/{STEPS} | loss" in out and "tokens/s" in out
-
-
-def test_run_writes_config_logs_and_checkpoints_readable_by_inference(reference):
-    run_dir, _, _ = reference
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     resolved = config_lib.load(os.path.join(run_dir, config_lib.CONFIG_NAME))
     assert resolved.steps == STEPS and resolved.model.d_model == 64 and resolved.mesh.sp == 4
@@ -96,12 +88,19 @@ def test_run_writes_config_logs_and_checkpoints_readable_by_inference(reference)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(run_dir, "tensorboard")))
 
 
-def test_sigkill_then_sigterm_then_resume_gives_bitwise_equal_losses(reference, books_dataset, cache_env, tmp_path):
-    _, expected, _ = reference
+def test_tiny_model_loss_falls_and_resumes_bitwise_after_sigkill_and_sigterm(books_dataset, cache_env, tmp_path):
+    # One test, so that test workers do not each repeat the uninterrupted reference run.
+    reference = tmp_path / "reference"
+    code, out, err = _finish(_start(_sets(reference, (books_dataset, 1.0)), cache_env))
+    assert code == 0, err
+    expected = {m["step"]: m["loss"] for m in _metrics(reference)}
+    assert sorted(expected) == list(range(1, STEPS + 1))
+    assert np.mean([expected[s] for s in range(STEPS - 4, STEPS + 1)]) < expected[1] - 0.5
+    _check_outputs(reference, out)
+
     run_dir = tmp_path / "run"
     ckpt_dir = str(run_dir / "checkpoints")
     sets = _sets(run_dir, (books_dataset, 1.0))
-
     killed = _start(sets, cache_env)
     _signal_after_checkpoint(killed, ckpt_dir, 8, signal.SIGKILL)
     _finish(killed)
@@ -162,3 +161,61 @@ def test_multihost_is_detected_from_the_environment():
     assert train_lib.multihost_environment({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"})
     assert train_lib.multihost_environment({"JAX_NUM_PROCESSES": "2"})
     assert train_lib.multihost_environment({"OMPI_COMM_WORLD_SIZE": "16"})
+
+
+def test_init_from_loads_another_runs_params_for_a_new_theta_and_length(tmp_path):
+    previous = config_lib.load("configs/train_tiny.yaml")
+    saved = init_params(previous.model, jax.random.key(1))
+    checkpoint.save_params(tmp_path / "checkpoints", saved, previous.model, step=7)
+    stage = config_lib.load("configs/train_tiny.yaml", [
+        f"checkpoint.init_from={tmp_path}", "model.rope_theta=1e6", "data.seq_len=2048"])
+    shardings = param_shardings(make_mesh(stage.mesh), abstract_params(stage.model))
+    params = train_lib.init_from_params(stage, shardings)
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), params, saved))
+    wider = config_lib.load("configs/train_tiny.yaml", [f"checkpoint.init_from={tmp_path}", "model.d_model=128"])
+    with pytest.raises(ValueError, match=r"differing fields \(saved, this run\): \{'d_model': \(64, 128\)"):
+        train_lib.init_from_params(wider, shardings)
+
+
+def test_config_yaml_with_overrides_resolves_and_rejects_typos(tmp_path):
+    config = config_lib.load("configs/train_tiny.yaml", ["optimizer.learning_rate=1e-4", "data.datasets.0.weight=2",
+                                                         "model.preset=llama2-7b", "mesh.tp=2"])
+    assert config.optimizer.learning_rate == 1e-4 and config.data.datasets[0].weight == 2.0
+    assert config.model.d_model == 4096 and config.model.vision_vocab_size == 0 and config.mesh.tp == 2
+    path = tmp_path / "resolved.yaml"
+    path.write_text(config.to_yaml())
+    assert config_lib.load(path) == config
+    assert config_lib.TrainConfig().optimizer == config_lib.load("configs/train_text_32k.yaml").optimizer
+    with pytest.raises(ValueError, match=r"config.optimizer: unknown keys \['learning_rat'\]"):
+        config_lib.load("configs/train_tiny.yaml", ["optimizer.learning_rat=1"])
+    with pytest.raises(ValueError, match="config.steps: expected int"):
+        config_lib.load("configs/train_tiny.yaml", ["steps=ten"])
+    with pytest.raises(ValueError, match="not divisible by optimizer.grad_accum_steps"):
+        config_lib.load("configs/train_tiny.yaml", ["optimizer.grad_accum_steps=3"])
+
+
+def test_schedules_follow_the_paper_shapes():
+    constant = optimizer.schedule(OptimizerConfig(schedule="warmup_constant", warmup_steps=100), 1200)
+    assert constant(0) == 0 and np.isclose(constant(50), 2e-5) and np.isclose(constant(1000), 4e-5)
+    cosine = optimizer.schedule(OptimizerConfig(learning_rate=6e-4, end_learning_rate=6e-5,
+                                                schedule="warmup_cosine", warmup_steps=10), 110)
+    assert np.isclose(cosine(10), 6e-4) and np.isclose(cosine(60), 3.3e-4) and np.isclose(cosine(110), 6e-5)
+
+
+def test_grad_accumulation_applies_the_mean_of_micro_batch_gradients():
+    params = {"w": jnp.ones((3, 2)), "scale": jnp.ones(2)}
+    grads = [jax.tree.map(lambda p, k=k: (k + 1.0) * p, params) for k in range(2)]
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
+    single = optimizer.make(OptimizerConfig(schedule="constant", learning_rate=0.1), 10)
+    expected, _ = single.update(mean, single.init(params), params)
+    accumulated = optimizer.make(OptimizerConfig(schedule="constant", learning_rate=0.1, grad_accum_steps=2), 10)
+    state = accumulated.init(params)
+    first, state = accumulated.update(grads[0], state, params)
+    assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(first))
+    second, _ = accumulated.update(grads[1], state, params)
+    assert jax.tree.all(jax.tree.map(np.allclose, second, expected))
+    # weight decay reaches matrices only: with zero gradients the norm scale does not move
+    zero = jax.tree.map(jnp.zeros_like, params)
+    decayed, _ = single.update(zero, single.init(params), params)
+    assert np.all(np.asarray(decayed["scale"]) == 0) and np.all(np.asarray(decayed["w"]) < 0)
+    assert single.init(params)[1][0].mu["w"].dtype == jnp.float32
