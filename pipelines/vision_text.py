@@ -30,7 +30,6 @@ import numpy as np
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.localfilesystem import LocalFileSystem
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -132,7 +131,7 @@ def fetch(example: raw_vision.VisionExample, local_paths: bool) -> bytes | str:
     location = example.location
     if not FileSystems.exists(location):
         raise FileNotFoundError(f"{location} does not exist")
-    if local_paths and isinstance(FileSystems.get_filesystem(location), LocalFileSystem):
+    if local_paths and FileSystems.get_scheme(location) is None:  # a plain local path
         return location
     with FileSystems.open(location, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         return f.read()

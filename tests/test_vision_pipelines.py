@@ -2,6 +2,7 @@
 
 import base64
 import collections
+import dataclasses
 import json
 import subprocess
 
@@ -245,3 +246,36 @@ def test_a_video_too_long_for_a_bucket_is_resampled_or_dead_lettered():
 def test_an_image_with_too_long_a_caption_is_dead_lettered_even_with_resampling():
     _, segments, tagged = _assign(1, (Bucket(512),), resample=True, text=300)
     assert not segments and [v[1].reason for t, v in tagged if t == "dead_letters"] == ["too_long"]
+
+
+def test_records_become_examples_or_dead_letters():
+    parse = lambda fields, path="gs://b/set/part.jsonl": raw_vision.from_fields(fields, "video", path, 3)
+    inline = parse({"id": 7, "caption": "c", "video": base64.b64encode(b"abc").decode(), "path": "ignored.mp4"})
+    assert (inline.id, inline.media, inline.location, inline.source) == ("7", b"abc", None, "gs://b/set/part.jsonl:3")
+    assert parse({"id": "a", "caption": "c", "path": "clips/a.mp4"}).location == "gs://b/set/clips/a.mp4"
+    assert parse({"id": "a", "caption": "c", "url": "gs://other/a.mp4"}).location == "gs://other/a.mp4"
+    assert parse({"id": "a", "caption": "c", "path": "/abs/a.mp4"}, "/data/x.jsonl").location == "/abs/a.mp4"
+    reasons = [parse(f).reason for f in ({"id": "a", "caption": "  ", "path": "x"}, {"id": "", "caption": "c"},
+                                        {"id": "a", "caption": "c", "image": "aGk="}, {"id": "a", "caption": "c", "path": 5},
+                                        ["not", "an", "object"])]
+    assert reasons == ["empty_caption", "missing_id", "missing_media", "invalid_media", "not_an_object"]
+
+
+def test_remote_media_are_fetched_as_bytes_and_local_videos_by_path(video_corpus, tmp_path, monkeypatch):
+    from tests.fake_remote_fs import FakeRemoteFileSystem
+
+    monkeypatch.setattr(FakeRemoteFileSystem, "root", str(tmp_path))
+    clip = video_corpus / "videos" / "video-0-0000.mp4"
+    (tmp_path / "clip.mp4").write_bytes(clip.read_bytes())
+    remote = raw_vision.VisionExample("r", "c", "fakegcs://set.jsonl", 1, location="fakegcs://clip.mp4")
+    local = raw_vision.VisionExample("l", "c", str(video_corpus / "x.jsonl"), 1, location=str(clip))
+    assert vision_text.fetch(remote, local_paths=True) == clip.read_bytes()
+    assert vision_text.fetch(local, local_paths=True) == str(clip)
+    assert vision_text.fetch(local, local_paths=False) == clip.read_bytes()
+    decode = vision_text.DecodeMedia(VideoMedia())
+    decode.setup()
+    (example, frames), = decode.process(remote)
+    assert example.id == "r" and frames.shape == (3, 256, 256, 3)
+    missing = dataclasses.replace(remote, location="fakegcs://gone.mp4")
+    (letter,) = decode.process(missing)
+    assert letter.tag == "dead_letters" and letter.value.reason == "unreadable_media"
