@@ -97,7 +97,9 @@ class VisionConfig:
         return f"{self.media.name}-text"
 
     def manifest_config(self) -> dict:
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("output", "media")}
+        # Where the dataset lives and how frames were batched are not part of what it is.
+        skip = ("output", "media", "encode_batch")
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         fields.update(
             inputs=list(self.inputs),
             buckets=[b.spec() for b in self.buckets],
