@@ -187,9 +187,43 @@ def init_from_params(config: TrainConfig, shardings: Any) -> Any:
 
 
 def _host_metrics(micro: list[dict[str, jax.Array]]) -> dict[str, float]:
-    """Mean over micro-batches of each metric, as Python floats."""
+    """Mean over a step's micro-batches of each metric, as Python floats."""
     fetched = jax.device_get(micro)
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+
+def _state_shardings(model_config: ModelConfig, mesh, tx: optax.GradientTransformation) -> TrainState:
+    """Parameter shardings from the logical axes; optimizer-state shardings as XLA propagates them."""
+    param_sh = param_shardings(mesh, abstract_params(model_config))
+    opt_sh = jax.jit(tx.init).lower(_abstract(param_shapes(model_config), param_sh)).compile().output_shardings
+    return TrainState(param_sh, opt_sh)
+
+
+def _check_finite(micro: list[dict[str, jax.Array]], step: int, last_saved: int | None, ckpt_dir: str) -> None:
+    values = _host_metrics([{k: m[k] for k in ("loss", "grad_norm")} for m in micro])
+    if not all(np.isfinite(v) for v in values.values()):
+        kept = f"the last good checkpoint is step {last_saved} in {ckpt_dir}" if last_saved is not None else \
+            "no checkpoint was saved before"
+        raise NonFiniteLossError(f"non-finite training at step {step}: loss {values['loss']}, "
+                                 f"grad norm {values['grad_norm']}; nothing saved, {kept}")
+
+
+class _Throughput:
+    """Tokens/s (and MFU where the device's peak is known) since the previous call."""
+
+    def __init__(self, config: TrainConfig, step: int):
+        self.tokens_per_step = config.data.batch_size * config.data.seq_len
+        self.flops_per_token = flops_per_token(config.model, config.data.seq_len)
+        self.peak = peak_flops(jax.devices()[0], config.log.peak_tflops)
+        self.time, self.step = time.perf_counter(), step
+
+    def __call__(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        rate = self.tokens_per_step * (step - self.step) / (now - self.time)
+        self.time, self.step = now, step
+        if not self.peak:
+            return {"tokens_per_s": rate}
+        return {"tokens_per_s": rate, "mfu": rate * self.flops_per_token / (self.peak * jax.device_count())}
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -213,9 +247,7 @@ def train(config: TrainConfig) -> TrainResult:
                    enable_async_checkpointing=config.checkpoint.async_save)
     try:
         with activate(mesh), checkpoint.train_manager(ckpt_dir, **options) as mngr, _Preemption() as preemption:
-            param_sh = param_shardings(mesh, abstract_params(config.model))
-            opt_sh = jax.jit(tx.init).lower(_abstract(param_shapes(config.model), param_sh)).compile().output_shardings
-            state_sh = TrainState(param_sh, opt_sh)
+            state_sh = _state_shardings(config.model, mesh, tx)
             step_fn = jax.jit(make_train_step(model, tx, config.loss), in_shardings=(state_sh, batch_sharding(mesh)),
                               out_shardings=(state_sh, None), donate_argnums=0)
             state, step = _initial_state(config, mngr, loader, tx, state_sh, log)
@@ -225,30 +257,18 @@ def train(config: TrainConfig) -> TrainResult:
                     mngr, at, params=state.params, opt_state=state.opt_state, model_config=config.model,
                     data_iter=loader.iterator, train_config=config.to_dict(), force=force)
 
-            tokens_per_step = config.data.batch_size * config.data.seq_len
-            peak = peak_flops(jax.devices()[0], config.log.peak_tflops)
+            throughput = _Throughput(config, step)
             last: dict[str, float] = {}
-            tick, tick_step = time.perf_counter(), step
             while step < config.steps:
                 micro = []
                 for _ in range(accum):
                     state, metrics = step_fn(state, next(loader))
-                    micro.append({k: metrics[k] for k in ("loss", "grad_norm")})
+                    micro.append(metrics)
                 step += 1
-                values = _host_metrics(micro)
-                if not all(np.isfinite(v) for v in values.values()):
-                    raise NonFiniteLossError(
-                        f"non-finite training at step {step}: loss {values['loss']}, grad norm {values['grad_norm']}; "
-                        f"nothing saved, the last good checkpoint is step {mngr.latest_step()} in {ckpt_dir}")
+                _check_finite(micro, step, mngr.latest_step(), ckpt_dir)
                 if step % config.log.every == 0 or step == config.steps:
-                    elapsed = time.perf_counter() - tick
-                    last = {**_host_metrics([metrics]), **values, "learning_rate": float(lr(step - 1)),
-                            "tokens_per_s": tokens_per_step * (step - tick_step) / elapsed}
-                    if peak:
-                        last["mfu"] = (last["tokens_per_s"] * flops_per_token(config.model, config.data.seq_len)
-                                       / (peak * jax.device_count()))
+                    last = {**_host_metrics(micro), "learning_rate": float(lr(step - 1)), **throughput(step)}
                     log.write(step, config.steps, last)
-                    tick, tick_step = time.perf_counter(), step
                 if preemption.requested():
                     save(step, force=True)
                     mngr.wait_until_finished()
