@@ -1,7 +1,7 @@
 """Work balance of the causal ring per token layout (no attention is run; tiles are counted).
 
 At hop h device r computes the (query block, key block) tiles that the mask leaves
-visible for the shard it holds (the same `tile_visibility` the ring uses to skip tiles).
+visible for the shard it holds (the same `tile_kinds` the ring uses to skip tiles).
 All devices wait for each other at every hop, so the ring's critical path is the sum over
 hops of the busiest device's tile count. Printed per layout: that critical path in tiles,
 divided by the average device's total tile count (1.0 = perfectly balanced), the tiles

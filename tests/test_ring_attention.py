@@ -77,16 +77,17 @@ def _dense(causal):
                                             impl="dense"))
 
 
-def _assert_ring_matches_dense(num_shards, layout, causal, gqa, block_q=4, block_kv=4):
+def _assert_ring_matches_dense(num_shards, layout, causal, gqa, block_q=4, block_kv=4,
+                               segment_ids=SEGMENTS):
     ring = _value_and_vjp(functools.partial(
         ra.sharded_attention, mesh=_mesh(num_shards), causal=causal, layout=layout,
         block_q=block_q, block_kv=block_kv))
-    q, k, v, g = _inputs(gqa)
-    got, want = ring(q, k, v, SEGMENTS, g), _dense(causal)(q, k, v, SEGMENTS, g)
+    q, k, v, g = _inputs(gqa, batch=segment_ids.shape[0])
+    got, want = ring(q, k, v, segment_ids, g), _dense(causal)(q, k, v, segment_ids, g)
     for name, a, b in zip(("out", "dq", "dk", "dv"), jax.tree.leaves(got), jax.tree.leaves(want)):
         assert np.all(np.isfinite(a)), name
         np.testing.assert_allclose(a, b, atol=TOL, rtol=0, err_msg=name)
-    padding = np.asarray(SEGMENTS == 0)
+    padding = np.asarray(segment_ids == 0)
     assert np.all(np.asarray(got[0])[padding] == 0), "padding queries must return zeros"
 
 
@@ -109,6 +110,18 @@ def test_bidirectional_ring_equals_dense(num_shards, layout, gqa):
 
 def test_unequal_query_and_key_blocks_equal_dense():
     _assert_ring_matches_dense(2, "zigzag", True, 2, block_q=8, block_kv=2)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_unpadded_rows_take_the_unmasked_tile_path_and_equal_dense(causal):
+    """Rows without padding whose segments span whole blocks: FULL tiles run without a mask."""
+    segment_ids = _segments([SEQ], [32, 32])
+    on_device_0 = ra.layout_permutation(SEQ, 2, "zigzag")[:SEQ // 2]
+    seg = ra._split(segment_ids[:, on_device_0], 8)
+    pos = ra._split(jnp.broadcast_to(jnp.asarray(on_device_0), (2, SEQ // 2)), 8)
+    assert ra.FULL in np.asarray(ra.tile_kinds(seg, pos, seg, pos, causal))
+    _assert_ring_matches_dense(2, "zigzag", causal, 2, block_q=8, block_kv=8,
+                               segment_ids=segment_ids)
 
 
 @pytest.mark.slow
@@ -259,6 +272,16 @@ def test_striped_token_i_on_device_i_mod_p(num_shards, per_device):
     shards = ra.layout_permutation(seq_len, num_shards, "striped").reshape(num_shards, -1)
     for r in range(num_shards):
         assert np.all(shards[r] % num_shards == r)
+
+
+def test_causal_tile_kinds_skip_above_mask_on_and_fill_below_the_diagonal():
+    positions = ra._split(jnp.arange(16, dtype=jnp.int32)[None], 4)
+    segment_ids = jnp.ones_like(positions)
+    kinds = ra.tile_kinds(segment_ids, positions, segment_ids, positions, causal=True)
+    want = np.full((4, 4), ra.SKIP)
+    want[np.tril_indices(4, -1)] = ra.FULL
+    want[np.diag_indices(4)] = ra.PARTIAL
+    np.testing.assert_array_equal(kinds, want)
 
 
 def test_contiguous_causal_tiles_form_the_block_triangle():

@@ -5,9 +5,10 @@ Each device on the mesh axis ``axis_name`` holds ``L = S / P`` tokens of the seq
 blocks travel around the ring with ``jax.lax.ppermute`` while every device folds the
 block it currently holds into an online softmax (fp32 running max, normaliser and
 output). Masks are computed from the segment ids and global positions that travel with
-each block, so every token layout (contiguous, zigzag, striped) shares one code path, and
-(query block, key block) tiles that the mask makes entirely invisible are skipped with
-``lax.cond`` instead of being computed and masked.
+each block, so every token layout (contiguous, zigzag, striped) shares one code path.
+(query block, key block) tiles that the mask makes entirely invisible are skipped, not
+computed and masked, and tiles it leaves entirely visible run without building a mask
+(``lax.switch`` on the tile's kind).
 
 The whole ring is one ``jax.custom_vjp``: the forward saves q, k, v, the output and the
 logsumexp; the backward is a second ring in which dk/dv travel with their key/value
@@ -116,7 +117,7 @@ def _mask(q_seg_BxQ, kv_seg_BxT, q_pos_BxQ, kv_pos_BxT, causal):
 def _varying_like(x, *refs):
     """Mark ``x`` as varying over the mesh axes any of ``refs`` varies over (shard_map vma).
 
-    Fresh accumulators (zeros) are device-invariant; loop carries and ``lax.cond``
+    Fresh accumulators (zeros) are device-invariant; loop carries and ``lax.switch``
     branches must agree with the device-varying values folded into them.
     """
     axes = set().union(*(_vma(r) for r in refs)) - _vma(x)
@@ -259,28 +260,40 @@ def _tokens_major(x):
     return x.transpose(0, 3, 1, 2, 4).reshape(b, length, k * g, d)
 
 
+SKIP, FULL, PARTIAL = 0, 1, 2  # tile kinds, see tile_kinds
+
+
 def _block_ranges(seg_NxBxb, pos_NxBxb):
-    """Per block and batch row: (min pos, max pos, min seg, max seg) over non-padding tokens."""
+    """Per block and batch row over non-padding tokens: min/max position, min/max segment,
+    and whether the block has no padding at all."""
     valid = seg_NxBxb > 0
     return (jnp.min(jnp.where(valid, pos_NxBxb, _INT_MAX), axis=-1),
             jnp.max(jnp.where(valid, pos_NxBxb, _INT_MIN), axis=-1),
             jnp.min(jnp.where(valid, seg_NxBxb, _INT_MAX), axis=-1),
-            jnp.max(jnp.where(valid, seg_NxBxb, 0), axis=-1))
+            jnp.max(jnp.where(valid, seg_NxBxb, 0), axis=-1),
+            jnp.all(valid, axis=-1))
 
 
-def tile_visibility(q_seg_NxBxb, q_pos_NxBxb, kv_seg_MxBxb, kv_pos_MxBxb, causal: bool):
-    """Bool [nq, nk]: may query block i see any key of key block j (for some batch row)?
+def tile_kinds(q_seg_NxBxb, q_pos_NxBxb, kv_seg_MxBxb, kv_pos_MxBxb, causal: bool):
+    """Int [nq, nk] saying how the ring treats (query block i, key block j).
 
-    Conservative (never false when a visible pair exists) and exact at block level for
-    causal masks and for segments that do not interleave. Tiles where it is False are
-    skipped by the ring; benchmarks count the True ones as work.
+    ``SKIP``: no query of block i can see a key of block j in any batch row, so the tile
+    is not computed; ``FULL``: every query sees every key (one segment, no padding, and
+    if causal all keys at or before all queries), so no mask is built; ``PARTIAL``: the
+    rest, computed with the mask. Conservative: a tile with a visible pair is never
+    skipped, and it is exact at block level for causal masks and non-interleaved segments.
     """
-    q_pmin, q_pmax, q_smin, q_smax = (x[:, None] for x in _block_ranges(q_seg_NxBxb, q_pos_NxBxb))
-    k_pmin, _, k_smin, k_smax = (x[None] for x in _block_ranges(kv_seg_MxBxb, kv_pos_MxBxb))
+    q_pmin, q_pmax, q_smin, q_smax, q_dense = (
+        x[:, None] for x in _block_ranges(q_seg_NxBxb, q_pos_NxBxb))
+    k_pmin, k_pmax, k_smin, k_smax, k_dense = (
+        x[None] for x in _block_ranges(kv_seg_MxBxb, kv_pos_MxBxb))
     visible = (q_smin <= k_smax) & (k_smin <= q_smax)
+    full = q_dense & k_dense & (q_smin == q_smax) & (k_smin == k_smax) & (q_smin == k_smin)
     if causal:
         visible &= k_pmin <= q_pmax
-    return jnp.any(visible, axis=-1)
+        full &= k_pmax <= q_pmin
+    return jnp.where(jnp.any(visible, axis=-1),
+                     jnp.where(jnp.all(full, axis=-1), FULL, PARTIAL), SKIP).astype(jnp.int32)
 
 
 def ring_tile_counts(segment_ids, num_shards: int, layout: str, block_q: int, block_kv: int,
@@ -289,8 +302,8 @@ def ring_tile_counts(segment_ids, num_shards: int, layout: str, block_q: int, bl
 
     ``segment_ids`` is [B, S] in natural order (positions are the token indices). At hop
     h device r holds the key/value shard of device (r - h) mod P and computes the tiles
-    :func:`tile_visibility` marks; this replays that schedule without running attention,
-    for the load-balance benchmark and tests.
+    :func:`tile_kinds` does not skip; this replays that schedule without running
+    attention, for the load-balance benchmark and tests.
     """
     segment_ids = np.asarray(segment_ids, np.int32)
     b, seq_len = segment_ids.shape
@@ -303,9 +316,9 @@ def ring_tile_counts(segment_ids, num_shards: int, layout: str, block_q: int, bl
     for hop in range(num_shards):
         for r in range(num_shards):
             src = (r - hop) % num_shards
-            visible = tile_visibility(_split(seg[:, r], bq), _split(pos[:, r], bq),
-                                      _split(seg[:, src], bk), _split(pos[:, src], bk), causal)
-            counts[hop, r] = int(np.sum(visible))
+            kinds = tile_kinds(_split(seg[:, r], bq), _split(pos[:, r], bq),
+                               _split(seg[:, src], bk), _split(pos[:, src], bk), causal)
+            counts[hop, r] = int(np.sum(kinds != SKIP))
     return counts
 
 
@@ -337,10 +350,18 @@ def _kv_blocks(cfg, kv):
             _split(kv_seg, cfg.block_kv), _split(kv_pos, cfg.block_kv))
 
 
-def _masked_logits(cfg, q_i, q_seg_i, q_pos_i, k_j, kv_seg_j, kv_pos_j):
-    """Logits [B, K, G, bq, bk] in fp32, -inf where the key is invisible."""
+def _logits(cfg, masked, q_i, q_seg_i, q_pos_i, k_j, kv_seg_j, kv_pos_j):
+    """Logits [B, K, G, bq, bk] in fp32; if ``masked``, -inf where the key is invisible."""
     s = _dot(cfg, "bkgqd,bksd->bkgqs", q_i, k_j)
+    if not masked:
+        return s
     return jnp.where(_mask(q_seg_i, kv_seg_j, q_pos_i, kv_pos_j, cfg.causal), s, -jnp.inf)
+
+
+def _by_kind(kind, tile, carry):
+    """Skip, or run ``tile(carry, masked)`` without (FULL) or with (PARTIAL) the mask."""
+    return jax.lax.switch(kind, (lambda c: c, functools.partial(tile, masked=False),
+                                 functools.partial(tile, masked=True)), carry)
 
 
 def _ring_fwd(cfg, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
@@ -364,13 +385,13 @@ def _ring_fwd(cfg, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
 
 def _hop_forward(cfg, q_blocks, q_seg_blocks, q_pos_blocks, acc, kv_blocks):
     """Fold one key/value shard into the running (output, max, normaliser) of every query block."""
-    visible_NxM = tile_visibility(q_seg_blocks, q_pos_blocks, *kv_blocks[2:], cfg.causal)
+    kinds_NxM = tile_kinds(q_seg_blocks, q_pos_blocks, *kv_blocks[2:], cfg.causal)
 
-    def tile(carry, q_i, q_seg_i, q_pos_i, k_j, v_j, kv_seg_j, kv_pos_j):
+    def tile(carry, q_i, q_seg_i, q_pos_i, k_j, v_j, kv_seg_j, kv_pos_j, masked):
         o_i, m_i, l_i = carry
-        s = _masked_logits(cfg, q_i, q_seg_i, q_pos_i, k_j, kv_seg_j, kv_pos_j)
+        s = _logits(cfg, masked, q_i, q_seg_i, q_pos_i, k_j, kv_seg_j, kv_pos_j)
         m_new = jnp.maximum(m_i, jnp.max(s, axis=-1))
-        m_safe = _finite(m_new)
+        m_safe = _finite(m_new) if masked else m_new  # a FULL tile gives every row a key
         p = jnp.exp(s - m_safe[..., None])
         correction = jnp.exp(m_i - m_safe)
         l_new = l_i * correction + jnp.sum(p, axis=-1)
@@ -378,19 +399,19 @@ def _hop_forward(cfg, q_blocks, q_seg_blocks, q_pos_blocks, acc, kv_blocks):
         return o_new, m_new, l_new
 
     def per_query_block(_, xs):
-        q_i, q_seg_i, q_pos_i, o_i, m_i, l_i, visible_j = xs
+        q_i, q_seg_i, q_pos_i, o_i, m_i, l_i, kinds_j = xs
 
         def per_key_block(carry, ys):
-            *kv_j, visible = ys
-            carry = jax.lax.cond(visible, lambda c: tile(c, q_i, q_seg_i, q_pos_i, *kv_j),
-                                 lambda c: c, carry)
-            return carry, None
+            *kv_j, kind = ys
+            run = functools.partial(tile, q_i=q_i, q_seg_i=q_seg_i, q_pos_i=q_pos_i,
+                                    k_j=kv_j[0], v_j=kv_j[1], kv_seg_j=kv_j[2], kv_pos_j=kv_j[3])
+            return _by_kind(kind, run, carry), None
 
-        carry, _ = jax.lax.scan(per_key_block, (o_i, m_i, l_i), (*kv_blocks, visible_j))
+        carry, _ = jax.lax.scan(per_key_block, (o_i, m_i, l_i), (*kv_blocks, kinds_j))
         return None, carry
 
     _, acc = jax.lax.scan(per_query_block, None,
-                          (q_blocks, q_seg_blocks, q_pos_blocks, *acc, visible_NxM))
+                          (q_blocks, q_seg_blocks, q_pos_blocks, *acc, kinds_NxM))
     return acc
 
 
@@ -425,13 +446,13 @@ def _hop_backward(cfg, q_side, grads, kv_blocks):
     q_blocks, q_seg_blocks, q_pos_blocks = q_side[:3]
     dq, dkv = grads
     dkv_blocks = tuple(_split(x, cfg.block_kv, axis=2) for x in dkv)
-    visible_NxM = tile_visibility(q_seg_blocks, q_pos_blocks, *kv_blocks[2:], cfg.causal)
+    kinds_NxM = tile_kinds(q_seg_blocks, q_pos_blocks, *kv_blocks[2:], cfg.causal)
 
-    def tile(carry, q_side_i, kv_j):
+    def tile(carry, q_side_i, kv_j, masked):
         dq_i, dk_j, dv_j = carry
         q_i, q_seg_i, q_pos_i, do_i, lse_i, delta_i = q_side_i
         k_j, v_j, kv_seg_j, kv_pos_j = kv_j
-        s = _masked_logits(cfg, q_i, q_seg_i, q_pos_i, k_j, kv_seg_j, kv_pos_j)
+        s = _logits(cfg, masked, q_i, q_seg_i, q_pos_i, k_j, kv_seg_j, kv_pos_j)
         p = jnp.exp(s - lse_i[..., None])
         dv_j = dv_j + _dot(cfg, "bkgqs,bkgqd->bksd", p, do_i)
         ds = p * (_dot(cfg, "bkgqd,bksd->bkgqs", do_i, v_j) - delta_i[..., None])
@@ -440,18 +461,18 @@ def _hop_backward(cfg, q_side, grads, kv_blocks):
         return dq_i, dk_j, dv_j
 
     def per_query_block(dkv_blocks, xs):
-        *q_side_i, dq_i, visible_j = xs
+        *q_side_i, dq_i, kinds_j = xs
 
         def per_key_block(dq_i, ys):
-            *kv_j, dk_j, dv_j, visible = ys
-            dq_i, dk_j, dv_j = jax.lax.cond(
-                visible, lambda c: tile(c, q_side_i, kv_j), lambda c: c, (dq_i, dk_j, dv_j))
+            *kv_j, dk_j, dv_j, kind = ys
+            run = functools.partial(tile, q_side_i=q_side_i, kv_j=kv_j)
+            dq_i, dk_j, dv_j = _by_kind(kind, run, (dq_i, dk_j, dv_j))
             return dq_i, (dk_j, dv_j)
 
-        dq_i, dkv_blocks = jax.lax.scan(per_key_block, dq_i, (*kv_blocks, *dkv_blocks, visible_j))
+        dq_i, dkv_blocks = jax.lax.scan(per_key_block, dq_i, (*kv_blocks, *dkv_blocks, kinds_j))
         return dkv_blocks, dq_i
 
-    dkv_blocks, dq = jax.lax.scan(per_query_block, dkv_blocks, (*q_side, dq, visible_NxM))
+    dkv_blocks, dq = jax.lax.scan(per_query_block, dkv_blocks, (*q_side, dq, kinds_NxM))
     return dq, tuple(_merge(x, axis=2) for x in dkv_blocks)
 
 
