@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ from pipelines.dataset import write_shard
 from schemas import manifest, packed
 from trainer import checkpoint, config as config_lib, optimizer, train as train_lib
 from trainer.config import OptimizerConfig
-from trainer.model import abstract_params, init_params
+from trainer.model import PRESETS, abstract_params, init_params
 from trainer.sharding import make_mesh, param_shardings
 
 STEPS = 24
@@ -219,3 +220,12 @@ def test_grad_accumulation_applies_the_mean_of_micro_batch_gradients():
     decayed, _ = single.update(zero, single.init(params), params)
     assert np.all(np.asarray(decayed["scale"]) == 0) and np.all(np.asarray(decayed["w"]) < 0)
     assert single.init(params)[1][0].mu["w"].dtype == jnp.float32
+
+
+def test_mfu_estimate_counts_matmul_and_attention_flops_against_the_device_peak():
+    assert train_lib.peak_flops(types.SimpleNamespace(device_kind="TPU v4")) == 275e12
+    assert train_lib.peak_flops(types.SimpleNamespace(device_kind="TPU v5 lite")) == 197e12
+    assert train_lib.peak_flops(types.SimpleNamespace(device_kind="cpu")) is None
+    assert train_lib.peak_flops(types.SimpleNamespace(device_kind="cpu"), 2.0) == 2e12
+    # Llama-2 7B at 4K: 6 x 6.61B matmul weights (embedding lookups excluded) + 6 x 32 x 4096 x 4096.
+    assert np.isclose(train_lib.flops_per_token(PRESETS["llama2-7b"], 4096), 3.97e10 + 3.22e9, rtol=0.01)
