@@ -1,9 +1,9 @@
 """Speed of our RingAttention against the reference `ringattention` 0.1.2 package.
 
-Same inputs, devices, block sizes; causal; forward + backward (one vjp). Prints our time,
-the reference's time and their ratio, for multi-head attention and for GQA (4 query heads
-per key/value head; the reference gets its key/value heads repeated, inside the timed
-program). The reference cannot be imported on current JAX (its package `__init__` uses
+Same inputs, devices, block sizes; causal; forward + backward (one vjp); the two take
+turns run by run. Prints the best times of each and their ratio (and the ratio of
+medians), for multi-head attention and for GQA (4 query heads per key/value head; the
+reference gets its key/value heads repeated, inside the timed program). The reference cannot be imported on current JAX (its package `__init__` uses
 `jax.lib.xla_bridge`), so its `ringattention_jax.py` is loaded by path; install it with
 `pip install -e '.[bench]'`. On CPU the simulated devices share the host's cores, so the
 ratio measures total work, not the ring's critical path (see ring_balance.py).
@@ -15,7 +15,6 @@ ratio measures total work, not the ring's critical path (see ring_balance.py).
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import os
 import statistics
@@ -25,7 +24,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -99,13 +97,24 @@ def forward_backward(attention):
 
 def time_it(fn, args, repeats):
     """Median wall time of ``fn(*args)`` over ``repeats`` runs after one warm-up (compile) run."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return statistics.median(interleaved_times({"fn": fn}, args, repeats)["fn"])
+
+
+def interleaved_times(fns, args, repeats):
+    """{name: [seconds per run]}: one warm-up each, then the functions take turns.
+
+    Taking turns exposes every function to the same background load, so ratios of the
+    fastest runs stay meaningful on a shared machine.
+    """
+    for fn in fns.values():
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def inputs(mesh, batch, seq_len, q_heads, kv_heads, head_dim, dtype, axis_name="sp", seed=0):
@@ -119,12 +128,12 @@ def inputs(mesh, batch, seq_len, q_heads, kv_heads, head_dim, dtype, axis_name="
 
 def compare(mesh, reference, *, batch, seq_len, q_heads, kv_heads, head_dim, block, dtype,
             repeats):
-    """(our seconds, reference seconds) for one configuration."""
+    """{"ours": [seconds], "reference": [seconds]} for one configuration, runs interleaved."""
     args = inputs(mesh, batch, seq_len, q_heads, kv_heads, head_dim, dtype)
-    ours = time_it(forward_backward(our_attention(mesh, block, block)), args, repeats)
-    theirs = time_it(forward_backward(reference_attention(reference, mesh, block, block)), args,
-                     repeats)
-    return ours, theirs
+    return interleaved_times({"ours": forward_backward(our_attention(mesh, block, block)),
+                              "reference": forward_backward(
+                                  reference_attention(reference, mesh, block, block))},
+                             args, repeats)
 
 
 def main(argv=None):
@@ -143,11 +152,14 @@ def main(argv=None):
     print(f"{jax.devices()[0].platform} x{args.devices}, B={args.batch} S={args.seq_len} "
           f"D={args.head_dim} block={args.block}, causal fwd+bwd, fp32")
     for name, kv_heads in (("MHA", args.heads), ("GQA 4:1", args.heads // 4)):
-        ours, theirs = compare(mesh, reference, batch=args.batch, seq_len=args.seq_len,
-                               q_heads=args.heads, kv_heads=kv_heads, head_dim=args.head_dim,
-                               block=args.block, dtype=jnp.float32, repeats=args.repeats)
-        print(f"{name:8s} Hq={args.heads} Hkv={kv_heads}: ours {ours * 1e3:8.1f} ms  "
-              f"reference {theirs * 1e3:8.1f} ms  ours/reference {ours / theirs:.2f}")
+        times = compare(mesh, reference, batch=args.batch, seq_len=args.seq_len,
+                        q_heads=args.heads, kv_heads=kv_heads, head_dim=args.head_dim,
+                        block=args.block, dtype=jnp.float32, repeats=args.repeats)
+        ours, theirs = min(times["ours"]), min(times["reference"])
+        median = statistics.median(times["ours"]) / statistics.median(times["reference"])
+        print(f"{name:8s} Hq={args.heads} Hkv={kv_heads}: best of {args.repeats}: ours "
+              f"{ours * 1e3:7.1f} ms, reference {theirs * 1e3:7.1f} ms, ours/reference "
+              f"{ours / theirs:.2f} (medians: {median:.2f})")
 
 
 if __name__ == "__main__":
