@@ -358,6 +358,16 @@ def _logits(cfg, masked, q_i, q_seg_i, q_pos_i, k_j, kv_seg_j, kv_pos_j):
     return jnp.where(_mask(q_seg_i, kv_seg_j, q_pos_i, kv_pos_j, cfg.causal), s, -jnp.inf)
 
 
+def _take(blocks, i):
+    """Block ``i`` of each accumulator (accumulators are loop carries updated in place,
+    not scanned over, so XLA keeps one buffer of each instead of an input and an output)."""
+    return tuple(jax.lax.dynamic_index_in_dim(x, i, keepdims=False) for x in blocks)
+
+
+def _put(blocks, i, values):
+    return tuple(jax.lax.dynamic_update_index_in_dim(x, y, i, 0) for x, y in zip(blocks, values))
+
+
 def _by_kind(kind, tile, carry):
     """Skip, or run ``tile(carry, masked)`` without (FULL) or with (PARTIAL) the mask."""
     return jax.lax.switch(kind, (lambda c: c, functools.partial(tile, masked=False),
@@ -398,8 +408,8 @@ def _hop_forward(cfg, q_blocks, q_seg_blocks, q_pos_blocks, acc, kv_blocks):
         o_new = o_i * correction[..., None] + _dot(cfg, "bkgqs,bksd->bkgqd", p, v_j)
         return o_new, m_new, l_new
 
-    def per_query_block(_, xs):
-        q_i, q_seg_i, q_pos_i, o_i, m_i, l_i, kinds_j = xs
+    def per_query_block(acc, xs):
+        i, q_i, q_seg_i, q_pos_i, kinds_j = xs
 
         def per_key_block(carry, ys):
             *kv_j, kind = ys
@@ -407,11 +417,11 @@ def _hop_forward(cfg, q_blocks, q_seg_blocks, q_pos_blocks, acc, kv_blocks):
                                     k_j=kv_j[0], v_j=kv_j[1], kv_seg_j=kv_j[2], kv_pos_j=kv_j[3])
             return _by_kind(kind, run, carry), None
 
-        carry, _ = jax.lax.scan(per_key_block, (o_i, m_i, l_i), (*kv_blocks, kinds_j))
-        return None, carry
+        carry, _ = jax.lax.scan(per_key_block, _take(acc, i), (*kv_blocks, kinds_j))
+        return _put(acc, i, carry), None
 
-    _, acc = jax.lax.scan(per_query_block, None,
-                          (q_blocks, q_seg_blocks, q_pos_blocks, *acc, kinds_NxM))
+    acc, _ = jax.lax.scan(per_query_block, acc, (jnp.arange(len(q_blocks)), q_blocks, q_seg_blocks,
+                                                 q_pos_blocks, kinds_NxM))
     return acc
 
 
@@ -460,19 +470,24 @@ def _hop_backward(cfg, q_side, grads, kv_blocks):
         dk_j = dk_j + _dot(cfg, "bkgqs,bkgqd->bksd", ds, q_i)
         return dq_i, dk_j, dv_j
 
-    def per_query_block(dkv_blocks, xs):
-        *q_side_i, dq_i, kinds_j = xs
+    def per_query_block(grads, xs):
+        i, *q_side_i, kinds_j = xs
+        dq, dkv_blocks = grads
 
-        def per_key_block(dq_i, ys):
-            *kv_j, dk_j, dv_j, kind = ys
+        def per_key_block(carry, ys):
+            j, *kv_j, kind = ys
+            dq_i, dkv_blocks = carry
             run = functools.partial(tile, q_side_i=q_side_i, kv_j=kv_j)
-            dq_i, dk_j, dv_j = _by_kind(kind, run, (dq_i, dk_j, dv_j))
-            return dq_i, (dk_j, dv_j)
+            dq_i, *dkv_j = _by_kind(kind, run, (dq_i, *_take(dkv_blocks, j)))
+            return (dq_i, _put(dkv_blocks, j, dkv_j)), None
 
-        dq_i, dkv_blocks = jax.lax.scan(per_key_block, dq_i, (*kv_blocks, *dkv_blocks, kinds_j))
-        return dkv_blocks, dq_i
+        (dq_i, dkv_blocks), _ = jax.lax.scan(
+            per_key_block, (_take((dq,), i)[0], dkv_blocks),
+            (jnp.arange(len(kv_blocks[0])), *kv_blocks, kinds_j))
+        return (_put((dq,), i, (dq_i,))[0], dkv_blocks), None
 
-    dkv_blocks, dq = jax.lax.scan(per_query_block, dkv_blocks, (*q_side, dq, kinds_NxM))
+    (dq, dkv_blocks), _ = jax.lax.scan(per_query_block, (dq, dkv_blocks),
+                                       (jnp.arange(len(q_blocks)), *q_side, kinds_NxM))
     return dq, tuple(_merge(x, axis=2) for x in dkv_blocks)
 
 
