@@ -296,9 +296,8 @@ class LWM(nn.Module):
             self.vision_embed = _param(self, "vision_embed", shape, ("vision_vocab", "embed"), init)
             self.vision_head = _param(self, "vision_head", shape[::-1], ("embed", "vision_vocab"), init)
         layer = DecoderLayer
-        policy = REMAT_POLICIES[c.remat_policy]
         if c.remat_policy != "none":
-            layer = nn.remat(DecoderLayer, policy=policy, prevent_cse=False)
+            layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
         self.layers = nn.scan(
             layer,
             variable_axes={"params": 0},
