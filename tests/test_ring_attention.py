@@ -190,13 +190,24 @@ def test_scan_over_layers_with_checkpoint_matches_dense():
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
 
 
+def _positions_in_segment(segment_ids):
+    """Positions restarting at 0 in each segment (as the packed examples carry them)."""
+    ids = np.asarray(segment_ids)
+    starts = np.concatenate([np.ones_like(ids[:, :1], bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+    index = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+    return jnp.asarray(index - np.maximum.accumulate(np.where(starts, index, 0), axis=1),
+                       jnp.int32)
+
+
 def test_ring_inside_multi_axis_shard_map_uses_only_its_axis():
-    """Batch on dp, heads on tp, sequence on sp: the per-shard call still equals dense."""
+    """Batch on dp, heads on tp, sequence on sp: the per-shard call still equals dense, with
+    positions restarting in each segment (the mask compares positions within a segment)."""
     mesh = _mesh(8, ("dp", "sp", "tp"), (2, 2, 2))
     q, k, v, g = _inputs(2, batch=2)
     segment_ids = SEGMENTS[:2]
     perm = ra.layout_permutation(SEQ, 2, "zigzag")
-    positions = jnp.broadcast_to(jnp.arange(SEQ, dtype=jnp.int32), segment_ids.shape)
+    positions = _positions_in_segment(segment_ids)
+    assert int(positions[0, 5]) == 0 and int(positions[0, 7]) == 1
 
     def per_shard(q, k, v, seg, pos):
         return ra.ring_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos,

@@ -177,8 +177,11 @@ def ring_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_po
     used, so the shard_map may cover other mesh axes too (batch over dp/fsdp, heads
     over tp). Shapes per shard: q [B, L, Hq, D], k and v [B, L, K, D] with Hq % K == 0
     (key/value heads rotate un-repeated), segment ids and positions [B, L] integer.
-    Positions are global token positions (the causal mask compares them); segment id 0
-    is padding. Query rows with no visible key return zeros. Blocks of ``block_q``
+    Segment id 0 is padding. The causal mask compares positions only between tokens of
+    one segment, so positions may be global token indices (best: tiles are skipped by
+    position ranges) or positions restarting at 0 in each segment (same result, provided
+    each segment is one run of tokens in natural order). Query rows with no visible key
+    return zeros. Blocks of ``block_q``
     queries and ``block_kv`` keys (clipped to L, must divide it) bound the working set;
     ``float32_logits`` runs the tile matmuls in fp32 (else in the input dtype with fp32
     accumulation). Statistics, accumulators and gradients are fp32 either way.
