@@ -155,10 +155,12 @@ def _random_packing_ring():
                                             block_q=2, block_kv=4))
 
 
-def test_bf16_inputs_within_bf16_tolerance_of_fp32_dense():
+@pytest.mark.parametrize("float32_logits", [True, False])
+def test_bf16_inputs_within_bf16_tolerance_of_fp32_dense(float32_logits):
+    """bf16 in and out; tile matmuls in fp32, or in bf16 with fp32 accumulation."""
     q, k, v, g = _inputs(2)
     ring = _value_and_vjp(functools.partial(ra.sharded_attention, mesh=_mesh(4), block_q=4,
-                                            block_kv=4))
+                                            block_kv=4, float32_logits=float32_logits))
     got = ring(*(x.astype(jnp.bfloat16) for x in (q, k, v)), SEGMENTS, g)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(got))
     rounded = [x.astype(jnp.bfloat16).astype(jnp.float32) for x in (q, k, v, g)]
