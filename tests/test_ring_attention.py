@@ -192,6 +192,17 @@ def test_scan_over_layers_with_checkpoint_matches_dense():
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
 
 
+def test_sharded_attention_accepts_a_mesh_with_explicit_axes():
+    """jax.make_mesh's default (Explicit axis types) works as well as Auto."""
+    mesh = jax.make_mesh((2,), ("sp",), devices=jax.devices()[:2])
+    q, k, v, _ = _inputs(2)
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(functools.partial(ra.sharded_attention, mesh=mesh, block_q=8,
+                                        block_kv=8))(q, k, v, SEGMENTS)
+        want = ra.sharded_attention(q, k, v, SEGMENTS, mesh=None, impl="dense")
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+
+
 def _positions_in_segment(segment_ids):
     """Positions restarting at 0 in each segment (as the packed examples carry them)."""
     ids = np.asarray(segment_ids)

@@ -523,9 +523,18 @@ def sharded_attention(q, k, v, segment_ids, *, mesh, axis_name: str = "sp", caus
     per_shard = functools.partial(_ring_shard, axis_name=axis_name, causal=causal,
                                   block_q=block_q, block_kv=block_kv,
                                   float32_logits=float32_logits)
-    out = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec)(q[:, perm], k[:, perm], v[:, perm],
-                                         segment_ids[:, perm], positions[:, perm])
-    return out[:, inverse]
+    args = [_place(x[:, perm], mesh, axis_name, spec) for x in (q, k, v, segment_ids, positions)]
+    out = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec)(*args)
+    return _place(out, mesh, axis_name, PartitionSpec())[:, inverse]
+
+
+def _place(x, mesh, axis_name, spec):
+    """Reshard ``x`` to ``spec`` where ``axis_name`` is an Explicit mesh axis (jax.make_mesh's
+    default), which needs arrays laid out as shard_map's specs say; Auto axes need nothing."""
+    axis_types = dict(zip(mesh.axis_names, mesh.axis_types))
+    if axis_types[axis_name] != jax.sharding.AxisType.Explicit:
+        return x
+    return jax.reshard(x, jax.sharding.NamedSharding(mesh, spec))
 
 
 def _ring_shard(q, k, v, segment_ids, positions, **kwargs: Any):
