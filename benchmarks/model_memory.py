@@ -5,7 +5,7 @@ and chunked cross-entropy never build ``[S, S]`` or ``[S, vocab]`` tensors. Figu
 come from XLA's memory analysis of the compiled per-device program (nothing runs).
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
-        .venv/bin/python benchmarks/model_memory.py [--seq-lens 2048 4096 8192 16384] [--sp 8] [--json]
+        .venv/bin/python benchmarks/model_memory.py [--seq-lens 2048 4096 8192 16384] [--sp 8] [--batch 4] [--json]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ CONFIG = dataclasses.replace(model.get_preset("tiny"), d_model=128, num_heads=4,
 LOSS = loss.LossConfig(chunk_size=512)
 
 
-def step_memory(seq_len: int, sp: int, batch_size: int = 1) -> dict[str, int]:
+def step_memory(seq_len: int, sp: int, batch_size: int) -> dict[str, int]:
     """Per-device bytes of the compiled loss+gradient step at ``seq_len`` on a (sp,) mesh."""
     mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1, sp=sp), jax.devices()[:sp])
     lwm = model.LWM(CONFIG, sharding.attention_fn(mesh, CONFIG))
@@ -58,18 +58,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--sp", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     args = parser.parse_args()
-    rows = [step_memory(s, args.sp) for s in args.seq_lens]
+    rows = [step_memory(s, args.sp, args.batch) for s in args.seq_lens]
     if args.json:
         print(json.dumps(rows))
         return
     print(f"model: {CONFIG.num_params() / 1e6:.2f}M params, d_model {CONFIG.d_model}, layers {CONFIG.num_layers}; "
-          f"sp={args.sp}, batch 1, fp32")
-    print(f"{'seq_len':>8} {'peak MiB':>9} {'temp MiB':>9} {'MiB per 1K tokens':>18}")
+          f"sp={args.sp}, batch {args.batch}, fp32")
+    print(f"{'seq_len':>8} {'peak MiB':>9} {'temp MiB':>9} {'increment MiB':>14}")
+    previous = None
     for row in rows:
-        print(f"{row['seq_len']:>8} {row['peak'] / 2**20:>9.2f} {row['temp'] / 2**20:>9.2f} "
-              f"{row['peak'] / 2**20 / (row['seq_len'] / 1024):>18.3f}")
+        increment = "" if previous is None else f"{(row['peak'] - previous) / 2**20:.2f}"
+        print(f"{row['seq_len']:>8} {row['peak'] / 2**20:>9.2f} {row['temp'] / 2**20:>9.2f} {increment:>14}")
+        previous = row["peak"]
     peaks = np.array([r["peak"] for r in rows], float)
     if len(rows) > 2:
         growth = np.diff(peaks)[1:] / np.diff(peaks)[:-1]

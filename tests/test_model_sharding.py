@@ -95,9 +95,6 @@ def test_shapes_that_do_not_split_over_the_mesh_are_refused():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "ring_attention's forward tiles are kept as residuals when its custom_vjp runs inside lax.scan under grad "
-    "(per-device memory quadratic in sequence length); see BENCHMARKS.md, Model"))
 def test_training_step_memory_grows_linearly_with_sequence_length():
     """Compiled peak memory of a training step on sp=8, 2K to 16K tokens (benchmarks/model_memory.py)."""
     script = pathlib.Path(__file__).parents[1] / "benchmarks" / "model_memory.py"

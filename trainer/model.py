@@ -267,7 +267,13 @@ class DecoderLayer(nn.Module):
     attention_fn: AttentionFn
 
     @nn.compact
-    def __call__(self, x_BxSxD, segment_ids_BxS, positions_BxS):
+    def __call__(self, x_BxSxD, segment_ids_BxS, positions_BxS, layer_index):
+        # Make the mask inputs depend on the layer index. Left loop-invariant, JAX's
+        # partial evaluation of the layer scan under grad hoists everything computed
+        # from them alone out of the loop: the ring's tile masks for every hop at once,
+        # quadratic in sequence length (BENCHMARKS.md, Model).
+        segment_ids_BxS = segment_ids_BxS + 0 * layer_index
+        positions_BxS = positions_BxS + 0 * layer_index
         h = RMSNorm(self.config, name="attn_norm")(x_BxSxD)
         x_BxSxD = x_BxSxD + Attention(self.config, self.attention_fn, name="attn")(h, segment_ids_BxS, positions_BxS)
         h = RMSNorm(self.config, name="mlp_norm")(x_BxSxD)
@@ -302,7 +308,7 @@ class LWM(nn.Module):
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, 0),
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.attention_fn)
@@ -324,7 +330,7 @@ class LWM(nn.Module):
 
     def __call__(self, tokens, vision_mask, segment_ids, positions) -> jax.Array:
         x_BxSxD = self.embed(tokens, vision_mask)
-        x_BxSxD, _ = self.layers(x_BxSxD, segment_ids, positions)
+        x_BxSxD, _ = self.layers(x_BxSxD, segment_ids, positions, jnp.arange(self.config.num_layers))
         return self.final_norm(x_BxSxD)
 
     def head_kernels(self) -> tuple[jax.Array, jax.Array | None]:
