@@ -212,6 +212,31 @@ def _positions_in_segment(segment_ids):
                        jnp.int32)
 
 
+def test_memory_stays_linear_inside_a_scan_over_layers_under_grad():
+    """Masks come from loop-invariant segment ids and positions; they must not be hoisted
+    out of the layer scan for all hops and tiles at once (quadratic in S)."""
+    spec = PartitionSpec(None, "sp")
+
+    def per_shard(x, seg, pos):
+        def layer(h, scale):
+            out = ra.ring_attention(h * scale, h, h, q_segment_ids=seg, kv_segment_ids=seg,
+                                    q_positions=pos, kv_positions=pos, axis_name="sp",
+                                    block_q=128, block_kv=128)
+            return h + out, None
+
+        return jax.lax.scan(layer, x, jnp.ones(2))[0]
+
+    attention = jax.shard_map(per_shard, mesh=_mesh(8), in_specs=(spec,) * 3, out_specs=spec)
+    temp = []
+    for seq_len in (2048, 4096):
+        x = jnp.ones((1, seq_len, 2, 16))
+        seg = jnp.ones((1, seq_len), jnp.int32)
+        pos = jnp.arange(seq_len, dtype=jnp.int32)[None]
+        grad = jax.jit(jax.grad(lambda x: jnp.sum(attention(x, seg, pos))))
+        temp.append(grad.lower(x).compile().memory_analysis().temp_size_in_bytes)
+    assert temp[1] / temp[0] < 2.5, temp
+
+
 def test_ring_inside_multi_axis_shard_map_uses_only_its_axis():
     """Batch on dp, heads on tp, sequence on sp: the per-shard call still equals dense, with
     positions restarting in each segment (the mask compares positions within a segment)."""

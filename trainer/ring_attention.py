@@ -377,8 +377,20 @@ def _by_kind(kind, tile, carry):
                                  functools.partial(tile, masked=True)), carry)
 
 
+def _tie(*arrays):
+    """Make segment ids and positions depend on the activations they travel with.
+
+    Inside ``lax.scan`` over layers under ``grad``, JAX hoists whatever is computed only
+    from loop-invariant values (the batch's segment ids and positions) out of the loop;
+    for the ring that means every hop's tile masks at once, quadratic in S. An
+    optimization barrier over all inputs makes each output depend on all of them.
+    """
+    return jax.lax.optimization_barrier(arrays)
+
+
 def _ring_fwd(cfg, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
     """Forward ring. Residuals: the inputs, the output and the logsumexp [nq, B, K, G, bq]."""
+    q, k, v, q_seg, kv_seg, q_pos, kv_pos = _tie(q, k, v, q_seg, kv_seg, q_pos, kv_pos)
     kv_heads = k.shape[2]
     q_blocks, q_seg_blocks, q_pos_blocks = _query_side(cfg, q, kv_heads, q_seg, q_pos)
     refs = (q, k, v, q_seg, kv_seg, q_pos, kv_pos)
@@ -430,7 +442,7 @@ def _hop_forward(cfg, q_blocks, q_seg_blocks, q_pos_blocks, acc, kv_blocks):
 
 def _ring_bwd(cfg, res, g):
     """Backward ring: dq stays home, dk/dv travel with their blocks and get one last hop home."""
-    q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse = res
+    q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse, g = _tie(*res, g)
     size = jax.lax.axis_size(cfg.axis_name)
     kv_heads = k.shape[2]
     q_blocks, q_seg_blocks, q_pos_blocks = _query_side(cfg, q, kv_heads, q_seg, q_pos)
