@@ -64,7 +64,8 @@ def vision(workdir: pathlib.Path) -> None:
 
 
 def train(workdir: pathlib.Path) -> None:
-    """``lwm train configs/train_tiny.yaml`` on the demo books, then a loss summary.
+    """``lwm train configs/train_tiny.yaml`` on the demo books mixed with the image-text and
+    video-text sets (vision head on), then a loss summary.
 
     It runs in a child process with 8 simulated CPU devices (fsdp 2 × sp 4), since
     JAX in this process may already have started with one device.
@@ -75,12 +76,16 @@ def train(workdir: pathlib.Path) -> None:
     import subprocess
     import sys
 
-    _banner("tiny model on the books shards: ring attention over sp=4, 8 simulated CPU devices → checkpoint")
+    _banner("tiny model on books + image-text + video-text: ring attention over sp=4, 8 simulated CPU devices")
     run_dir = workdir / "runs" / "tiny"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each demo, not a resume
-    books_dir = workdir / "data" / "books" / f"seq{SEQ_LEN}"
+    mixture = ", ".join(
+        f"{{path: '{workdir / 'data' / name / f'seq{SEQ_LEN}'}', weight: {weight}}}"
+        for name, weight in (("books", 0.7), ("image_text", 0.15), ("video_text", 0.15))
+    )
     argv = ["train", str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "train_tiny.yaml"),
-            "--set", f"run_dir={run_dir}", "--set", f"data.datasets=[{{path: '{books_dir}'}}]"]
+            "--set", f"run_dir={run_dir}", "--set", f"data.datasets=[{mixture}]",
+            "--set", "model.vision_vocab_size=8448"]
     print("$ lwm " + " ".join(argv), flush=True)
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
     env = {**os.environ, "JAX_PLATFORMS": "cpu",

@@ -67,7 +67,8 @@ class ReadDocuments(beam.DoFn):
             yield raw.DeadLetter("", "unreadable_file", f"{type(error).__name__}: {error}", path)
 
 
-def _first_of_duplicates(item) -> Iterable[raw.Document | raw.DeadLetter]:
+def first_of_duplicates(item) -> Iterable[raw.Document | raw.DeadLetter]:
+    """(id, records) → the first record by (path, index), the others as ``duplicate_id`` dead letters."""
     doc_id, documents = item
     kept, *others = sorted(documents, key=lambda d: (d.path, d.index))
     yield kept
@@ -126,13 +127,13 @@ def build(pipeline: beam.Pipeline, config: BooksConfig, tokenizer_sha256: str):
         valid[1]
         | "KeyById" >> beam.Map(lambda d: (d.id, d))
         | "GroupById" >> beam.GroupByKey()
-        | "Dedupe" >> beam.FlatMap(_first_of_duplicates)
+        | "Dedupe" >> beam.FlatMap(first_of_duplicates)
         | "Unique" >> beam.Partition(lambda x, _: int(isinstance(x, raw.Document)), 2)
     )
     dead_letters = (
         (valid[0], unique[0])
         | "AllDeadLetters" >> beam.Flatten()
-        | "CountDeadLetters" >> beam.Map(_count_dead_letter)
+        | "CountDeadLetters" >> beam.Map(count_dead_letter)
         | "ForAllBuckets" >> beam.Map(lambda d: (ALL_BUCKETS, d))
     )
     bucketed = (
@@ -142,17 +143,7 @@ def build(pipeline: beam.Pipeline, config: BooksConfig, tokenizer_sha256: str):
         | "Bucket"
         >> beam.FlatMap(assign_buckets, config.buckets, config.text_weight).with_outputs("counts", main="segments")
     )
-    spec = DatasetSpec(
-        output=config.output,
-        name=config.name,
-        job="books",
-        buckets=config.buckets,
-        tokenizer={"path": config.tokenizer, "sha256": tokenizer_sha256},
-        config=config.manifest_config(),
-        pack_groups=config.pack_groups,
-        shard_bytes=config.shard_bytes,
-        num_shards=config.num_shards,
-    )
+    spec = DatasetSpec.for_job("books", config, tokenizer_sha256)
     return {
         "segments": bucketed.segments,
         "counts": bucketed.counts,
@@ -161,7 +152,8 @@ def build(pipeline: beam.Pipeline, config: BooksConfig, tokenizer_sha256: str):
     } | "WriteDatasets" >> WritePackedDatasets(spec)
 
 
-def _count_dead_letter(letter: raw.DeadLetter) -> raw.DeadLetter:
+def count_dead_letter(letter: raw.DeadLetter) -> raw.DeadLetter:
+    """Count a dead letter by reason in the job's Beam metrics; returns it unchanged."""
     Metrics.counter(NAMESPACE, f"dead_letter_{letter.reason}").inc()
     return letter
 

@@ -66,6 +66,21 @@ class DatasetSpec:
     shard_bytes: int = 256 << 20  # target shard size, estimated at 2 bytes per token
     num_shards: int | None = None  # fixed shard count per bucket (overrides shard_bytes)
 
+    @classmethod
+    def for_job(cls, job: str, config, tokenizer_sha256: str, **extra_config) -> "DatasetSpec":
+        """The spec of a job whose config has the shared data-job fields (output, name, buckets, ...)."""
+        return cls(
+            output=config.output,
+            name=config.name,
+            job=job,
+            buckets=config.buckets,
+            tokenizer={"path": config.tokenizer, "sha256": tokenizer_sha256},
+            config={**config.manifest_config(), **extra_config},
+            pack_groups=config.pack_groups,
+            shard_bytes=config.shard_bytes,
+            num_shards=config.num_shards,
+        )
+
     def bucket_dir(self, bucket: Bucket) -> str:
         return FileSystems.join(self.output, bucket.name)
 

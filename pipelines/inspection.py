@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from typing import Iterator
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
@@ -71,6 +72,16 @@ def render_record(example: dict[str, np.ndarray], tokenizer: TextTokenizer | Non
     padding = int(np.sum(segment_ids == 0))
     lines.append(f"  padding: {padding} tokens")
     return "\n".join(lines)
+
+
+def records(directory: str, *, verify_hashes: bool = True) -> Iterator[dict[str, np.ndarray]]:
+    """Every decoded record of a dataset, shard by shard in manifest order (refuses incomplete datasets)."""
+    manifest = manifest_lib.read(directory, verify_hashes=verify_hashes)
+    for path, shard in zip(manifest_lib.shard_paths(directory, manifest), manifest.shards):
+        if shard.records:
+            reader = ArrayRecordReader(_local(path))
+            yield from (packed.decode(r) for r in reader.read_all())
+            reader.close()
 
 
 def inspect(directory: str, *, record: int = 0, tokenizer: str | None = None, verify_hashes: bool = True) -> str:

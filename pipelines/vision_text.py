@@ -34,7 +34,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import vision_layout
-from pipelines.books import _count_dead_letter, _first_of_duplicates
+from pipelines.books import count_dead_letter, first_of_duplicates
 from pipelines.buckets import Bucket
 from pipelines.dataset import ALL_BUCKETS, NAMESPACE, DatasetSpec, WritePackedDatasets
 from pipelines.media import MediaError
@@ -267,7 +267,7 @@ def build(pipeline: beam.Pipeline, config: VisionConfig, tokenizer_sha256: str, 
         valid[1]
         | "KeyById" >> beam.Map(lambda e: (e.id, e))
         | "GroupById" >> beam.GroupByKey()
-        | "Dedupe" >> beam.FlatMap(_first_of_duplicates)
+        | "Dedupe" >> beam.FlatMap(first_of_duplicates)
         | "Unique" >> beam.Partition(lambda x, _: _is_example(x), 2)
     )
     decoded = unique[1] | "Decode" >> beam.ParDo(DecodeMedia(config.media)).with_outputs("dead_letters", main="frames")
@@ -282,20 +282,10 @@ def build(pipeline: beam.Pipeline, config: VisionConfig, tokenizer_sha256: str, 
     dead_letters = (
         (valid[0], unique[0], decoded.dead_letters)
         | "EarlyDeadLetters" >> beam.Flatten()
-        | "CountDeadLetters" >> beam.Map(_count_dead_letter)
+        | "CountDeadLetters" >> beam.Map(count_dead_letter)
         | "ForAllBuckets" >> beam.Map(lambda d: (ALL_BUCKETS, d))
     )
-    spec = DatasetSpec(
-        output=config.output,
-        name=config.name,
-        job=config.job,
-        buckets=config.buckets,
-        tokenizer={"path": config.tokenizer, "sha256": tokenizer_sha256},
-        config={**config.manifest_config(), "vqgan_sha256": vqgan_sha256},
-        pack_groups=config.pack_groups,
-        shard_bytes=config.shard_bytes,
-        num_shards=config.num_shards,
-    )
+    spec = DatasetSpec.for_job(config.job, config, tokenizer_sha256, vqgan_sha256=vqgan_sha256)
     return {
         "segments": bucketed.segments,
         "counts": bucketed.counts,

@@ -132,18 +132,25 @@ def iter_json_lines(stream, path: str) -> Iterator[Document | DeadLetter]:
             yield parse_json_line(line, path, number)
 
 
-def iter_parquet(stream, path: str) -> Iterator[Document | DeadLetter]:
-    """Rows of a Parquet file, read in record batches."""
+def iter_parquet_rows(stream, path: str, required: tuple[str, ...], batch_size: int = 256):
+    """(1-based row, fields dict) of a Parquet file in record batches, or one ``unsupported_format``
+    dead letter if it lacks a ``required`` column."""
     table = pq.ParquetFile(stream)
     names = table.schema_arrow.names
-    if "id" not in names or "text" not in names:
-        yield DeadLetter("", "unsupported_format", f"parquet columns {names} lack 'id' and 'text'", path)
+    if not set(required) <= set(names):
+        yield DeadLetter("", "unsupported_format", f"parquet columns {names} lack {' and '.join(map(repr, required))}", path)
         return
     row = 0
-    for batch in table.iter_batches(batch_size=256):
+    for batch in table.iter_batches(batch_size=batch_size):
         for fields in batch.to_pylist():
             row += 1
-            yield _from_fields(fields, path, row)
+            yield row, fields
+
+
+def iter_parquet(stream, path: str) -> Iterator[Document | DeadLetter]:
+    """Rows of a Parquet book file."""
+    for item in iter_parquet_rows(stream, path, ("id", "text")):
+        yield item if isinstance(item, DeadLetter) else _from_fields(item[1], path, item[0])
 
 
 def iter_documents(stream, path: str) -> Iterator[Document | DeadLetter]:

@@ -30,9 +30,8 @@ import posixpath
 from typing import Any, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from schemas.raw import DeadLetter, input_format
+from schemas.raw import DeadLetter, input_format, iter_parquet_rows
 
 MEDIA_FIELDS = ("image", "video")  # the inline-bytes field of image-text and video-text inputs
 LOCATION_FIELDS = ("path", "url")
@@ -145,16 +144,8 @@ def iter_examples(stream, path: str, media_field: str) -> Iterator[VisionExample
             if line.strip():
                 yield _parse_json_line(line, media_field, path, number)
     elif kind == "parquet":
-        table = pq.ParquetFile(stream)
-        names = table.schema_arrow.names
-        if "id" not in names or "caption" not in names:
-            yield DeadLetter("", "unsupported_format", f"parquet columns {names} lack 'id' and 'caption'", path)
-            return
-        row = 0
-        for batch in table.iter_batches(batch_size=64):
-            for fields in batch.to_pylist():
-                row += 1
-                yield from_fields(fields, media_field, path, row)
+        for item in iter_parquet_rows(stream, path, ("id", "caption"), batch_size=64):
+            yield item if isinstance(item, DeadLetter) else from_fields(item[1], media_field, path, item[0])
     else:
         yield DeadLetter("", "unsupported_format", "expected .jsonl, .json or .parquet (optionally .gz)", path)
 

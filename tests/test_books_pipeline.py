@@ -11,23 +11,18 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 import apache_beam as beam
-from array_record.python.array_record_module import ArrayRecordReader
 
 from orchestration import cli
-from pipelines import books
+from pipelines import books, inspection
 from pipelines.buckets import Bucket
 from pipelines.text_tokenizer import TextTokenizer
-from schemas import manifest, packed, raw
+from schemas import manifest, raw
 
 SEQ_LENS = (256, 1024)
 
 
 def _records(directory):
-    result = manifest.read(str(directory))
-    for path in manifest.shard_paths(str(directory), result):
-        reader = ArrayRecordReader(path)
-        yield from (packed.decode(r) for r in reader.read_all()) if reader.num_records() else ()
-        reader.close()
+    return inspection.records(str(directory))
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +141,7 @@ def test_read_and_dedupe_steps_in_a_test_pipeline(tmp_path):
             | beam.ParDo(books.ReadDocuments())
             | beam.Map(lambda d: (d.id, d))
             | beam.GroupByKey()
-            | beam.FlatMap(books._first_of_duplicates)
+            | beam.FlatMap(books.first_of_duplicates)
         )
         summary = read | beam.Map(lambda d: (type(d).__name__, d.id, getattr(d, "text", d.reason if hasattr(d, "reason") else "")))
         assert_that(

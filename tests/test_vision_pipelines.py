@@ -11,23 +11,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from array_record.python.array_record_module import ArrayRecordReader
 
 from orchestration import cli, sample_media
-from pipelines import vision_layout, vision_text
+from pipelines import inspection, vision_layout, vision_text
 from pipelines.buckets import Bucket
 from pipelines.media import ffmpeg_tools
 from pipelines.video_text import VideoMedia
 from pipelines.vqgan import SMALL, VQGAN
-from schemas import manifest, packed, raw_vision, vocab
+from schemas import manifest, raw_vision, vocab
 
 
 def _records(directory):
-    result = manifest.read(str(directory))
-    for path in manifest.shard_paths(str(directory), result):
-        reader = ArrayRecordReader(path)
-        yield from (packed.decode(r) for r in reader.read_all()) if reader.num_records() else ()
-        reader.close()
+    return inspection.records(str(directory))
 
 
 def _segments(directory):
