@@ -40,7 +40,6 @@ from pipelines import packing
 from pipelines.buckets import Bucket
 from schemas import packed
 from schemas import manifest as manifest_lib
-from schemas.raw import DeadLetter
 
 log = logging.getLogger(__name__)
 NAMESPACE = "lwm"
