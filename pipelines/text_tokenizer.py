@@ -48,8 +48,12 @@ class TextTokenizer:
         return self._sp.eos_id()
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Token ids of each text (int32), with no BOS/EOS."""
-        ids = self._sp.encode(list(texts), out_type=int, add_bos=False, add_eos=False)
+        """Token ids of each text (int32), with no BOS/EOS.
+
+        One thread: a Beam worker runs one tokenizer per core, so SentencePiece's own
+        thread pool would only oversubscribe the machine.
+        """
+        ids = self._sp.encode(list(texts), out_type=int, add_bos=False, add_eos=False, num_threads=1)
         return [np.asarray(row, np.int32) for row in ids]
 
     def encode(self, text: str) -> np.ndarray:
