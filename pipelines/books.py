@@ -1,7 +1,7 @@
 """``lwm data books``: raw books → tokenized, length-bucketed, packed ArrayRecord datasets.
 
-read (JSON lines / Parquet / text, any Beam filesystem) → validate (dead letters)
-→ drop duplicate ids (the first by path and line is kept) → tokenize in batches
+read, validate and drop duplicate ids (:mod:`pipelines.sources`, with the JSON
+lines / Parquet / text parser of :mod:`schemas.raw`) → tokenize in batches
 (one tokenizer per worker, loaded in ``setup``) with explicit BOS/EOS → for every
 bucket holding the document's length: cut into pieces of at most L → the shared
 packed-dataset writer (:mod:`pipelines.dataset`).
@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import apache_beam as beam
-from apache_beam.io import fileio
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import packing
 from pipelines.buckets import Bucket
 from pipelines.dataset import ALL_BUCKETS, NAMESPACE, DatasetSpec, WritePackedDatasets
+from pipelines.sources import ReadUnique
 from pipelines.text_tokenizer import SpecialTokens, TextTokenizer
 from schemas import raw
 
@@ -52,28 +51,6 @@ class BooksConfig:
         fields["buckets"] = [b.spec() for b in self.buckets]
         fields["inputs"] = list(self.inputs)
         return fields
-
-
-class ReadDocuments(beam.DoFn):
-    """A matched file → its documents; unreadable files and bad records → dead letters."""
-
-    def process(self, readable: fileio.ReadableFile) -> Iterable[raw.Document | raw.DeadLetter]:
-        path = readable.metadata.path
-        Metrics.counter(NAMESPACE, "files_read").inc()
-        try:
-            with readable.open(compression_type=CompressionTypes.UNCOMPRESSED) as stream:
-                yield from raw.iter_documents(stream, path)
-        except Exception as error:  # a file that fails mid-read: report it, keep the job alive
-            yield raw.DeadLetter("", "unreadable_file", f"{type(error).__name__}: {error}", path)
-
-
-def first_of_duplicates(item) -> Iterable[raw.Document | raw.DeadLetter]:
-    """(id, records) → the first record by (path, index), the others as ``duplicate_id`` dead letters."""
-    doc_id, documents = item
-    kept, *others = sorted(documents, key=lambda d: (d.path, d.index))
-    yield kept
-    for other in others:
-        yield raw.DeadLetter(doc_id, "duplicate_id", f"id first seen at {kept.source}", other.source)
 
 
 class Tokenize(beam.DoFn):
@@ -113,31 +90,10 @@ def assign_buckets(item, buckets: Sequence[Bucket], text_weight: float):
 
 def build(pipeline: beam.Pipeline, config: BooksConfig, tokenizer_sha256: str):
     """Add the books job to ``pipeline``; returns the PCollection of manifest paths."""
-    read = (
-        pipeline
-        | "Patterns" >> beam.Create(list(config.inputs))
-        | "Match" >> fileio.MatchAll()
-        | "Open" >> fileio.ReadMatches()
-        | "Spread" >> beam.Reshuffle()
-        | "Read" >> beam.ParDo(ReadDocuments())
-    )
-    input_examples = read | "CountInputs" >> beam.combiners.Count.Globally()
-    valid = read | "Valid" >> beam.Partition(lambda x, _: int(isinstance(x, raw.Document)), 2)
-    unique = (
-        valid[1]
-        | "KeyById" >> beam.Map(lambda d: (d.id, d))
-        | "GroupById" >> beam.GroupByKey()
-        | "Dedupe" >> beam.FlatMap(first_of_duplicates)
-        | "Unique" >> beam.Partition(lambda x, _: int(isinstance(x, raw.Document)), 2)
-    )
-    dead_letters = (
-        (valid[0], unique[0])
-        | "AllDeadLetters" >> beam.Flatten()
-        | "CountDeadLetters" >> beam.Map(count_dead_letter)
-        | "ForAllBuckets" >> beam.Map(lambda d: (ALL_BUCKETS, d))
-    )
+    inputs = pipeline | "ReadInputs" >> ReadUnique(config.inputs, raw.iter_documents)
+    dead_letters = inputs["dead_letters"] | "ForAllBuckets" >> beam.Map(lambda d: (ALL_BUCKETS, d))
     bucketed = (
-        unique[1]
+        inputs["records"]
         | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=config.tokenize_batch)
         | "Tokenize" >> beam.ParDo(Tokenize(config.tokenizer, config.special))
         | "Bucket"
@@ -148,14 +104,8 @@ def build(pipeline: beam.Pipeline, config: BooksConfig, tokenizer_sha256: str):
         "segments": bucketed.segments,
         "counts": bucketed.counts,
         "dead_letters": dead_letters,
-        "input_examples": input_examples,
+        "input_examples": inputs["input_examples"],
     } | "WriteDatasets" >> WritePackedDatasets(spec)
-
-
-def count_dead_letter(letter: raw.DeadLetter) -> raw.DeadLetter:
-    """Count a dead letter by reason in the job's Beam metrics; returns it unchanged."""
-    Metrics.counter(NAMESPACE, f"dead_letter_{letter.reason}").inc()
-    return letter
 
 
 def run(config: BooksConfig, options: PipelineOptions) -> beam.runners.runner.PipelineResult:

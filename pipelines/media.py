@@ -74,8 +74,9 @@ def decode_image(data: bytes, size: int = FRAME_SIZE, min_short_side: int = 0) -
             img.load()
     except Image.DecompressionBombError as e:
         raise MediaError("image_too_large", str(e)) from None
+    except Image.UnidentifiedImageError:  # its message names the stream object's address: not reproducible
+        raise MediaError("corrupt_image", "not a format Pillow recognises") from None
     except Exception as e:  # Pillow's format plugins raise many types on malformed input
-
         raise MediaError("corrupt_image", f"{type(e).__name__}: {e}") from None
     if min(img.size) < max(1, min_short_side):
         raise MediaError("image_too_small", f"{img.size[0]}x{img.size[1]} (short side < {min_short_side})")

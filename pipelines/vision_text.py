@@ -20,24 +20,24 @@ Images are one-frame videos here; what differs between the two jobs is the media
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import re
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import vision_layout
-from pipelines.books import count_dead_letter, first_of_duplicates
 from pipelines.buckets import Bucket
 from pipelines.dataset import ALL_BUCKETS, NAMESPACE, DatasetSpec, WritePackedDatasets
 from pipelines.media import MediaError
+from pipelines.sources import ReadUnique, count_dead_letter
 from pipelines.text_tokenizer import SpecialTokens, TextTokenizer
 from pipelines.vision_layout import LayoutConfig, Markers
 from pipelines.vqgan import CONFIG_FILE, PARAMS_FILE, VQGAN
@@ -110,22 +110,6 @@ class VisionConfig:
         return fields
 
 
-class ReadExamples(beam.DoFn):
-    """A matched file → its examples; unreadable files and bad records → dead letters."""
-
-    def __init__(self, media_field: str):
-        self.media_field = media_field
-
-    def process(self, readable: fileio.ReadableFile) -> Iterable[raw_vision.VisionExample | DeadLetter]:
-        path = readable.metadata.path
-        Metrics.counter(NAMESPACE, "files_read").inc()
-        try:
-            with readable.open(compression_type=CompressionTypes.UNCOMPRESSED) as stream:
-                yield from raw_vision.iter_examples(stream, path, self.media_field)
-        except Exception as error:  # a file that fails mid-read: report it, keep the job alive
-            yield DeadLetter("", "unreadable_file", f"{type(error).__name__}: {error}", path)
-
-
 def fetch(example: raw_vision.VisionExample, local_paths: bool) -> bytes | str:
     """The example's media: inline bytes, a local path (if the decoder takes paths), or the fetched bytes."""
     if example.media is not None:
@@ -143,7 +127,8 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def _stable(detail: str) -> str:
-    """An error message without object addresses (``<BytesIO object at 0x7f…>``), so reruns give the same dead letters."""
+    """An arbitrary exception's message without object addresses (``<… object at 0x7f…>``), so reruns
+    give the same dead letters."""
     return _ADDRESS.sub("", detail)
 
 
@@ -160,7 +145,7 @@ class DecodeMedia(beam.DoFn):
         try:
             frames = self.media.decode(fetch(example, self.media.takes_paths))
         except MediaError as error:
-            letter = DeadLetter(example.id, error.reason, _stable(error.detail), example.source)
+            letter = DeadLetter(example.id, error.reason, error.detail, example.source)
             yield beam.pvalue.TaggedOutput("dead_letters", letter)
             return
         except Exception as error:  # missing file, filesystem errors, anything else: one dead letter, not a crash
@@ -247,30 +232,11 @@ class LayOut(beam.DoFn):
         yield from assign_buckets(example.id, example.source, parts, codes, self.markers, config)
 
 
-def _is_example(item) -> int:
-    return int(isinstance(item, raw_vision.VisionExample))
-
-
 def build(pipeline: beam.Pipeline, config: VisionConfig, tokenizer_sha256: str, vqgan_sha256: str):
     """Add the job to ``pipeline``; returns the PCollection of manifest paths."""
-    read = (
-        pipeline
-        | "Patterns" >> beam.Create(list(config.inputs))
-        | "Match" >> fileio.MatchAll()
-        | "Open" >> fileio.ReadMatches()
-        | "Spread" >> beam.Reshuffle()
-        | "Read" >> beam.ParDo(ReadExamples(config.media.name))
-    )
-    input_examples = read | "CountInputs" >> beam.combiners.Count.Globally()
-    valid = read | "Valid" >> beam.Partition(lambda x, _: _is_example(x), 2)
-    unique = (
-        valid[1]
-        | "KeyById" >> beam.Map(lambda e: (e.id, e))
-        | "GroupById" >> beam.GroupByKey()
-        | "Dedupe" >> beam.FlatMap(first_of_duplicates)
-        | "Unique" >> beam.Partition(lambda x, _: _is_example(x), 2)
-    )
-    decoded = unique[1] | "Decode" >> beam.ParDo(DecodeMedia(config.media)).with_outputs("dead_letters", main="frames")
+    parse = functools.partial(raw_vision.iter_examples, media_field=config.media.name)
+    inputs = pipeline | "ReadInputs" >> ReadUnique(config.inputs, parse)
+    decoded = inputs["records"] | "Decode" >> beam.ParDo(DecodeMedia(config.media)).with_outputs("dead_letters", main="frames")
     bucketed = (
         decoded.frames
         # Fixed-size batches (in frames): every call is padded to ``encode_batch`` frames anyway.
@@ -280,9 +246,8 @@ def build(pipeline: beam.Pipeline, config: VisionConfig, tokenizer_sha256: str, 
         | "LayOut" >> beam.ParDo(LayOut(config)).with_outputs("counts", "dead_letters", main="segments")
     )
     dead_letters = (
-        (valid[0], unique[0], decoded.dead_letters)
+        (inputs["dead_letters"], decoded.dead_letters | "CountMediaDeadLetters" >> beam.Map(count_dead_letter))
         | "EarlyDeadLetters" >> beam.Flatten()
-        | "CountDeadLetters" >> beam.Map(count_dead_letter)
         | "ForAllBuckets" >> beam.Map(lambda d: (ALL_BUCKETS, d))
     )
     spec = DatasetSpec.for_job(config.job, config, tokenizer_sha256, vqgan_sha256=vqgan_sha256)
@@ -290,7 +255,7 @@ def build(pipeline: beam.Pipeline, config: VisionConfig, tokenizer_sha256: str, 
         "segments": bucketed.segments,
         "counts": bucketed.counts,
         "dead_letters": (dead_letters, bucketed.dead_letters) | "AllDeadLetters" >> beam.Flatten(),
-        "input_examples": input_examples,
+        "input_examples": inputs["input_examples"],
     } | "WriteDatasets" >> WritePackedDatasets(spec)
 
 

@@ -13,7 +13,7 @@ from apache_beam.testing.util import assert_that, equal_to
 import apache_beam as beam
 
 from orchestration import cli
-from pipelines import books, inspection
+from pipelines import books, inspection, sources
 from pipelines.buckets import Bucket
 from pipelines.text_tokenizer import TextTokenizer
 from schemas import manifest, raw
@@ -138,10 +138,10 @@ def test_read_and_dedupe_steps_in_a_test_pipeline(tmp_path):
             | beam.Create([str(tmp_path / "*.jsonl")])
             | beam.io.fileio.MatchAll()
             | beam.io.fileio.ReadMatches()
-            | beam.ParDo(books.ReadDocuments())
+            | beam.ParDo(sources.ReadRecords(raw.iter_documents))
             | beam.Map(lambda d: (d.id, d))
             | beam.GroupByKey()
-            | beam.FlatMap(books.first_of_duplicates)
+            | beam.FlatMap(sources.first_of_duplicates)
         )
         summary = read | beam.Map(lambda d: (type(d).__name__, d.id, getattr(d, "text", d.reason if hasattr(d, "reason") else "")))
         assert_that(
