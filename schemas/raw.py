@@ -9,7 +9,8 @@ Books arrive in three forms, told apart by file extension (``.gz`` allowed on to
 
 Parsing is pure (bytes in, :class:`Document` or :class:`DeadLetter` out), so the
 Beam reader, the tokenizer trainer and tests share it. Bad input never raises: it
-becomes a dead letter with a reason from :data:`REASONS`.
+becomes a dead letter with a reason from :data:`REASONS`. The format handling
+(:func:`iter_records`, :func:`id_and_text`) serves the vision inputs too.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import dataclasses
 import gzip
 import json
 import posixpath
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,17 +31,17 @@ BOOK_SCHEMA = pa.schema(
     ]
 )
 
-REASONS = (
+# Why a file or record of any data job is rejected; each job adds its own field's reasons.
+COMMON_REASONS = (
     "unreadable_file",
     "unsupported_format",
     "invalid_utf8",
     "invalid_json",
     "not_an_object",
     "missing_id",
-    "missing_text",
-    "empty_text",
     "duplicate_id",
 )
+REASONS = COMMON_REASONS + ("missing_text", "empty_text")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,37 +83,48 @@ def input_format(path: str) -> str | None:
     return None
 
 
-def _from_fields(fields: Any, path: str, index: int) -> Document | DeadLetter:
-    source = f"{path}:{index}" if index else path
+def source_of(path: str, index: int) -> str:
+    """``path:index`` for a line or row, the bare path for a whole file (index 0)."""
+    return f"{path}:{index}" if index else path
+
+
+def id_and_text(fields: Any, field: str, source: str) -> tuple[str, str] | DeadLetter:
+    """A record's id and its non-empty string ``field`` (``text``, ``caption``), or why not.
+
+    Reasons: ``not_an_object``, ``missing_id``, ``missing_{field}``, ``empty_{field}``.
+    """
     if not isinstance(fields, dict):
         return DeadLetter("", "not_an_object", f"expected a JSON object, got {type(fields).__name__}", source)
-    doc_id = fields.get("id")
-    if doc_id is None or (isinstance(doc_id, str) and not doc_id.strip()):
+    record_id = fields.get("id")
+    if record_id is None or (isinstance(record_id, str) and not record_id.strip()):
         return DeadLetter("", "missing_id", "no non-empty 'id' field", source)
-    doc_id = str(doc_id)
-    text = fields.get("text")
-    if text is None:
-        return DeadLetter(doc_id, "missing_text", "no 'text' field", source)
-    if not isinstance(text, str):
-        return DeadLetter(doc_id, "missing_text", f"'text' is a {type(text).__name__}, not a string", source)
-    if not text.strip():
-        return DeadLetter(doc_id, "empty_text", "'text' is empty or whitespace", source)
+    record_id = str(record_id)
+    value = fields.get(field)
+    if not isinstance(value, str):
+        found = f"no '{field}' field" if value is None else f"'{field}' is a {type(value).__name__}, not a string"
+        return DeadLetter(record_id, f"missing_{field}", found, source)
+    if not value.strip():
+        return DeadLetter(record_id, f"empty_{field}", f"'{field}' is empty or whitespace", source)
+    return record_id, value
+
+
+def book_from_fields(fields: Any, path: str, index: int) -> Document | DeadLetter:
+    """One book record (a JSON object or a Parquet row as a dict)."""
+    checked = id_and_text(fields, "text", source_of(path, index))
+    if isinstance(checked, DeadLetter):
+        return checked
     metadata = tuple(sorted((k, v) for k, v in fields.items() if k not in ("id", "text")))
-    return Document(doc_id, text, path, index, metadata)
+    return Document(*checked, path, index, metadata)
 
 
-def parse_json_line(line: bytes, path: str, index: int) -> Document | DeadLetter:
-    """One JSON-lines record, line ``index`` of ``path``."""
-    source = f"{path}:{index}"
+def decode_json_line(line: bytes, source: str) -> Any:
+    """The JSON value of one line, or an ``invalid_utf8`` / ``invalid_json`` dead letter."""
     try:
-        decoded = line.decode("utf-8")
+        return json.loads(line.decode("utf-8"))
     except UnicodeDecodeError as error:
         return DeadLetter("", "invalid_utf8", str(error), source)
-    try:
-        fields = json.loads(decoded)
     except json.JSONDecodeError as error:
         return DeadLetter("", "invalid_json", str(error), source)
-    return _from_fields(fields, path, index)
 
 
 def parse_text_file(data: bytes, path: str) -> Document | DeadLetter:
@@ -122,14 +134,7 @@ def parse_text_file(data: bytes, path: str) -> Document | DeadLetter:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         return DeadLetter(doc_id, "invalid_utf8", str(error), path)
-    return _from_fields({"id": doc_id, "text": text}, path, 0)
-
-
-def iter_json_lines(stream, path: str) -> Iterator[Document | DeadLetter]:
-    """Records of a JSON-lines stream (binary); blank lines are skipped."""
-    for number, line in enumerate(iter(stream.readline, b""), start=1):  # Beam's gzip streams only readline
-        if line.strip():
-            yield parse_json_line(line, path, number)
+    return book_from_fields({"id": doc_id, "text": text}, path, 0)
 
 
 def iter_parquet_rows(stream, path: str, required: tuple[str, ...], batch_size: int = 256):
@@ -147,26 +152,44 @@ def iter_parquet_rows(stream, path: str, required: tuple[str, ...], batch_size: 
             yield row, fields
 
 
-def iter_parquet(stream, path: str) -> Iterator[Document | DeadLetter]:
-    """Rows of a Parquet book file."""
-    for item in iter_parquet_rows(stream, path, ("id", "text")):
-        yield item if isinstance(item, DeadLetter) else _from_fields(item[1], path, item[0])
+RecordParser = Callable[..., Any]  # (fields, *, path, index) → record or DeadLetter
 
 
-def iter_documents(stream, path: str) -> Iterator[Document | DeadLetter]:
+def iter_records(
+    stream,
+    path: str,
+    from_fields: RecordParser,
+    required: tuple[str, ...],
+    *,
+    text_file: Callable[[bytes, str], Any] | None = None,
+    parquet_batch: int = 256,
+) -> Iterator[Any]:
     """Every record of one input file (raw binary stream, still compressed if ``.gz``), whatever its format.
 
-    Decompression happens here with Python's gzip so that a corrupt or truncated
-    archive raises (the caller dead-letters the file) instead of reading as empty.
+    JSON lines and Parquet rows go through ``from_fields``; ``.txt`` files through
+    ``text_file`` where the job reads them. Decompression happens here with Python's
+    gzip so that a corrupt or truncated archive raises (the caller dead-letters the
+    file) instead of reading as empty.
     """
     if path.lower().endswith(".gz"):
         stream = gzip.GzipFile(fileobj=stream, mode="rb")
     kind = input_format(path)
-    if kind is None:
-        yield DeadLetter("", "unsupported_format", "expected .jsonl, .json, .parquet or .txt (optionally .gz)", path)
-    elif kind == "txt":
-        yield parse_text_file(stream.read(), path)
+    if kind == "jsonl":
+        for number, line in enumerate(iter(stream.readline, b""), start=1):  # Beam's gzip streams only readline
+            if line.strip():
+                fields = decode_json_line(line, source_of(path, number))
+                yield fields if isinstance(fields, DeadLetter) else from_fields(fields, path=path, index=number)
     elif kind == "parquet":
-        yield from iter_parquet(stream, path)
+        for item in iter_parquet_rows(stream, path, required, parquet_batch):
+            yield item if isinstance(item, DeadLetter) else from_fields(item[1], path=path, index=item[0])
+    elif kind == "txt" and text_file is not None:
+        yield text_file(stream.read(), path)
     else:
-        yield from iter_json_lines(stream, path)
+        accepted = ".jsonl, .json, .parquet" + (" or .txt" if text_file else "")
+        yield DeadLetter("", "unsupported_format", f"expected {accepted} (optionally .gz)", path)
+
+
+def iter_documents(stream, path: str) -> Iterator[Document | DeadLetter]:
+    """Every book of one input file (see :func:`iter_records`)."""
+    return iter_records(stream, path, book_from_fields, ("id", "text"), text_file=parse_text_file)
+

@@ -24,14 +24,13 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import gzip
-import json
+import functools
 import posixpath
 from typing import Any, Iterator
 
 import pyarrow as pa
 
-from schemas.raw import DeadLetter, input_format, iter_parquet_rows
+from schemas.raw import COMMON_REASONS, DeadLetter, id_and_text, iter_records, source_of
 
 MEDIA_FIELDS = ("image", "video")  # the inline-bytes field of image-text and video-text inputs
 LOCATION_FIELDS = ("path", "url")
@@ -52,19 +51,7 @@ def _schema(media_field: str) -> pa.Schema:
 IMAGE_TEXT_SCHEMA = _schema("image")
 VIDEO_TEXT_SCHEMA = _schema("video")
 
-REASONS = (
-    "unreadable_file",
-    "unsupported_format",
-    "invalid_utf8",
-    "invalid_json",
-    "not_an_object",
-    "missing_id",
-    "missing_caption",
-    "empty_caption",
-    "missing_media",
-    "invalid_media",
-    "duplicate_id",
-)
+REASONS = COMMON_REASONS + ("missing_caption", "empty_caption", "missing_media", "invalid_media")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,19 +84,11 @@ def from_fields(fields: Any, media_field: str, path: str, index: int) -> VisionE
     """Validate one record (a JSON object or a Parquet row as a dict)."""
     if media_field not in MEDIA_FIELDS:
         raise ValueError(f"media field must be one of {MEDIA_FIELDS}, got {media_field!r}")
-    source = f"{path}:{index}"
-    if not isinstance(fields, dict):
-        return DeadLetter("", "not_an_object", f"expected a JSON object, got {type(fields).__name__}", source)
-    example_id = fields.get("id")
-    if example_id is None or (isinstance(example_id, str) and not example_id.strip()):
-        return DeadLetter("", "missing_id", "no non-empty 'id' field", source)
-    example_id = str(example_id)
-    caption = fields.get("caption")
-    if not isinstance(caption, str):
-        found = "no 'caption' field" if caption is None else f"'caption' is a {type(caption).__name__}, not a string"
-        return DeadLetter(example_id, "missing_caption", found, source)
-    if not caption.strip():
-        return DeadLetter(example_id, "empty_caption", "'caption' is empty or whitespace", source)
+    source = source_of(path, index)
+    checked = id_and_text(fields, "caption", source)
+    if isinstance(checked, DeadLetter):
+        return checked
+    example_id, caption = checked
     media = fields.get(media_field)
     if media is not None:
         if isinstance(media, str):  # JSON carries bytes as base64
@@ -131,31 +110,6 @@ def from_fields(fields: Any, media_field: str, path: str, index: int) -> VisionE
 
 
 def iter_examples(stream, path: str, media_field: str) -> Iterator[VisionExample | DeadLetter]:
-    """Every record of one input file (raw binary stream, still compressed if ``.gz``).
-
-    Like :func:`schemas.raw.iter_documents`, a corrupt archive raises so the caller
-    dead-letters the file.
-    """
-    if path.lower().endswith(".gz"):
-        stream = gzip.GzipFile(fileobj=stream, mode="rb")
-    kind = input_format(path)
-    if kind == "jsonl":
-        for number, line in enumerate(iter(stream.readline, b""), start=1):
-            if line.strip():
-                yield _parse_json_line(line, media_field, path, number)
-    elif kind == "parquet":
-        for item in iter_parquet_rows(stream, path, ("id", "caption"), batch_size=64):
-            yield item if isinstance(item, DeadLetter) else from_fields(item[1], media_field, path, item[0])
-    else:
-        yield DeadLetter("", "unsupported_format", "expected .jsonl, .json or .parquet (optionally .gz)", path)
-
-
-def _parse_json_line(line: bytes, media_field: str, path: str, index: int) -> VisionExample | DeadLetter:
-    source = f"{path}:{index}"
-    try:
-        fields = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError as error:
-        return DeadLetter("", "invalid_utf8", str(error), source)
-    except json.JSONDecodeError as error:
-        return DeadLetter("", "invalid_json", str(error), source)
-    return from_fields(fields, media_field, path, index)
+    """Every record of one input file (see :func:`schemas.raw.iter_records`: JSON lines or Parquet)."""
+    return iter_records(stream, path, functools.partial(from_fields, media_field=media_field), ("id", "caption"),
+                        parquet_batch=64)  # rows carry inline images
