@@ -179,8 +179,9 @@ class _WriteManifest(beam.DoFn):
         shards = sorted((w for w in written if w.seq_len == bucket.seq_len), key=lambda w: w.info.path)
         infos = {w.info.path: w.info for w in shards}
         records = sum(info.records for info in infos.values())
-        for index in range(spec.shard_count(bucket.seq_len, records) if records else 0):
-            name = manifest_lib.shard_name(spec.name, index, spec.shard_count(bucket.seq_len, records))
+        count = spec.shard_count(bucket.seq_len, records) if records else 0
+        for index in range(count):
+            name = manifest_lib.shard_name(spec.name, index, count)
             if name not in infos:  # a shard the hash left empty still exists, with 0 records
                 infos[name] = write_shard(FileSystems.join(directory, name), [])
         letters = sorted(

@@ -29,11 +29,8 @@ class TextTokenizer:
     """A SentencePiece model (Llama-2's ``tokenizer.model`` included) read from any Beam filesystem."""
 
     def __init__(self, path: str):
-        self.path = path
         with FileSystems.open(path) as f:
-            self._model_bytes = f.read()
-        self._sp = spm.SentencePieceProcessor(model_proto=self._model_bytes)
-        self.sha256 = hashlib.sha256(self._model_bytes).hexdigest()
+            self.__setstate__({"path": path, "model": f.read()})
 
     @property
     def vocab_size(self) -> int:
@@ -76,7 +73,7 @@ class TextTokenizer:
     def __getstate__(self):
         return {"path": self.path, "model": self._model_bytes}
 
-    def __setstate__(self, state):
+    def __setstate__(self, state):  # also the constructor's body: pickles carry the model, not the path
         self.path = state["path"]
         self._model_bytes = state["model"]
         self._sp = spm.SentencePieceProcessor(model_proto=self._model_bytes)
