@@ -3,6 +3,7 @@
 import pickle
 
 import numpy as np
+import pytest
 
 from pipelines.text_tokenizer import SpecialTokens, TextTokenizer
 
@@ -33,3 +34,10 @@ def test_tokenizer_pickles_with_its_model(tokenizer_path):
     tokenizer = pickle.loads(pickle.dumps(TextTokenizer(tokenizer_path)))
     assert tokenizer.sha256 == TextTokenizer(tokenizer_path).sha256
     assert len(tokenizer.encode("the city")) > 0
+
+
+def test_training_refuses_a_vocabulary_too_small_for_byte_fallback(tmp_path):
+    from pipelines import text_tokenizer
+
+    with pytest.raises(ValueError, match="too small"):
+        text_tokenizer.train(["some text"], 100, str(tmp_path / "tok.model"))
