@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "tokenizer",
     "data",
     "train",
+    "stages",
     "convert",
     "demo",
 )

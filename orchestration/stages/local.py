@@ -1,0 +1,69 @@
+"""The ``local`` backend: a stage is `lwm train RUN_DIR/config.yaml` in a child process on this machine.
+
+The child, not this process, owns the accelerator (a TPU host's chips can be held
+by one process only), so this process never starts a JAX backend: the device count
+is probed in a short child too. SIGTERM or SIGINT to this process is forwarded to
+the child as SIGTERM, which saves a checkpoint and exits 143 (``PREEMPTED``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+PREEMPTED = 128 + signal.SIGTERM
+
+
+def train_argv(config_path: str, processes: int) -> list[str]:
+    """The child's command line for one stage."""
+    argv = [sys.executable, "-m", "orchestration.cli", "train", config_path]
+    if processes > 1:
+        argv += ["--processes", str(processes)]
+    return argv
+
+
+def probe_devices(processes: int) -> int:
+    """Devices a stage would see: the child's ``jax.local_device_count()`` times ``processes``."""
+    code = "import jax; print(jax.local_device_count())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:
+        raise ValueError(f"could not count this machine's JAX devices: {out.stderr.strip().splitlines()[-1:]}")
+    return int(out.stdout.split()[-1]) * processes
+
+
+class Signals:
+    """While active, SIGTERM/SIGINT are recorded and forwarded (as SIGTERM) to the running child."""
+
+    def __init__(self):
+        self.received = False
+        self.child: subprocess.Popen | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> "Signals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+        print(f"lwm stages: {signal.Signals(signum).name}: stopping the running stage (it saves first)", flush=True)
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)
+
+    def run(self, argv: list[str]) -> int:
+        """Runs ``argv`` to its end (in its own session, so terminal signals reach it only through us)."""
+        self.child = subprocess.Popen(argv, start_new_session=True, env=dict(os.environ))
+        if self.received:
+            self.child.send_signal(signal.SIGTERM)
+        try:
+            return self.child.wait()
+        finally:
+            self.child = None
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)

@@ -1,0 +1,104 @@
+"""Where each stage of a plan stands: ``lwm stages status`` and the runner's skip/resume decisions.
+
+A stage is ``finished`` when its newest checkpoint is its last step (the trainer
+always saves the last step); otherwise its lineage says how its last attempt ended
+(``running``, ``interrupted``, ``failed``), or it is ``pending``. Checkpoint steps are
+read from the directory names orbax commits (``CKPT/<step>/``; unfinished saves carry
+a temporary suffix) rather than through an orbax manager, because a manager starts
+the JAX backend, and on a TPU host the stage's own training process needs the chips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from etils import epath
+
+from orchestration.stages import lineage
+from orchestration.stages.plan import Plan, Stage
+
+FINISHED, PENDING, INTERRUPTED = "finished", "pending", "interrupted"
+
+
+def checkpoint_steps(run_dir: str) -> list[int]:
+    """Committed checkpoint steps in ``RUN_DIR/checkpoints``, ascending."""
+    directory = epath.Path(run_dir) / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def last_metrics(run_dir: str) -> dict[str, Any]:
+    """The trainer's last ``metrics.jsonl`` entry ({} before the first log line)."""
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            lines = [line for line in f if line.strip()]
+    except FileNotFoundError:
+        return {}
+    return json.loads(lines[-1]) if lines else {}
+
+
+@dataclasses.dataclass(frozen=True)
+class StageStatus:
+    stage: str
+    state: str
+    step: int
+    steps: int
+    last_loss: float | None
+    tokens_seen: int
+    checkpoint: str
+    duration_s: float
+    evaluation: dict[str, float]
+    gate: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def stage_status(stage: Stage) -> StageStatus:
+    steps = checkpoint_steps(stage.run_dir)
+    step = steps[-1] if steps else 0
+    record = lineage.read(stage.run_dir) or {}
+    if step == stage.config.steps:
+        state = FINISHED
+    elif record.get("state"):
+        state = record["state"]
+    else:
+        state = INTERRUPTED if steps else PENDING
+    metrics = last_metrics(stage.run_dir)
+    data = stage.config.data
+    return StageStatus(
+        stage=stage.name, state=state, step=step, steps=stage.config.steps, last_loss=metrics.get("loss"),
+        tokens_seen=step * data.batch_size * data.seq_len,
+        checkpoint=f"{stage.run_dir}/checkpoints/{step}" if steps else "",
+        duration_s=round(lineage.duration_s(record), 1), evaluation=record.get("evaluation") or {},
+        gate=record.get("gate") or "",
+    )
+
+
+def plan_status(plan: Plan) -> list[StageStatus]:
+    return [stage_status(stage) for stage in plan.stages]
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"
+
+
+def table(rows: list[StageStatus]) -> str:
+    """A fixed-width table, one line per stage."""
+    header = ("stage", "state", "step", "last loss", "tokens seen", "checkpoint", "duration", "eval / gate")
+    lines = [header]
+    for row in rows:
+        evaluation = ", ".join(f"{k} {v:.4g}" for k, v in row.evaluation.items())
+        lines.append((
+            row.stage, row.state, f"{row.step}/{row.steps}",
+            "-" if row.last_loss is None else f"{row.last_loss:.4f}", f"{row.tokens_seen:,}",
+            row.checkpoint or "-", _duration(row.duration_s), "; ".join(x for x in (evaluation, row.gate) if x) or "-",
+        ))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
