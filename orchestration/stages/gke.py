@@ -4,7 +4,8 @@ The manifest holds two documents: a ConfigMap with the plan file, and a JobSet o
 one Indexed Job with ``hosts`` pods, pinned to the slice by the GKE TPU node
 selectors (accelerator, topology) and requesting the chips of one host each. JobSet's
 headless service gives pod 0 a stable name, the JAX coordinator; each pod's process id
-is its completion index. ``lwm`` is the container's main process (``exec``), so
+is its completion index (``jax.distributed`` reads ``JAX_COORDINATOR_ADDRESS``; on
+GKE's TPU nodes it also finds the process count and id itself). ``lwm`` is the container's main process (``exec``), so
 Kubernetes' SIGTERM reaches it and the running stage saves; JobSet restarts the pods
 after a failure and the plan resumes from its checkpoints.
 """
@@ -66,7 +67,18 @@ def manifest(plan: Plan, launch: LaunchConfig, stage_args: Sequence[str], plan_t
                 "backoffLimit": 0, "template": {"spec": pod}}}}],
         },
     }
-    return yaml.safe_dump_all([config_map, job_set], sort_keys=False, width=1000)
+    return yaml.dump_all([config_map, job_set], Dumper=_Dumper, sort_keys=False, width=1000, allow_unicode=True)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes multi-line strings (the plan file) as literal blocks, readable in the manifest."""
+
+    def represent_str(self, data: str) -> yaml.ScalarNode:
+        style = "|" if "\n" in data else None
+        return self.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_Dumper.add_representer(str, _Dumper.represent_str)
 
 
 def launch(plan: Plan, config: LaunchConfig, stage_args: Sequence[str], dry_run: bool, devices: int) -> int:

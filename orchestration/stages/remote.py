@@ -18,9 +18,10 @@ from orchestration.stages.plan import LaunchConfig, Plan
 
 
 def plan_name(plan: Plan) -> str:
-    """A DNS-safe name for the plan's jobs: ``lwm-`` and the file's stem."""
+    """A DNS-safe name for the plan's jobs: the file's stem, prefixed ``lwm-`` unless it starts so."""
     stem = os.path.splitext(os.path.basename(plan.path))[0].lower()
-    return "lwm-" + "".join(c if c.isalnum() else "-" for c in stem).strip("-")
+    name = "".join(c if c.isalnum() else "-" for c in stem).strip("-")
+    return name if name.startswith("lwm-") else f"lwm-{name}"
 
 
 def host_command(plan_path: str, stage_args: Sequence[str]) -> list[str]:
