@@ -110,7 +110,8 @@ def how_to_make(plan: Plan, path: str) -> str:
     if job is None:
         return (f"declare it under datasets: in {plan.path}, or produce it with "
                 f"`lwm data books|image-text|video-text|chat-qa ... --output {posixpath.dirname(path)}`")
-    return f"run `lwm stages data {plan.path}` (it runs `{job.command(overwrite=True)}`)"
+    overwrite = any(state(p)[0] != MISSING for p in job.outputs)
+    return f"run `lwm stages data {plan.path}` (it runs `{job.command(overwrite)}`)"
 
 
 def check_stage(plan: Plan, stage: Stage) -> list[dict[str, str]]:
