@@ -26,7 +26,7 @@ def _error(mapping, match, devices=None):
     with pytest.raises(ValueError, match=match):
         plan = plan_lib.parse(mapping)
         if devices:
-            plan_lib.check_mesh(plan, devices)
+            plan_lib.check_mesh(plan.stages, devices)
 
 
 def test_defaults_merge_into_each_stage_and_parent_sets_init_from():
@@ -43,7 +43,7 @@ def test_the_shipped_plans_load_and_fit_their_devices():
     for name, devices in (("demo", 8), ("lwm_text", 256), ("lwm_vision", 256)):
         plan = plan_lib.load(f"configs/stages/{name}.yaml")
         assert plan.launch.cluster_devices() in (0, devices)
-        plan_lib.check_mesh(plan, devices)
+        plan_lib.check_mesh(plan.stages, devices)
         assert all(s.config.checkpoint.init_from for s in plan.stages[1:])
     text = plan_lib.load("configs/stages/lwm_text.yaml").stages
     assert [s.config.data.seq_len for s in text] == [2**15, 2**17, 2**18, 2**19, 2**20]

@@ -20,18 +20,21 @@ def _launch(plan: plan_lib.Plan, args) -> LaunchConfig:
 def run(args, extra) -> int:
     plan = plan_lib.load(args.plan)
     launch = _launch(plan, args)
-    runner.select(plan, args.only, args.start)
+    selected = runner.select(plan, args.only, args.start)
     stage_args = ["--only", args.only] if args.only else (["--from", args.start] if args.start else [])
     devices = launch.cluster_devices()
     if launch.backend == "local":
-        devices = devices or local.probe_devices(launch.processes)
-        plan_lib.check_mesh(plan, devices)
+        # Finished stages are not run again, so only the others must fit this machine.
+        unfinished = [s for s in selected if status.stage_status(s).state != status.FINISHED]
+        if unfinished:
+            devices = devices or local.probe_devices(launch.processes)
+            plan_lib.check_mesh(unfinished, devices)
         datasets.check_plan(plan)
         return runner.run_plan(plan, only=args.only, start=args.start, processes=launch.processes,
                                devices=devices, dry_run=args.dry_run)
     if not devices:
         raise ValueError(f"backend {launch.backend}: give --topology (TPU) or --devices so the meshes can be checked")
-    plan_lib.check_mesh(plan, devices)
+    plan_lib.check_mesh(selected, devices)
     if launch.backend == "tpu-vm":
         return tpu_vm.launch(plan, launch, stage_args, args.dry_run)
     if launch.backend == "gke":

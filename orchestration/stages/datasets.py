@@ -16,11 +16,10 @@ import re
 import shlex
 from typing import Any, Callable, Sequence
 
-from apache_beam.io.filesystems import FileSystems
-
 from orchestration.stages.plan import DatasetSource, Plan, Stage
 from pipelines import buckets as buckets_lib
 from schemas import manifest as manifest_lib
+from schemas import storage
 
 READY, INCOMPLETE, MISSING = "ready", "incomplete", "missing"
 
@@ -94,15 +93,14 @@ def state(path: str) -> tuple[str, str]:
         manifest_lib.read(path, verify_hashes=False)
         return READY, ""
     except ValueError as error:
-        if FileSystems.match([f"{path.rstrip('/')}/**"])[0].metadata_list:
+        if storage.listdir(path):
             return INCOMPLETE, str(error)
         return MISSING, f"{path} does not exist"
 
 
 def manifest_sha256(path: str) -> str:
     """sha256 of the dataset's ``manifest.json`` bytes, as lineage records it."""
-    with FileSystems.open(FileSystems.join(path, manifest_lib.MANIFEST_NAME)) as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(storage.read_bytes(storage.join(path, manifest_lib.MANIFEST_NAME))).hexdigest()
 
 
 def how_to_make(plan: Plan, path: str) -> str:

@@ -23,6 +23,8 @@ import pathlib
 import subprocess
 from typing import Any
 
+from schemas import storage
+
 LINEAGE_NAME = "lineage.json"
 # Variables that number the hosts of a TPU VM pod, an indexed Kubernetes Job and a SLURM job.
 HOST_INDEX_VARIABLES = ("TPU_WORKER_ID", "JOB_COMPLETION_INDEX", "SLURM_PROCID")
@@ -54,28 +56,21 @@ def code_version() -> str:
 
 
 def path(run_dir: str) -> str:
-    return os.path.join(run_dir, LINEAGE_NAME)
+    return storage.join(run_dir, LINEAGE_NAME)
 
 
 def read(run_dir: str) -> dict[str, Any] | None:
     """The stage's lineage, or None before it first started."""
-    try:
-        with open(path(run_dir)) as f:
-            return json.load(f)
-    except FileNotFoundError:
+    if not storage.exists(path(run_dir)):
         return None
+    return json.loads(storage.read_bytes(path(run_dir)))
 
 
 def write(run_dir: str, record: dict[str, Any]) -> None:
     """Writes ``record`` atomically (a reader never sees half a file); only the first host writes."""
     if not is_first_host():
         return
-    os.makedirs(run_dir, exist_ok=True)
-    temporary = path(run_dir) + ".tmp"
-    with open(temporary, "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    os.replace(temporary, path(run_dir))
+    storage.write_atomically(path(run_dir), (json.dumps(record, indent=2) + "\n").encode())
 
 
 def start(run_dir: str, fields: dict[str, Any]) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import dataclasses
 import hashlib
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 from jax.sharding import AbstractMesh
@@ -311,9 +311,9 @@ def load(path: str | os.PathLike) -> Plan:
     return parse(mapping, path, hashlib.sha256(raw).hexdigest())
 
 
-def check_mesh(plan: Plan, devices: int) -> None:
-    """Every stage's mesh fits ``devices``; its batch and sequence split over it (ring layout included)."""
-    for stage in plan.stages:
+def check_mesh(stages: Iterable[Stage], devices: int) -> None:
+    """Each stage's mesh fits ``devices``; its batch and sequence split over it (ring layout included)."""
+    for stage in stages:
         config = stage.config
         try:
             sizes = config.mesh.resolve(devices)

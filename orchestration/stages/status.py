@@ -12,32 +12,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
-
-from etils import epath
 
 from orchestration.stages import lineage
 from orchestration.stages.plan import Plan, Stage
+from schemas import storage
 
 FINISHED, PENDING, INTERRUPTED = "finished", "pending", "interrupted"
 
 
 def checkpoint_steps(run_dir: str) -> list[int]:
     """Committed checkpoint steps in ``RUN_DIR/checkpoints``, ascending."""
-    directory = epath.Path(run_dir) / "checkpoints"
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in storage.listdir(storage.join(run_dir, "checkpoints")))
+    return sorted(int(n) for n in names if n.isdigit())
 
 
 def last_metrics(run_dir: str) -> dict[str, Any]:
     """The trainer's last ``metrics.jsonl`` entry ({} before the first log line)."""
-    try:
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            lines = [line for line in f if line.strip()]
-    except FileNotFoundError:
+    path = storage.join(run_dir, "metrics.jsonl")
+    if not storage.exists(path):
         return {}
+    lines = [line for line in storage.read_bytes(path).decode().splitlines() if line.strip()]
     return json.loads(lines[-1]) if lines else {}
 
 
