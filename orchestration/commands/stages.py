@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from orchestration.stages import datasets, gke, local, runner, slurm, status, tpu_vm
+from orchestration.stages import datasets, evaluation, gke, local, runner, slurm, status, tpu_vm
 from orchestration.stages import plan as plan_lib
 from orchestration.stages.plan import LaunchConfig
 
@@ -27,11 +27,11 @@ def run(args, extra) -> int:
         # Finished stages are not run again, so only the others must fit this machine.
         unfinished = [s for s in selected if status.stage_status(s).state != status.FINISHED]
         if unfinished:
-            devices = devices or local.probe_devices(launch.processes)
+            devices = devices or local.probe_devices()
             plan_lib.check_mesh(unfinished, devices)
         datasets.check_plan(plan)
         return runner.run_plan(plan, only=args.only, start=args.start, processes=launch.processes,
-                               devices=devices, dry_run=args.dry_run)
+                               devices=devices, dry_run=args.dry_run, evaluator=evaluation.evaluator_for(selected))
     if not devices:
         raise ValueError(f"backend {launch.backend}: give --topology (TPU) or --devices so the meshes can be checked")
     plan_lib.check_mesh(selected, devices)

@@ -15,7 +15,7 @@ depend on how the numbers are measured.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 from orchestration.stages.plan import Stage
 
@@ -26,10 +26,20 @@ def needle_key(length: int) -> str:
     return f"needle_accuracy/{length}"
 
 
-def unavailable(stage: Stage) -> dict[str, float]:
-    """The evaluator of this build: `lwm eval loss|needle` are not part of it yet."""
-    raise ValueError(f"stage {stage.name} has an eval: section, but this build has no `lwm eval loss|needle` "
-                     "to run it; remove eval:/gate: from the plan or install a build with evaluation")
+def evaluator_for(stages: Iterable[Stage]) -> Evaluator:
+    """The evaluator that runs ``stages``' eval sections; ValueError, before anything runs, if it cannot.
+
+    This build has no ``lwm eval loss|needle`` yet, so a plan with an ``eval:`` is refused.
+    """
+    needing = [s.name for s in stages if not s.eval.empty]
+    if needing:
+        raise ValueError(f"stages {needing} have an eval: section, but this build has no `lwm eval loss|needle` "
+                         "to run it; remove eval:/gate: from the plan or install a build with evaluation")
+    return _no_evaluation
+
+
+def _no_evaluation(stage: Stage) -> dict[str, float]:
+    raise AssertionError(f"stage {stage.name}: evaluation requested of a plan checked to have none")
 
 
 def gate_failures(stage: Stage, results: dict[str, float]) -> list[str]:

@@ -25,13 +25,13 @@ def train_argv(config_path: str, processes: int) -> list[str]:
     return argv
 
 
-def probe_devices(processes: int) -> int:
-    """Devices a stage would see: the child's ``jax.local_device_count()`` times ``processes``."""
-    code = "import jax; print(jax.local_device_count())"
+def probe_devices() -> int:
+    """Devices a stage has on this machine (``lwm train --processes N`` splits the same devices N ways)."""
+    code = "import jax; print(jax.device_count())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode:
         raise ValueError(f"could not count this machine's JAX devices: {out.stderr.strip().splitlines()[-1:]}")
-    return int(out.stdout.split()[-1]) * processes
+    return int(out.stdout.split()[-1])
 
 
 class Signals:

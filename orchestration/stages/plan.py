@@ -54,7 +54,8 @@ class LaunchConfig:
     """Where and how the stages run; every field is also a ``lwm stages run`` flag (CLI wins)."""
 
     backend: str = dataclasses.field(default="local", metadata=_help("local | tpu-vm | gke | slurm"))
-    processes: int = dataclasses.field(default=1, metadata=_help("JAX processes per stage on this machine (local)"))
+    processes: int = dataclasses.field(default=1, metadata=_help("JAX processes per stage on this machine, sharing "
+                                                                 "its devices (local; lwm train --processes)"))
     devices: int = dataclasses.field(
         default=0, metadata=_help("devices the meshes are checked against (0: probe locally; "
                                   "tpu-vm/gke: product of --topology; slurm: --hosts x --gpus-per-node)"))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import shlex
 
 from orchestration.stages import datasets, lineage, local, status
-from orchestration.stages.evaluation import Evaluator, gate_failures, unavailable
+from orchestration.stages.evaluation import Evaluator, gate_failures
 from orchestration.stages.plan import Plan, Stage
 from trainer.config import write_resolved
 
@@ -116,8 +116,9 @@ def _run_stage(plan: Plan, stage: Stage, processes: int, devices: int, signals: 
 
 
 def run_plan(plan: Plan, *, only: str | None = None, start: str | None = None, processes: int = 1,
-             devices: int = 0, dry_run: bool = False, evaluator: Evaluator = unavailable) -> int:
-    """Runs the selected stages in order; returns 0, 143 after a SIGTERM, or the failing exit status."""
+             devices: int = 0, dry_run: bool = False, evaluator: Evaluator) -> int:
+    """Runs the selected stages in order; returns 0, 143 after a SIGTERM, 1 when a gate stops the plan,
+    or the failing exit status. ``evaluator`` measures what the stages' ``eval:`` sections ask for."""
     selected = select(plan, only, start)
     ran = 0
     with local.Signals() as signals:
