@@ -64,7 +64,7 @@ class LaunchConfig:
     zone: str = dataclasses.field(default="", metadata=_help("GCP zone of the TPU VM (tpu-vm)"))
     project: str = dataclasses.field(default="", metadata=_help("GCP project (tpu-vm)"))
     bucket: str = dataclasses.field(default="", metadata=_help("gs:// location the code and plan are staged to "
-                                                               "(tpu-vm, gke)"))
+                                                               "(tpu-vm)"))
     accelerator: str = dataclasses.field(default="", metadata=_help("GKE TPU accelerator node label, "
                                                                     "e.g. tpu-v5p-slice (gke)"))
     topology: str = dataclasses.field(default="", metadata=_help("TPU slice topology, e.g. 4x4x4 (tpu-vm, gke)"))

@@ -133,6 +133,7 @@ def run_plan(plan: Plan, *, only: str | None = None, start: str | None = None, p
                 continue
             else:
                 if signals.received:
+                    print(f"lwm stages: stopped before stage {stage.name}", flush=True)
                     return local.PREEMPTED
                 print(_describe(stage, index, len(selected)), flush=True)
                 if progress.step:
