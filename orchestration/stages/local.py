@@ -8,7 +8,6 @@ the child as SIGTERM, which saves a checkpoint and exits 143 (``PREEMPTED``).
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -55,14 +54,18 @@ class Signals:
             self.child.send_signal(signal.SIGTERM)
 
     def run(self, argv: list[str]) -> int:
-        """Runs ``argv`` to its end (in its own session, so terminal signals reach it only through us)."""
-        self.child = subprocess.Popen(argv, start_new_session=True, env=dict(os.environ))
+        """Runs ``argv`` to its end (in its own session, so terminal signals reach it only through us).
+
+        Returns its exit status, ``128 + N`` when signal N killed it (as a shell reports it).
+        """
+        self.child = subprocess.Popen(argv, start_new_session=True)
         if self.received:
             self.child.send_signal(signal.SIGTERM)
         try:
-            return self.child.wait()
+            code = self.child.wait()
         finally:
             self.child = None
+        return 128 - code if code < 0 else code
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self.previous.items():

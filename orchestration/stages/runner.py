@@ -98,21 +98,20 @@ def _run_stage(plan: Plan, stage: Stage, processes: int, devices: int, signals: 
     argv = local.train_argv(config_path, processes)
     print("$ " + shlex.join(argv), flush=True)
     code = signals.run(argv)
-    if code == local.PREEMPTED or signals.received:
+    if status.stage_status(stage).state == status.FINISHED and code in (0, local.PREEMPTED):
+        _record_finish(stage)  # a SIGTERM that came with the last step leaves nothing to resume
+        return 0
+    if code == local.PREEMPTED or (code and signals.received):
         lineage.end(stage.run_dir, status.INTERRUPTED)
         progress = status.stage_status(stage)
         print(f"stage {stage.name}: interrupted at step {progress.step}/{progress.steps}; run "
               f"`lwm stages run {plan.path}` again to resume it", flush=True)
         return local.PREEMPTED
+    lineage.end(stage.run_dir, "failed", exit_status=code)
     if code:
-        lineage.end(stage.run_dir, "failed", exit_status=code)
         print(f"stage {stage.name}: lwm train exited {code}; the plan stops", flush=True)
         return code
-    if status.stage_status(stage).state != status.FINISHED:
-        lineage.end(stage.run_dir, "failed", exit_status=code)
-        raise ValueError(f"stage {stage.name}: lwm train exited 0 without a checkpoint at step {stage.config.steps}")
-    _record_finish(stage)
-    return 0
+    raise ValueError(f"stage {stage.name}: lwm train exited 0 without a checkpoint at step {stage.config.steps}")
 
 
 def run_plan(plan: Plan, *, only: str | None = None, start: str | None = None, processes: int = 1,
