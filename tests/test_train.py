@@ -29,7 +29,7 @@ STEPS = 24
 
 
 def _sets(run_dir, *datasets):
-    listed = ", ".join(f"{{path: '{path}', weight: {weight}}}" for path, weight in datasets)
+    listed = ", ".join(f"{{path: '{path}', proportion: {weight}}}" for path, weight in datasets)
     return [f"run_dir={run_dir}", f"data.datasets=[{listed}]", "data.seq_len=512", "data.batch_size=2",
             f"steps={STEPS}", "optimizer.schedule=warmup_constant", "optimizer.warmup_steps=2",
             "optimizer.learning_rate=3e-3", "checkpoint.save_every=4", "checkpoint.keep=3", "log.every=1"]
@@ -179,20 +179,37 @@ def test_init_from_loads_another_runs_params_for_a_new_theta_and_length(tmp_path
 
 
 def test_config_yaml_with_overrides_resolves_and_rejects_typos(tmp_path):
-    config = config_lib.load("configs/train_tiny.yaml", ["optimizer.learning_rate=1e-4", "data.datasets.0.weight=2",
+    config = config_lib.load("configs/train_tiny.yaml", ["optimizer.learning_rate=1e-4", "data.datasets.0.proportion=2",
                                                          "model.preset=llama2-7b", "mesh.tp=2"])
-    assert config.optimizer.learning_rate == 1e-4 and config.data.datasets[0].weight == 2.0
+    assert config.optimizer.learning_rate == 1e-4 and config.data.datasets[0].proportion == 2.0
     assert config.model.d_model == 4096 and config.model.vision_vocab_size == 0 and config.mesh.tp == 2
     path = tmp_path / "resolved.yaml"
     path.write_text(config.to_yaml())
     assert config_lib.load(path) == config
     assert config_lib.TrainConfig().optimizer == config_lib.load("configs/train_text_32k.yaml").optimizer
-    with pytest.raises(ValueError, match=r"config.optimizer: unknown keys \['learning_rat'\]"):
+    with pytest.raises(ValueError, match=r"config.optimizer: unknown key 'learning_rat'; did you mean "
+                                         r"config.optimizer.learning_rate\?"):
         config_lib.load("configs/train_tiny.yaml", ["optimizer.learning_rat=1"])
     with pytest.raises(ValueError, match="config.steps: expected int"):
         config_lib.load("configs/train_tiny.yaml", ["steps=ten"])
-    with pytest.raises(ValueError, match="not divisible by optimizer.grad_accum_steps"):
+    with pytest.raises(ValueError, match="not divisible by optimizer.grad_accum_steps 3: set optimizer"):
         config_lib.load("configs/train_tiny.yaml", ["optimizer.grad_accum_steps=3"])
+
+
+def test_config_errors_name_the_setting_to_change_and_renamed_keys():
+    with pytest.raises(ValueError, match=r"set optimizer.warmup_steps below 5 \(e.g. 0\) or steps above 20"):
+        config_lib.load("configs/train_tiny.yaml", ["steps=5"])
+    with pytest.raises(ValueError, match=r"config.data.datasets\[0\].weight was renamed: use "
+                                         r"config.data.datasets\[0\].proportion"):
+        config_lib.load("configs/train_tiny.yaml", ["data.datasets.0.weight=2"])
+    with pytest.raises(ValueError, match="config.loss.text_weight was renamed: use config.loss.text_share"):
+        config_lib.load(None, ["loss.text_weight=1"])
+    # a section overrides the default stage's values, not its class's: tp stays 4
+    assert config_lib.load(None, ["mesh.fsdp=2"]).mesh == config_lib.MeshConfig(dp=1, fsdp=2, sp=1, tp=4)
+    assert config_lib.load(None, ["model.preset=tiny"]).model == config_lib.PRESETS["tiny"]
+    listed = config_lib.help_text()
+    assert "optimizer.learning_rate = 4e-05  (float)" in listed and "model.rope_theta = 1000000.0  (float)" in listed
+    assert "data.datasets = []  (list of DatasetConfig)" in listed
 
 
 def test_schedules_follow_the_paper_shapes():
