@@ -12,8 +12,9 @@ A data job is one module here and one line in :data:`JOBS`. The module defines:
   ``lwm data NAME`` derives its flags from it (:mod:`pipelines.flags`): names,
   types, defaults and help come from the fields, nothing is restated in argparse;
 - ``check(config)``: raise ``ValueError`` naming any input that is missing or wrong
-  (:func:`pipelines.job.check_inputs` and :func:`~pipelines.job.check_tokenizer`
-  cover globs and tokenizers). It runs before any output is touched;
+  (:func:`pipelines.job.check_tokenizer` loads a tokenizer), and return
+  :func:`pipelines.job.check_inputs` (the input globs' file count and bytes, for
+  progress). It runs before any output is touched;
 - ``build(pipeline, config)``: the job's front half, ending in the shared back
   half. Read with :class:`pipelines.sources.ReadUnique` (inputs → unique valid
   records + dead letters), turn records into :class:`pipelines.packing.Segment`

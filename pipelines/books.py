@@ -94,9 +94,10 @@ def build(pipeline: beam.Pipeline, config: BooksConfig):
     } | "WriteDatasets" >> WritePackedDatasets(spec)
 
 
-def check(config: BooksConfig) -> None:
-    check_inputs(config.inputs)
+def check(config: BooksConfig) -> tuple[int, int]:
+    """Inputs and tokenizer, before any output is touched; returns the inputs' (files, bytes)."""
     check_tokenizer(config.tokenizer)
+    return check_inputs(config.inputs)
 
 
 JOB = Job("books", BooksConfig, build, check, help="raw books → packed ArrayRecord shards, one dataset per length bucket")

@@ -29,6 +29,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipelines import naming, progress, runner
+from pipelines.buckets import Bucket
 from pipelines.output import OutputConfig
 from schemas import manifest as manifest_lib
 from schemas import storage
@@ -43,7 +44,7 @@ class Job:
     name: str  # the CLI command and the manifests' ``job``
     config: type  # its frozen config dataclass, with an ``output: OutputConfig`` field
     build: Callable[[beam.Pipeline, Any], Any]  # adds the job to a pipeline (given the config)
-    check: Callable[[Any], None]  # raises ValueError for a bad input; reads, never writes
+    check: Callable[[Any], tuple[int, int]]  # raises ValueError for a bad input, else (input files, bytes); never writes
     help: str  # one line for ``lwm data --help``
     renames: Mapping[str, str] = dataclasses.field(default_factory=dict)  # flag names for fields of foreign configs
 
@@ -63,6 +64,7 @@ class JobResult:
     counters: dict[str, int]  # the job's Beam counters (namespace ``lwm``)
     manifests: dict[str, manifest_lib.Manifest]  # bucket directory → its manifest; empty unless complete
     description: str = ""  # dry run: the resolved options and stage names
+    warnings: tuple[str, ...] = ()  # e.g. buckets that got no records
 
     def summary(self) -> str:
         if self.description:
@@ -120,6 +122,17 @@ def _holds_files(directory: str) -> bool:
     return bool(FileSystems.match([FileSystems.join(directory, "**")])[0].metadata_list)
 
 
+def check_free_space(output: str, input_bytes: int) -> None:
+    """Warn when a local output's filesystem has less free space than the input's size (a rough
+    bound of one dataset: about 2 bytes per token against about 4 bytes of text)."""
+    if not storage.is_local(output):
+        return
+    free = shutil.disk_usage(storage.absolute(output)).free
+    if free < input_bytes:
+        log.warning("only %.1f MiB free under %s for %.1f MiB of input: the datasets may not fit",
+                    free / 2**20, output, input_bytes / 2**20)
+
+
 def prepare_output(output: OutputConfig) -> str | None:
     """Check the output and decide where this run writes; returns the staging root, or None to write in place.
 
@@ -128,14 +141,15 @@ def prepare_output(output: OutputConfig) -> str | None:
     killed run, is removed first) and :func:`swap_in` replaces the old datasets at the end.
     """
     check_writable(output.output)
+    staging = naming.staging_dir(output.output)
+    if output.overwrite:
+        storage.remove(staging, recursive=True)
     existing = [naming.bucket_dir(output.output, b.name) for b in output.buckets]
     existing = [d for d in existing if _holds_files(d)]
     if not existing:
         return None
     if not output.overwrite:
         raise ValueError(f"{existing[0]} already holds files; pass --overwrite to replace them")
-    staging = naming.staging_dir(output.output)
-    storage.remove(staging, recursive=True)
     return staging
 
 
@@ -217,13 +231,14 @@ def run(job: Job, config, options: PipelineOptions | None = None, *, dry_run: bo
     return what it wrote; see the module docstring for the steps."""
     options = options or runner.pipeline_options([])
     runner_name = options.view_as(StandardOptions).runner
-    job.check(config)
+    input_files, input_bytes = job.check(config)
     output = config.output
     staging = None if dry_run else prepare_output(output)
     staged = config if staging is None else dataclasses.replace(
         config, output=dataclasses.replace(output, output=staging))
-    if hasattr(config, "inputs"):
-        progress.start(*reversed(check_inputs(config.inputs)))
+    if not dry_run:
+        check_free_space(output.output, input_bytes)
+    progress.start(input_bytes, input_files)
     start = time.time()
     pipeline = beam.Pipeline(options=options)
     job.build(pipeline, staged)
@@ -240,5 +255,17 @@ def run(job: Job, config, options: PipelineOptions | None = None, *, dry_run: bo
     if staging is not None:
         swap_in(staging, output)
     manifests = {d: manifest_lib.read(d, verify_hashes=False) for d in directories}
-    return JobResult(job.name, output, runner_name, time.time() - start, counters, manifests)
+    warnings = tuple(empty_bucket_warning(b, m) for b, m in zip(output.buckets, manifests.values()) if not m.records)
+    for warning in warnings:
+        log.warning("%s", warning)
+    return JobResult(job.name, output, runner_name, time.time() - start, counters, manifests, warnings=warnings)
+
+
+def empty_bucket_warning(bucket: Bucket, manifest: manifest_lib.Manifest) -> str:
+    """Why a bucket's dataset has no records, and which document lengths it would need."""
+    counts = manifest.counts
+    wanted = f"{bucket.min_tokens}" + (f" to {bucket.max_tokens - 1}" if bucket.max_tokens else " or more")
+    return (f"{bucket.name} is empty: it takes documents of {wanted} tokens; of {counts['input_examples']} inputs "
+            f"{counts['too_short']} were shorter, {counts['too_long']} longer, "
+            f"{sum(counts['dead_letter'].values())} dead-lettered")
 

@@ -253,11 +253,11 @@ def vqgan_sha256(path: str) -> str:
     ).hexdigest()
 
 
-def check(config: VisionConfig) -> None:
-    """Inputs, tokenizer and VQGAN weights exist and load, before any output is touched."""
-    check_inputs(config.inputs)
+def check(config: VisionConfig) -> tuple[int, int]:
+    """Tokenizer, VQGAN weights and inputs, before any output is touched; returns the inputs' (files, bytes)."""
     check_tokenizer(config.tokenizer)
     missing = [name for name in VQGAN_FILES if not FileSystems.exists(FileSystems.join(config.vqgan, name))]
     if missing:
         raise ValueError(f"--vqgan {config.vqgan!r} holds no {', '.join(missing)}: not VQGAN weights "
                          "(see lwm convert vqgan-import)")
+    return check_inputs(config.inputs)

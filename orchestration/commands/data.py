@@ -14,27 +14,62 @@ import functools
 import importlib
 import logging
 import os
+import signal
 import sys
 
 import pipelines
 from pipelines import flags, inspection, job as job_lib, progress, runner
 
 
-def _configure_logging(verbosity: int) -> None:
-    """-q: warnings only; default: this project's progress lines; -v: Beam's INFO logs too.
+class _JobLog(logging.StreamHandler):
+    """The job's lines on the current ``sys.stderr``: plain messages, ``warning: ...`` for warnings."""
 
-    A root handler may already exist (so ``basicConfig`` would do nothing): levels are set explicitly.
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+
+
+def _configure_logging(verbosity: int) -> None:
+    """-q: warnings only; default: this project's progress lines; -v: Beam's INFO logs and shard details too.
+
+    The job's own lines go to stderr through one handler of the ``pipelines`` logger; a root
+    handler may already exist (Beam's), so levels are set explicitly rather than by ``basicConfig``.
     """
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(logging.INFO if verbosity > 0 else logging.WARNING)
-    logging.getLogger("pipelines").setLevel(
-        logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO)
+    ours = logging.getLogger("pipelines")
+    ours.setLevel(logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO)
+    if not any(isinstance(h, _JobLog) for h in ours.handlers):
+        ours.addHandler(_JobLog())
+    ours.propagate = False
 
 
-def _interrupted(job: job_lib.Job, output: str) -> int:
-    print(f"lwm data {job.name}: interrupted; the output in {output} is incomplete and readers will refuse it "
-          "(rerun the same command with --overwrite)", file=sys.stderr, flush=True)
-    os._exit(130)  # Beam's worker threads would print tracebacks while the interpreter shuts down
+def _on_interrupt(job: job_lib.Job, output: str):
+    """A SIGINT handler: one line saying what is left, exit 130 at once.
+
+    Beam runs bundles in threads and worker processes that would each print a
+    traceback for a KeyboardInterrupt; the old dataset (with ``--overwrite``) is
+    untouched until the job's final swap, which is atomic.
+    """
+
+    def handler(signum, frame):
+        print(f"lwm data {job.name}: interrupted; the output in {output} is incomplete and readers will refuse it "
+              "(an existing dataset there is unchanged; rerun with --overwrite)", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    return handler
 
 
 def run_job(job: job_lib.Job, parser: argparse.ArgumentParser, args, extra) -> int:
@@ -42,10 +77,11 @@ def run_job(job: job_lib.Job, parser: argparse.ArgumentParser, args, extra) -> i
     options = runner.pipeline_options(extra, known=[o for a in parser._actions for o in a.option_strings])
     _configure_logging(args.verbose - args.quiet)
     progress.enable(not args.quiet)
+    previous = signal.signal(signal.SIGINT, _on_interrupt(job, config.output.output))
     try:
         result = job.run(config, options, dry_run=args.dry_run)
-    except KeyboardInterrupt:
-        return _interrupted(job, config.output.output)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     print(result.summary())
     return 0
 
