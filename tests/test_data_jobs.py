@@ -10,7 +10,7 @@ from typing import Literal
 import pytest
 
 import pipelines
-from pipelines import flags
+from pipelines import flags, progress
 from pipelines.buckets import Bucket, Count
 from pipelines.dataset import route
 from pipelines.output import OutputConfig, recorded
@@ -132,3 +132,32 @@ def test_pure_modules_import_no_beam_and_no_array_record():
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('apache_beam', 'array_record')); print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_data_job_help_shows_defaults(capsys):
+    from orchestration import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["data", "books", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--pack-groups PACK_GROUPS Hash groups per bucket packed independently" in out
+    assert "(default: 16)" in out and "(default: 256)" in out and "--dry-run" in out
+
+
+def test_progress_line_has_counts_elapsed_and_eta():
+    counts = progress.collections.Counter(files=1, input_bytes=250, documents=12345, tokens=3456789)
+    assert progress.line(counts, 62.0, 1000, 4) == (
+        "progress: 1/4 files (25% of input bytes), 12,345 documents, 3,456,789 tokens, 0:01:02 elapsed, ETA 0:03:06")
+
+
+@pytest.mark.parametrize("verbosity, shown", [([], True), (["-q"], False)])
+def test_jobs_show_progress_unless_quiet(verbosity, shown, sample_books, tokenizer_path, tmp_path, monkeypatch, capsys):
+    from orchestration import cli
+
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.0)
+    argv = ["data", "books", "--input", str(sample_books), "--output", str(tmp_path), "--tokenizer", tokenizer_path,
+            "--seq-len", "512", *verbosity]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert ("progress: 1/1 files (100% of input bytes), 60 documents" in err) == shown
+    assert ("progress: 0/1 files" in err) == shown

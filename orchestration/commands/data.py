@@ -110,7 +110,7 @@ def register(subparsers) -> None:
 
     parser = group.add_parser("inspect", help="summary and one decoded record of a packed dataset")
     parser.add_argument("directory", help="a dataset directory (holding manifest.json)")
-    parser.add_argument("--record", type=int, default=0, help="which record of the first shard to show (default: 0)")
-    parser.add_argument("--tokenizer", help="tokenizer to render text with (default: the manifest's)")
+    parser.add_argument("--record", type=int, default=0, help="which record to show, counted over the shards in manifest order (default: 0)")
+    parser.add_argument("--tokenizer", help="tokenizer to render text with (default: the manifest's, by its absolute uri)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the shards")
     parser.set_defaults(func=run_inspect)
