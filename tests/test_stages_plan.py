@@ -53,11 +53,12 @@ def test_the_shipped_plans_load_and_fit_their_devices():
 
 
 def test_unknown_keys_name_the_stage_and_section():
-    _error(_plan([_stage("a")], extra=1), r"plan: unknown keys \['extra'\]")
-    _error(_plan([_stage("a", optimizer={"lr": 1})]), r"stages\[a\]\.optimizer: unknown keys \['lr'\]")
-    _error(_plan([_stage("a", gate={"max_loss": 1})]), r"stages\[0\]\.gate: unknown keys \['max_loss'\]")
+    _error(_plan([_stage("a")], extra=1), r"plan: unknown key 'extra'; known keys: stages, run_root")
+    _error(_plan([_stage("a", optimizer={"lr": 1})]), r"stages\[a\]\.optimizer: unknown key 'lr'")
+    _error(_plan([_stage("a", gate={"max_loss": 1})]),
+           r"stages\[0\]\.gate: unknown key 'max_loss'; did you mean stages\[0\]\.gate\.max_eval_loss\?")
     _error(_plan([_stage("a")], datasets={"d/seq512": {"job": "books", "opts": {}}}),
-           r"datasets\[d/seq512\]: unknown keys \['opts'\]")
+           r"datasets\[d/seq512\]: unknown key 'opts'; did you mean datasets\[d/seq512\]\.options\?")
 
 
 def test_unknown_and_cyclic_parents():

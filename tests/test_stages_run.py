@@ -92,7 +92,7 @@ def test_missing_data_stops_the_plan_with_the_command_that_makes_it(tmp_path, pl
     assert cli.main(["stages", "run", str(path), "--devices", "8", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"data not ready: {tmp_path}/nowhere/seq256 (missing)" in out
-    assert f"-m orchestration.cli train {tmp_path}/runs/long/config.yaml" in out
+    assert f"-m orchestration.cli train {tmp_path}/runs/long/stage.yaml" in out
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
 
 

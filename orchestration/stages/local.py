@@ -1,4 +1,4 @@
-"""The ``local`` backend: a stage is `lwm train RUN_DIR/config.yaml` in a child process on this machine.
+"""The ``local`` backend: a stage is `lwm train RUN_DIR/stage.yaml` in a child process on this machine.
 
 The child, not this process, owns the accelerator (a TPU host's chips can be held
 by one process only), so this process never starts a JAX backend: the device count

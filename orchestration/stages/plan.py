@@ -18,7 +18,7 @@ A plan (``configs/stages/*.yaml``)::
         gate: {min_needle_accuracy: 0.5}
 
 One parser: each stage is ``defaults`` deep-merged with the stage's own sections and
-parsed by ``trainer.config.from_mapping(TrainConfig, ...)``, exactly as ``lwm train``
+parsed by ``schemas.typed_config.from_mapping(TrainConfig, ...)``, exactly as ``lwm train``
 parses its YAML; the plan's own keys are the small dataclasses below, parsed by the
 same function. Everything is checked on load (``load``); what depends on the machine
 (device count) or on data on disk is checked by ``check_mesh`` and
@@ -36,7 +36,8 @@ from typing import Any, Iterable, Mapping
 import yaml
 from jax.sharding import AbstractMesh
 
-from trainer.config import TrainConfig, from_mapping
+from schemas.typed_config import from_mapping
+from trainer.config import TrainConfig
 from trainer.ring_attention import layout_permutation
 from trainer.sharding import MESH_AXES, validate
 

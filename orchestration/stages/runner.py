@@ -7,8 +7,9 @@ For each selected stage:
 2. its parent must be finished (its final params start this stage);
 3. its data must be ready and fit it (``datasets.check_stage``), else the plan
    stops with the command that produces the data;
-4. ``RUN_DIR/config.yaml`` (the resolved config) is written, lineage records the
-   start, and `lwm train RUN_DIR/config.yaml` runs; the trainer resumes from the
+4. ``RUN_DIR/stage.yaml`` (the stage's resolved config) is written, lineage records
+   the start, and `lwm train RUN_DIR/stage.yaml` runs; the trainer (which keeps its
+   own ``config.yaml`` and checks a resume against it) resumes from the
    stage's newest checkpoint, or starts from the parent's final params;
 5. when training finishes: lineage is completed, the stage's ``eval:`` runs and its
    ``gate:`` decides whether the plan goes on.
@@ -24,8 +25,9 @@ import shlex
 from orchestration.stages import datasets, lineage, local, status
 from orchestration.stages.evaluation import Evaluator, gate_failures
 from orchestration.stages.plan import Plan, Stage
-from trainer.config import write_resolved
+from schemas import storage
 
+STAGE_CONFIG = "stage.yaml"
 STOPPED_BY_GATE = 1
 
 
@@ -89,7 +91,8 @@ def _record_finish(stage: Stage) -> None:
 def _run_stage(plan: Plan, stage: Stage, processes: int, devices: int, signals: local.Signals) -> int:
     parent = _parent_record(plan, stage)
     used = datasets.check_stage(plan, stage)
-    config_path = write_resolved(stage.config)
+    config_path = storage.join(stage.run_dir, STAGE_CONFIG)
+    storage.write_atomically(config_path, stage.config.to_yaml().encode())
     lineage.start(stage.run_dir, {
         "plan": plan.path, "plan_sha256": plan.sha256, "stage": stage.name, "config": stage.config.to_dict(),
         "parent": parent, "datasets": used, "code_version": lineage.code_version(), "processes": processes,
@@ -159,6 +162,6 @@ def _dry_run_stage(plan: Plan, stage: Stage, index: int, total: int, processes: 
         state, why = datasets.state(dataset.path)
         if state != datasets.READY:
             print(f"  data not ready: {dataset.path} ({state}); {datasets.how_to_make(plan, dataset.path)}")
-    print(f"  writes {stage.run_dir}/config.yaml, then runs: "
-          f"{shlex.join(local.train_argv(f'{stage.run_dir}/config.yaml', processes))}")
+    config_path = storage.join(stage.run_dir, STAGE_CONFIG)
+    print(f"  writes {config_path}, then runs: {shlex.join(local.train_argv(config_path, processes))}")
 
