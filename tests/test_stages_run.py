@@ -70,8 +70,10 @@ def test_stages_data_produces_missing_datasets_and_skips_ready_ones(plan_path, c
 
     os.remove(f"{seq512}/manifest.json")  # as a job killed before its manifest leaves it
     assert cli.main(["stages", "data", plan_path, "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert f"incomplete: {seq512}" in out and "--buckets 256,512" in out and "--overwrite" in out
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert f"incomplete: {seq512}" in out and "--buckets 256,512" in out and "--overwrite --dry-run" in out
+    assert "WriteManifests" in out and not os.path.exists(f"{seq512}/manifest.json")  # the job's graph, not a run
     assert cli.main(["stages", "data", plan_path]) == 0
     assert os.path.exists(f"{seq512}/manifest.json")
 

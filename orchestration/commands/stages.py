@@ -87,7 +87,8 @@ def register(subparsers) -> None:
         "incomplete; complete outputs are skipped. Unknown options are Beam pipeline options and pass through "
         "to every job (e.g. --runner DataflowRunner --project P --region R --temp_location gs://...).")
     parser.add_argument("plan", help="stage plan YAML")
-    parser.add_argument("--dry-run", action="store_true", help="print the lwm data commands without running them")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print each lwm data command and its job's pipeline options and graph; run nothing")
     parser.set_defaults(func=data, accepts_extra=True)
 
     parser = group.add_parser("status", help="a table of the plan's stages: state, step, loss, tokens, checkpoint")

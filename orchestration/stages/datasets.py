@@ -167,6 +167,9 @@ def produce(plan: Plan, beam_args: Sequence[str], run: Callable[[list[str]], int
             dry_run: bool = False) -> int:
     """Runs (or, with Dataflow options, submits) every declared job with an output not ready; skips the rest.
 
+    With ``dry_run`` each such job runs as ``lwm data JOB ... --dry-run``: its resolved
+    pipeline options and job graph are printed, nothing is read or written.
+
     ``run`` is ``orchestration.cli.main``; Beam options in ``beam_args`` pass through to
     every job. Jobs run one after another: the local runner uses every core for one
     job, and Dataflow submissions return at once, so the cloud runs them in parallel.
@@ -184,10 +187,8 @@ def produce(plan: Plan, beam_args: Sequence[str], run: Callable[[list[str]], int
         for path, (status, why) in states.items():
             print(f"{status}: {path}" + (f" ({why})" if status == INCOMPLETE else ""), flush=True)
         overwrite = any(s != MISSING for s, _ in states.values())
-        argv = job.argv(overwrite) + list(beam_args)
+        argv = job.argv(overwrite) + list(beam_args) + (["--dry-run"] if dry_run else [])
         print("$ lwm " + shlex.join(argv), flush=True)
-        if dry_run:
-            continue
         code = run(argv)
         if code:
             print(f"lwm stages data: `lwm data {job.job}` exited {code}; later jobs not started", flush=True)
