@@ -9,7 +9,8 @@ and the gate's verdict are added after). Keys: ``plan`` (path), ``plan_sha256``,
 ``checkpoint``, ``step``; null for a first stage), ``datasets`` (each ``path`` and
 ``manifest_sha256``), ``code_version``, ``processes``, ``devices``, ``started_at``,
 ``finished_at``, ``final_metrics``, ``state``, ``attempts`` (each start, end and
-outcome, so a resumed stage shows its interruptions).
+outcome, and the host and pid of the ``lwm stages run`` that made it, so a resumed
+stage shows its interruptions and a runner killed outright is recognised).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import importlib.metadata
 import json
 import os
 import pathlib
+import socket
 import subprocess
 from typing import Any
 
@@ -77,7 +79,9 @@ def start(run_dir: str, fields: dict[str, Any]) -> dict[str, Any]:
     """Records a start (first or resumed): ``fields`` refresh the inputs; ``started_at`` stays the first one."""
     record = read(run_dir) or {"started_at": now(), "attempts": []}
     record.update(fields, state="running", finished_at=None, final_metrics=None)
-    record["attempts"] = record.get("attempts", []) + [{"started_at": now(), "ended_at": None, "outcome": "running"}]
+    attempt = {"started_at": now(), "ended_at": None, "outcome": "running", "host": socket.gethostname(),
+               "pid": os.getpid()}
+    record["attempts"] = record.get("attempts", []) + [attempt]
     write(run_dir, record)
     return record
 
@@ -110,3 +114,18 @@ def duration_s(record: dict[str, Any] | None) -> float:
         stop = datetime.datetime.fromisoformat(end_at) if end_at else datetime.datetime.now(datetime.timezone.utc)
         total += (stop - begin).total_seconds()
     return total
+
+
+def runner_gone(record: dict[str, Any]) -> bool:
+    """True when the record says ``running`` but its runner, on this host, no longer exists (killed outright)."""
+    attempts = record.get("attempts") or [{}]
+    last = attempts[-1]
+    if record.get("state") != "running" or last.get("host") != socket.gethostname() or not last.get("pid"):
+        return False
+    try:
+        os.kill(last["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -2,7 +2,8 @@
 
 A stage is ``finished`` when its newest checkpoint is its last step (the trainer
 always saves the last step); otherwise its lineage says how its last attempt ended
-(``running``, ``interrupted``, ``failed``), or it is ``pending``. Checkpoint steps are
+(``running``, ``interrupted``, ``failed``; ``interrupted`` too when it says running but
+its runner on this host is gone), or it is ``pending``. Checkpoint steps are
 read from the directory names orbax commits (``CKPT/<step>/``; unfinished saves carry
 a temporary suffix) rather than through an orbax manager, because a manager starts
 the JAX backend, and on a TPU host the stage's own training process needs the chips.
@@ -59,6 +60,8 @@ def stage_status(stage: Stage) -> StageStatus:
     record = lineage.read(stage.run_dir) or {}
     if step == stage.config.steps:
         state = FINISHED
+    elif lineage.runner_gone(record):
+        state = INTERRUPTED
     elif record.get("state"):
         state = record["state"]
     else:

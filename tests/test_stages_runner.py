@@ -1,6 +1,12 @@
-"""Evaluation between stages: results go into lineage and status; an unmet gate stops the plan before the next stage."""
+"""The runner and status without training (stages made to look trained by a checkpoint directory).
+
+Evaluation between stages: results go into lineage and status; an unmet gate stops
+the plan before the next stage. A runner killed outright leaves its stage interrupted.
+"""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -73,3 +79,15 @@ def test_a_plan_with_eval_is_refused_before_anything_runs_without_an_evaluator(t
     plan = _plan(tmp_path, {"max_eval_loss": 3.0})
     with pytest.raises(ValueError, match=r"stages \['a'\] have an eval: section, but this build has no `lwm eval"):
         evaluation.evaluator_for(plan.stages)
+
+
+def test_a_stage_whose_runner_was_killed_outright_shows_as_interrupted(tmp_path):
+    plan = _plan(tmp_path, {})
+    stage = plan.stage("b")
+    lineage.start(stage.run_dir, {"stage": "b"})
+    assert status.stage_status(stage).state == "running"  # this process is its runner, alive
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    record = lineage.read(stage.run_dir)
+    record["attempts"][-1]["pid"] = int(gone.stdout)
+    lineage.write(stage.run_dir, record)
+    assert status.stage_status(stage).state == "interrupted"
