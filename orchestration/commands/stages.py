@@ -27,7 +27,7 @@ def run(args, extra) -> int:
         # Finished stages are not run again, so only the others must fit this machine.
         unfinished = [s for s in selected if status.stage_status(s).state != status.FINISHED]
         if unfinished:
-            devices = devices or local.probe_devices()
+            devices = devices or local.devices_for(unfinished)
             plan_lib.check_mesh(unfinished, devices)
         datasets.check_plan(plan)
         return runner.run_plan(plan, only=args.only, start=args.start, processes=launch.processes,

@@ -2,18 +2,25 @@
 
 The child, not this process, owns the accelerator (a TPU host's chips can be held
 by one process only), so this process never starts a JAX backend: the device count
-is probed in a short child too. SIGTERM or SIGINT to this process is forwarded to
-the child as SIGTERM, which saves a checkpoint and exits 143 (``PREEMPTED``).
+is probed in a short child too (``devices_for``). SIGTERM or SIGINT to this process
+is forwarded to the child as SIGTERM, which saves a checkpoint and exits 143
+(``PREEMPTED``).
 """
 
 from __future__ import annotations
 
+import math
+import os
 import signal
 import subprocess
 import sys
 import threading
+from typing import Sequence
+
+from orchestration.stages.plan import Stage
 
 PREEMPTED = 128 + signal.SIGTERM
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"  # XLA's simulated CPU devices, as `lwm train` sets it
 
 
 def train_argv(config_path: str, processes: int) -> list[str]:
@@ -24,13 +31,25 @@ def train_argv(config_path: str, processes: int) -> list[str]:
     return argv
 
 
-def probe_devices() -> int:
-    """Devices a stage has on this machine (``lwm train --processes N`` splits the same devices N ways)."""
-    code = "import jax; print(jax.device_count())"
+def devices_for(stages: Sequence[Stage]) -> int:
+    """Devices the stages' training processes get on this machine.
+
+    Counted in a short child process. On CPU without a simulated device count in
+    ``XLA_FLAGS`` (where `lwm train` alone would simulate its mesh's), the largest
+    fixed mesh of ``stages`` is simulated for all of them: the flag is set here and the
+    stages' processes inherit it.
+    """
+    code = "import jax; print(jax.default_backend(), jax.device_count())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode:
         raise ValueError(f"could not count this machine's JAX devices: {out.stderr.strip().splitlines()[-1:]}")
-    return int(out.stdout.split()[-1])
+    platform, count = out.stdout.split()[-2:]
+    flags = os.environ.get("XLA_FLAGS", "")
+    if platform != "cpu" or DEVICE_COUNT_FLAG in flags:
+        return int(count)
+    needed = max(math.prod(n for n in s.config.mesh.as_tuple() if n != -1) for s in stages)
+    os.environ["XLA_FLAGS"] = f"{flags} {DEVICE_COUNT_FLAG}={needed}".strip()
+    return needed
 
 
 class Signals:
