@@ -87,9 +87,9 @@ def test_batch_and_length_must_fit_the_ring_layout():
 
 
 def test_gates_need_something_to_measure():
-    _error(_plan([_stage("a", gate={"max_eval_loss": 3.0})]), r"stages\[a\]: a gate needs an eval section")
-    _error(_plan([_stage("a", eval={"needle": {"lengths": [512]}}, gate={"max_eval_loss": 3.0})]),
-           r"gate.max_eval_loss needs eval.datasets")
+    _error(_plan([_stage("a", gate={"max_eval_loss": 3.0})]), r"stages\[a\]: gate.max_eval_loss needs eval.datasets")
+    _error(_plan([_stage("a", eval={"datasets": ["h"]}, gate={"min_needle_accuracy": 0.5})]),
+           r"stages\[a\]: gate.min_needle_accuracy needs needle.lengths")
 
 
 def _write_manifest(directory, seq_len, tokenizer_sha):

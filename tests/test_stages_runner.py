@@ -19,7 +19,7 @@ def _plan(tmp_path, gate):
         "defaults": {"model": {"preset": "tiny"}, "data": {"batch_size": 2}},
         "stages": [
             {"name": "a", "steps": 4, "data": {"seq_len": 512, "datasets": [{"path": str(tmp_path / "seq512")}]},
-             "eval": {"datasets": [str(tmp_path / "heldout")], "needle": {"lengths": [256, 512]}}, "gate": gate},
+             "eval": {"datasets": [str(tmp_path / "heldout")]}, "needle": {"lengths": [256, 512]}, "gate": gate},
             {"name": "b", "parent": "a", "steps": 4,
              "data": {"seq_len": 1024, "datasets": [{"path": str(tmp_path / "missing" / "seq1024")}]}},
         ],
@@ -65,7 +65,7 @@ def test_met_gate_lets_the_next_stage_start(tmp_path):
 
 def test_gate_failures_compare_each_threshold():
     plan = plan_lib.parse({"defaults": {"data": {"seq_len": 512}}, "stages": [{
-        "name": "a", "eval": {"datasets": ["h"], "needle": {"lengths": [512]}},
+        "name": "a", "eval": {"datasets": ["h"]}, "needle": {"lengths": [512]},
         "gate": {"max_eval_loss": 2.0, "min_needle_accuracy": 0.5}}]})
     stage = plan.stages[0]
     assert evaluation.gate_failures(stage, {"eval_loss": 2.0, "needle_accuracy/512": 0.5}) == []
@@ -77,7 +77,7 @@ def test_gate_failures_compare_each_threshold():
 
 def test_a_plan_with_eval_is_refused_before_anything_runs_without_an_evaluator(tmp_path):
     plan = _plan(tmp_path, {"max_eval_loss": 3.0})
-    with pytest.raises(ValueError, match=r"stages \['a'\] have an eval: section, but this build has no `lwm eval"):
+    with pytest.raises(ValueError, match=r"stages \['a'\] ask for evaluation, but this build has no `lwm eval"):
         evaluation.evaluator_for(plan.stages)
 
 

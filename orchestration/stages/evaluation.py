@@ -1,12 +1,12 @@
 """Evaluation between stages and the gates that promote a stage's weights to the next one.
 
 LWM claims 1M tokens of context, yet RULER measures its effective length under 4K:
-promotion should rest on a measurement. A stage's ``eval:`` runs after it finishes;
-its results are a flat mapping saved in ``lineage.json``:
+promotion should rest on a measurement. A stage's ``eval:`` (held-out loss) and ``needle:`` run after it
+finishes; their results are a flat mapping saved in ``lineage.json``:
 
 - ``eval_loss``: mean held-out loss over ``eval.datasets`` (and ``eval_loss/PATH`` each);
 - ``needle_accuracy/L``: needle-in-a-haystack accuracy at context length ``L``, over
-  ``eval.needle.depths`` × ``eval.needle.rounds``.
+  ``needle.depths`` × ``needle.rounds``.
 
 An ``Evaluator`` computes them for a stage; ``gate_failures`` compares them with
 ``gate:``. The evaluator is a parameter of the runner, so the gating logic does not
@@ -29,12 +29,12 @@ def needle_key(length: int) -> str:
 def evaluator_for(stages: Iterable[Stage]) -> Evaluator:
     """The evaluator that runs ``stages``' eval sections; ValueError, before anything runs, if it cannot.
 
-    This build has no ``lwm eval loss|needle`` yet, so a plan with an ``eval:`` is refused.
+    This build has no ``lwm eval loss|needle`` yet, so a plan with ``eval:`` or ``needle:`` is refused.
     """
-    needing = [s.name for s in stages if not s.eval.empty]
+    needing = [s.name for s in stages if s.evaluates]
     if needing:
-        raise ValueError(f"stages {needing} have an eval: section, but this build has no `lwm eval loss|needle` "
-                         "to run it; remove eval:/gate: from the plan or install a build with evaluation")
+        raise ValueError(f"stages {needing} ask for evaluation, but this build has no `lwm eval loss|needle` "
+                         "to run it; remove eval:/needle:/gate: from the plan or install a build with evaluation")
     return _no_evaluation
 
 

@@ -14,7 +14,8 @@ A plan (``configs/stages/*.yaml``)::
       - name: text-128k
         parent: text-32k             # start from its final params, fresh optimizer
         model: {rope_theta: 1.0e+7}
-        eval: {datasets: [...], needle: {lengths: [131072]}}
+        eval: {datasets: [...]}        # held-out loss after the stage
+        needle: {lengths: [131072]}    # needle in a haystack after the stage
         gate: {min_needle_accuracy: 0.5}
 
 One parser: each stage is ``defaults`` deep-merged with the stage's own sections and
@@ -43,7 +44,7 @@ from trainer.sharding import MESH_AXES, validate
 
 DATA_JOBS = ("books", "image-text", "video-text", "chat-qa")
 BACKENDS = ("local", "tpu-vm", "gke", "slurm")
-STAGE_KEYS = ("name", "parent", "eval", "gate")
+STAGE_KEYS = ("name", "parent", "eval", "needle", "gate")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -120,24 +121,28 @@ class DatasetSource:
 
 @dataclasses.dataclass(frozen=True)
 class NeedleEval:
-    """Needle-in-a-haystack grid: context ``lengths`` × insertion ``depths`` (0 start .. 1 end), ``rounds`` each."""
+    """Needle in a haystack after a stage: context ``lengths`` × insertion ``depths`` (0 start .. 1 end),
+    ``rounds`` each."""
 
     lengths: tuple[int, ...] = ()
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     rounds: int = 3
 
+    @property
+    def empty(self) -> bool:
+        return not self.lengths
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """What runs after a stage finishes: held-out loss on ``datasets`` (``batches`` each) and a needle grid."""
+    """Held-out loss after a stage finishes: the first ``batches`` batches of each of ``datasets``."""
 
     datasets: tuple[str, ...] = ()
     batches: int = 8
-    needle: NeedleEval = NeedleEval()
 
     @property
     def empty(self) -> bool:
-        return not self.datasets and not self.needle.lengths
+        return not self.datasets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +168,7 @@ class StageKeys:
     name: str
     parent: str = ""
     eval: EvalConfig = EvalConfig()
+    needle: NeedleEval = NeedleEval()
     gate: GateConfig = GateConfig()
 
 
@@ -185,11 +191,16 @@ class Stage:
     parent: str
     config: TrainConfig
     eval: EvalConfig
+    needle: NeedleEval
     gate: GateConfig
 
     @property
     def run_dir(self) -> str:
         return self.config.run_dir
+
+    @property
+    def evaluates(self) -> bool:
+        return not self.eval.empty or not self.needle.empty
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,12 +244,10 @@ def _stage(entry: Mapping[str, Any], index: int, top: PlanFile, names: set[str])
     where = f"stages[{keys.name}]"
     if keys.name in names:
         raise ValueError(f"{where}: two stages are named {keys.name!r}")
-    if not keys.gate.empty and keys.eval.empty:
-        raise ValueError(f"{where}: a gate needs an eval section to measure what it checks")
-    if keys.gate.max_eval_loss and not keys.eval.datasets:
-        raise ValueError(f"{where}: gate.max_eval_loss needs eval.datasets")
-    if keys.gate.min_needle_accuracy and not keys.eval.needle.lengths:
-        raise ValueError(f"{where}: gate.min_needle_accuracy needs eval.needle.lengths")
+    if keys.gate.max_eval_loss and keys.eval.empty:
+        raise ValueError(f"{where}: gate.max_eval_loss needs eval.datasets to measure the loss on")
+    if keys.gate.min_needle_accuracy and keys.needle.empty:
+        raise ValueError(f"{where}: gate.min_needle_accuracy needs needle.lengths to measure the accuracy at")
     sections = merge(top.defaults, {k: v for k, v in entry.items() if k not in STAGE_KEYS})
     sections.setdefault("run_dir", f"{top.run_root.rstrip('/')}/{keys.name}")
     if keys.parent:
@@ -247,7 +256,7 @@ def _stage(entry: Mapping[str, Any], index: int, top: PlanFile, names: set[str])
             raise ValueError(f"{where}: give either parent or checkpoint.init_from, not both")
         # The run_dir of the parent is known once the parent is parsed; filled in by `load`.
     config = from_mapping(TrainConfig, sections, where)
-    return Stage(keys.name, keys.parent, config, keys.eval, keys.gate)
+    return Stage(keys.name, keys.parent, config, keys.eval, keys.needle, keys.gate)
 
 
 def _link_parents(stages: list[Stage]) -> list[Stage]:

@@ -11,8 +11,8 @@ For each selected stage:
    the start, and `lwm train RUN_DIR/stage.yaml` runs; the trainer (which keeps its
    own ``config.yaml`` and checks a resume against it) resumes from the
    stage's newest checkpoint, or starts from the parent's final params;
-5. when training finishes: lineage is completed, the stage's ``eval:`` runs and its
-   ``gate:`` decides whether the plan goes on.
+5. when training finishes: lineage is completed, the stage's ``eval:`` and ``needle:``
+   run and its ``gate:`` decides whether the plan goes on.
 
 A SIGTERM (preemption, Kubernetes, a scheduler) saves the running stage and the
 plan exits 143; running the same command again continues where it stopped.
@@ -64,8 +64,8 @@ def _describe(stage: Stage, index: int, total: int) -> str:
 
 
 def _evaluate(stage: Stage, evaluator: Evaluator) -> int:
-    """Runs the stage's eval (once) and its gate; 0 to go on, ``STOPPED_BY_GATE`` to stop the plan."""
-    if stage.eval.empty:
+    """Runs the stage's evaluation (once) and its gate; 0 to go on, ``STOPPED_BY_GATE`` to stop the plan."""
+    if not stage.evaluates:
         return 0
     record = lineage.read(stage.run_dir) or {}
     results = record.get("evaluation")
