@@ -35,6 +35,7 @@ def run(args, extra) -> int:
     if not devices:
         raise ValueError(f"backend {launch.backend}: give --topology (TPU) or --devices so the meshes can be checked")
     plan_lib.check_mesh(selected, devices)
+    stage_args += ["--devices", str(devices)]  # known here: no host probes its accelerators
     if launch.backend == "tpu-vm":
         return tpu_vm.launch(plan, launch, stage_args, args.dry_run)
     if launch.backend == "gke":

@@ -25,7 +25,7 @@ def plan_name(plan: Plan) -> str:
 
 
 def host_command(plan_path: str, stage_args: Sequence[str]) -> list[str]:
-    """What each host runs."""
+    """What each host runs (``stage_args`` carry ``--only``/``--from`` and the cluster's ``--devices``)."""
     return ["lwm", "stages", "run", plan_path, "--backend", "local", *stage_args]
 
 
