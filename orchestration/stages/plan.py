@@ -254,7 +254,7 @@ def _stage(entry: Mapping[str, Any], index: int, top: PlanFile, names: set[str])
         init_from = _mapping(sections.get("checkpoint", {}), f"{where}.checkpoint").get("init_from")
         if init_from:
             raise ValueError(f"{where}: give either parent or checkpoint.init_from, not both")
-        # The run_dir of the parent is known once the parent is parsed; filled in by `load`.
+        # init_from becomes the parent's checkpoints once every stage is parsed (_link_parents).
     config = from_mapping(TrainConfig, sections, where)
     return Stage(keys.name, keys.parent, config, keys.eval, keys.needle, keys.gate)
 
