@@ -61,7 +61,11 @@ def _flag_type(field: dataclasses.Field):
 
 
 def register(subparsers) -> None:
-    stages = subparsers.add_parser("stages", help="run a stage plan (all stages, resumable), its data jobs, its status")
+    stages = subparsers.add_parser(
+        "stages", help="run a stage plan (all stages, resumable), its data jobs, its status",
+        description="A stage plan (configs/stages/*.yaml) lists training stages of growing length and RoPE theta, "
+        "each starting from its parent's final params, and how their datasets are made. `run` runs them in order "
+        "(locally or on TPU VMs, GKE, SLURM), `data` makes the missing datasets, `status` shows where each stage is.")
     group = stages.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     parser = group.add_parser(
