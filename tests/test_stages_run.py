@@ -96,6 +96,8 @@ def test_missing_data_stops_the_plan_with_the_command_that_makes_it(tmp_path, pl
     assert f"data not ready: {tmp_path}/nowhere/seq256 (missing)" in out
     assert f"-m orchestration.cli train {tmp_path}/runs/long/stage.yaml" in out
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+    assert cli.main(["stages", "run", str(path), "--devices", "8", "--processes", "2", "--dry-run"]) == 0
+    assert f"train {tmp_path}/runs/long/stage.yaml --processes 2" in capsys.readouterr().out
 
 
 def _env(tmp_path_factory):
