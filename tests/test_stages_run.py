@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from orchestration import cli
-from orchestration.stages import lineage
+from orchestration.stages import datasets, lineage, plan as plan_lib
 from trainer import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,8 +74,11 @@ def test_stages_data_produces_missing_datasets_and_skips_ready_ones(plan_path, c
     out = captured.out + captured.err
     assert f"incomplete: {seq512}" in out and "--buckets 256,512" in out and "--overwrite --dry-run" in out
     assert "WriteManifests" in out and not os.path.exists(f"{seq512}/manifest.json")  # the job's graph, not a run
-    assert cli.main(["stages", "data", plan_path]) == 0
+    assert datasets.produce(plan_lib.load(plan_path), [], cli.main, parallel=True) == 0  # as with Dataflow
+    out = capsys.readouterr().out
+    assert "[0] $ lwm data books" in out and "[0] lwm data books: done" in out
     assert os.path.exists(f"{seq512}/manifest.json")
+    assert datasets.remote_runner(["--runner", "DataflowRunner"]) and not datasets.remote_runner(["--runner=Flink"])
 
 
 def test_missing_data_stops_the_plan_with_the_command_that_makes_it(tmp_path, plan_path, capsys):

@@ -47,7 +47,7 @@ def data(args, extra) -> int:
     from orchestration import cli
 
     plan = plan_lib.load(args.plan)
-    return datasets.produce(plan, extra, cli.main, dry_run=args.dry_run)
+    return datasets.produce(plan, extra, cli.main, dry_run=args.dry_run, parallel=datasets.remote_runner(extra))
 
 
 def show(args, extra) -> int:
@@ -90,7 +90,8 @@ def register(subparsers) -> None:
         "data", help="run (or submit to Dataflow) the plan's data jobs whose output is missing or incomplete",
         description="Run every data job declared in the plan's datasets: section whose output is missing or "
         "incomplete; complete outputs are skipped. Unknown options are Beam pipeline options and pass through "
-        "to every job (e.g. --runner DataflowRunner --project P --region R --temp_location gs://...).")
+        "to every job (e.g. --runner DataflowRunner --project P --region R --temp_location gs://...). Local jobs "
+        "run one after another; Dataflow jobs all at once.")
     parser.add_argument("plan", help="stage plan YAML")
     parser.add_argument("--dry-run", action="store_true",
                         help="print each lwm data command and its job's pipeline options and graph; run nothing")

@@ -14,6 +14,9 @@ import hashlib
 import posixpath
 import re
 import shlex
+import subprocess
+import sys
+import threading
 from typing import Any, Callable, Sequence
 
 from orchestration.stages.plan import DatasetSource, Plan, Stage
@@ -163,22 +166,32 @@ def check_plan(plan: Plan) -> None:
         _check_manifests(stage, manifests)
 
 
-def produce(plan: Plan, beam_args: Sequence[str], run: Callable[[list[str]], int],
-            dry_run: bool = False) -> int:
-    """Runs (or, with Dataflow options, submits) every declared job with an output not ready; skips the rest.
+def remote_runner(beam_args: Sequence[str]) -> bool:
+    """True when ``beam_args`` choose a runner that works off this machine (Dataflow)."""
+    for index, arg in enumerate(beam_args):
+        if arg.startswith("--runner="):
+            return "dataflow" in arg.split("=", 1)[1].lower()
+        if arg == "--runner" and index + 1 < len(beam_args):
+            return "dataflow" in beam_args[index + 1].lower()
+    return False
 
-    With ``dry_run`` each such job runs as ``lwm data JOB ... --dry-run``: its resolved
-    pipeline options and job graph are printed, nothing is read or written.
+
+def produce(plan: Plan, beam_args: Sequence[str], run: Callable[[list[str]], int], *,
+            dry_run: bool = False, parallel: bool = False) -> int:
+    """Runs every declared job with an output not ready; skips the rest.
 
     ``run`` is ``orchestration.cli.main``; Beam options in ``beam_args`` pass through to
-    every job. Jobs run one after another: the local runner uses every core for one
-    job, and Dataflow submissions return at once, so the cloud runs them in parallel.
-    Returns the first non-zero exit status, or 0.
+    every job. Jobs run one after another through ``run`` (the local runner already uses
+    every core for one job), or with ``parallel`` all at once as `lwm data` processes (a
+    remote runner: each waits for its own Dataflow job). With ``dry_run`` each runs as
+    ``lwm data JOB ... --dry-run``: its resolved pipeline options and job graph are
+    printed, nothing is read or written. Returns the first non-zero exit status, or 0.
     """
     jobs = data_jobs(plan)
     if not jobs:
         print(f"{plan.path} declares no datasets (datasets: section); nothing to produce")
         return 0
+    pending = []
     for job in jobs:
         states = {path: state(path) for path in job.outputs}
         if all(s == READY for s, _ in states.values()):
@@ -187,10 +200,36 @@ def produce(plan: Plan, beam_args: Sequence[str], run: Callable[[list[str]], int
         for path, (status, why) in states.items():
             print(f"{status}: {path}" + (f" ({why})" if status == INCOMPLETE else ""), flush=True)
         overwrite = any(s != MISSING for s, _ in states.values())
-        argv = job.argv(overwrite) + list(beam_args) + (["--dry-run"] if dry_run else [])
+        pending.append(job.argv(overwrite) + list(beam_args) + (["--dry-run"] if dry_run else []))
+    if parallel and not dry_run:
+        return _run_all_at_once(pending)
+    for argv in pending:
         print("$ lwm " + shlex.join(argv), flush=True)
         code = run(argv)
         if code:
-            print(f"lwm stages data: `lwm data {job.job}` exited {code}; later jobs not started", flush=True)
+            print(f"lwm stages data: `lwm data {argv[1]}` exited {code}; later jobs not started", flush=True)
             return code
     return 0
+
+
+def _run_all_at_once(argvs: list[list[str]]) -> int:
+    """Each ``lwm data`` argv in its own process, all at once, their lines prefixed ``[i]``."""
+    processes = []
+    for index, argv in enumerate(argvs):
+        print(f"[{index}] $ lwm " + shlex.join(argv), flush=True)
+        processes.append(subprocess.Popen([sys.executable, "-m", "orchestration.cli", *argv], text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    relays = [threading.Thread(target=_relay, args=(index, p.stdout)) for index, p in enumerate(processes)]
+    for relay in relays:
+        relay.start()
+    codes = [p.wait() for p in processes]
+    for relay in relays:
+        relay.join()
+    for index, (argv, code) in enumerate(zip(argvs, codes)):
+        print(f"[{index}] lwm data {argv[1]}: " + ("done" if code == 0 else f"exited {code}"), flush=True)
+    return next((c for c in codes if c), 0)
+
+
+def _relay(index: int, stream) -> None:
+    for line in stream:
+        print(f"[{index}] {line}", end="", flush=True)
