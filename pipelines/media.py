@@ -55,12 +55,37 @@ def _square_box(width: int, height: int) -> tuple[float, float, float, float]:
     return left, top, left + side, top + side
 
 
+# Pillow's high-bit-depth greyscale modes and the value each one's white has. 16-bit
+# samples (PNG, TIFF, PGM, JPEG 2000) arrive as I;16* or, from some readers, as I; F is
+# float data, white 1.0 by convention. 16-bit RGB(A) needs nothing: Pillow keeps the
+# high byte of each sample, which is the same scaling.
+_HIGH_DEPTH_FULL_SCALE = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0,
+                          "I": 65535.0, "F": 1.0}
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """A high-bit-depth greyscale image → mode L, scaled by its real range (``convert`` would clip at 255).
+
+    The range is 0 to the mode's full scale, widened to the image's own minimum and
+    maximum where its values go beyond (32-bit samples, HDR floats); NaN is black.
+    """
+    values = np.array(img, dtype=np.float32)  # a writable copy: scaled in place
+    finite = np.isfinite(values)
+    low = min(0.0, float(values.min(where=finite, initial=0.0)))
+    high = max(_HIGH_DEPTH_FULL_SCALE[img.mode], float(values.max(where=finite, initial=0.0)))
+    np.nan_to_num(values, copy=False, nan=low, posinf=high, neginf=low)
+    values -= low
+    values *= 255.0 / (high - low)
+    return Image.fromarray(np.rint(values, out=values).astype(np.uint8))
+
+
 def decode_image(data: bytes, size: int = FRAME_SIZE, min_short_side: int = 0) -> np.ndarray:
     """Any Pillow-readable image → uint8 RGB [size, size, 3].
 
-    EXIF orientation is applied; transparency is composited onto white; multi-frame
-    images give their first frame. The short side is resized to ``size`` (bicubic)
-    and the centre square kept, in one resampling step.
+    EXIF orientation is applied; high-bit-depth greyscale (16-bit, 32-bit, float) is
+    scaled to 8 bits by its real range; transparency is composited onto white;
+    multi-frame images give their first frame. The short side is resized to ``size``
+    (bicubic) and the centre square kept, in one resampling step.
     """
     if not data:
         raise MediaError("empty_file", "0 bytes")
@@ -80,6 +105,8 @@ def decode_image(data: bytes, size: int = FRAME_SIZE, min_short_side: int = 0) -
         raise MediaError("corrupt_image", f"{type(e).__name__}: {e}") from None
     if min(img.size) < max(1, min_short_side):
         raise MediaError("image_too_small", f"{img.size[0]}x{img.size[1]} (short side < {min_short_side})")
+    if img.mode in _HIGH_DEPTH_FULL_SCALE:
+        img = _eight_bit(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)

@@ -95,6 +95,57 @@ def test_images_under_the_minimum_size_are_refused():
     assert err.value.reason == "image_too_small"
 
 
+def bands(outer, middle, dtype, channels=()) -> np.ndarray:
+    """A 512×256 array: quarter / half / quarter columns, so the centre square is exactly ``middle``."""
+    array = np.full((256, 512, *channels), outer, dtype)
+    array[:, 128:384] = middle
+    return array
+
+
+def pillow_file(array: np.ndarray, fmt: str) -> bytes:
+    return image_bytes(Image.fromarray(array), fmt)
+
+
+def pillow_big_endian_16(array: np.ndarray, fmt: str) -> bytes:
+    return image_bytes(Image.frombytes("I;16B", array.shape[::-1], array.astype(">u2").tobytes()), fmt)
+
+
+def ffmpeg_rgb48(array: np.ndarray, fmt: str) -> bytes:
+    """A 16-bit-per-channel RGB (or RGBA) image written by ffmpeg, which Pillow cannot write."""
+    pix_fmt = "rgb48be" if array.shape[-1] == 3 else "rgba64be"
+    codec = {"PNG": "png", "TIFF": "tiff"}[fmt]
+    return subprocess.run(
+        [ffmpeg_tools().ffmpeg, "-v", "error", "-f", "rawvideo", "-pix_fmt", pix_fmt, "-s", "512x256", "-i", "pipe:",
+         "-frames:v", "1", "-c:v", codec, "-pix_fmt", pix_fmt, "-f", "image2pipe", "pipe:"],
+        input=array.astype(">u2").tobytes(), capture_output=True, check=True).stdout
+
+
+@pytest.mark.parametrize("write,array,fmt,expected", [
+    (pillow_file, bands(65535, 0x8080, np.uint16), "PNG", 128),  # Pillow mode I;16
+    (pillow_file, bands(0, 0x4040, np.uint16), "TIFF", 64),
+    (pillow_big_endian_16, bands(65535, 0xC0C0, np.uint16), "TIFF", 192),  # I;16B
+    (pillow_file, bands(0, 0x8080, np.uint16), "PPM", 128),  # 16-bit PGM reads as mode I
+    (pillow_file, bands(0, 0x4040, np.uint16), "JPEG2000", 64),
+    (pillow_file, bands(400_000, 100_000, np.int32), "TIFF", 64),  # 32-bit: beyond 16 bits, its own maximum
+    (pillow_file, bands(1.0, 0.5, np.float32), "TIFF", 128),  # mode F: white is 1.0
+    (pillow_file, bands(1000.0, 250.0, np.float32), "TIFF", 64),  # HDR floats: their own maximum
+    (pillow_file, bands(np.nan, 0.25, np.float32), "TIFF", 64),
+    (ffmpeg_rgb48, bands(0, (0x1234, 0x8000, 0xFFFF), np.uint16, (3,)), "PNG", (0x12, 0x80, 0xFF)),
+    (ffmpeg_rgb48, bands(65535, (0x1234, 0x8000, 0xFFFF), np.uint16, (3,)), "TIFF", (0x12, 0x80, 0xFF)),
+    (ffmpeg_rgb48, bands(0, (0x4000, 0x8000, 0xC000, 0xFFFF), np.uint16, (4,)), "PNG", (0x40, 0x80, 0xC0)),
+])
+def test_high_bit_depth_images_are_scaled_to_8_bits_by_their_range(write, array, fmt, expected):
+    frame = decode_image(write(array, fmt))
+    interior = frame[4:-4, 4:-4].reshape(-1, 3).astype(int)
+    assert np.abs(interior - np.broadcast_to(expected, 3)).max() <= 1
+
+
+def test_a_16_bit_gradient_keeps_its_whole_range():
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (256, 1))
+    row = decode_image(pillow_file(ramp, "PNG"))[128, :, 0].astype(int)
+    assert row[0] <= 2 and row[-1] >= 253 and np.all(np.diff(row) >= 0)
+
+
 # ---------------------------------------------------------------- videos
 
 def ffmpeg(*args: str) -> None:
