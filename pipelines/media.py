@@ -7,7 +7,8 @@ short side resized to S (256), centre crop S×S. Anything that cannot be decoded
 never crashes or stalls a job. Reasons:
 
     empty_file          zero bytes
-    missing_file        a video path that does not exist
+    missing_file        a media path or URL that does not exist
+    unreadable_media    it exists but cannot be read (permission denied, a directory, I/O errors)
     corrupt_image       not an image Pillow can read, or truncated image data
     image_too_large     over Pillow's decompression-bomb limit
     image_too_small     short side under ``min_short_side``
@@ -276,25 +277,39 @@ _NO_FRAMES = re.compile(r"does not contain any stream|Cannot determine format of
 
 def _decode_file(path: str, config: VideoConfig, tools: FFmpegTools) -> np.ndarray:
     try:
-        if os.path.getsize(path) == 0:
-            raise MediaError("empty_file", "0 bytes")
+        with open(path, "rb") as f:
+            empty = not f.read(1)
     except FileNotFoundError:
         raise MediaError("missing_file", path) from None
+    except OSError as e:  # without this, ffprobe's failure would call the file corrupt
+        raise MediaError("unreadable_media", f"{path}: {e.strerror or type(e).__name__}") from None
+    if empty:
+        raise MediaError("empty_file", "0 bytes")
     info = probe_video(path, config.timeout_s, tools)
     if not info.has_video:
         raise MediaError("no_video_stream", f"duration {info.duration_s}s, no video stream")
     if info.duration_s is not None and info.duration_s > config.max_duration_s:
         raise MediaError("too_long_duration", f"{info.duration_s:.1f}s > {config.max_duration_s}s")
     rate, s = _sample_rate(info, config), config.size
-    args = (ffmpeg.input(path, t=config.max_duration_s)
-            # eof_action=pass: clips shorter than one sampling step still give their frame.
-            .filter("fps", fps=f"{rate:.9g}", eof_action="pass")
-            .filter("scale", s, s, force_original_aspect_ratio="increase")
-            .filter("crop", s, s)
-            .output("pipe:", format="rawvideo", pix_fmt="rgb24", an=None, sn=None, dn=None)
-            .global_args("-nostdin", "-hide_banner", "-v", "error")
-            .compile(cmd=tools.ffmpeg))
-    proc = _run(args, config.timeout_s)
+
+    def decode(threads: int) -> subprocess.CompletedProcess:
+        args = (ffmpeg.input(path, t=config.max_duration_s, threads=threads)
+                # eof_action=pass: clips shorter than one sampling step still give their frame.
+                .filter("fps", fps=f"{rate:.9g}", eof_action="pass")
+                # Short side to s in display geometry (dar = width × SAR / height), as players show
+                # non-square pixels; rounded as force_original_aspect_ratio rounds for square ones.
+                .filter("scale", f"max({s},round({s}*dar))", f"max({s},round({s}/dar))")
+                .filter("crop", s, s)
+                .output("pipe:", format="rawvideo", pix_fmt="rgb24", an=None, sn=None, dn=None)
+                .global_args("-nostdin", "-hide_banner", "-v", "error")
+                .compile(cmd=tools.ffmpeg))
+        return _run(args, config.timeout_s)
+
+    proc = decode(threads=0)
+    if proc.stderr:
+        # Damage: decode again on one thread, whose messages and concealed frames are the same on
+        # every run (the multi-threaded decoder interleaves them differently each time).
+        proc = decode(threads=1)
     n = len(proc.stdout) // (s * s * 3)
     frames = np.frombuffer(proc.stdout, np.uint8, count=n * s * s * 3).reshape(n, s, s, 3)
     errors = _tail(proc.stderr, path)

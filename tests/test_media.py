@@ -167,6 +167,14 @@ def videos(tmp_path_factory):
            "color=c=red:s=128x256:d=1[c];[a][b][c]hstack=inputs=3", "-c:v", "ffv1", paths["bands.mkv"])
     ffmpeg("-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=4,noise=alls=30:allf=t",
            "-pix_fmt", "yuv420p", "-c:v", "libx264", "-movflags", "+faststart", paths["noise_faststart.mp4"])
+    # 64×64 stored pixels, non-square: shown as 128×64 (SAR 2:1) and 64×128 (SAR 1:2). Quarter / half /
+    # quarter bands along the long display side, so only the middle band belongs in the centre square.
+    for name, stack, band, half, sar in (("sar_wide.mkv", "hstack", "16x64", "32x64", "2/1"),
+                                         ("sar_tall.mp4", "vstack", "64x16", "64x32", "1/2")):
+        paths[name] = str(d / name)
+        ffmpeg("-filter_complex", f"color=c=blue:s={band}:d=1[a];color=c=lime:s={half}:d=1[b];"
+               f"color=c=red:s={band}:d=1[c];[a][b][c]{stack}=inputs=3,setsar={sar}", "-pix_fmt", "yuv444p",
+               "-c:v", "libx264", "-qp", "0", paths[name])
     ffmpeg("-f", "lavfi", "-i", "sine=duration=2", "-c:a", "aac", paths["audio.m4a"])
     ffmpeg("-f", "lavfi", "-i", "sine=duration=2", "-f", "lavfi", "-i", "testsrc=size=64x64:duration=1",
            "-map", "0", "-map", "1", "-frames:v", "0", "-c:a", "aac", "-c:v", "png", paths["no_packets.mkv"])
@@ -206,6 +214,13 @@ def test_video_keeps_the_centre_square_after_resizing_the_short_side(videos):
     frame = decode_video(videos["bands.mkv"])[0]
     interior = frame[4:-4, 4:-4].reshape(-1, 3).astype(int)
     assert np.abs(interior - np.array([0, 255, 0])).max() <= 4
+
+
+@pytest.mark.parametrize("name", ["sar_wide.mkv", "sar_tall.mp4"])
+def test_non_square_pixels_are_cropped_in_display_geometry(videos, tools, name):
+    frame = decode_video(videos[name], tools=tools)[0]
+    interior = frame[8:-8, 8:-8].reshape(-1, 3).astype(int)
+    assert np.abs(interior - np.array([0, 255, 0])).max() <= 8
 
 
 @pytest.mark.parametrize("config,count", [
@@ -257,10 +272,11 @@ def test_failure_details_are_the_same_on_every_run(videos, tools):
     assert len(details) == 1 and " @ 0x" not in details.pop()
 
 
-def test_missing_video_path_is_reported(tmp_path):
+@pytest.mark.parametrize("name,reason", [("nope.mp4", "missing_file"), (".", "unreadable_media")])
+def test_a_video_path_that_is_missing_or_unreadable_says_which(tmp_path, name, reason):
     with pytest.raises(MediaError) as err:
-        decode_video(tmp_path / "nope.mp4")
-    assert err.value.reason == "missing_file"
+        decode_video(tmp_path / name)
+    assert err.value.reason == reason
 
 
 def test_zero_byte_video_file_is_an_empty_file(tmp_path):
