@@ -2,7 +2,8 @@
 
 Images are decoded with Pillow, videos with ffmpeg (argument lists built with
 ffmpeg-python, run as a subprocess with a timeout). Both give LWM's frame geometry:
-short side resized to S (256), centre crop S×S. Anything that cannot be decoded raises
+short side resized to S (256), centre crop S×S, in display geometry (EXIF orientation,
+a video's sample aspect ratio) and 8 bits per channel. Anything that cannot be decoded raises
 ``MediaError(reason, detail)``; pipelines turn it into a dead letter, so one bad file
 never crashes or stalls a job. Reasons:
 
@@ -327,8 +328,10 @@ def decode_video(source: bytes | str | os.PathLike, config: VideoConfig = VideoC
                  tools: FFmpegTools | None = None) -> np.ndarray:
     """A video (bytes, or a local file path) → uint8 RGB frames [N, size, size, 3], in time order.
 
-    Frames are sampled in ffmpeg's filter graph (``fps``, scale short side, centre crop)
-    and streamed back as raw RGB over a pipe. Bytes are written to one temporary file
+    Frames are sampled in ffmpeg's filter graph (``fps``, scale short side, centre crop;
+    non-square pixels are first stretched to the display aspect ratio, as players show
+    them) and streamed back as raw RGB over a pipe. A video ffmpeg reports damage in is
+    decoded again on one thread, so that its frames and messages are the same on every run. Bytes are written to one temporary file
     first, because common containers (MP4 without faststart) need a seekable input.
     """
     tools = tools or ffmpeg_tools()

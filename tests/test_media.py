@@ -121,18 +121,21 @@ def ffmpeg_rgb48(array: np.ndarray, fmt: str) -> bytes:
 
 
 @pytest.mark.parametrize("write,array,fmt,expected", [
-    (pillow_file, bands(65535, 0x8080, np.uint16), "PNG", 128),  # Pillow mode I;16
-    (pillow_file, bands(0, 0x4040, np.uint16), "TIFF", 64),
-    (pillow_big_endian_16, bands(65535, 0xC0C0, np.uint16), "TIFF", 192),  # I;16B
-    (pillow_file, bands(0, 0x8080, np.uint16), "PPM", 128),  # 16-bit PGM reads as mode I
-    (pillow_file, bands(0, 0x4040, np.uint16), "JPEG2000", 64),
-    (pillow_file, bands(400_000, 100_000, np.int32), "TIFF", 64),  # 32-bit: beyond 16 bits, its own maximum
-    (pillow_file, bands(1.0, 0.5, np.float32), "TIFF", 128),  # mode F: white is 1.0
-    (pillow_file, bands(1000.0, 250.0, np.float32), "TIFF", 64),  # HDR floats: their own maximum
-    (pillow_file, bands(np.nan, 0.25, np.float32), "TIFF", 64),
-    (ffmpeg_rgb48, bands(0, (0x1234, 0x8000, 0xFFFF), np.uint16, (3,)), "PNG", (0x12, 0x80, 0xFF)),
-    (ffmpeg_rgb48, bands(65535, (0x1234, 0x8000, 0xFFFF), np.uint16, (3,)), "TIFF", (0x12, 0x80, 0xFF)),
-    (ffmpeg_rgb48, bands(0, (0x4000, 0x8000, 0xC000, 0xFFFF), np.uint16, (4,)), "PNG", (0x40, 0x80, 0xC0)),
+    pytest.param(pillow_file, bands(65535, 0x8080, np.uint16), "PNG", 128, id="16-bit grey PNG (I;16)"),
+    pytest.param(pillow_file, bands(0, 0x4040, np.uint16), "TIFF", 64, id="16-bit grey TIFF"),
+    pytest.param(pillow_big_endian_16, bands(65535, 0xC0C0, np.uint16), "TIFF", 192, id="big-endian TIFF (I;16B)"),
+    pytest.param(pillow_file, bands(0, 0x8080, np.uint16), "PPM", 128, id="16-bit PGM (mode I)"),
+    pytest.param(pillow_file, bands(0, 0x4040, np.uint16), "JPEG2000", 64, id="16-bit JPEG 2000"),
+    pytest.param(pillow_file, bands(400_000, 100_000, np.int32), "TIFF", 64, id="32-bit TIFF, own maximum"),
+    pytest.param(pillow_file, bands(1.0, 0.5, np.float32), "TIFF", 128, id="float TIFF, white 1.0"),
+    pytest.param(pillow_file, bands(1000.0, 250.0, np.float32), "TIFF", 64, id="HDR float TIFF, own maximum"),
+    pytest.param(pillow_file, bands(np.nan, 0.25, np.float32), "TIFF", 64, id="float TIFF with NaN"),
+    pytest.param(ffmpeg_rgb48, bands(0, (0x1234, 0x8000, 0xFFFF), np.uint16, (3,)), "PNG", (0x12, 0x80, 0xFF),
+                 id="16-bit RGB PNG"),
+    pytest.param(ffmpeg_rgb48, bands(65535, (0x1234, 0x8000, 0xFFFF), np.uint16, (3,)), "TIFF", (0x12, 0x80, 0xFF),
+                 id="16-bit RGB TIFF"),
+    pytest.param(ffmpeg_rgb48, bands(0, (0x4000, 0x8000, 0xC000, 0xFFFF), np.uint16, (4,)), "PNG", (0x40, 0x80, 0xC0),
+                 id="16-bit RGBA PNG"),
 ])
 def test_high_bit_depth_images_are_scaled_to_8_bits_by_their_range(write, array, fmt, expected):
     frame = decode_image(write(array, fmt))
