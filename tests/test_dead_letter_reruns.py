@@ -11,21 +11,16 @@ import subprocess
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from orchestration import cli
 from pipelines.media import ffmpeg_tools
 from pipelines.vqgan import SMALL, VQGAN
+from tests.test_media import damaged, image_bytes
 
 
 def _ffmpeg(*args: str) -> None:
     subprocess.run([ffmpeg_tools().ffmpeg, "-nostdin", "-hide_banner", "-v", "error", "-y", *args], check=True, timeout=60)
-
-
-def _damaged(data: bytes, changes: int = 100, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    out = np.frombuffer(data, np.uint8).copy()
-    out[rng.integers(len(data) // 10, len(data), changes)] = rng.integers(0, 256, changes)
-    return out.tobytes()
 
 
 def _write_examples(root: pathlib.Path, files: dict[str, bytes], extra: list[dict]) -> None:
@@ -56,7 +51,7 @@ def corrupt_videos(tmp_path_factory):
     noise, index_last = (work / "noise.mp4").read_bytes(), (work / "index_last.mp4").read_bytes()
     root = tmp_path_factory.mktemp("corrupt_videos")
     _write_examples(root, {
-        "damaged.mp4": _damaged(noise), "damaged_more.mp4": _damaged(noise, 400, seed=1),
+        "damaged.mp4": damaged(noise), "damaged_more.mp4": damaged(noise, 400, seed=1),
         "truncated.mp4": noise[: len(noise) // 2], "no_index.mp4": index_last[: len(index_last) // 2],
         "garbage.mp4": bytes(range(256)) * 8, "audio.m4a": (work / "audio.m4a").read_bytes(), "empty.mp4": b"",
     }, [])
@@ -66,10 +61,6 @@ def corrupt_videos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def corrupt_images(tmp_path_factory):
     """Truncated PNG and JPEG, garbage, a 16-bit PNG, bad base64, empty, missing and a directory."""
-    from PIL import Image
-
-    from tests.test_media import image_bytes
-
     noise = Image.effect_noise((300, 300), 50).convert("RGB")
     png, jpeg = image_bytes(noise, "PNG"), image_bytes(noise, "JPEG")
     grey16 = image_bytes(Image.fromarray(np.linspace(0, 65535, 300 * 300).astype(np.uint16).reshape(300, 300)), "PNG")
