@@ -9,7 +9,8 @@ never crashes or stalls a job. Reasons:
 
     empty_file          zero bytes
     missing_file        a media path or URL that does not exist
-    unreadable_media    it exists but cannot be read (permission denied, a directory, I/O errors)
+    unreadable_media    it cannot be read: permission denied, a directory, I/O errors, a URL
+                        scheme no filesystem serves
     corrupt_image       not an image Pillow can read, or truncated image data
     image_too_large     over Pillow's decompression-bomb limit
     image_too_small     short side under ``min_short_side``
