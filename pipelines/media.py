@@ -332,8 +332,9 @@ def decode_video(source: bytes | str | os.PathLike, config: VideoConfig = VideoC
     Frames are sampled in ffmpeg's filter graph (``fps``, scale short side, centre crop;
     non-square pixels are first stretched to the display aspect ratio, as players show
     them) and streamed back as raw RGB over a pipe. A video ffmpeg reports damage in is
-    decoded again on one thread, so that its frames and messages are the same on every run. Bytes are written to one temporary file
-    first, because common containers (MP4 without faststart) need a seekable input.
+    decoded again on one thread, so that its frames and messages are the same on every
+    run. Bytes are written to one temporary file first, because common containers (MP4
+    without faststart) need a seekable input.
     """
     tools = tools or ffmpeg_tools()
     if isinstance(source, (str, os.PathLike)):
