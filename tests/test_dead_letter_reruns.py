@@ -20,7 +20,8 @@ from tests.test_media import damaged, image_bytes
 
 
 def _ffmpeg(*args: str) -> None:
-    subprocess.run([ffmpeg_tools().ffmpeg, "-nostdin", "-hide_banner", "-v", "error", "-y", *args], check=True, timeout=60)
+    subprocess.run([ffmpeg_tools().ffmpeg, "-nostdin", "-hide_banner", "-v", "error", "-y", *args],
+                   check=True, timeout=60)
 
 
 def _write_examples(root: pathlib.Path, files: dict[str, bytes], extra: list[dict]) -> None:
@@ -46,7 +47,8 @@ def corrupt_videos(tmp_path_factory):
     work = tmp_path_factory.mktemp("sources")
     _ffmpeg("-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=4,noise=alls=30:allf=t", "-pix_fmt", "yuv420p",
             "-c:v", "libx264", "-movflags", "+faststart", str(work / "noise.mp4"))
-    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=160x120:rate=25:duration=2", "-c:v", "libx264", str(work / "index_last.mp4"))
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=160x120:rate=25:duration=2", "-c:v", "libx264",
+            str(work / "index_last.mp4"))
     _ffmpeg("-f", "lavfi", "-i", "sine=duration=1", "-c:a", "aac", str(work / "audio.m4a"))
     noise, index_last = (work / "noise.mp4").read_bytes(), (work / "index_last.mp4").read_bytes()
     root = tmp_path_factory.mktemp("corrupt_videos")
@@ -98,7 +100,8 @@ def _reasons(directory: pathlib.Path) -> dict[str, str]:
 
 def test_video_reruns_write_identical_dead_letters_and_shards(corrupt_videos, tokenizer_path, vqgan_dir, tmp_path):
     first, second = _run_twice("video-text", corrupt_videos, tokenizer_path, vqgan_dir, tmp_path, "--max-frames", "2")
-    assert (first / "dead_letter" / "dead_letter.jsonl").read_bytes() == (second / "dead_letter" / "dead_letter.jsonl").read_bytes()
+    letters = "dead_letter/dead_letter.jsonl"
+    assert (first / letters).read_bytes() == (second / letters).read_bytes()
     assert _written(first) == _written(second)
     assert _reasons(first) == {
         "truncated.mp4": "truncated_video", "no_index.mp4": "corrupt_video", "garbage.mp4": "corrupt_video",
@@ -110,7 +113,8 @@ def test_video_reruns_write_identical_dead_letters_and_shards(corrupt_videos, to
 @pytest.mark.slow  # Pillow decodes on one thread; the video case above is the fast representative
 def test_image_reruns_write_identical_dead_letters_and_shards(corrupt_images, tokenizer_path, vqgan_dir, tmp_path):
     first, second = _run_twice("image-text", corrupt_images, tokenizer_path, vqgan_dir, tmp_path)
-    assert (first / "dead_letter" / "dead_letter.jsonl").read_bytes() == (second / "dead_letter" / "dead_letter.jsonl").read_bytes()
+    letters = "dead_letter/dead_letter.jsonl"
+    assert (first / letters).read_bytes() == (second / letters).read_bytes()
     assert _written(first) == _written(second)
     assert _reasons(first) == {
         "truncated.png": "corrupt_image", "truncated.jpg": "corrupt_image", "garbage.png": "corrupt_image",

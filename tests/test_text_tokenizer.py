@@ -78,7 +78,8 @@ def test_cli_trains_on_a_corpus_of_long_one_line_books(tmp_path, capsys):
     lines = [json.dumps({"id": str(i), "text": book}) for i, book in enumerate(books)] + ['{"id": "x", "text": null}']
     (tmp_path / "books.jsonl").write_text("\n".join(lines) + "\n")
     output = tmp_path / "tok.model"
-    argv = ["tokenizer", "train", "--input", str(tmp_path / "books.jsonl"), "--vocab-size", "400", "--output", str(output)]
+    argv = ["tokenizer", "train", "--input", str(tmp_path / "books.jsonl"), "--vocab-size", "400",
+            "--output", str(output)]
     assert cli.main(argv) == 0
     assert "read 6 book(s); 1 record(s) skipped: missing_text 1" in capsys.readouterr().err
     tokenizer = TextTokenizer(str(output))
