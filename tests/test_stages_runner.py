@@ -91,3 +91,16 @@ def test_a_stage_whose_runner_was_killed_outright_shows_as_interrupted(tmp_path)
     record["attempts"][-1]["pid"] = int(gone.stdout)
     lineage.write(stage.run_dir, record)
     assert status.stage_status(stage).state == "interrupted"
+
+
+def test_only_and_from_select_stages_and_a_parent_must_be_finished_first(tmp_path):
+    plan = _plan(tmp_path, {})
+    assert [s.name for s in runner.select(plan, start="b")] == ["b"]
+    assert [s.name for s in runner.select(plan)] == ["a", "b"]
+    with pytest.raises(ValueError, match=r"no stage named 'c'"):
+        runner.select(plan, only="c")
+    os.rmdir(tmp_path / "runs" / "a" / "checkpoints" / "4")
+    os.makedirs(tmp_path / "runs" / "a" / "checkpoints" / "2")  # a stopped half-way
+    with pytest.raises(ValueError, match=r"stage b starts from stage a's final params, but a is interrupted at step "
+                                         r"2/4; run it first \(lwm stages run plan.yaml --from a\)"):
+        runner.run_plan(plan, only="b", evaluator=Evaluator({}))
