@@ -1,8 +1,9 @@
 """Evaluation between stages and the gates that promote a stage's weights to the next one.
 
 LWM claims 1M tokens of context, yet RULER measures its effective length under 4K:
-promotion should rest on a measurement. A stage's ``eval:`` (held-out loss) and ``needle:`` run after it
-finishes; their results are a flat mapping saved in ``lineage.json``:
+promotion should rest on a measurement. A stage's ``eval:`` (held-out loss) and
+``needle:`` run after it finishes; their results are a flat mapping saved in
+``lineage.json``:
 
 - ``eval_loss``: mean held-out loss over ``eval.datasets`` (and ``eval_loss/PATH`` each);
 - ``needle_accuracy/L``: needle-in-a-haystack accuracy at context length ``L``, over

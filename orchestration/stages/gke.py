@@ -5,9 +5,10 @@ one Indexed Job with ``hosts`` pods, pinned to the slice by the GKE TPU node
 selectors (accelerator, topology) and requesting the chips of one host each. JobSet's
 headless service gives pod 0 a stable name, the JAX coordinator; each pod's process id
 is its completion index (``jax.distributed`` reads ``JAX_COORDINATOR_ADDRESS``; on
-GKE's TPU nodes it also finds the process count and id itself). ``lwm`` is the container's main process (``exec``), so
-Kubernetes' SIGTERM reaches it and the running stage saves; JobSet restarts the pods
-after a failure and the plan resumes from its checkpoints.
+GKE's TPU nodes it also finds the process count and id itself). ``lwm`` is the
+container's main process (``exec``), so Kubernetes' SIGTERM reaches it and the
+running stage saves; JobSet restarts the pods after a failure and the plan resumes
+from its checkpoints.
 """
 
 from __future__ import annotations
