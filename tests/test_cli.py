@@ -86,3 +86,14 @@ def test_train_help_lists_every_config_key_with_its_default_and_print_config_res
     path = tmp_path / "resolved.yaml"
     path.write_text(printed)
     assert config_lib.load(path) == config_lib.load("configs/train_tiny.yaml", ["steps=50"])
+
+
+def test_convert_reads_model_fields_through_the_typed_config(tmp_path, capsys):
+    fields = tmp_path / "model.yaml"
+    fields.write_text("n_layers: 2\n")
+    argv = ["convert", "hf-import", "--hf-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--preset", "tiny"]
+    assert cli.main(argv + ["--config", str(fields)]) == 2
+    assert capsys.readouterr().err == f"lwm: error: {fields}: unknown key 'n_layers'; did you mean {fields}.num_layers?\n"
+    argv[-1] = "gpt-2"
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.startswith("lwm: error: model.preset: unknown model preset 'gpt-2'; choose from")

@@ -1,4 +1,5 @@
-"""`lwm train` end to end on books shards: loss falls, exact resume, SIGTERM, NaN, config and logs.
+"""`lwm train` end to end on books shards: loss falls, exact resume after kills, signals and damaged
+checkpoints; NaN; refusals before work; config and logs.
 
 Runs are subprocesses of `lwm train configs/train_tiny.yaml` on the seq-512 books
 fixture (tiny text model, fsdp 2 x sp 4 ring attention, batch 2), sharing a
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from orchestration import cli
 from pipelines.dataset import write_shard
 from schemas import manifest, packed
 from trainer import checkpoint, config as config_lib, optimizer, run_dir as run_dir_lib, train as train_lib
@@ -100,7 +102,8 @@ def _damage(ckpt_dir, step, how):
         os.remove(os.path.join(ckpt_dir, str(step), "opt_state", "_METADATA"))
 
 
-def test_tiny_model_loss_falls_and_resumes_bitwise_after_kills_signals_and_damage(books_dataset, cache_env, tmp_path):
+def test_tiny_model_loss_falls_and_resumes_bitwise_after_kills_signals_and_damage(books_dataset, cache_env, tmp_path,
+                                                                                    capsys):
     # One test, so that test workers do not each repeat the uninterrupted reference run.
     reference = tmp_path / "reference"
     code, out, err = _finish(_start(_sets(reference, (books_dataset, 1.0)), cache_env))
@@ -144,12 +147,14 @@ def test_tiny_model_loss_falls_and_resumes_bitwise_after_kills_signals_and_damag
     for m in logged:  # every step, including those computed twice around kills and fallbacks, as uninterrupted
         assert m["loss"] == expected[m["step"]], m["step"]
 
-    code, out, err = _finish(_start(sets, cache_env))
-    assert code == 0 and f"is complete: checkpoint {STEPS} of {STEPS} steps, nothing to do" in out, err
+    # rerun: nothing to do; changed shape: refused in one line before anything is restored or written
+    argv = ["train", "configs/train_tiny.yaml"] + [a for s in sets for a in ("--set", s)]
+    assert cli.main(argv) == 0
+    assert f"is complete: checkpoint {STEPS} of {STEPS} steps, nothing to do" in capsys.readouterr().out
     saved_config = (run_dir / config_lib.CONFIG_NAME).read_text()
-    code, out, err = _finish(_start(sets + ["model.d_model=128"], cache_env))
-    assert code == 2 and err.count("\n") == 1, err
-    assert err.startswith(f"lwm: error: cannot resume {run_dir} with changed model.d_model 64 -> 128")
+    assert cli.main(argv + ["--set", "model.d_model=128"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lwm: error: cannot resume {run_dir} with changed model.d_model 64 -> 128") and err.count("\n") == 1
     assert (run_dir / config_lib.CONFIG_NAME).read_text() == saved_config
 
 
@@ -376,8 +381,6 @@ def test_data_outside_the_model_vocabulary_is_refused_naming_both_sizes():
 
 
 def test_lwm_train_refuses_a_vocabulary_mismatch_and_an_unwritable_run_dir_before_any_work(books_dataset, tmp_path, capsys):
-    from orchestration import cli
-
     sets = ["--set", f"run_dir={tmp_path / 'run'}", "--set", f"data.datasets=[{{path: '{books_dataset}'}}]",
             "--set", "data.seq_len=512", "--set", "data.batch_size=2"]
     assert cli.main(["train", "configs/train_tiny.yaml", *sets, "--set", "model.vocab_size=256"]) == 2
