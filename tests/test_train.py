@@ -429,3 +429,18 @@ def test_the_cli_sets_the_simulated_cpu_device_count_from_the_mesh():
     assert train_command.simulate_cpu_devices(tiny, env) == 8 and env["XLA_FLAGS"].endswith("device_count=8")
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     assert train_command.simulate_cpu_devices(tiny, env) is None and env["XLA_FLAGS"].endswith("=2")
+
+
+def test_a_uniform_record_weight_cancels_under_the_modality_mean_but_shares_do_not():
+    from trainer.loss import LossConfig, reduce_losses
+
+    ce = jnp.array([[1.0, 2.0, 4.0, 8.0]])
+    vision = jnp.array([[False, False, True, True]])
+    correct = jnp.zeros_like(vision)
+
+    def loss(weights, **config):
+        return float(reduce_losses(ce, correct, vision, jnp.array([weights], jnp.float32), LossConfig(**config))[0])
+
+    assert loss([1, 1, 1, 1]) == loss([2, 2, 1, 1]) == 0.5 * 1.5 + 0.5 * 6.0  # --text-weight 2 on every text token
+    assert loss([1, 3, 1, 1]) == 0.5 * 1.75 + 0.5 * 6.0  # weights that differ within a modality count
+    assert loss([1, 1, 1, 1], text_share=0.75, vision_share=0.25) == 0.75 * 1.5 + 0.25 * 6.0
