@@ -49,9 +49,16 @@ def _argv_with_missing_inputs(words, parser, tmp_path):
         if not (action.required or not action.option_strings or action in chosen):
             continue
         name = action.dest
-        value = str(tmp_path / name) if name in ("output", "out") else ("1024" if action.type is int else MISSING)
+        value = str(tmp_path / name) if name in ("output", "out") else next(v for v in (MISSING, "1024") if _parses(action, v))
         argv += ([action.option_strings[0]] if action.option_strings else []) + [value]
     return argv
+
+
+def _parses(action, value):
+    try:
+        return action.type is None or action.type(value) is not None
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        return False
 
 
 def test_every_command_reports_a_missing_input_in_one_line_with_exit_2(tmp_path, capsys):
