@@ -120,7 +120,10 @@ class MetricsLog:
         self.run_dir, self.enabled, self.tensorboard = run_dir, enabled, tensorboard
         self.file = self.writer = None
 
-    def _open(self) -> None:
+    def open(self) -> None:
+        """Opens the metrics file and TensorBoard writer (before the loop: importing TensorBoard takes seconds)."""
+        if not self.enabled or self.file is not None:
+            return
         self.file = open(os.path.join(self.run_dir, "metrics.jsonl"), "a")
         if self.tensorboard:
             from tensorboardX import SummaryWriter
@@ -130,8 +133,7 @@ class MetricsLog:
     def write(self, step: int, total: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        if self.file is None:
-            self._open()
+        self.open()
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
         if self.writer is not None:
@@ -341,6 +343,7 @@ def train(config: TrainConfig) -> TrainResult:
                 if jax.process_index() == 0:
                     write_resolved(config)
                 log.message(startup_summary(config, mesh, loader.manifests, origin))
+                log.open()
                 return _loop(config, _Session(state, step_fn, loader, mngr, log, stop), step)
         finally:
             log.close()
