@@ -73,13 +73,23 @@ def test_every_command_reports_a_missing_input_in_one_line_with_exit_2(tmp_path,
         assert "Traceback" not in err and "/no/such" in err, (argv, err)
 
 
-def test_unreadable_and_malformed_config_files_are_one_line_errors(tmp_path, capsys):
+def test_unreadable_and_malformed_config_files_are_one_line_errors(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps: [1\n")
     assert cli.main(["train", str(bad)]) == 2
     assert capsys.readouterr().err.startswith(f"lwm: error: {bad}: not valid YAML")
     assert cli.main(["train", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"lwm: error: {tmp_path}: Is a directory: give a file, not a directory\n"
+    from orchestration.commands import train as train_command
+
+    def reads_yaml(args, extra):
+        with open(bad) as f:
+            return yaml.safe_load(f)
+
+    monkeypatch.setattr(train_command, "run", reads_yaml)  # any command's YAML error, caught by the CLI
+    assert cli.main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lwm: error: {bad}, line 2: not valid YAML (") and err.count("\n") == 1
 
 
 def test_train_help_lists_every_config_key_with_its_default_and_print_config_resolves(tmp_path, capsys):
