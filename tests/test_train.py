@@ -120,9 +120,11 @@ def test_tiny_model_loss_falls_and_resumes_bitwise_after_kills_signals_and_damag
     _signal_after_checkpoint(killed, ckpt_dir, 8, signal.SIGKILL)
     _finish(killed)
 
-    # Ctrl-C and SIGTERM both save the step they arrive at and exit as the shell reports the signal
-    for signum, after, code_expected in ((signal.SIGINT, 12, 130), (signal.SIGTERM, 16, 143)):
-        interrupted = _start(sets, cache_env)
+    # Ctrl-C and SIGTERM both save the step they arrive at and exit as the shell reports the signal. Saves
+    # are synchronous here, so the awaited checkpoint appears before its next step (the resume reports it).
+    for signum, code_expected in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        after = 4 * (checkpoint.latest_step(ckpt_dir) // 4 + 1)  # a checkpoint this run has yet to write
+        interrupted = _start(sets + ["checkpoint.async_save=false"], cache_env)
         _signal_after_checkpoint(interrupted, ckpt_dir, after, signum)
         code, out, err = _finish(interrupted)
         assert code == code_expected, err
