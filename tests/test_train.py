@@ -446,3 +446,10 @@ def test_a_uniform_record_weight_cancels_under_the_modality_mean_but_shares_do_n
     assert loss([1, 1, 1, 1]) == loss([2, 2, 1, 1]) == 0.5 * 1.5 + 0.5 * 6.0  # --text-weight 2 on every text token
     assert loss([1, 3, 1, 1]) == 0.5 * 1.75 + 0.5 * 6.0  # weights that differ within a modality count
     assert loss([1, 1, 1, 1], text_share=0.75, vision_share=0.25) == 0.75 * 1.5 + 0.25 * 6.0
+
+
+def test_too_few_cpu_devices_for_the_mesh_says_how_to_simulate_more():
+    config = config_lib.load("configs/train_tiny.yaml", ["mesh.fsdp=4"])  # 16 devices; the tests have 8
+    with pytest.raises(ValueError, match=r"needs 16 devices, have 8: on CPU, simulate devices with "
+                                         r"XLA_FLAGS=--xla_force_host_platform_device_count=N"):
+        train_lib._mesh(config)

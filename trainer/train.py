@@ -328,7 +328,7 @@ def train(config: TrainConfig) -> TrainResult:
                             f"do (to train further raise steps, e.g. --set steps={2 * config.steps})")
                 return TrainResult(latest, False, {})
         accum = config.optimizer.grad_accum_steps
-        mesh = make_mesh(config.mesh)
+        mesh = _mesh(config)
         validate(config.model, mesh, config.data.batch_size // accum, config.data.seq_len)
         loader = Loader(config.data, mesh, config.data.batch_size // accum)
         try:
@@ -348,6 +348,17 @@ def train(config: TrainConfig) -> TrainResult:
         finally:
             log.close()
             loader.close()
+
+
+def _mesh(config: TrainConfig):
+    """``config.mesh`` over the devices; on CPU a device shortfall says how to simulate more."""
+    try:
+        return make_mesh(config.mesh)
+    except ValueError as error:
+        if jax.devices()[0].platform != "cpu":
+            raise
+        raise ValueError(f"{error}: on CPU, simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=N "
+                         f"set before JAX starts (lwm train sets it from the mesh unless XLA_FLAGS has a count)") from None
 
 
 @dataclasses.dataclass
