@@ -49,7 +49,10 @@ def _argv_with_missing_inputs(words, parser, tmp_path):
         if not (action.required or not action.option_strings or action in chosen):
             continue
         name = action.dest
-        value = str(tmp_path / name) if name in ("output", "out") else next(v for v in (MISSING, "1024") if _parses(action, v))
+        if name in ("output", "out"):
+            value = str(tmp_path / name)
+        else:
+            value = next(v for v in (MISSING, "1024") if _parses(action, v))
         argv += ([action.option_strings[0]] if action.option_strings else []) + [value]
     return argv
 
@@ -110,7 +113,8 @@ def test_convert_reads_model_fields_through_the_typed_config(tmp_path, capsys):
     fields.write_text("n_layers: 2\n")
     argv = ["convert", "hf-import", "--hf-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--preset", "tiny"]
     assert cli.main(argv + ["--config", str(fields)]) == 2
-    assert capsys.readouterr().err == f"lwm: error: {fields}: unknown key 'n_layers'; did you mean {fields}.num_layers?\n"
+    expected = f"lwm: error: {fields}: unknown key 'n_layers'; did you mean {fields}.num_layers?\n"
+    assert capsys.readouterr().err == expected
     argv[-1] = "gpt-2"
     assert cli.main(argv) == 2
     assert capsys.readouterr().err.startswith("lwm: error: model.preset: unknown model preset 'gpt-2'; choose from")

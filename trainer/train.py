@@ -358,7 +358,8 @@ def _mesh(config: TrainConfig):
         if jax.devices()[0].platform != "cpu":
             raise
         raise ValueError(f"{error}: on CPU, simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=N "
-                         f"set before JAX starts (lwm train sets it from the mesh unless XLA_FLAGS has a count)") from None
+                         f"set before JAX starts (lwm train sets it from the mesh unless XLA_FLAGS has a count)"
+                         ) from None
 
 
 @dataclasses.dataclass
