@@ -10,7 +10,7 @@ from pipelines.dataset import write_shard
 from schemas import manifest, packed
 from trainer import data
 from trainer.config import DataConfig, DatasetConfig
-from trainer.ring_attention import layout_permutation
+from trainer.layout import layout_permutation
 from trainer.sharding import MeshConfig, make_mesh
 
 SEQ = 64

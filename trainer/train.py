@@ -241,7 +241,7 @@ def train(config: TrainConfig) -> TrainResult:
     model = LWM(config.model, attention_fn(mesh, config.model))
     tx = optimizer.make(config.optimizer, config.steps)
     lr = optimizer.schedule(config.optimizer, config.steps)
-    loader = Loader(config.data, mesh, micro_batch)
+    loader = Loader(config.data, mesh, micro_batch, model=config.model)
     log = MetricsLog(config.run_dir, is_main, config.log.tensorboard)
     options = dict(max_to_keep=config.checkpoint.keep, save_interval_steps=config.checkpoint.save_every,
                    enable_async_checkpointing=config.checkpoint.async_save)

@@ -1,0 +1,217 @@
+"""Where each token of a packed batch sits on the ring, and what it must predict.
+
+Pure numpy, shared by the Grain loader (``trainer.data``), tests and benchmarks.
+
+A ring layout is a permutation of the sequence axis: ``permuted = natural[..., perm]``
+puts tokens ``perm[r * L:(r + 1) * L]`` on ring device ``r`` (``L = S / P``). The
+ring kernel masks from segment ids and positions that travel with the tokens, so
+every layout gives the same attention; layouts differ only in how evenly the causal
+work falls on the devices at each hop of the ring, and in how many tiles the kernel
+can skip. Next-token targets are a function of the natural order (the token after
+``t`` in its segment), so they are computed before the layout is applied.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+LAYOUTS = ("segments", "zigzag", "contiguous", "striped")
+STATIC_LAYOUTS = ("contiguous", "zigzag", "striped")
+DEFAULT_BLOCK = 512  # the ring kernel's default tile size
+
+
+def layout_permutation(seq_len: int, num_shards: int, layout: str) -> np.ndarray:
+    """Token order of a static layout (the same for every row), placing a natural-order
+    sequence on ``num_shards`` ring devices.
+
+    Returns an index array ``perm`` with ``permuted = natural[..., perm]``; device ``r``
+    then holds ``permuted[..., r * L:(r + 1) * L]`` with ``L = seq_len // num_shards``.
+
+    - ``contiguous``: device r holds tokens ``[r L, (r + 1) L)``.
+    - ``zigzag``: the sequence is cut into 2P chunks; device r holds chunks r and
+      2P - 1 - r, so under a causal mask every device has the same work.
+    - ``striped``: token i goes to device ``i mod P``.
+    """
+    check_layout(seq_len, num_shards, layout)
+    idx = np.arange(seq_len)
+    if layout == "contiguous":
+        return idx
+    if layout == "striped":
+        return idx.reshape(seq_len // num_shards, num_shards).T.reshape(-1)
+    chunks = idx.reshape(2 * num_shards, -1)
+    order = [c for r in range(num_shards) for c in (r, 2 * num_shards - 1 - r)]
+    return chunks[order].reshape(-1)
+
+
+def inverse_layout_permutation(seq_len: int, num_shards: int, layout: str) -> np.ndarray:
+    """Index array undoing :func:`layout_permutation`: ``natural = permuted[..., inv]``."""
+    return np.argsort(layout_permutation(seq_len, num_shards, layout))
+
+
+def batch_permutation(segment_ids_BxS: np.ndarray, num_shards: int, layout: str,
+                      block: int = DEFAULT_BLOCK) -> np.ndarray:
+    """Per-row token order ``[B, S]`` for a natural-order batch: ``np.take_along_axis(x, perm, 1)``.
+
+    Static layouts give every row the same order; ``segments`` chooses each row's
+    order from its segment ids (:func:`segment_permutation`) for the ring kernel's
+    tiles of ``block`` tokens.
+    """
+    segment_ids_BxS = np.asarray(segment_ids_BxS)
+    if segment_ids_BxS.ndim != 2:
+        raise ValueError(f"segment_ids must be [B, S], got shape {segment_ids_BxS.shape}")
+    b, seq_len = segment_ids_BxS.shape
+    if layout != "segments":
+        return np.broadcast_to(layout_permutation(seq_len, num_shards, layout), (b, seq_len))
+    check_layout(seq_len, num_shards, layout)
+    return np.stack([segment_permutation(row, num_shards, block) for row in segment_ids_BxS])
+
+
+def segment_permutation(segment_ids_S: np.ndarray, num_shards: int, block: int = DEFAULT_BLOCK) -> np.ndarray:
+    """The ``segments`` layout of one packed row: the candidate order with the shortest ring.
+
+    Candidates: ``zigzag``, ``contiguous``, and per-document placements in which the
+    documents longer than a threshold (``L`` or ``L / 2`` tokens, ``L = S / P``) are cut
+    into 2P chunks and zigzagged on their own, while the others stay whole and go to the
+    device with the least causal work that has room (longest first), padding filling
+    what is left; each device keeps its tokens in natural order. Each candidate is
+    scored by replaying the ring's tile schedule (:func:`ring_work`, the kernel's skip
+    rule on blocks of ``block`` tokens, positions = natural token indices): the shortest
+    critical path wins, then the fewest tiles, then the order above. One causal document
+    therefore keeps zigzag, and no row is slower than under zigzag or contiguous.
+    """
+    segment_ids_S = np.asarray(segment_ids_S)
+    seq_len = segment_ids_S.shape[0]
+    check_layout(seq_len, num_shards, "segments")
+    if num_shards == 1:
+        return np.arange(seq_len)
+    local = seq_len // num_shards
+    block = max(1, min(block, local))
+    while local % block:
+        block -= 1
+    candidates = [layout_permutation(seq_len, num_shards, "zigzag")] if seq_len % (2 * num_shards) == 0 else []
+    candidates.append(np.arange(seq_len))
+    candidates += [_per_document(segment_ids_S, num_shards, split_over, block) for split_over in (local, local // 2)]
+    scores = []
+    for perm in candidates:
+        work = ring_work(segment_ids_S[perm], perm, num_shards, block)
+        scores.append((int(work.max(axis=1).sum()), int(work.sum())))
+    return candidates[min(range(len(candidates)), key=lambda i: scores[i])]
+
+
+def ring_work(segment_ids_S: np.ndarray, positions_S: np.ndarray, num_shards: int, block: int) -> np.ndarray:
+    """Tiles each device computes at each hop, ``[hop, device]``, for one laid-out row.
+
+    The kernel's skip rule (``trainer.ring_attention.tile_kinds``) in numpy: a
+    (query block, key block) tile is computed unless the blocks' segment id ranges
+    (over non-padding tokens) are disjoint or every key comes after every query. At hop
+    h device r holds the keys of device (r - h) mod P.
+    """
+    seg = np.asarray(segment_ids_S).reshape(num_shards, -1, block)
+    pos = np.asarray(positions_S).reshape(num_shards, -1, block)
+    valid = seg > 0
+    big, small = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+    pmin, pmax = np.where(valid, pos, big).min(-1), np.where(valid, pos, small).max(-1)
+    smin, smax = np.where(valid, seg, big).min(-1), np.where(valid, seg, small).max(-1)
+    # visible[r, s, i, j]: queries of block i on device r, keys of block j on device s
+    visible = ((smin[:, None, :, None] <= smax[None, :, None, :])
+               & (smin[None, :, None, :] <= smax[:, None, :, None])
+               & (pmin[None, :, None, :] <= pmax[:, None, :, None]))
+    tiles = visible.sum(axis=(2, 3))
+    devices = np.arange(num_shards)
+    return np.stack([tiles[devices, (devices - hop) % num_shards] for hop in range(num_shards)])
+
+
+def _per_document(segment_ids_S, num_shards, split_over, block):
+    """Documents longer than ``split_over`` zigzagged over 2P chunks, the rest whole (see above)."""
+    seq_len = segment_ids_S.shape[0]
+    local = seq_len // num_shards
+    starts = np.r_[0, np.flatnonzero(np.diff(segment_ids_S)) + 1]
+    ends = np.r_[starts[1:], seq_len]
+    lengths, ids = ends - starts, segment_ids_S[starts]
+    parts = [[] for _ in range(num_shards)]
+    load, work = np.zeros(num_shards, np.int64), np.zeros(num_shards)
+    split = (ids > 0) & (lengths > split_over)
+    for start, end in zip(starts[split], ends[split]):
+        chunks = np.array_split(np.arange(start, end), 2 * num_shards)
+        for r in range(num_shards):
+            parts[r] += [chunks[r], chunks[2 * num_shards - 1 - r]]
+            load[r] += len(chunks[r]) + len(chunks[2 * num_shards - 1 - r])
+    whole = np.flatnonzero((ids > 0) & ~split)
+    for i in whole[np.argsort(-lengths[whole], kind="stable")]:
+        room = np.flatnonzero(load + lengths[i] <= local)
+        if len(room):
+            r = room[np.lexsort((load[room], work[room]))[0]]
+            parts[r].append(np.arange(starts[i], ends[i]))
+            load[r] += lengths[i]
+            work[r] += lengths[i] / block + (lengths[i] / block) ** 2 / 2  # its causal tiles
+        else:
+            _fill(parts, load, local, starts[i], ends[i])
+    for i in np.flatnonzero(ids == 0):
+        _fill(parts, load, local, starts[i], ends[i])
+    return np.concatenate([np.sort(np.concatenate(p)) for p in parts])
+
+
+def _fill(parts, load, local, start, end):
+    """Tokens ``[start, end)`` into the devices with the most room, in pieces."""
+    while start < end:
+        r = int(np.argmax(local - load))
+        take = min(local - load[r], end - start)
+        parts[r].append(np.arange(start, start + take))
+        load[r] += take
+        start += take
+
+
+def apply_layout(batch: Mapping[str, np.ndarray], keys: Sequence[str], num_shards: int, layout: str,
+                 block: int = DEFAULT_BLOCK, columns: slice = slice(None)) -> dict[str, np.ndarray]:
+    """The ``[B, S]`` arrays ``keys`` of a natural-order batch in ``layout`` over ``num_shards``
+    devices, keeping the permuted sequence ``columns`` (one host's devices)."""
+    perm_BxS = batch_permutation(batch["segment_ids"], num_shards, layout, block)[:, columns]
+    return {key: np.take_along_axis(np.asarray(batch[key]), perm_BxS, axis=1) for key in keys}
+
+
+def check_layout(seq_len: int, num_shards: int, layout: str) -> None:
+    """``ValueError`` unless ``layout`` is known and places ``seq_len`` tokens on ``num_shards`` devices."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    unit = 2 * num_shards if layout == "zigzag" else num_shards
+    if seq_len <= 0 or seq_len % unit:
+        raise ValueError(
+            f"seq_len {seq_len} must be a positive multiple of {unit} for layout "
+            f"{layout!r} on {num_shards} shards"
+        )
+
+
+def next_token_targets(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Targets for next-token prediction, from a NATURAL-order batch (``[S]`` or ``[B, S]``).
+
+    Reads ``tokens``, ``vision_mask``, ``segment_ids`` and ``loss_weights``; returns
+    ``targets`` (int32), ``target_vision_mask`` (bool) and ``target_weights``
+    (float32) of the same shape, aligned with the predicting position: ``targets[t]``
+    is the token after ``t`` in its segment, scored with that token's loss weight
+    (0 where ``t`` is the last token of its segment or padding; see ``trainer.loss``).
+    Call it before any layout permutation.
+    """
+    missing = {"tokens", "vision_mask", "segment_ids", "loss_weights"} - set(batch)
+    if missing:
+        raise ValueError(f"batch is missing {sorted(missing)}")
+    tokens = np.asarray(batch["tokens"])
+    shapes = {k: np.shape(batch[k]) for k in ("tokens", "vision_mask", "segment_ids", "loss_weights")}
+    if len(set(shapes.values())) != 1 or tokens.ndim not in (1, 2):
+        raise ValueError(f"batch arrays must share one [S] or [B, S] shape, got {shapes}")
+    segments = np.asarray(batch["segment_ids"])
+
+    def shift(a, fill):
+        return np.concatenate([a[..., 1:], np.full(a.shape[:-1] + (1,), fill, a.dtype)], axis=-1)
+
+    same_segment = (shift(segments, 0) == segments) & (segments != 0)
+    return {
+        "targets": np.where(same_segment, shift(tokens, 0), 0).astype(np.int32),
+        "target_vision_mask": same_segment & shift(np.asarray(batch["vision_mask"], bool), False),
+        "target_weights": np.where(
+            same_segment, shift(np.asarray(batch["loss_weights"], np.float32), 0.0), 0.0
+        ).astype(np.float32),
+    }
