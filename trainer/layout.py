@@ -35,6 +35,8 @@ def layout_permutation(seq_len: int, num_shards: int, layout: str) -> np.ndarray
     - ``striped``: token i goes to device ``i mod P``.
     """
     check_layout(seq_len, num_shards, layout)
+    if layout not in STATIC_LAYOUTS:
+        raise ValueError(f"layout {layout!r} depends on the segment ids: use batch_permutation")
     idx = np.arange(seq_len)
     if layout == "contiguous":
         return idx
