@@ -5,7 +5,8 @@ Each device on the mesh axis ``axis_name`` holds ``L = S / P`` tokens of the seq
 blocks travel around the ring with ``jax.lax.ppermute`` while every device folds the
 block it currently holds into an online softmax (fp32 running max, normaliser and
 output). Masks are computed from the segment ids and global positions that travel with
-each block, so every token layout (contiguous, zigzag, striped) shares one code path.
+each block, so every token layout (contiguous, zigzag, striped, per-row segments) shares
+one code path.
 (query block, key block) tiles that the mask makes entirely invisible are skipped, not
 computed and masked, and tiles it leaves entirely visible run without building a mask
 (``lax.switch`` on the tile's kind).
