@@ -12,7 +12,6 @@ from schemas import manifest, packed
 from trainer import data
 from trainer import layout
 from trainer.config import DataConfig, DatasetConfig
-from trainer.model import PRESETS
 from trainer.sharding import MeshConfig, make_mesh
 
 SEQ = 64
@@ -192,21 +191,3 @@ def test_record_of_another_length_than_the_manifest_is_refused(tmp_path):
     manifest.write(str(edited), dataclasses.replace(manifest.read(str(edited)), seq_len=SEQ))
     with pytest.raises(ValueError, match=f"holds {2 * SEQ} tokens, but its manifest's seq_len is {SEQ}"):
         _stream(_config((edited, 1.0)), 1)
-
-
-def test_token_ids_outside_the_models_vocabularies_are_refused_naming_both_sizes(tmp_path):
-    tiny = PRESETS["tiny"]  # text 512, vision 8448
-    cases = [({"text": 911}, {}, "text token id 911 is outside the model's text vocabulary of 512"),
-             ({"text": 7, "vision": 8448}, {}, "vision token id 8448 is outside the model's vision vocabulary of 8448"),
-             ({"text": 7}, {"vocab_size": 912}, "its tokenizer has 912 pieces, but the model's text vocabulary has 512")]
-    for i, (max_ids, tokenizer, message) in enumerate(cases):
-        path = write_dataset(tmp_path / str(i), [1, 2, 3, 4], max_ids=max_ids,
-                             tokenizer={"path": "tok.model", "sha256": "t" * 64, **tokenizer})
-        config = _config((path, 1.0))
-        with pytest.raises(ValueError, match=message):
-            data.check_vocabulary(config, data.read_manifests(config), tiny.vocab_size, tiny.vision_vocab_size)
-    with pytest.raises(ValueError, match="outside the model's text vocabulary of 512"):
-        data.Loader(_config((tmp_path / "0", 1.0)), make_mesh(MeshConfig(fsdp=2, sp=4)), model=tiny)
-    fits = write_dataset(tmp_path / "fits", [1, 2, 3, 4], max_ids={"text": 511, "vision": 8447})
-    config = _config((fits, 1.0))
-    data.check_vocabulary(config, data.read_manifests(config), tiny.vocab_size, tiny.vision_vocab_size)

@@ -27,7 +27,7 @@ Batch arrays, all ``[B, S]`` in the ring layout: ``tokens``, ``vision_mask``,
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import grain
 from absl import flags
@@ -41,8 +41,6 @@ from trainer import layout
 from trainer.config import DataConfig
 from trainer.sharding import batch_sharding
 
-if TYPE_CHECKING:
-    from trainer.model import ModelConfig
 
 BATCH_KEYS = ("tokens", "vision_mask", "segment_ids", "positions", "targets", "target_vision_mask",
               "target_weights")
@@ -70,27 +68,6 @@ def read_manifests(config: DataConfig) -> list[manifest_lib.Manifest]:
             raise ValueError(f"{dataset.path}: tokenizer sha256 {manifest.tokenizer.get('sha256')} differs from "
                              f"{manifests[0].tokenizer.get('sha256')} of {first}")
     return manifests
-
-
-def check_vocabulary(config: DataConfig, manifests: list[manifest_lib.Manifest], vocab_size: int,
-                     vision_vocab_size: int) -> None:
-    """Refuse datasets whose token ids do not fit the model's vocabularies (``ValueError``).
-
-    Uses what the manifests record, so nothing is read per step: the largest id per
-    modality (``max_ids``) and the tokenizer's ``vocab_size``. An id at or above the
-    model's size would be clipped silently by the embedding lookup.
-    """
-    for dataset, manifest in zip(config.datasets, manifests):
-        tokenizer_size = manifest.tokenizer.get("vocab_size")
-        if tokenizer_size is not None and int(tokenizer_size) > vocab_size:
-            raise ValueError(f"{dataset.path}: its tokenizer has {tokenizer_size} pieces, but the model's text "
-                             f"vocabulary has {vocab_size} (model.vocab_size)")
-        for modality, size, key in (("text", vocab_size, "vocab_size"),
-                                    ("vision", vision_vocab_size, "vision_vocab_size")):
-            largest = manifest.max_ids.get(modality)
-            if largest is not None and largest >= size:
-                raise ValueError(f"{dataset.path}: {modality} token id {largest} is outside the model's {modality} "
-                                 f"vocabulary of {size} (model.{key})")
 
 
 def decode(record: bytes, seq_len: int) -> dict[str, np.ndarray]:
@@ -148,7 +125,7 @@ def dataset(config: DataConfig, manifests: list[manifest_lib.Manifest], *, batch
         _source(d.path, m).shuffle(seed=_dataset_seed(config.seed, i)).repeat()
         for i, (d, m) in enumerate(zip(config.datasets, manifests))
     ]
-    weights = [d.weight for d in config.datasets]
+    weights = [d.proportion for d in config.datasets]
     mixed = grain.MapDataset.mix(sources, weights) if len(sources) > 1 else sources[0]
     records = mixed[shard_index::num_shards].map(functools.partial(decode, seq_len=config.seq_len))
     batches = records.batch(batch_size, drop_remainder=True)
@@ -178,19 +155,15 @@ class Loader:
     """Global batches for one stage on ``mesh``; ``iterator`` is the checkpointable Grain state.
 
     ``batch_size`` global sequences per batch (default ``config.batch_size``; the
-    trainer passes the micro-batch size under gradient accumulation). ``model``: the
-    model's config, whose vocabularies the data must fit (:func:`check_vocabulary`,
-    before the first step) and whose attention block size the ``segments`` layout
-    balances; None skips the vocabulary check (benchmarks). Use as an iterator;
-    ``close()`` stops prefetch workers.
+    trainer passes the micro-batch size under gradient accumulation); ``block`` the
+    model's attention block size, whose tiles the ``segments`` layout balances. Use as
+    an iterator; ``close()`` stops prefetch workers.
     """
 
     def __init__(self, config: DataConfig, mesh: Mesh, batch_size: int | None = None, *,
-                 model: ModelConfig | None = None):
+                 block: int = layout.DEFAULT_BLOCK):
         self.config = config
         self.manifests = read_manifests(config)
-        if model is not None:
-            check_vocabulary(config, self.manifests, model.vocab_size, model.vision_vocab_size)
         self.global_shape = (batch_size or config.batch_size, config.seq_len)
         self.sharding = batch_sharding(mesh)
         rows, columns = process_block(self.sharding, self.global_shape)
@@ -200,7 +173,7 @@ class Loader:
         self.pipeline = dataset(
             config, self.manifests, batch_size=local_rows, num_shards=self.global_shape[0] // local_rows,
             shard_index=rows.start // local_rows, sp=mesh.shape["sp"], columns=columns,
-            block=model.attention_block_q if model is not None else layout.DEFAULT_BLOCK,
+            block=block,
         )
         self.iterator = iter(self.pipeline)
 
