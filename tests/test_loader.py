@@ -120,7 +120,7 @@ def test_batch_is_in_ring_layout_with_targets_from_natural_order(books_dataset, 
                         verify_hashes=False)
     (natural,) = _stream(DataConfig(**{**config.__dict__, "layout": "contiguous"}), 1)
     (laid_out,) = _stream(config, 1, sp=sp, block=16)
-    perm = layout.batch_permutation(natural["segment_ids"], sp, name, 16)
+    perm = layout.batch_permutation(natural["segment_ids"], sp, name, 16, natural["positions"])
     for key in data.BATCH_KEYS:
         assert np.array_equal(laid_out[key], np.take_along_axis(natural[key], perm, axis=1)), key
     same = (natural["segment_ids"][:, 1:] == natural["segment_ids"][:, :-1]) & (natural["segment_ids"][:, :-1] > 0)

@@ -53,12 +53,13 @@ def inverse_layout_permutation(seq_len: int, num_shards: int, layout: str) -> np
 
 
 def batch_permutation(segment_ids_BxS: np.ndarray, num_shards: int, layout: str,
-                      block: int = DEFAULT_BLOCK) -> np.ndarray:
+                      block: int = DEFAULT_BLOCK, positions_BxS: np.ndarray | None = None) -> np.ndarray:
     """Per-row token order ``[B, S]`` for a natural-order batch: ``np.take_along_axis(x, perm, 1)``.
 
     Static layouts give every row the same order; ``segments`` chooses each row's
-    order from its segment ids (:func:`segment_permutation`) for the ring kernel's
-    tiles of ``block`` tokens.
+    order from its segment ids and the positions the kernel will mask with (default:
+    the natural token indices) for the ring kernel's tiles of ``block`` tokens
+    (:func:`segment_permutation`).
     """
     segment_ids_BxS = np.asarray(segment_ids_BxS)
     if segment_ids_BxS.ndim != 2:
@@ -67,25 +68,31 @@ def batch_permutation(segment_ids_BxS: np.ndarray, num_shards: int, layout: str,
     if layout != "segments":
         return np.broadcast_to(layout_permutation(seq_len, num_shards, layout), (b, seq_len))
     check_layout(seq_len, num_shards, layout)
-    return np.stack([segment_permutation(row, num_shards, block) for row in segment_ids_BxS])
+    if positions_BxS is None:
+        positions_BxS = np.broadcast_to(np.arange(seq_len), (b, seq_len))
+    return np.stack([segment_permutation(row, num_shards, block, positions)
+                     for row, positions in zip(segment_ids_BxS, np.asarray(positions_BxS))])
 
 
-def segment_permutation(segment_ids_S: np.ndarray, num_shards: int, block: int = DEFAULT_BLOCK) -> np.ndarray:
+def segment_permutation(segment_ids_S: np.ndarray, num_shards: int, block: int = DEFAULT_BLOCK,
+                        positions_S: np.ndarray | None = None) -> np.ndarray:
     """The ``segments`` layout of one packed row: the candidate order with the shortest ring.
 
-    Candidates: ``zigzag``, ``contiguous``, and per-document placements in which the
+    Candidates: ``zigzag``, ``contiguous``, ``striped``, and per-document placements in which the
     documents longer than a threshold (``L`` or ``L / 2`` tokens, ``L = S / P``) are cut
     into 2P chunks and zigzagged on their own, while the others stay whole and go to the
     device with the least causal work that has room (longest first), padding filling
     what is left; each device keeps its tokens in natural order. Each candidate is
     scored by replaying the ring's tile schedule (:func:`ring_work`, the kernel's skip
-    rule on blocks of ``block`` tokens, positions = natural token indices): the shortest
-    critical path wins, then the fewest tiles, then the order above. One causal document
-    therefore keeps zigzag, and no row is slower than under zigzag or contiguous.
+    rule on blocks of ``block`` tokens with ``positions_S``, default the natural token
+    indices): the shortest critical path wins, then the fewest tiles, then the order
+    above. One causal document therefore keeps zigzag, and no row is slower than under
+    a static layout.
     """
     segment_ids_S = np.asarray(segment_ids_S)
     seq_len = segment_ids_S.shape[0]
     check_layout(seq_len, num_shards, "segments")
+    positions_S = np.arange(seq_len) if positions_S is None else np.asarray(positions_S)
     if num_shards == 1:
         return np.arange(seq_len)
     local = seq_len // num_shards
@@ -93,11 +100,11 @@ def segment_permutation(segment_ids_S: np.ndarray, num_shards: int, block: int =
     while local % block:
         block -= 1
     candidates = [layout_permutation(seq_len, num_shards, "zigzag")] if seq_len % (2 * num_shards) == 0 else []
-    candidates.append(np.arange(seq_len))
+    candidates += [np.arange(seq_len), layout_permutation(seq_len, num_shards, "striped")]
     candidates += [_per_document(segment_ids_S, num_shards, split_over, block) for split_over in (local, local // 2)]
     scores = []
     for perm in candidates:
-        work = ring_work(segment_ids_S[perm], perm, num_shards, block)
+        work = ring_work(segment_ids_S[perm], positions_S[perm], num_shards, block)
         scores.append((int(work.max(axis=1).sum()), int(work.sum())))
     return candidates[min(range(len(candidates)), key=lambda i: scores[i])]
 
@@ -110,8 +117,8 @@ def ring_work(segment_ids_S: np.ndarray, positions_S: np.ndarray, num_shards: in
     (over non-padding tokens) are disjoint or every key comes after every query. At hop
     h device r holds the keys of device (r - h) mod P.
     """
-    seg = np.asarray(segment_ids_S).reshape(num_shards, -1, block)
-    pos = np.asarray(positions_S).reshape(num_shards, -1, block)
+    seg = np.asarray(segment_ids_S, np.int64).reshape(num_shards, -1, block)
+    pos = np.asarray(positions_S, np.int64).reshape(num_shards, -1, block)
     valid = seg > 0
     big, small = np.iinfo(np.int64).max, np.iinfo(np.int64).min
     pmin, pmax = np.where(valid, pos, big).min(-1), np.where(valid, pos, small).max(-1)
@@ -169,7 +176,7 @@ def apply_layout(batch: Mapping[str, np.ndarray], keys: Sequence[str], num_shard
                  block: int = DEFAULT_BLOCK, columns: slice = slice(None)) -> dict[str, np.ndarray]:
     """The ``[B, S]`` arrays ``keys`` of a natural-order batch in ``layout`` over ``num_shards``
     devices, keeping the permuted sequence ``columns`` (one host's devices)."""
-    perm_BxS = batch_permutation(batch["segment_ids"], num_shards, layout, block)[:, columns]
+    perm_BxS = batch_permutation(batch["segment_ids"], num_shards, layout, block, batch.get("positions"))[:, columns]
     return {key: np.take_along_axis(np.asarray(batch[key]), perm_BxS, axis=1) for key in keys}
 
 
