@@ -78,11 +78,12 @@ def segment_permutation(segment_ids_S: np.ndarray, num_shards: int, block: int =
                         positions_S: np.ndarray | None = None) -> np.ndarray:
     """The ``segments`` layout of one packed row: the candidate order with the shortest ring.
 
-    Candidates: ``zigzag``, ``contiguous``, ``striped``, and per-document placements in which the
-    documents longer than a threshold (``L`` or ``L / 2`` tokens, ``L = S / P``) are cut
-    into 2P chunks and zigzagged on their own, while the others stay whole and go to the
-    device with the least causal work that has room (longest first), padding filling
-    what is left; each device keeps its tokens in natural order. Each candidate is
+    Candidates: ``zigzag``, ``contiguous``, ``striped``, and per-document placements in
+    which the documents longer than a threshold (``L`` or ``L / 2`` tokens, ``L = S / P``)
+    are cut into 2P chunks and zigzagged on their own (or, over ``L``, striped token by
+    token), while the others stay whole and go to the device with the least causal work
+    that has room (longest first), padding filling what is left; each device keeps its
+    tokens in natural order. Each candidate is
     scored by replaying the ring's tile schedule (:func:`ring_work`, the kernel's skip
     rule on blocks of ``block`` tokens with ``positions_S``, default the natural token
     indices): the shortest critical path wins, then the fewest tiles, then the order
@@ -101,7 +102,8 @@ def segment_permutation(segment_ids_S: np.ndarray, num_shards: int, block: int =
         block -= 1
     candidates = [layout_permutation(seq_len, num_shards, "zigzag")] if seq_len % (2 * num_shards) == 0 else []
     candidates += [np.arange(seq_len), layout_permutation(seq_len, num_shards, "striped")]
-    candidates += [_per_document(segment_ids_S, num_shards, split_over, block) for split_over in (local, local // 2)]
+    candidates += [_per_document(segment_ids_S, num_shards, split_over, block, striped)
+                   for split_over, striped in ((local, False), (local // 2, False), (local, True))]
     scores = []
     for perm in candidates:
         work = ring_work(segment_ids_S[perm], positions_S[perm], num_shards, block)
@@ -132,8 +134,9 @@ def ring_work(segment_ids_S: np.ndarray, positions_S: np.ndarray, num_shards: in
     return np.stack([tiles[devices, (devices - hop) % num_shards] for hop in range(num_shards)])
 
 
-def _per_document(segment_ids_S, num_shards, split_over, block):
-    """Documents longer than ``split_over`` zigzagged over 2P chunks, the rest whole (see above)."""
+def _per_document(segment_ids_S, num_shards, split_over, block, striped=False):
+    """Documents longer than ``split_over`` zigzagged over 2P chunks (or ``striped`` token by
+    token), the rest whole (see :func:`segment_permutation`)."""
     seq_len = segment_ids_S.shape[0]
     local = seq_len // num_shards
     starts = np.r_[0, np.flatnonzero(np.diff(segment_ids_S)) + 1]
@@ -143,10 +146,12 @@ def _per_document(segment_ids_S, num_shards, split_over, block):
     load, work = np.zeros(num_shards, np.int64), np.zeros(num_shards)
     split = (ids > 0) & (lengths > split_over)
     for start, end in zip(starts[split], ends[split]):
-        chunks = np.array_split(np.arange(start, end), 2 * num_shards)
+        tokens = np.arange(start, end)
+        chunks = np.array_split(tokens, 2 * num_shards)
         for r in range(num_shards):
-            parts[r] += [chunks[r], chunks[2 * num_shards - 1 - r]]
-            load[r] += len(chunks[r]) + len(chunks[2 * num_shards - 1 - r])
+            mine = tokens[r::num_shards] if striped else np.r_[chunks[r], chunks[2 * num_shards - 1 - r]]
+            parts[r].append(mine)
+            load[r] += len(mine)
     whole = np.flatnonzero((ids > 0) & ~split)
     for i in whole[np.argsort(-lengths[whole], kind="stable")]:
         room = np.flatnonzero(load + lengths[i] <= local)
