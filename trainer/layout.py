@@ -131,7 +131,7 @@ def ring_work(segment_ids_S: np.ndarray, positions_S: np.ndarray, num_shards: in
                & (pmin[None, :, None, :] <= pmax[:, None, :, None]))
     tiles = visible.sum(axis=(2, 3))
     devices = np.arange(num_shards)
-    return np.stack([tiles[devices, (devices - hop) % num_shards] for hop in range(num_shards)])
+    return tiles[devices[None, :], (devices[None, :] - devices[:, None]) % num_shards]
 
 
 def _per_document(segment_ids_S, num_shards, split_over, block, striped=False):
@@ -142,37 +142,38 @@ def _per_document(segment_ids_S, num_shards, split_over, block, striped=False):
     starts = np.r_[0, np.flatnonzero(np.diff(segment_ids_S)) + 1]
     ends = np.r_[starts[1:], seq_len]
     lengths, ids = ends - starts, segment_ids_S[starts]
-    parts = [[] for _ in range(num_shards)]
+    device = np.zeros(seq_len, np.int32)  # the device each token goes to
     load, work = np.zeros(num_shards, np.int64), np.zeros(num_shards)
     split = (ids > 0) & (lengths > split_over)
+    zigzag = np.r_[np.arange(num_shards), np.arange(num_shards)[::-1]]
     for start, end in zip(starts[split], ends[split]):
-        tokens = np.arange(start, end)
-        chunks = np.array_split(tokens, 2 * num_shards)
-        for r in range(num_shards):
-            mine = tokens[r::num_shards] if striped else np.r_[chunks[r], chunks[2 * num_shards - 1 - r]]
-            parts[r].append(mine)
-            load[r] += len(mine)
+        index = np.arange(end - start)
+        if striped:
+            device[start:end] = index % num_shards
+        else:
+            device[start:end] = zigzag[index * (2 * num_shards) // (end - start)]
+        load += np.bincount(device[start:end], minlength=num_shards)
     whole = np.flatnonzero((ids > 0) & ~split)
     for i in whole[np.argsort(-lengths[whole], kind="stable")]:
         room = np.flatnonzero(load + lengths[i] <= local)
         if len(room):
             r = room[np.lexsort((load[room], work[room]))[0]]
-            parts[r].append(np.arange(starts[i], ends[i]))
+            device[starts[i]:ends[i]] = r
             load[r] += lengths[i]
             work[r] += lengths[i] / block + (lengths[i] / block) ** 2 / 2  # its causal tiles
         else:
-            _fill(parts, load, local, starts[i], ends[i])
+            _fill(device, load, local, starts[i], ends[i])
     for i in np.flatnonzero(ids == 0):
-        _fill(parts, load, local, starts[i], ends[i])
-    return np.concatenate([np.sort(np.concatenate(p)) for p in parts])
+        _fill(device, load, local, starts[i], ends[i])
+    return np.argsort(device, kind="stable")  # by device, natural order within each
 
 
-def _fill(parts, load, local, start, end):
-    """Tokens ``[start, end)`` into the devices with the most room, in pieces."""
+def _fill(device, load, local, start, end):
+    """Tokens ``[start, end)`` onto the devices with the most room, in pieces."""
     while start < end:
         r = int(np.argmax(local - load))
         take = min(local - load[r], end - start)
-        parts[r].append(np.arange(start, start + take))
+        device[start:start + take] = r
         load[r] += take
         start += take
 
