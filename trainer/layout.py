@@ -7,8 +7,12 @@ puts tokens ``perm[r * L:(r + 1) * L]`` on ring device ``r`` (``L = S / P``). Th
 ring kernel masks from segment ids and positions that travel with the tokens, so
 every layout gives the same attention; layouts differ only in how evenly the causal
 work falls on the devices at each hop of the ring, and in how many tiles the kernel
-can skip. Next-token targets are a function of the natural order (the token after
-``t`` in its segment), so they are computed before the layout is applied.
+can skip. Static layouts (``zigzag``, ``contiguous``, ``striped``) use one order for
+every row; ``segments`` chooses each packed row's order from its segment ids
+(:func:`segment_permutation`). The kernel skips a tile only if it is invisible in every
+row a device holds, so with several rows per device it computes the union of the
+rows' tiles, and each row's balance holds only approximately. Next-token targets are a function of the natural order (the token
+after ``t`` in its segment), so they are computed before the layout is applied.
 """
 
 from __future__ import annotations
