@@ -189,5 +189,5 @@ def test_record_of_another_length_than_the_manifest_is_refused(tmp_path):
     """An edited manifest (seq_len 64) over records of 128 tokens: refused, not cut into batches."""
     edited = write_dataset(tmp_path / "edited", [1, 2, 3, 4], seq_len=2 * SEQ)
     manifest.write(str(edited), dataclasses.replace(manifest.read(str(edited)), seq_len=SEQ))
-    with pytest.raises(ValueError, match=f"holds {2 * SEQ} tokens, but its manifest's seq_len is {SEQ}"):
+    with pytest.raises(ValueError, match=f"sequence length {2 * SEQ}, not the expected seq_len {SEQ}"):
         _stream(_config((edited, 1.0)), 1)

@@ -70,15 +70,6 @@ def read_manifests(config: DataConfig) -> list[manifest_lib.Manifest]:
     return manifests
 
 
-def decode(record: bytes, seq_len: int) -> dict[str, np.ndarray]:
-    """``schemas.packed.decode``, refusing a record whose length is not the manifest's ``seq_len``."""
-    example = packed.decode(record)
-    if len(example["tokens"]) != seq_len:
-        raise ValueError(f"a packed record holds {len(example['tokens'])} tokens, but its manifest's seq_len "
-                         f"is {seq_len}: the dataset or its manifest was altered")
-    return example
-
-
 def _source(path: str, manifest: manifest_lib.Manifest) -> grain.MapDataset:
     # Empty shards are skipped: an ArrayRecord file with no records cannot be opened for reading.
     paths = [p for p, s in zip(manifest_lib.shard_paths(path, manifest), manifest.shards) if s.records]
@@ -127,7 +118,7 @@ def dataset(config: DataConfig, manifests: list[manifest_lib.Manifest], *, batch
     ]
     weights = [d.proportion for d in config.datasets]
     mixed = grain.MapDataset.mix(sources, weights) if len(sources) > 1 else sources[0]
-    records = mixed[shard_index::num_shards].map(functools.partial(decode, seq_len=config.seq_len))
+    records = mixed[shard_index::num_shards].map(functools.partial(packed.decode, seq_len=config.seq_len))
     batches = records.batch(batch_size, drop_remainder=True)
     layout.check_layout(config.seq_len, sp, config.layout)
     batches = batches.map(NextTokenTargets()).map(RingLayout(sp, config.layout, block, columns))
