@@ -82,8 +82,8 @@ def test_mesh_must_divide_the_devices():
 def test_batch_and_length_must_fit_the_ring_layout():
     _error(_plan([_stage("a", data={"batch_size": 3})]),
            r"stages\[a\] on mesh .*: batch size 3 is not divisible by dp\*fsdp = 2", devices=8)
-    _error(_plan([_stage("a", 100)]), r"seq_len 100 must be a positive multiple of 8 for layout 'zigzag'",
-           devices=8)
+    _error(_plan([_stage("a", data={"seq_len": 100, "layout": "zigzag", "datasets": [{"path": "d/seq100"}]})]),
+           r"seq_len 100 must be a positive multiple of 8 for layout 'zigzag'", devices=8)
 
 
 def test_gates_need_something_to_measure():

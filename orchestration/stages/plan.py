@@ -39,7 +39,7 @@ from jax.sharding import AbstractMesh
 
 from schemas.typed_config import from_mapping
 from trainer.config import TrainConfig
-from trainer.ring_attention import layout_permutation
+from trainer.layout import check_layout
 from trainer.sharding import MESH_AXES, validate
 
 DATA_JOBS = ("books", "image-text", "video-text", "chat-qa")
@@ -334,6 +334,6 @@ def check_mesh(stages: Iterable[Stage], devices: int) -> None:
         micro_batch = config.data.batch_size // config.optimizer.grad_accum_steps
         try:
             validate(config.model, mesh, micro_batch, config.data.seq_len)
-            layout_permutation(config.data.seq_len, mesh.shape["sp"], config.data.layout)
+            check_layout(config.data.seq_len, mesh.shape["sp"], config.data.layout)
         except ValueError as error:
             raise ValueError(f"stages[{stage.name}] on mesh {dict(mesh.shape)}: {error}") from None
