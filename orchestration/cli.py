@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "train",
     "convert",
     "generate",
+    "eval",
     "demo",
 )
 

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from trainer import checkpoint, optimizer
+from trainer import checkpoint, evaluate, optimizer
 from trainer.config import TrainConfig, write_resolved
 from trainer.data import Loader
 from trainer.loss import LossConfig, loss_and_metrics
@@ -251,6 +251,7 @@ def train(config: TrainConfig) -> TrainResult:
             step_fn = jax.jit(make_train_step(model, tx, config.loss), in_shardings=(state_sh, batch_sharding(mesh)),
                               out_shardings=(state_sh, None), donate_argnums=0)
             state, step = _initial_state(config, mngr, loader, tx, state_sh, log)
+            evaluator = evaluate.Evaluator.for_run(config, mesh, model)
 
             def save(at: int, force: bool = False) -> None:
                 checkpoint.save_train_state(
@@ -269,6 +270,8 @@ def train(config: TrainConfig) -> TrainResult:
                 if step % config.log.every == 0 or step == config.steps:
                     last = {**_host_metrics(micro), "learning_rate": float(lr(step - 1)), **throughput(step)}
                     log.write(step, config.steps, last)
+                if evaluator is not None and evaluate.due(config.eval, step, config.steps):
+                    evaluate.log_metrics(log, step, evaluator(state.params))
                 if preemption.requested():
                     save(step, force=True)
                     mngr.wait_until_finished()
