@@ -113,3 +113,14 @@ def test_lwm_eval_needle_writes_results_table_and_heatmap(tmp_path, tokenizer_pa
     assert cli.main(too_long) == 2 and not (tmp_path / "refused").exists()
     assert "600 prompt tokens + 48 new tokens = 648 exceeds the checkpoint's max_position_embeddings 512" in \
         capsys.readouterr().err
+
+
+def test_training_exercises_end_with_the_answer_and_never_use_eval_cities(tokenizer, haystack):
+    texts = needle.training_texts(haystack, tokenizer, 6, min_length=100, max_length=300)
+    assert len(set(texts)) == 6
+    for text in texts:
+        head, answer = text.rsplit("ASSISTANT: ", 1)
+        assert head.startswith(needle.SYSTEM_PROMPT) and answer in head
+        assert any(f"magic {city} number" in answer for city in needle.TRAIN_CITIES)
+        assert not any(f"magic {city} number" in text for city in needle.EVAL_CITIES)
+        assert len(tokenizer.encode(head)) <= 300

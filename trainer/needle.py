@@ -105,6 +105,7 @@ class Trial:
     round: int
     prompt: tuple[int, ...]
     expected: tuple[str, ...]  # strings that must all appear in the answer
+    reference: str  # an ideal answer (the asked needles' sentences; the chain's names)
     needle_offsets: tuple[int, ...]  # token offset in the prompt of each inserted sentence, in order
 
 
@@ -153,28 +154,30 @@ def _name(rng: random.Random) -> str:
     return "".join(rng.choice(string.ascii_uppercase) for _ in range(5))
 
 
-def _statements(config: NeedleConfig, rng: random.Random) -> tuple[list[str], list[str], str]:
-    """The sentences to insert (asked one first), the strings a correct answer contains, the question."""
+def _statements(config: NeedleConfig, rng: random.Random) -> tuple[list[str], list[str], str, str]:
+    """The sentences to insert (asked one first), the strings a correct answer contains, the question
+    and an ideal answer."""
     if config.task == "needle":
         cities = rng.sample(list(config.cities), config.needles)
         numbers = [_number(rng, 7) for _ in cities]
         sentences = [needle_sentence(c, n) for c, n in zip(cities, numbers)]
         question = " ".join(needle_question(c) for c in cities[:config.ask])
-        return sentences, numbers[:config.ask], question
+        return sentences, numbers[:config.ask], question, " ".join(sentences[:config.ask])
     values = rng.sample(range(10000, 100000), config.needles)
     chains = []
     for value in values:
         names = [_name(rng) for _ in range(config.hops + 1)]
         chains.append((names, [f"VAR {names[0]} = {value}."] +
                        [f"VAR {b} = {a}." for a, b in zip(names, names[1:])]))
-    return [s for _, c in chains for s in c], chains[0][0], variable_question(str(values[0]))
+    names = chains[0][0]
+    return [s for _, c in chains for s in c], names, variable_question(str(values[0])), ", ".join(names) + "."
 
 
 def build_trial(haystack: Haystack, encode: Callable[[str], Sequence[int]], bos_id: int, config: NeedleConfig,
                 length: int, depth: float, round_index: int) -> Trial:
     """The prompt of one (length, depth, round) cell: exactly ``length`` tokens (module docstring)."""
     rng = random.Random(f"{config.seed}/{config.task}/{length}/{depth}/{round_index}")
-    sentences, expected, question = _statements(config, rng)
+    sentences, expected, question, reference = _statements(config, rng)
     prefix = list(encode(f"{SYSTEM_PROMPT} USER:"))
     suffix = list(encode(f"{question} ASSISTANT:"))
     inserts = [list(encode(s)) for s in sentences]
@@ -196,7 +199,7 @@ def build_trial(haystack: Haystack, encode: Callable[[str], Sequence[int]], bos_
     prompt = [bos_id, *prefix, *body, *suffix]
     assert len(prompt) == length
     return Trial(config.task, length, depth, round_index, tuple(int(t) for t in prompt), tuple(expected),
-                 tuple(offset for _, offset in sorted(offsets)))
+                 reference, tuple(offset for _, offset in sorted(offsets)))
 
 
 def _insertion_points(config: NeedleConfig, pieces, depth: float, count: int, rng: random.Random) -> list[int]:
@@ -222,6 +225,23 @@ def trials(haystack: Haystack, encode, bos_id: int, config: NeedleConfig) -> lis
     """Every trial of the sweep: lengths × depths × rounds, in that order."""
     return [build_trial(haystack, encode, bos_id, config, length, depth, r)
             for length in config.lengths for depth in config.depths for r in range(config.rounds)]
+
+
+def training_texts(haystack: Haystack, tokenizer, count: int, *, min_length: int = 128, max_length: int = 960,
+                   seed: int = 1, task: str = "needle") -> list[str]:
+    """``count`` retrieval exercises as plain documents (for ``lwm data books``, which adds BOS/EOS):
+    a prompt as the eval builds it (random length in [min_length, max_length] tokens, random depth)
+    followed by the ideal answer. Cities come from ``TRAIN_CITIES`` and numbers from a seed
+    namespace of their own, so no eval needle is ever trained on."""
+    rng = random.Random(f"training/{seed}/{task}")
+    texts = []
+    for index in range(count):
+        length, depth = rng.randint(min_length, max_length), round(rng.random(), 3)
+        config = NeedleConfig(lengths=(length,), depths=(depth,), task=task, cities=TRAIN_CITIES,
+                              seed=seed + 1_000_003)
+        trial = build_trial(haystack, tokenizer.encode, tokenizer.bos_id, config, length, depth, index)
+        texts.append(f"{tokenizer.decode(trial.prompt[1:])} {trial.reference}")
+    return texts
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -299,6 +319,7 @@ def run(sampler, tokenizer, haystack_texts: Sequence[str], config: NeedleConfig,
                     answer = tokenizer.decode(answer_ids)
                     record = {"task": trial.task, "length": trial.length, "depth": trial.depth, "round": trial.round,
                               "expected": ", ".join(trial.expected), "expected_values": list(trial.expected),
+                              "reference": trial.reference,
                               "needle_offset": trial.needle_offsets[0], "needle_offsets": list(trial.needle_offsets),
                               "answer": answer, "correct": score(answer, trial.expected)}
                     out.write(json.dumps(record) + "\n")
