@@ -6,8 +6,8 @@ mixture for --steps CPU steps (one device, dense attention: the same math as the
 sp=4, faster on two cores), then runs `lwm eval needle` at 512–2048 tokens, all depths, and prints
 the table (and where the heatmap is).
 
-    .venv/bin/python benchmarks/needle_demo.py [--workdir /tmp/needle_demo] [--steps 400]
-        [--retrieval-weight 0.5] [--examples 3000]
+    .venv/bin/python benchmarks/needle_demo.py [--workdir /tmp/needle_demo] [--steps 800]
+        [--retrieval-weight 0.7] [--examples 3000]
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from orchestration import cli, demo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/needle_demo")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--retrieval-weight", type=float, default=0.5)
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--retrieval-weight", type=float, default=0.7)
     parser.add_argument("--examples", type=int, default=demo.RETRIEVAL_EXAMPLES)
     parser.add_argument("--lengths", default=demo.NEEDLE_LENGTHS)
     args = parser.parse_args()
@@ -52,7 +52,7 @@ def main() -> None:
     print(f"trained {args.steps} steps in {time.time() - start:.0f}s", flush=True)
     code = cli.main(["eval", "needle", "--ckpt", str(run_dir), "--tokenizer", str(work / "tokenizer.model"),
                      "--lengths", args.lengths, "--depths", "0,0.25,0.5,0.75,1", "--rounds", "4",
-                     "--max-tokens", "24", "--out", str(work / "needle")])
+                     "--out", str(work / "needle")])
     raise SystemExit(code)
 
 

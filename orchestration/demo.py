@@ -100,7 +100,8 @@ def train(workdir: pathlib.Path) -> None:
           f"metrics in {run_dir / 'metrics.jsonl'}, TensorBoard events in {run_dir / 'tensorboard'}")
 
 
-RETRIEVAL_EXAMPLES = 3000  # synthetic needle exercises mixed into the demo's training data
+RETRIEVAL_EXAMPLES = 6000  # synthetic needle exercises mixed into the demo's training data
+RETRIEVAL_LENGTHS = (160, 512)  # prompt tokens of an exercise: short, so answers are a large share of the loss
 NEEDLE_LENGTHS = "512,1024,1536,2048"
 
 
@@ -111,7 +112,8 @@ def retrieval_data(workdir: pathlib.Path) -> None:
 
     _banner("synthetic needle-retrieval exercises from the books → packed shards")
     corpus = write_retrieval(workdir / "raw" / "retrieval.jsonl", workdir / "raw" / "books.jsonl",
-                             str(workdir / "tokenizer.model"), RETRIEVAL_EXAMPLES, max_length=SEQ_LEN - 64)
+                             str(workdir / "tokenizer.model"), RETRIEVAL_EXAMPLES,
+                             min_length=RETRIEVAL_LENGTHS[0], max_length=RETRIEVAL_LENGTHS[1])
     print(f"wrote {corpus} ({RETRIEVAL_EXAMPLES} needle prompts with their answers)")
     _lwm("data", "books", "--input", str(corpus), "--output", str(workdir / "data" / "retrieval"),
          "--tokenizer", str(workdir / "tokenizer.model"), "--seq-len", str(SEQ_LEN), "--num-shards", "2",
@@ -123,7 +125,7 @@ def needle(workdir: pathlib.Path) -> None:
     and the heatmap's path."""
     _banner("needle in a haystack: the demo model's retrieval accuracy, context length × depth")
     _lwm("eval", "needle", "--ckpt", str(workdir / "runs" / "tiny"), "--tokenizer", str(workdir / "tokenizer.model"),
-         "--lengths", NEEDLE_LENGTHS, "--depths", "0,0.25,0.5,0.75,1", "--rounds", "2", "--max-tokens", "24",
+         "--lengths", NEEDLE_LENGTHS, "--depths", "0,0.25,0.5,0.75,1", "--rounds", "2",
          "--out", str(workdir / "needle"))
 
 

@@ -132,3 +132,18 @@ def test_generate_cli_streams_a_completion(ckpt, tmp_path, tokenizer_path, capsy
     code = cli.main(["generate", "--ckpt", str(ckpt), "--tokenizer", tokenizer_path,
                      "--prompt", "x", "--image", str(tmp_path / "x.png")])
     assert code == 2 and "--vqgan" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_cli_draws_an_image_through_the_vqgan(ckpt, tmp_path, tokenizer_path):
+    from PIL import Image
+
+    from pipelines.vqgan import SMALL, VQGAN
+
+    VQGAN.init_random(SMALL, seed=0).save(str(tmp_path / "vqgan"))
+    code = cli.main(["generate", "--ckpt", str(ckpt), "--tokenizer", tokenizer_path, "--prompt", "a red circle",
+                     "--chat", "--temperature", "1", "--image", str(tmp_path / "out.png"),
+                     "--vqgan", str(tmp_path / "vqgan")])
+    assert code == 0
+    with Image.open(tmp_path / "out.png") as image:
+        assert image.size == (256, 256) and image.mode == "RGB"
