@@ -20,6 +20,7 @@ batch means); ``loss`` combines them as the run's ``LossConfig`` does.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Sequence
@@ -60,7 +61,8 @@ def fixed_batches(path: str, seq_len: int, batch_size: int, num_batches: int, sp
         raise ValueError(f"{path}: {manifest.records} records cannot fill one eval batch of {batch_size}")
     count = min(num_batches, manifest.records // batch_size)
     records = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))[:count * batch_size]
-    batches = records.map(packed.decode).batch(batch_size).map(PrepareBatch(seq_len, sp, layout))
+    decode = functools.partial(packed.decode, seq_len=seq_len)
+    batches = records.map(decode).batch(batch_size).map(PrepareBatch(seq_len, sp, layout))
     return [batches[i] for i in range(count)]
 
 
@@ -68,7 +70,7 @@ def combine(metrics: Sequence[dict[str, float]], loss_config: LossConfig) -> dic
     """Per-batch metrics of ``loss_and_metrics`` → one set: modality means weighted by their
     weight sums, ``loss`` as ``loss_config`` combines modalities."""
     out: dict[str, float] = {}
-    alphas = {"text": loss_config.text_weight, "vision": loss_config.vision_weight}
+    alphas = {"text": loss_config.text_share, "vision": loss_config.vision_share}
     num = den = 0.0
     for modality, alpha in alphas.items():
         weights = np.array([m.get(f"{modality}_weight", 0.0) for m in metrics])
@@ -138,6 +140,8 @@ def log_metrics(log, step: int, metrics: dict[str, float]) -> None:
     """Eval metrics through the trainer's ``MetricsLog``: a progress line, ``metrics.jsonl``, TensorBoard."""
     if not log.enabled:
         return
+    if log.file is None:
+        log._open()  # MetricsLog opens its files at the first write
     log.file.write(json.dumps({"step": step, **metrics}) + "\n")
     log.file.flush()
     if log.writer is not None:
