@@ -38,7 +38,7 @@ def main() -> None:
         demo.RETRIEVAL_EXAMPLES = args.examples
         demo.retrieval_data(work)
     run_dir = work / "runs" / "tiny"
-    mixture = ", ".join(f"{{path: '{work / 'data' / name / f'seq{demo.SEQ_LEN}'}', weight: {weight}}}"
+    mixture = ", ".join(f"{{path: '{work / 'data' / name / f'seq{demo.SEQ_LEN}'}', proportion: {weight}}}"
                         for name, weight in (("books", 1 - args.retrieval_weight), ("retrieval", args.retrieval_weight)))
     argv = ["train", "configs/train_tiny.yaml", "--set", f"run_dir={run_dir}", "--set", f"data.datasets=[{mixture}]",
             "--set", f"steps={args.steps}", "--set", "mesh={dp: 1, fsdp: 1, sp: 1, tp: 1}",
