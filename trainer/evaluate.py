@@ -140,8 +140,7 @@ def log_metrics(log, step: int, metrics: dict[str, float]) -> None:
     """Eval metrics through the trainer's ``MetricsLog``: a progress line, ``metrics.jsonl``, TensorBoard."""
     if not log.enabled:
         return
-    if log.file is None:
-        log._open()  # MetricsLog opens its files at the first write
+    log.open()  # no-op when the trainer has opened it
     log.file.write(json.dumps({"step": step, **metrics}) + "\n")
     log.file.flush()
     if log.writer is not None:
