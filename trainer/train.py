@@ -46,7 +46,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from trainer import checkpoint, optimizer, run_dir
+from trainer import checkpoint, evaluate, optimizer, run_dir
 from trainer.config import TrainConfig, write_resolved
 from trainer.data import Loader
 from trainer.loss import LossConfig, loss_and_metrics
@@ -343,8 +343,9 @@ def train(config: TrainConfig) -> TrainResult:
                 if jax.process_index() == 0:
                     write_resolved(config)
                 log.message(startup_summary(config, mesh, loader.manifests, origin))
+                evaluator = evaluate.Evaluator.for_run(config, mesh, LWM(config.model, attention_fn(mesh, config.model)))
                 log.open()
-                return _loop(config, _Session(state, step_fn, loader, mngr, log, stop), step)
+                return _loop(config, _Session(state, step_fn, loader, mngr, log, stop, evaluator), step)
         finally:
             log.close()
             loader.close()
@@ -372,6 +373,7 @@ class _Session:
     mngr: Any
     log: MetricsLog
     stop: _StopSignals
+    evaluator: Any = None  # trainer.evaluate.Evaluator of the eval: section, if on
 
 
 def _loop(config: TrainConfig, run: _Session, step: int) -> TrainResult:
@@ -388,6 +390,8 @@ def _loop(config: TrainConfig, run: _Session, step: int) -> TrainResult:
         if step % config.log.every == 0 or step == config.steps:
             last = {**_host_metrics(micro), "learning_rate": float(lr(step - 1)), **throughput(step)}
             run.log.write(step, config.steps, last)
+        if run.evaluator is not None and evaluate.due(config.eval, step, config.steps):
+            evaluate.log_metrics(run.log, step, run.evaluator(run.state.params))
         signum = run.stop.requested()
         if signum and step < config.steps:
             _save(config, run, step)
