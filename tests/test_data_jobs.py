@@ -93,6 +93,8 @@ def test_flags_follow_types_defaults_and_docs():
     assert flags.from_args(_Outer, parser.parse_args(["--size", "1"])) == _Outer(1)
     with pytest.raises(argparse.ArgumentError):
         parser.parse_args(["--size", "1", "--mode", "c"])
+    with pytest.raises(ValueError, match="^--limit much: could not convert"):
+        flags.from_args(_Outer, parser.parse_args(["--size", "1", "--limit", "much"]))
 
 
 def test_two_fields_with_one_flag_name_are_refused():
