@@ -6,9 +6,11 @@ SentencePiece's batch encode would otherwise use every core).
 Per core: the pipeline's tokens/s over wall time divided by its worker count
 (CPU time would hide idle time).
 
-Utilization = non-pad tokens / all tokens at L = 32768 for documents of 10K–100K
-tokens (the paper's 32K-stage filter), on a synthetic corpus of that shape, beside
-the naive one-document-per-sequence layout (each piece padded to L).
+Utilization = non-pad tokens / all tokens, packed as the pipeline packs (pack groups
+chosen from the data, beside the former fixed 16 groups and the naive one example per
+sequence), for three mixes of realistic sizes: text documents of 10K–100K tokens at
+L = 32768 (the paper's 32K-stage filter), images (256 codes + caption) at L = 1024,
+videos (4–31 frames) at L = 8192.
 
     .venv/bin/python benchmarks/books_pipeline.py [--books 40] [--workers 2]
 """
@@ -28,6 +30,7 @@ import sentencepiece
 
 from orchestration import cli, sample_data
 from pipelines import packing
+from pipelines.naming import stable_hash
 from schemas import manifest
 
 
@@ -61,35 +64,52 @@ def efficiency(workdir: pathlib.Path, books: int, workers: int) -> dict:
     }
 
 
-def utilization(documents: int = 3000, seq_len: int = 32768, groups: int = 16, seed: int = 0) -> dict:
-    """Pack documents with log-uniform lengths in [10K, 100K) tokens, as the pipeline does."""
-    rng = random.Random(seed)
-    lengths = [int(10_000 * 10 ** rng.random()) for _ in range(documents)]
-    per_group: dict[int, list[packing.Segment]] = {}
-    naive_sequences = 0
-    for index, length in enumerate(lengths):
-        segment = packing.text_segment(f"d{index}", np.zeros(length, np.int32))
-        pieces = packing.cut(segment, seq_len)
-        naive_sequences += len(pieces)
-        per_group.setdefault(index % groups, []).extend(pieces)
-    sequences = sum(len(packing.pack(group, seq_len)) for group in per_group.values())
-    tokens = sum(lengths)
-    return {
-        "documents": documents,
-        "pack_groups": groups,
-        "utilization_packed": round(tokens / (sequences * seq_len), 4),
-        "utilization_one_document_per_sequence": round(tokens / (naive_sequences * seq_len), 4),
-    }
+def _segments(kind: str, count: int, rng: random.Random) -> list[packing.Segment]:
+    """Synthetic segments of realistic sizes: text documents of 10K–100K tokens (log-uniform, cut at
+    32K); images as 256 codes + eov + a 10–60-token caption with its tags; videos as 4–31 frames of 257."""
+    segments = []
+    for index in range(count):
+        if kind == "text":
+            segment = packing.text_segment(f"d{index}", np.zeros(int(10_000 * 10 ** rng.random()), np.int32))
+            segments.extend(packing.cut(segment, 32768))
+            continue
+        frames = 1 if kind == "image-text" else rng.randint(4, 31)
+        text, vision = rng.randint(10, 60) + 6, frames * 257
+        mask = np.concatenate([np.zeros(text, bool), np.ones(vision, bool)])
+        segments.append(packing.Segment((f"v{index}", 0), np.zeros(len(mask), np.int32), mask,
+                                        np.ones(len(mask), np.float32)))
+    return segments
+
+
+MIXES = {"text": (3000, 32768), "image-text": (2000, 1024), "video-text": (500, 8192)}  # examples, L
+
+
+def utilization(kind: str, max_groups: int = 16, seed: int = 0) -> dict:
+    """Packing utilization of one mix as the pipeline packs it: groups chosen from the data
+    (``packing.pack_groups``) beside the former fixed ``max_groups`` hash groups."""
+    count, seq_len = MIXES[kind]
+    segments = _segments(kind, count, random.Random(seed))
+    tokens = sum(len(s) for s in segments)
+    result = {"mix": kind, "examples": count, "seq_len": seq_len, "tokens": tokens}
+    for label, groups in (("fixed", max_groups), ("from_data", packing.pack_groups(tokens, seq_len, max_groups))):
+        per_group: dict[int, list[packing.Segment]] = {}
+        for segment in segments:
+            per_group.setdefault(stable_hash(segment.key[0]) % groups, []).append(segment)
+        sequences = sum(len(packing.pack(group, seq_len)) for group in per_group.values())
+        result[f"groups_{label}"] = groups
+        result[f"utilization_{label}"] = round(tokens / (sequences * seq_len), 4)
+    result["utilization_one_example_per_sequence"] = round(tokens / (len(segments) * seq_len), 4)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--books", type=int, default=40)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--documents", type=int, default=3000)
     args = parser.parse_args()
     print(json.dumps({"cpu_count": os.cpu_count()}))
-    print(json.dumps(utilization(args.documents)))
+    for kind in MIXES:
+        print(json.dumps(utilization(kind)))
     with tempfile.TemporaryDirectory() as workdir:
         print(json.dumps(efficiency(pathlib.Path(workdir), args.books, args.workers)))
 

@@ -22,7 +22,9 @@ def summary(directory: str, manifest: manifest_lib.Manifest) -> str:
         f"job       {manifest.job} ({manifest.name}), seq_len {manifest.seq_len}, created {manifest.created_at}",
         f"tokenizer {manifest.tokenizer.get('uri') or manifest.tokenizer.get('path')} (sha256 {manifest.tokenizer.get('sha256', '')[:12]}…)",
         f"records   {manifest.records} in {len(manifest.shards)} shard(s), "
-        f"{sum(s.bytes for s in manifest.shards) / max(total, 1):.3f} bytes/token on disk",
+        f"{sum(s.bytes for s in manifest.shards) / max(total, 1):.3f} bytes/token on disk, "
+        + (f"{manifest.payload_bytes / max(total, 1):.3f} bytes/token of record payload" if manifest.payload_bytes
+           else "record payload not recorded"),
         f"tokens    {manifest.tokens} + {manifest.pad_tokens} padding "
         f"(pad fraction {manifest.pad_tokens / max(total, 1):.4f}, utilization {manifest.utilization:.4f})",
         "inputs    " + ", ".join(f"{k} {v}" for k, v in counts.items() if k != "dead_letter"),

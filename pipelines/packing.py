@@ -92,6 +92,22 @@ def cut(segment: Segment, seq_len: int) -> list[Segment]:
     return [_piece(segment, start, min(start + seq_len, len(segment)), start + seq_len >= len(segment)) for start in starts]
 
 
+SEQUENCES_PER_GROUP = 64  # sequences' worth of tokens a pack group needs before the data is split further
+
+
+def pack_groups(tokens: int, seq_len: int, max_groups: int) -> int:
+    """How many groups to pack a bucket of ``tokens`` tokens in, each packed on its own.
+
+    Groups exist for parallelism but cost utilization when each holds only a
+    handful of examples (every group leaves its own partly filled sequences).
+    So a bucket is split only as far as every group keeps
+    :data:`SEQUENCES_PER_GROUP` sequences' worth of tokens, and never into more
+    than ``max_groups``: small and vision datasets pack as one group, large text
+    buckets in ``max_groups``.
+    """
+    return max(1, min(max_groups, tokens // (seq_len * SEQUENCES_PER_GROUP)))
+
+
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Bins of item indices: longest items first, each into the fullest bin it still fits.
 

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 import shutil
 
 import numpy as np
@@ -127,6 +128,8 @@ def test_inspect_shows_summary_and_marked_segments(job, capsys):
     assert cli.main(["data", "inspect", str(job / "seq1024")]) == 0
     out = capsys.readouterr().out
     assert "utilization" in out and "dead      " in out and "segment 1" in out and "[loss 1:" in out
+    disk, payload = (float(x) for x in re.search(r"([\d.]+) bytes/token on disk, ([\d.]+) bytes/token of record", out).groups())
+    assert 0 < payload < disk  # ArrayRecord adds framing and padding around the records
 
 
 def test_read_and_dedupe_steps_in_a_test_pipeline(tmp_path):

@@ -99,3 +99,9 @@ def test_the_module_docstring_example_is_what_pack_does():
     assert examples[1]["segment_ids"].tolist() == [1, 1, 1, 1, 1, 2, 2, 2]
     assert examples[1]["positions"].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
     assert examples[1]["loss_weights"].tolist() == [0, 1, 1, 1, 1, 0, 1, 1]
+
+
+def test_pack_groups_split_a_bucket_only_as_far_as_each_group_fills_sequences():
+    assert packing.pack_groups(7_000, 1024, 16) == 1  # the demo's image-text set: one group, not 16 half-empty ones
+    assert packing.pack_groups(1024 * packing.SEQUENCES_PER_GROUP * 3, 1024, 16) == 3
+    assert packing.pack_groups(10**9, 32768, 16) == 16
