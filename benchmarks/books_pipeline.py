@@ -12,7 +12,10 @@ sequence), for three mixes of realistic sizes: text documents of 10K–100K toke
 L = 32768 (the paper's 32K-stage filter), images (256 codes + caption) at L = 1024,
 videos (4–31 frames) at L = 8192.
 
-    .venv/bin/python benchmarks/books_pipeline.py [--books 40] [--workers 2]
+    .venv/bin/python benchmarks/books_pipeline.py [--books 40] [--workers 1 2] [--src CHECKOUT]
+
+Also printed: bytes moved through the job's shuffles per input token (before and
+after shuffling only what must move), and each run's peak RSS.
 """
 
 from __future__ import annotations
@@ -22,46 +25,101 @@ import json
 import os
 import pathlib
 import random
+import subprocess
+import sys
 import tempfile
 import time
+import typing
 
 import numpy as np
 import sentencepiece
 
+from apache_beam import coders
+
 from orchestration import cli, sample_data
-from pipelines import packing
+from pipelines import dataset, packing, sources
 from pipelines.naming import stable_hash
-from schemas import manifest
+from pipelines.text_tokenizer import SpecialTokens, TextTokenizer
+from schemas import manifest, packed, raw
 
 
-def efficiency(workdir: pathlib.Path, books: int, workers: int) -> dict:
+def _corpus(workdir: pathlib.Path, books: int) -> tuple[pathlib.Path, str]:
     corpus = sample_data.write_books(workdir / "books.jsonl", books, min_sentences=2000, max_sentences=6000, seed=1)
     tokenizer_path = str(workdir / "tok.model")
     cli.main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "2000", "--output", tokenizer_path])
+    return corpus, tokenizer_path
+
+
+def efficiency(workdir: pathlib.Path, corpus: pathlib.Path, tokenizer_path: str, workers: int, src: str) -> dict:
+    """The job (``src``'s code) in its own process: tokens/s per core against plain SentencePiece, peak RSS."""
     texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
     plain = sentencepiece.SentencePieceProcessor(model_file=tokenizer_path)
     start = time.perf_counter()
     tokens = sum(len(ids) for ids in plain.encode(texts, num_threads=1))
     baseline = tokens / (time.perf_counter() - start)  # one process, one thread
+    del texts
 
     args = ["data", "books", "--input", str(corpus), "--output", str(workdir / "out"), "--tokenizer", tokenizer_path,
             "--seq-len", "32768", "--overwrite"]
     if workers > 1:
         args += ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
     start = time.perf_counter()
-    cli.main(args)
+    process = subprocess.Popen([sys.executable, "-m", "orchestration.cli", *args], env={**os.environ, "PYTHONPATH": src},
+                               stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
+    assert status == 0, f"the job failed ({status})"
     result = manifest.read(str(workdir / "out" / "seq32768"), verify_hashes=False)
     pipeline = result.tokens / seconds / workers
     return {
-        "corpus_tokens": tokens,
+        "corpus_tokens": result.tokens,
         "sentencepiece_tokens_per_s_per_core": round(baseline),
         "pipeline_tokens_per_s_per_core": round(pipeline),
         "pipeline_seconds": round(seconds, 1),
         "workers": workers,
         "efficiency": round(pipeline / baseline, 3),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024),  # the largest process (runner or worker)
+        "peak_rss_bytes_per_token": round(usage.ru_maxrss * 1024 / result.tokens, 1),
         "bytes_per_token_on_disk": round(sum(s.bytes for s in result.shards) / (result.tokens + result.pad_tokens), 3),
     }
+
+
+def shuffle_bytes(corpus: pathlib.Path, tokenizer_path: str, seq_len: int = 32768, groups: int = 16) -> dict:
+    """Bytes per input token through each shuffle of the books job, encoded with the coders Beam uses there.
+
+    Untyped elements go through Beam's ``FastPrimitivesCoder`` (pickling objects);
+    the packing shuffle's elements are typed, so :class:`~pipelines.dataset.SegmentCoder`
+    encodes them. "before" is the job as it was: whole documents through the dedupe
+    shuffle and pickled segments through the packing shuffle.
+    """
+    pickled = coders.registry.get_coder(typing.Any)
+    typed = coders.registry.get_coder(dataset._GROUPED_SEGMENT)
+    tokenizer = TextTokenizer(tokenizer_path)
+    with open(corpus, "rb") as stream:
+        documents = list(raw.iter_documents(stream, str(corpus)))
+    moved = dict.fromkeys(["dedupe_before", "dedupe_after", "pack_before", "pack_after", "shards"], 0)
+    tokens = 0
+    per_group: dict[int, list[packing.Segment]] = {}
+    for document in documents:
+        moved["dedupe_before"] += len(pickled.encode((document.id, document)))
+        moved["dedupe_after"] += len(pickled.encode(sources._position(document)))
+        framed = tokenizer.frame(tokenizer.encode(document.text), SpecialTokens())
+        tokens += len(framed)
+        for piece in packing.cut(packing.text_segment(document.id, framed), seq_len):
+            key = (seq_len, stable_hash(document.id) % groups)
+            moved["pack_before"] += len(pickled.encode((key, piece)))
+            moved["pack_after"] += len(typed.encode((key, piece)))
+            per_group.setdefault(key[1], []).append(piece)
+    for group, segments in per_group.items():
+        for index, sequence in enumerate(packing.pack(segments, seq_len)):
+            record = dataset.PackedRecord(seq_len, group, index, packed.encode(**packing.to_example(sequence, seq_len)),
+                                          sum(map(len, sequence)), {"text": 0})
+            moved["shards"] += len(pickled.encode(((seq_len, 0, 1), record)))
+    before = moved["dedupe_before"] + moved["pack_before"] + moved["shards"]
+    after = moved["dedupe_after"] + moved["pack_after"] + moved["shards"]
+    return {"input_tokens": tokens, **{f"{k}_bytes_per_token": round(v / tokens, 3) for k, v in moved.items()},
+            "total_before_bytes_per_token": round(before / tokens, 3),
+            "total_after_bytes_per_token": round(after / tokens, 3)}
 
 
 def _segments(kind: str, count: int, rng: random.Random) -> list[packing.Segment]:
@@ -105,13 +163,20 @@ def utilization(kind: str, max_groups: int = 16, seed: int = 0) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--books", type=int, default=40)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1])
+    parser.add_argument("--src", default=str(pathlib.Path(__file__).resolve().parents[1]),
+                        help="the project checkout whose job is measured (e.g. an older commit, for before/after)")
+    parser.add_argument("--skip-utilization", action="store_true")
     args = parser.parse_args()
-    print(json.dumps({"cpu_count": os.cpu_count()}))
-    for kind in MIXES:
-        print(json.dumps(utilization(kind)))
+    print(json.dumps({"cpu_count": os.cpu_count(), "src": args.src}))
+    if not args.skip_utilization:
+        for kind in MIXES:
+            print(json.dumps(utilization(kind)))
     with tempfile.TemporaryDirectory() as workdir:
-        print(json.dumps(efficiency(pathlib.Path(workdir), args.books, args.workers)))
+        corpus, tokenizer_path = _corpus(pathlib.Path(workdir), args.books)
+        print(json.dumps(shuffle_bytes(corpus, tokenizer_path)))
+        for workers in args.workers:
+            print(json.dumps(efficiency(pathlib.Path(workdir), corpus, tokenizer_path, workers, args.src)))
 
 
 if __name__ == "__main__":

@@ -188,6 +188,24 @@ def write_shard(path: str, records: list[bytes]) -> manifest_lib.ShardInfo:
     return manifest_lib.ShardInfo(os.path.basename(path), len(records), size, sha256)
 
 
+class SegmentCoder(beam.coders.Coder):
+    """Beam's coder for :class:`~pipelines.packing.Segment` (:func:`~pipelines.packing.segment_to_bytes`):
+    the packing shuffle moves about 2 bytes per token instead of a pickle of three arrays."""
+
+    def encode(self, segment: packing.Segment) -> bytes:
+        return packing.segment_to_bytes(segment)
+
+    def decode(self, data: bytes) -> packing.Segment:
+        return packing.segment_from_bytes(data)
+
+    def is_deterministic(self) -> bool:
+        return True
+
+
+beam.coders.registry.register_coder(packing.Segment, SegmentCoder)
+_GROUPED_SEGMENT = beam.typehints.Tuple[beam.typehints.Tuple[int, int], packing.Segment]
+
+
 def _key_by_group(item, groups: dict[int, int]):
     """(seq_len, Segment) → ((seq_len, group), Segment), the group a stable hash of the document id."""
     seq_len, segment = item
@@ -300,7 +318,7 @@ class WritePackedDatasets(beam.PTransform):
         )
         records = (
             inputs["segments"]
-            | "KeyByGroup" >> beam.Map(_key_by_group, beam.pvalue.AsDict(groups))
+            | "KeyByGroup" >> beam.Map(_key_by_group, beam.pvalue.AsDict(groups)).with_output_types(_GROUPED_SEGMENT)
             | "GroupForPacking" >> beam.GroupByKey()
             | "Pack" >> beam.FlatMap(_pack_group)
         )

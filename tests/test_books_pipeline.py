@@ -136,21 +136,13 @@ def test_read_and_dedupe_steps_in_a_test_pipeline(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"id": "x", "text": "first"}\n{"id": "y", "text": "only"}\n')
     (tmp_path / "b.jsonl").write_text('{"id": "x", "text": "second"}\n')
     with BeamTestPipeline() as pipeline:
-        read = (
-            pipeline
-            | beam.Create([str(tmp_path / "*.jsonl")])
-            | beam.io.fileio.MatchAll()
-            | beam.io.fileio.ReadMatches()
-            | beam.ParDo(sources.ReadRecords(raw.iter_documents))
-            | beam.Map(lambda d: (d.id, d))
-            | beam.GroupByKey()
-            | beam.FlatMap(sources.first_of_duplicates)
-        )
-        summary = read | beam.Map(lambda d: (type(d).__name__, d.id, getattr(d, "text", d.reason if hasattr(d, "reason") else "")))
-        assert_that(
-            summary,
-            equal_to([("Document", "x", "first"), ("Document", "y", "only"), ("DeadLetter", "x", "duplicate_id")]),
-        )
+        read = pipeline | sources.ReadUnique([str(tmp_path / "*.jsonl")], raw.iter_documents)
+        kept = read["records"] | "Kept" >> beam.Map(lambda d: (d.id, d.text))
+        letters = read["dead_letters"] | beam.Map(lambda d: (d.id, d.reason, d.detail, d.source))
+        assert_that(kept, equal_to([("x", "first"), ("y", "only")]), label="kept")
+        assert_that(letters, equal_to([("x", "duplicate_id", f"id first seen at {tmp_path}/a.jsonl:1",
+                                         f"{tmp_path}/b.jsonl:1")]), label="letters")
+        assert_that(read["input_examples"], equal_to([3]), label="count")
 
 
 def test_bucket_assignment_cuts_and_counts():
