@@ -193,7 +193,10 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, renames: Mapping[st
             kwargs["choices"] = typing.get_args(inner)
         elif typing.get_origin(inner) is tuple and not meta.get("parse"):
             kwargs["nargs"] = "+"
-        kwargs["metavar"] = meta.get("metavar") or name.upper().replace("-", "_")
+        if "choices" not in kwargs:
+            kwargs["metavar"] = meta.get("metavar") or name.upper().replace("-", "_")
+        if _optional(leaf.type)[1] and default is not None:
+            doc += " ('none' unsets it)"
         if default is dataclasses.MISSING:
             kwargs["required"] = True
         else:

@@ -46,7 +46,8 @@ class Job:
     build: Callable[[beam.Pipeline, Any], Any]  # adds the job to a pipeline (given the config)
     check: Callable[[Any], tuple[int, int]]  # raises ValueError for a bad input, else (input files, bytes); never writes
     help: str  # one line for ``lwm data --help``
-    renames: Mapping[str, str] = dataclasses.field(default_factory=dict)  # flag names for fields of foreign configs
+    # Flag names for fields of configs owned elsewhere, by dotted path (None: keep off the CLI).
+    renames: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
 
     def run(self, config, options: PipelineOptions | None = None, *, dry_run: bool = False) -> "JobResult":
         """``pipelines.books.run(config, options)``: see :func:`run`."""
