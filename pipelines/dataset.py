@@ -203,6 +203,7 @@ class SegmentCoder(beam.coders.Coder):
 
 
 beam.coders.registry.register_coder(packing.Segment, SegmentCoder)
+_ROUTED_SEGMENT = beam.typehints.Tuple[int, packing.Segment]
 _GROUPED_SEGMENT = beam.typehints.Tuple[beam.typehints.Tuple[int, int], packing.Segment]
 
 
@@ -309,15 +310,18 @@ class WritePackedDatasets(beam.PTransform):
     def expand(self, inputs):
         spec = self.spec
         pipeline = inputs["segments"].pipeline
+        # Typed here, inside the producer's fused stage: every later copy of the segments (held for the
+        # group-count side input, then shuffled) is in SegmentCoder's compact form, whatever the job.
+        segments = inputs["segments"] | "Typed" >> beam.Map(lambda kv: kv).with_output_types(_ROUTED_SEGMENT)
         groups = (
-            inputs["segments"]
+            segments
             | "SegmentTokens" >> beam.Map(lambda kv: (kv[0], len(kv[1])))
             | "BucketTokens" >> beam.CombinePerKey(sum)
             | "PackGroups" >> beam.MapTuple(
                 lambda seq_len, tokens: (seq_len, packing.pack_groups(tokens, seq_len, spec.output.pack_groups)))
         )
         records = (
-            inputs["segments"]
+            segments
             | "KeyByGroup" >> beam.Map(_key_by_group, beam.pvalue.AsDict(groups)).with_output_types(_GROUPED_SEGMENT)
             | "GroupForPacking" >> beam.GroupByKey()
             | "Pack" >> beam.FlatMap(_pack_group)
