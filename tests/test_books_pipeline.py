@@ -200,6 +200,6 @@ def test_readers_refuse_records_whose_length_is_not_the_manifests_seq_len(job, t
     text["seq_len"] = 512
     (copy / "manifest.json").write_text(json.dumps(text))
     assert cli.main(["data", "inspect", str(copy)]) == 2
-    assert "holds 1024 tokens but the manifest says seq_len 512" in capsys.readouterr().err
+    assert "packed record has sequence length 1024, not the expected seq_len 512" in capsys.readouterr().err
     with pytest.raises(ValueError, match="seq_len 512"):
         next(inspection.records(str(copy)))

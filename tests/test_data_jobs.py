@@ -86,7 +86,7 @@ def test_flags_follow_types_defaults_and_docs():
     by_flag = {a.option_strings[0]: a for a in parser._actions if a.option_strings and a.dest != "help"}
     assert set(by_flag) == {"--size", "--no-on", "--mode", "--limit", "--names"}
     assert by_flag["--size"].required and by_flag["--size"].help == "How big."
-    assert by_flag["--limit"].help == "at most this many (a continued entry). (default: 2.5)"
+    assert by_flag["--limit"].help == "at most this many (a continued entry). ('none' unsets it) (default: 2.5)"
     assert by_flag["--mode"].choices == ("a", "b")
     args = parser.parse_args(["--size", "3", "--no-on", "--mode", "b", "--limit", "none", "--names", "p", "q"])
     assert flags.from_args(_Outer, args) == _Outer(3, _Inner(False, "b"), None, ("p", "q"))
@@ -142,7 +142,7 @@ def test_data_job_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         cli.main(["data", "books", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--pack-groups PACK_GROUPS Hash groups per bucket packed independently" in out
+    assert "--pack-groups PACK_GROUPS Most hash groups per bucket packed independently" in out
     assert "(default: 16)" in out and "(default: 256)" in out and "--dry-run" in out
 
 
