@@ -7,7 +7,9 @@ Pipeline (every step deterministic and stateless given the seed)::
       → shuffle (seeded, per dataset; reshuffled every epoch) → repeat forever
       → mix the datasets with their weights (``MapDataset.mix``: a fixed interleave
         in the configured proportions)
-      → this host's share of the records (strided slice)
+      → this host's block of every global batch (``HostBlocks``: the same records a
+        single process puts in those rows, so the global batch does not depend on
+        the number of processes)
       → decode (``schemas.packed.decode``) → batch
       → next-token targets in natural order (``trainer.loss.next_token_targets``)
       → ring layout of the sequence axis (``trainer.ring_attention.layout_permutation``)
@@ -17,6 +19,9 @@ Pipeline (every step deterministic and stateless given the seed)::
 Every element is a function of its index alone, so the batches do not depend on
 the worker count, and the iterator's state (``Loader.iterator``, a Grain
 ``DatasetIterator``) is a position that a checkpoint saves and restores exactly.
+Batch ``k`` of every process is its block of global batch ``k``: the position is
+the same on every process, which is what lets a run resume on another number of
+processes (``trainer.data_position``).
 
 Batch arrays, all ``[B, S]`` in the ring layout: ``tokens``, ``vision_mask``,
 ``segment_ids``, ``positions`` and the targets ``targets``, ``target_vision_mask``,
@@ -77,6 +82,29 @@ def _dataset_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
+class HostBlocks(grain.MapDataset):
+    """Block ``block`` of ``num_blocks`` equal row blocks of every global batch, in order.
+
+    With ``rows`` records per block, element ``i`` is record
+    ``(i // rows) * rows * num_blocks + block * rows + i % rows`` of the parent:
+    batching this by ``rows`` gives exactly rows ``block * rows ...`` of the batch a
+    single process builds from the parent, and reads no other record.
+    """
+
+    def __init__(self, parent: grain.MapDataset, num_blocks: int, block: int, rows: int):
+        super().__init__(parent)
+        self.num_blocks, self.block, self.rows = num_blocks, block, rows
+
+    def __len__(self) -> int:
+        return len(self._parent) // (self.rows * self.num_blocks) * self.rows
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self.rows)
+        return self._parent[(batch * self.num_blocks + self.block) * self.rows + row]
+
+
 class PrepareBatch:
     """Grain map on a natural-order batch: adds next-token targets, applies the ring layout.
 
@@ -97,8 +125,9 @@ def dataset(config: DataConfig, manifests: list[manifest_lib.Manifest], *, batch
             columns: slice = slice(None)) -> grain.IterDataset:
     """The Grain pipeline of the module docstring, yielding numpy batches ``[batch_size, S]``.
 
-    This host reads records ``shard_index, shard_index + num_shards, ...`` of the
-    mixed stream; ``sp`` is the number of ring shards of the layout.
+    This host reads row block ``shard_index`` of ``num_shards`` blocks of
+    ``batch_size`` rows of every global batch (``HostBlocks``); ``sp`` is the
+    number of ring shards of the layout.
     """
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index {shard_index} is not in [0, {num_shards})")
@@ -108,7 +137,7 @@ def dataset(config: DataConfig, manifests: list[manifest_lib.Manifest], *, batch
     ]
     weights = [d.weight for d in config.datasets]
     mixed = grain.MapDataset.mix(sources, weights) if len(sources) > 1 else sources[0]
-    records = mixed[shard_index::num_shards].map(packed.decode)
+    records = HostBlocks(mixed, num_shards, shard_index, batch_size).map(packed.decode)
     batches = records.batch(batch_size, drop_remainder=True)
     batches = batches.map(PrepareBatch(config.seq_len, sp, config.layout, columns))
     stream = batches.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_threads))
