@@ -156,14 +156,6 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(books
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
 
 
-def test_multihost_is_detected_from_the_environment():
-    assert not train_lib.multihost_environment({})
-    assert not train_lib.multihost_environment({"SLURM_NTASKS": "1", "TPU_WORKER_HOSTNAMES": "localhost"})
-    assert train_lib.multihost_environment({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"})
-    assert train_lib.multihost_environment({"JAX_NUM_PROCESSES": "2"})
-    assert train_lib.multihost_environment({"OMPI_COMM_WORLD_SIZE": "16"})
-
-
 def test_init_from_loads_another_runs_params_for_a_new_theta_and_length(tmp_path):
     previous = config_lib.load("configs/train_tiny.yaml")
     saved = init_params(previous.model, jax.random.key(1))

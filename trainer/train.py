@@ -18,15 +18,17 @@
   without saving, so the newest checkpoint stays the last good one;
 - process 0 writes a progress line, ``RUN_DIR/metrics.jsonl`` and TensorBoard events
   (``RUN_DIR/tensorboard``) every ``log.every`` updates;
-- on several hosts (detected from the environment) ``jax.distributed.initialize()``
-  runs first and every process saves its own loader position.
+- on several hosts (``trainer.distributed``: cluster detection or ``LWM_*`` variables)
+  the process joins the job first; every process reads its block of each batch and
+  saves its own loader position; all of them stop together on SIGTERM and on a
+  non-finite loss (both are decided from global values). ``run_dir`` may be shared
+  storage (``gs://``): files go through ``trainer.run_files``, checkpoints through orbax.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import threading
 import time
@@ -37,11 +39,13 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from trainer import checkpoint, optimizer
+from schemas import storage
+from trainer import checkpoint, distributed, optimizer
 from trainer.config import TrainConfig, write_resolved
 from trainer.data import Loader
 from trainer.loss import LossConfig, loss_and_metrics
 from trainer.model import LWM, ModelConfig, abstract_params, init_params, param_shapes
+from trainer.run_files import SyncedDir, SyncedFile
 from trainer.sharding import activate, attention_fn, batch_sharding, make_mesh, param_shardings, validate
 
 # Dense bf16 peak per chip, for the MFU estimate (vendor data sheets).
@@ -65,13 +69,6 @@ class TrainResult:
     step: int
     preempted: bool
     metrics: dict[str, float]
-
-
-def multihost_environment(env: Mapping[str, str]) -> bool:
-    """True when ``env`` says this process is one of several (TPU pod, SLURM, MPI, explicit)."""
-    counts = (env.get("JAX_NUM_PROCESSES"), env.get("SLURM_NTASKS"), env.get("OMPI_COMM_WORLD_SIZE"))
-    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    return len(hosts) > 1 or any(c is not None and c.isdigit() and int(c) > 1 for c in counts)
 
 
 def make_train_step(model: LWM, tx: optax.GradientTransformation, loss_config: LossConfig) -> Callable:
@@ -110,21 +107,23 @@ class MetricsLog:
         self.enabled = enabled
         self.writer = None
         if enabled:
-            self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+            self.file = SyncedFile(storage.join(run_dir, "metrics.jsonl"))
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
-                self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+                self.events = SyncedDir(storage.join(run_dir, "tensorboard"))
+                self.writer = SummaryWriter(self.events.local)
 
     def write(self, step: int, total: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
+        self.file.sync()
         if self.writer is not None:
             for name, value in metrics.items():
                 self.writer.add_scalar(f"train/{name}", value, step)
             self.writer.flush()
+            self.events.sync()
         vision = f"{metrics['vision_loss']:.4f}" if metrics.get("vision_weight") else "-"
         mfu = f"{100 * metrics['mfu']:.1f}%" if "mfu" in metrics else "n/a"
         print(f"step {step}/{total} | loss {metrics['loss']:.4f} (text {metrics['text_loss']:.4f}, "
@@ -140,6 +139,7 @@ class MetricsLog:
             self.file.close()
             if self.writer is not None:
                 self.writer.close()
+                self.events.close()
 
 
 class _Preemption:
@@ -174,8 +174,8 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 def init_from_params(config: TrainConfig, shardings: Any) -> Any:
     """The newest params of ``checkpoint.init_from``, checked to fit this run's model."""
     source = config.checkpoint.init_from
-    nested = os.path.join(source, "checkpoints")
-    ckpt_dir = nested if os.path.isdir(nested) else source
+    nested = storage.join(source, "checkpoints")
+    ckpt_dir = nested if storage.listdir(nested) else source
     saved = checkpoint.restore_model_config(ckpt_dir)
     if param_shapes(saved) != param_shapes(config.model):
         differ = {k: (v, getattr(config.model, k)) for k, v in saved.to_dict().items()
@@ -228,8 +228,7 @@ class _Throughput:
 
 def train(config: TrainConfig) -> TrainResult:
     """Runs ``config`` from its newest checkpoint (or from scratch) to ``config.steps``."""
-    if multihost_environment(os.environ) and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    distributed.join()
     accum = config.optimizer.grad_accum_steps
     micro_batch = config.data.batch_size // accum
     mesh = make_mesh(config.mesh)
@@ -237,7 +236,7 @@ def train(config: TrainConfig) -> TrainResult:
     is_main = jax.process_index() == 0
     if is_main:
         write_resolved(config)
-    ckpt_dir = os.path.join(config.run_dir, "checkpoints")
+    ckpt_dir = storage.join(config.run_dir, "checkpoints")
     model = LWM(config.model, attention_fn(mesh, config.model))
     tx = optimizer.make(config.optimizer, config.steps)
     lr = optimizer.schedule(config.optimizer, config.steps)
@@ -291,7 +290,7 @@ def _initial_state(config: TrainConfig, mngr, loader: Loader, tx, state_sh: Trai
         params, opt_state = checkpoint.restore_train_state(
             mngr, latest, params=_abstract(param_shapes(config.model), state_sh.params),
             opt_state=_abstract(jax.eval_shape(tx.init, param_shapes(config.model)), state_sh.opt_state),
-            data_iter=loader.iterator)
+            data_iter=loader.iterator, data_position=latest * config.optimizer.grad_accum_steps)
         log.message(f"resumed from checkpoint {latest} in {mngr.directory}")
         return TrainState(params, opt_state), latest
     if config.checkpoint.init_from:
