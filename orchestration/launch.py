@@ -141,7 +141,6 @@ def launch(config_path: str | None, overrides: Sequence[str] = (), processes: in
     devices do not split over ``processes`` or its hosts do not fit ``mesh.dcn``.
     """
     env = dict(os.environ if env is None else env)
-    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     config = config_lib.load(config_path, overrides)
     if processes < 1:
         raise ValueError(f"--processes must be at least 1, got {processes}")
@@ -149,20 +148,31 @@ def launch(config_path: str | None, overrides: Sequence[str] = (), processes: in
     if devices % processes:
         raise ValueError(f"the mesh needs {devices} devices, which do not split over {processes} processes")
     dcn_shape(config.mesh, config.mesh.resolve(devices), processes)
-    coordinator = f"127.0.0.1:{free_port()}"
     command = [sys.executable, "-m", "orchestration.cli", "train"] + ([config_path] if config_path else [])
     for override in overrides:
         command += ["--set", override]
-    logs = storage.join(config.run_dir, "logs")
-    stdout.write(f"lwm train: {processes} processes x {devices // processes} CPU devices, coordinator "
-                 f"{coordinator}, logs in {logs}\n")
+    return run_processes(command, processes, devices // processes, storage.join(config.run_dir, "logs"),
+                         env=env, stdout=stdout, stderr=stderr)
+
+
+def run_processes(command: Sequence[str], processes: int, devices: int, logs: str, *,
+                  env: Mapping[str, str] | None = None, stdout: IO[str] | None = None,
+                  stderr: IO[str] | None = None) -> int:
+    """Runs ``command`` as ``processes`` joined processes of ``devices`` CPU devices each; as ``launch``.
+
+    ``logs``: the folder (any filesystem) for ``process-{i}.log``.
+    """
+    env = dict(os.environ if env is None else env)
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    coordinator = f"127.0.0.1:{free_port()}"
+    stdout.write(f"lwm train: {processes} processes x {devices} CPU devices, coordinator {coordinator}, "
+                 f"logs in {logs}\n")
     stdout.flush()
     started: list[_Process] = []
-    stop = _Forwarder(started)
     try:
-        with stop:
+        with _Forwarder(started):
             for i in range(processes):
-                started.append(_start(i, command, process_env(env, devices // processes, coordinator, processes, i),
+                started.append(_start(i, list(command), process_env(env, devices, coordinator, processes, i),
                                       storage.join(logs, f"process-{i}.log"), stdout, stderr))
             return _supervise(started, stderr, logs)
     finally:

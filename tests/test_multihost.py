@@ -1,0 +1,130 @@
+"""Several processes as one job: environment join, the mesh over hosts, the loader, the launcher.
+
+Real multi-process runs use ``orchestration.launch.run_processes`` on this machine:
+N processes × D/N simulated CPU devices, gloo collectives, a coordinator on 127.0.0.1.
+The fast cases run the loader alone (``tests/multihost_loader_job.py``); whole training
+runs are ``slow`` (``tests/test_multihost_training.py``).
+"""
+
+import io
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from orchestration import launch
+from trainer import config as config_lib
+from trainer import distributed
+from trainer.data import BATCH_KEYS, Loader
+from trainer.sharding import DcnConfig, MeshConfig, dcn_shape, device_grid, make_mesh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _fake_devices(hosts, per_host, slices=False):
+    return [types.SimpleNamespace(id=i, process_index=i // per_host, platform="cpu", device_kind="cpu",
+                                  slice_index=i // per_host if slices else None)
+            for i in range(hosts * per_host)]
+
+
+def _ids(grid):
+    return np.vectorize(lambda d: d.id)(grid)
+
+
+@pytest.mark.parametrize("slices", [False, True])
+def test_dcn_dp_2_by_ici_sp_4_puts_each_hosts_devices_on_one_sp_ring(slices):
+    grid = device_grid(MeshConfig(dp=2, fsdp=1, sp=4, tp=1), _fake_devices(2, 4, slices))
+    assert grid.shape == (2, 1, 4, 1)
+    assert _ids(grid[0, 0, :, 0]).tolist() == [0, 1, 2, 3]
+    assert _ids(grid[1, 0, :, 0]).tolist() == [4, 5, 6, 7]
+
+
+def test_hosts_go_to_dp_then_fsdp_unless_dcn_says_otherwise():
+    assert dcn_shape(MeshConfig(dp=1, fsdp=2, sp=4), (1, 2, 4, 1), 2) == (1, 2, 1, 1)
+    assert dcn_shape(MeshConfig(dp=2, fsdp=4), (2, 4, 1, 1), 4) == (2, 2, 1, 1)
+    assert dcn_shape(MeshConfig(dp=1, fsdp=2, sp=4), (1, 2, 4, 1), 1) == (1, 1, 1, 1)
+    ring_across = MeshConfig(dp=1, fsdp=2, sp=4, dcn=DcnConfig(fsdp=2, sp=2))
+    assert dcn_shape(ring_across, (1, 2, 4, 1), 4) == (1, 2, 2, 1)
+    grid = device_grid(ring_across, _fake_devices(4, 2))
+    assert _ids(grid[0, 0, :, 0]).tolist() == [0, 1, 2, 3]  # the ring crosses hosts 0 and 1
+
+
+@pytest.mark.parametrize("mesh, hosts, message", [
+    (MeshConfig(dp=1, fsdp=1, sp=8), 2, r"dp \* fsdp = 1 .* cannot be split over 2 hosts"),
+    (MeshConfig(dp=1, fsdp=2, sp=4, dcn=DcnConfig(tp=2)), 2, "mesh.dcn.tp = 2 does not divide mesh axis tp = 1"),
+    (MeshConfig(dp=1, fsdp=2, sp=4, dcn=DcnConfig(fsdp=2)), 1, "spans 2 hosts, but the job has 1"),
+])
+def test_a_mesh_that_does_not_fit_the_hosts_is_refused_naming_the_axis(mesh, hosts, message):
+    with pytest.raises(ValueError, match=message):
+        dcn_shape(mesh, mesh.resolve(8), hosts)
+
+
+def test_one_process_mesh_is_unchanged():
+    mesh = make_mesh(MeshConfig(dp=1, fsdp=2, sp=4, tp=1))
+    assert dict(mesh.shape) == {"dp": 1, "fsdp": 2, "sp": 4, "tp": 1}
+    assert [d.id for d in mesh.devices.ravel()] == list(range(8))
+
+
+def test_explicit_variables_join_and_partial_ones_are_refused():
+    env = {"LWM_COORDINATOR": "10.0.0.1:1234", "LWM_NUM_PROCESSES": "4", "LWM_PROCESS_ID": "3"}
+    assert distributed.multihost_environment(env) == distributed.Join("explicit", "10.0.0.1:1234", 4, 3)
+    assert distributed.explicit_join({}) is None
+    with pytest.raises(ValueError, match="LWM_PROCESS_ID not"):
+        distributed.explicit_join({k: v for k, v in env.items() if k != "LWM_PROCESS_ID"})
+    with pytest.raises(ValueError, match=r"LWM_PROCESS_ID='4' is not an integer in \[0, 4\)"):
+        distributed.explicit_join({**env, "LWM_PROCESS_ID": "4"})
+    with pytest.raises(ValueError, match="is not HOST:PORT"):
+        distributed.explicit_join({**env, "LWM_COORDINATOR": "10.0.0.1"})
+
+
+def test_slurm_job_is_detected_by_jax(monkeypatch):
+    for name, value in {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2",
+                        "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.multihost_environment({}) == distributed.Join("SlurmCluster")
+
+
+def test_launcher_refuses_a_mesh_that_does_not_split_over_the_processes():
+    with pytest.raises(ValueError, match="needs 8 devices, which do not split over 3 processes"):
+        launch.launch(os.path.join(ROOT, "configs/train_tiny.yaml"), [], 3)
+    with pytest.raises(ValueError, match="cannot be split over 4 hosts"):
+        launch.launch(os.path.join(ROOT, "configs/train_tiny.yaml"), [], 4)
+
+
+def _sets(books_dataset):
+    return [f"data.datasets=[{{path: '{books_dataset}'}}]", "data.seq_len=512", "data.batch_size=4"]
+
+
+def _loader_job(tmp_path, name, processes, batches, sets, restore=None, save=None):
+    """Runs the loader job as ``processes`` processes; returns its gathered global batches."""
+    out = tmp_path / f"{name}.npz"
+    command = [sys.executable, os.path.join(ROOT, "tests", "multihost_loader_job.py"), str(out), str(batches)]
+    command += ["--restore", str(restore)] * bool(restore) + ["--save", str(save)] * bool(save)
+    for s in sets:
+        command += ["--set", s]
+    err = io.StringIO()
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    code = launch.run_processes(command, processes, 8 // processes, str(tmp_path / name), env=env,
+                                stdout=io.StringIO(), stderr=err)
+    assert code == 0, err.getvalue()
+    with np.load(out) as saved:
+        return {k: saved[k] for k in BATCH_KEYS}
+
+
+def test_global_batches_do_not_depend_on_the_process_count_even_across_a_resume(books_dataset, tmp_path):
+    sets = _sets(books_dataset)
+    config = config_lib.load(os.path.join(ROOT, "configs/train_tiny.yaml"), sets)
+    loader = Loader(config.data, make_mesh(config.mesh))
+    expected = [{k: np.asarray(v) for k, v in next(loader).items()} for _ in range(10)]
+    loader.close()
+    one = _loader_job(tmp_path, "one", 1, 4, sets, save=tmp_path / "at4")
+    two = _loader_job(tmp_path, "two", 2, 3, sets, restore=tmp_path / "at4", save=tmp_path / "at7")
+    saved = sorted(f for f in os.listdir(tmp_path / "at7" / "7" / "data_iter") if f.startswith("process_"))
+    assert saved == ["process_0-of-2.json", "process_1-of-2.json"]
+    back = _loader_job(tmp_path, "back", 1, 3, sets, restore=tmp_path / "at7")
+    for key in BATCH_KEYS:
+        together = np.concatenate([one[key], two[key], back[key]])
+        assert together.tobytes() == np.stack([e[key] for e in expected]).tobytes(), key
+    assert os.path.getsize(tmp_path / "two" / "process-1.log") > 0
