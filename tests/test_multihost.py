@@ -7,10 +7,12 @@ runs are ``slow`` (``tests/test_multihost_training.py``).
 """
 
 import io
+import json
 import os
 import sys
 import types
 
+import jax
 import numpy as np
 import pytest
 
@@ -128,3 +130,41 @@ def test_global_batches_do_not_depend_on_the_process_count_even_across_a_resume(
         together = np.concatenate([one[key], two[key], back[key]])
         assert together.tobytes() == np.stack([e[key] for e in expected]).tobytes(), key
     assert os.path.getsize(tmp_path / "two" / "process-1.log") > 0
+
+
+@pytest.fixture
+def remote(tmp_path, monkeypatch):
+    """The fake object store of ``tests/fake_remote_fs.py`` (``fakegcs://``), rooted in a temporary folder."""
+    from tests.fake_remote_fs import FakeRemoteFileSystem
+
+    monkeypatch.setattr(FakeRemoteFileSystem, "root", str(tmp_path / "bucket"))
+    return tmp_path / "bucket"
+
+
+def test_metrics_config_and_tensorboard_go_to_a_remote_run_dir_and_continue_on_resume(remote):
+    from trainer.train import MetricsLog
+
+    config = config_lib.load(os.path.join(ROOT, "configs/train_tiny.yaml"), ["run_dir=fakegcs://runs/tiny"])
+    assert config_lib.write_resolved(config) == "fakegcs://runs/tiny/config.yaml"
+    assert config_lib.load(str(remote / "runs/tiny/config.yaml")) == config
+    metrics = {"loss": 2.0, "text_loss": 2.0, "vision_loss": 0.0, "learning_rate": 1e-3, "grad_norm": 1.0,
+               "tokens_per_s": 10.0}
+    for step in (1, 2):  # a run, then its resumed continuation
+        log = MetricsLog(config.run_dir, enabled=True, tensorboard=True)
+        log.write(step, 2, metrics)
+        log.close()
+    with open(remote / "runs/tiny/metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(remote / "runs/tiny/tensorboard"))
+
+
+def test_vqgan_saves_to_and_loads_from_remote_storage(remote):
+    from pipelines.vqgan import SMALL, VQGAN
+
+    saved = VQGAN.init_random(SMALL, seed=0)
+    saved.save("fakegcs://models/vq")
+    assert sorted(os.listdir(remote / "models/vq")) == ["config.json", "params.safetensors"]
+    loaded = VQGAN.load("fakegcs://models/vq")
+    assert loaded.config == saved.config
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(saved.params)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))

@@ -16,14 +16,17 @@ which is how several processes are tested on one machine.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
-from typing import Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
+import orbax.checkpoint as ocp
 
 COORDINATOR = "LWM_COORDINATOR"
 NUM_PROCESSES = "LWM_NUM_PROCESSES"
 PROCESS_ID = "LWM_PROCESS_ID"
+COMPILE_BARRIER_S = 1800  # how long processes wait for each other to finish compiling the train step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,3 +90,17 @@ def join(env: Mapping[str, str] = os.environ) -> Join | None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(how.coordinator, how.num_processes, how.process_id)
     return how
+
+
+def compile_together(step_fn: Any, state: Any, batches: Iterator[Any]) -> tuple[Callable, Iterator[Any]]:
+    """``step_fn`` (jitted) compiled for ``state`` and the next batch, then a wait for every process.
+
+    The first run of a program opens its gloo contexts, which fail when a peer arrives
+    more than 30 s later (a slower compile, a compilation-cache miss on one host); the
+    coordination service's barrier here has a long timeout instead. Returns the compiled
+    step and the batches, the one peeked at first.
+    """
+    first = next(batches)
+    compiled = step_fn.lower(state, first).compile()
+    ocp.multihost.sync_global_processes("lwm_train_step_compiled", timeout=COMPILE_BARRIER_S)
+    return compiled, itertools.chain([first], batches)

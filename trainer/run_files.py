@@ -20,6 +20,7 @@ def _local_place(path: str) -> tuple[str, str | None]:
     """(local path to write, scratch folder to remove later or None) for ``path``."""
     if storage.is_local(path):
         return storage.absolute(path), None
+    storage.makedirs(path.rstrip("/").rsplit("/", 1)[0])  # a no-op on object stores
     scratch = tempfile.mkdtemp(prefix="lwm-run-")
     return os.path.join(scratch, path.rstrip("/").rsplit("/", 1)[-1]), scratch
 
@@ -58,6 +59,8 @@ class SyncedDir:
         self.path = path
         self.local, self.scratch = _local_place(path)
         os.makedirs(self.local, exist_ok=True)
+        if self.scratch:
+            storage.makedirs(path)
 
     def sync(self) -> None:
         if not self.scratch:

@@ -256,12 +256,15 @@ def train(config: TrainConfig) -> TrainResult:
                     mngr, at, params=state.params, opt_state=state.opt_state, model_config=config.model,
                     data_iter=loader.iterator, train_config=config.to_dict(), force=force)
 
+            batches = iter(loader)
+            if jax.process_count() > 1 and step < config.steps:
+                step_fn, batches = distributed.compile_together(step_fn, state, batches)
             throughput = _Throughput(config, step)
             last: dict[str, float] = {}
             while step < config.steps:
                 micro = []
                 for _ in range(accum):
-                    state, metrics = step_fn(state, next(loader))
+                    state, metrics = step_fn(state, next(batches))
                     micro.append(metrics)
                 step += 1
                 _check_finite(micro, step, mngr.latest_step(), ckpt_dir)
