@@ -168,3 +168,33 @@ def test_vqgan_saves_to_and_loads_from_remote_storage(remote):
     assert loaded.config == saved.config
     for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(saved.params)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_a_saved_position_moves_to_zero_prefetch_workers_and_is_refused_for_another_worker_count(
+        books_dataset, tmp_path):
+    import dataclasses
+
+    import orbax.checkpoint as ocp
+
+    from trainer.data_position import DataPositionError, DataPositionRestore, DataPositionSave
+
+    config = config_lib.load(os.path.join(ROOT, "configs/train_tiny.yaml"), _sets(books_dataset))
+    mesh = make_mesh(config.mesh)
+    with_workers = dataclasses.replace(config.data, worker_count=2)
+    saving = Loader(with_workers, mesh)
+    for _ in range(3):
+        next(saving)
+    options = ocp.CheckpointManagerOptions(create=True)
+    with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data_iter",), options=options) as mngr:
+        mngr.save(3, args=ocp.args.Composite(data_iter=DataPositionSave(saving.iterator)))
+        mngr.wait_until_finished()
+        expected = np.asarray(next(saving)["tokens"])
+        saving.close()
+        in_process = Loader(config.data, mesh)
+        mngr.restore(3, args=ocp.args.Composite(data_iter=DataPositionRestore(in_process.iterator, 3)))
+        assert np.asarray(next(in_process)["tokens"]).tobytes() == expected.tobytes()
+        other = Loader(dataclasses.replace(config.data, worker_count=3), mesh)
+        with pytest.raises(DataPositionError, match="saved with another data.worker_count"):
+            mngr.restore(3, args=ocp.args.Composite(data_iter=DataPositionRestore(other.iterator, 3)))
+        other.close()

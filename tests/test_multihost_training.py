@@ -36,11 +36,12 @@ def books256(sample_books, tokenizer_path, tmp_path_factory):
     """The books fixture packed at seq_len 256."""
     from pipelines import books
     from pipelines.buckets import Bucket
+    from pipelines.output import OutputConfig
     from pipelines.runner import pipeline_options
 
     output = tmp_path_factory.mktemp("books256")
-    books.run(books.BooksConfig(inputs=(str(sample_books),), output=str(output), tokenizer=tokenizer_path,
-                                buckets=(Bucket(256),), num_shards=2), pipeline_options([]))
+    books.run(books.BooksConfig(inputs=(str(sample_books),), tokenizer=tokenizer_path,
+                                output=OutputConfig(str(output), (Bucket(256),), num_shards=2)), pipeline_options([]))
     return output / "seq256"
 
 
@@ -53,7 +54,7 @@ def env(tmp_path_factory):
 
 
 def _sets(run_dir, *datasets):
-    listed = ", ".join(f"{{path: '{path}', weight: {weight}}}" for path, weight in datasets)
+    listed = ", ".join(f"{{path: '{path}', proportion: {share}}}" for path, share in datasets)
     return [f"run_dir={run_dir}", f"data.datasets=[{listed}]", "data.seq_len=256", "data.batch_size=2",
             f"steps={STEPS}", "optimizer.schedule=warmup_constant", "optimizer.warmup_steps=2",
             "optimizer.learning_rate=3e-3", "checkpoint.save_every=2", "checkpoint.keep=10", "log.every=1",

@@ -26,6 +26,10 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+class DataPositionError(ValueError):
+    """The saved data position cannot be moved to this run's processes or prefetch workers."""
+
+
 _FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 
 
@@ -37,7 +41,7 @@ def _layout(state: Any) -> Any:
 
 
 def _agreed_state(directory) -> dict[str, Any]:
-    """The state all saving processes wrote; ValueError when some are missing or they differ."""
+    """The state all saving processes wrote; ValueError when some are missing (damage), DataPositionError when they differ."""
     files = {}
     for path in directory.iterdir():
         match = _FILE.fullmatch(path.name)
@@ -53,7 +57,7 @@ def _agreed_state(directory) -> dict[str, Any]:
                          "the checkpoint is incomplete")
     states = [json.loads(files[(i, count)].read_text()) for i in range(count)]
     if any(s != states[0] for s in states[1:]):
-        raise ValueError(f"{directory}: the {count} saving processes stood at different data positions, so "
+        raise DataPositionError(f"{directory}: the {count} saving processes stood at different data positions, so "
                          f"there is no global position to resume from on {jax.process_count()} processes")
     return states[0]
 
@@ -71,7 +75,7 @@ class DataPositionHandler(grain.checkpoint.CheckpointHandler):
             try:
                 grain.experimental.set_next_index(iterator, position)
             except NotImplementedError:
-                raise ValueError(
+                raise DataPositionError(
                     "the checkpoint's data position was saved with another data.worker_count; Grain keeps one "
                     "position per prefetch worker and cannot move a multi-worker iterator to a global position, "
                     "so resume with the saved data.worker_count or with data.worker_count=0") from None
