@@ -41,7 +41,7 @@ def _layout(state: Any) -> Any:
 
 
 def _agreed_state(directory) -> dict[str, Any]:
-    """The state all saving processes wrote; ValueError when some are missing (damage), DataPositionError when they differ."""
+    """The state all saving processes wrote: ValueError when some are missing, DataPositionError when they differ."""
     files = {}
     for path in directory.iterdir():
         match = _FILE.fullmatch(path.name)
