@@ -148,7 +148,7 @@ def test_metrics_config_and_tensorboard_go_to_a_remote_run_dir_and_continue_on_r
     assert config_lib.write_resolved(config) == "fakegcs://runs/tiny/config.yaml"
     assert config_lib.load(str(remote / "runs/tiny/config.yaml")) == config
     metrics = {"loss": 2.0, "text_loss": 2.0, "vision_loss": 0.0, "learning_rate": 1e-3, "grad_norm": 1.0,
-               "tokens_per_s": 10.0}
+               "tokens_per_s": 10.0, "elapsed_s": 1.0, "eta_s": 1.0}
     for step in (1, 2):  # a run, then its resumed continuation
         log = MetricsLog(config.run_dir, enabled=True, tensorboard=True)
         log.write(step, 2, metrics)
