@@ -363,9 +363,9 @@ class _Session:
 def _loop(config: TrainConfig, run: _Session, step: int) -> TrainResult:
     """Steps from ``step`` to ``config.steps``: update, check, log, stop on a signal, save on schedule."""
     lr = optimizer.schedule(config.optimizer, config.steps)
-    batches = iter(run.loader)
+    batches = run.loader
     if jax.process_count() > 1 and step < config.steps:
-        run.step_fn, batches = distributed.compile_together(run.step_fn, run.state, batches)
+        run.step_fn, batches = distributed.compile_together(run.step_fn, run.state, run.loader)
     throughput, last = _Throughput(config, step), {}
     while step < config.steps:
         micro = []
