@@ -105,9 +105,10 @@ def _pump(stream: IO[str], process: _Process, lock: threading.Lock, echo: IO[str
 def _start(index: int, command: list[str], env: dict[str, str], log_path: str,
            stdout: IO[str], stderr: IO[str]) -> _Process:
     first = index == 0
+    log = SyncedFile(log_path)  # before the process starts: a log that cannot be written leaves nothing running
     popen = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, bufsize=1,
                              stderr=subprocess.PIPE if first else subprocess.STDOUT, start_new_session=True)
-    process = _Process(index, popen, SyncedFile(log_path), collections.deque(maxlen=TAIL_LINES), [])
+    process = _Process(index, popen, log, collections.deque(maxlen=TAIL_LINES), [])
     lock = threading.Lock()
     streams = [(popen.stdout, stdout if first else None)] + ([(popen.stderr, stderr)] if first else [])
     for stream, echo in streams:
