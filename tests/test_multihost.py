@@ -198,3 +198,41 @@ def test_a_saved_position_moves_to_zero_prefetch_workers_and_is_refused_for_anot
         with pytest.raises(DataPositionError, match="saved with another data.worker_count"):
             mngr.restore(3, args=ocp.args.Composite(data_iter=DataPositionRestore(other.iterator, 3)))
         other.close()
+
+
+def _python_job(tmp_path, code, processes=2):
+    """Runs ``python -c code`` as a launcher job; returns (exit status, launcher stdout, launcher stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    status = launch.run_processes([sys.executable, "-c", code], processes, 1, str(tmp_path / "logs"),
+                                  stdout=out, stderr=err)
+    return status, out.getvalue(), err.getvalue()
+
+
+PEER = ("import os, signal, sys, time\n"
+        "i = int(os.environ['LWM_PROCESS_ID'])\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
+        "print(f'process {i} of', os.environ['LWM_NUM_PROCESSES'], 'at', os.environ['LWM_COORDINATOR'], flush=True)\n")
+
+
+def test_when_one_process_fails_the_launcher_stops_the_others_and_names_it(tmp_path):
+    code = PEER + ("print(os.getpid(), flush=True)\n"
+                   "if i == 1:\n    print('the last words', flush=True)\n    sys.exit(3)\n"
+                   "time.sleep(600)\n")
+    status, out, err = _python_job(tmp_path, code)
+    assert status == 3
+    assert "process 1 of 2 exited with code 3; stopped the other processes" in err and "    the last words" in err
+    assert "process 0 of 2 at 127.0.0.1:" in out  # process 0's output is streamed
+    for i in range(2):
+        log = (tmp_path / "logs" / f"process-{i}.log").read_text().splitlines()
+        assert log[0].startswith(f"process {i} of 2")
+        assert not os.path.exists(f"/proc/{log[1]}")  # nothing of the job is left running
+
+
+def test_sigterm_to_the_launcher_reaches_every_process(tmp_path):
+    import signal
+    import threading
+
+    code = PEER + "time.sleep(600)\n"
+    threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    status, _, err = _python_job(tmp_path, code)
+    assert status == 143, err
