@@ -1,4 +1,4 @@
-"""Several processes on one machine: training tokens/s of 2 processes × 4 CPU devices against 1 × 8, and checkpoint save time.
+"""Several processes on one machine: tokens/s of 2 processes × 4 CPU devices against 1 × 8, and save time.
 
 Both runs train ``configs/train_tiny.yaml`` (fsdp 2 × sp 4, zigzag ring) on a small
 books dataset built first; tokens/s is the median of the logged steps after the first
