@@ -47,7 +47,8 @@ def build_dataset(workdir: Path, seq_len: int) -> Path:
 
 def _sets(run_dir: Path, dataset: Path, seq_len: int, steps: int) -> list[str]:
     values = [f"run_dir={run_dir}", f"data.datasets=[{{path: '{dataset}'}}]", f"data.seq_len={seq_len}",
-              f"steps={steps}", "log.every=1", f"checkpoint.save_every={steps}", "log.tensorboard=false"]
+              f"steps={steps}", "optimizer.warmup_steps=2", "log.every=1", f"checkpoint.save_every={steps}",
+              "log.tensorboard=false"]
     return [a for v in values for a in ("--set", v)]
 
 
