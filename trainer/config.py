@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from schemas import storage
 from schemas.typed_config import describe, from_mapping, to_plain
 from trainer.loss import LossConfig
 from trainer.model import PRESETS, ModelConfig
@@ -268,10 +269,7 @@ def help_text() -> str:
 
 
 def write_resolved(config: TrainConfig) -> str:
-    """Writes the resolved config to ``RUN_DIR/config.yaml``; returns its path."""
-    os.makedirs(config.run_dir, exist_ok=True)
-    path = os.path.join(config.run_dir, CONFIG_NAME)
-    with open(path + ".tmp", "w") as f:
-        f.write(config.to_yaml())
-    os.replace(path + ".tmp", path)
+    """Writes the resolved config to ``RUN_DIR/config.yaml`` (any filesystem); returns its path."""
+    path = storage.join(config.run_dir, CONFIG_NAME)
+    storage.write_atomically(path, config.to_yaml().encode())
     return path

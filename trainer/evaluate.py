@@ -21,7 +21,6 @@ batch means); ``loss`` combines them as the run's ``LossConfig`` does.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any, Sequence
 
@@ -140,17 +139,9 @@ def due(config: EvalConfig, step: int, total: int) -> bool:
 
 
 def log_metrics(log, step: int, metrics: dict[str, float]) -> None:
-    """Eval metrics through the trainer's ``MetricsLog``: a progress line, ``metrics.jsonl``, TensorBoard."""
-    if not log.enabled:
-        return
-    log.open()  # no-op when the trainer has opened it
-    log.file.write(json.dumps({"step": step, **metrics}) + "\n")
-    log.file.flush()
-    if log.writer is not None:
-        for name, value in metrics.items():
-            log.writer.add_scalar(name, value, step)
-        log.writer.flush()
-    print(f"step {step} | {format_metrics(metrics)}", flush=True)
+    """Eval metrics through the trainer's ``MetricsLog``: ``metrics.jsonl``, TensorBoard, a progress line."""
+    log.record(step, metrics)
+    log.message(f"step {step} | {format_metrics(metrics)}")
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
