@@ -28,6 +28,8 @@ COMMAND_MODULES = (
     "train",
     "stages",
     "convert",
+    "generate",
+    "eval",
     "demo",
 )
 USER_ERROR_EXIT = 2

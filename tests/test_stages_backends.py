@@ -71,7 +71,7 @@ def test_jobset_manifest_parses_with_one_pod_per_host(monkeypatch):
     assert container["resources"]["limits"]["google.com/tpu"] == 4  # 256 chips over 64 hosts
     assert container["command"][-1].startswith("exec lwm stages run /etc/lwm-stages/lwm_text.yaml --backend local")
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["JAX_COORDINATOR_ADDRESS"] == "lwm-text-workers-0-0.lwm-text:8476"
+    assert env["LWM_COORDINATOR"] == "lwm-text-workers-0-0.lwm-text:8476" and env["LWM_NUM_PROCESSES"] == "64"
 
 
 def test_sbatch_script_is_valid_bash(monkeypatch, tmp_path):

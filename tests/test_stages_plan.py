@@ -87,8 +87,9 @@ def test_batch_and_length_must_fit_the_ring_layout():
 
 
 def test_gates_need_something_to_measure():
-    _error(_plan([_stage("a", gate={"max_eval_loss": 3.0})]), r"stages\[a\]: gate.max_eval_loss needs eval.datasets")
-    _error(_plan([_stage("a", eval={"datasets": ["h"]}, gate={"min_needle_accuracy": 0.5})]),
+    _error(_plan([_stage("a", gate={"max_eval_loss": 3.0})]),
+           r"stages\[a\]: gate.max_eval_loss needs eval.datasets and eval.every > 0")
+    _error(_plan([_stage("a", gate={"min_needle_accuracy": 0.5})]),
            r"stages\[a\]: gate.min_needle_accuracy needs needle.lengths")
 
 
@@ -145,4 +146,4 @@ def test_data_job_argv_from_options():
     assert jobs[0].argv(overwrite=True)[-1] == "--overwrite"
     assert len(jobs) == 3
     shared = plan_lib.parse(yaml.safe_load(open("configs/stages/demo.yaml")))
-    assert [len(j.outputs) for j in datasets.data_jobs(shared)] == [3, 1, 1]  # one books run for three buckets
+    assert [len(j.outputs) for j in datasets.data_jobs(shared)] == [3, 1, 1, 1]  # one books run for three buckets

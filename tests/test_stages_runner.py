@@ -19,7 +19,8 @@ def _plan(tmp_path, gate):
         "defaults": {"model": {"preset": "tiny"}, "data": {"batch_size": 2}},
         "stages": [
             {"name": "a", "steps": 4, "data": {"seq_len": 512, "datasets": [{"path": str(tmp_path / "seq512")}]},
-             "eval": {"datasets": [str(tmp_path / "heldout")]}, "needle": {"lengths": [256, 512]}, "gate": gate},
+             "eval": {"datasets": [{"path": str(tmp_path / "heldout")}], "every": 2},
+             "needle": {"lengths": [256, 512]}, "gate": gate},
             {"name": "b", "parent": "a", "steps": 4,
              "data": {"seq_len": 1024, "datasets": [{"path": str(tmp_path / "missing" / "seq1024")}]}},
         ],
@@ -65,7 +66,7 @@ def test_met_gate_lets_the_next_stage_start(tmp_path):
 
 def test_gate_failures_compare_each_threshold():
     plan = plan_lib.parse({"defaults": {"data": {"seq_len": 512}}, "stages": [{
-        "name": "a", "eval": {"datasets": ["h"]}, "needle": {"lengths": [512]},
+        "name": "a", "eval": {"datasets": [{"path": "h"}], "every": 100}, "needle": {"lengths": [512]},
         "gate": {"max_eval_loss": 2.0, "min_needle_accuracy": 0.5}}]})
     stage = plan.stages[0]
     assert evaluation.gate_failures(stage, {"eval_loss": 2.0, "needle_accuracy/512": 0.5}) == []
@@ -75,10 +76,15 @@ def test_gate_failures_compare_each_threshold():
         "eval loss nan > gate.max_eval_loss 2.0", "needle accuracy at 512 tokens None < gate.min_needle_accuracy 0.5"]
 
 
-def test_a_plan_with_eval_is_refused_before_anything_runs_without_an_evaluator(tmp_path):
+def test_needle_is_refused_before_anything_runs_and_eval_loss_comes_from_the_trainer(tmp_path):
     plan = _plan(tmp_path, {"max_eval_loss": 3.0})
-    with pytest.raises(ValueError, match=r"stages \['a'\] ask for evaluation, but this build has no `lwm eval"):
+    with pytest.raises(ValueError, match=r"stages \['a'\] have a needle: section, but the stage runner does not"):
         evaluation.evaluator_for(plan.stages)
+    stage = plan.stage("a")
+    with open(os.path.join(stage.run_dir, "metrics.jsonl"), "w") as f:
+        f.write('{"step": 4, "loss": 2.0}\n{"step": 4, "eval/heldout/loss": 2.5, "eval/other/loss": 3.5}\n')
+    assert evaluation.trainer_eval_loss(stage) == {"eval/heldout/loss": 2.5, "eval/other/loss": 3.5, "eval_loss": 3.0}
+    assert status.last_metrics(stage.run_dir) == {"step": 4, "loss": 2.0}
 
 
 def test_a_stage_whose_runner_was_killed_outright_shows_as_interrupted(tmp_path):

@@ -1,13 +1,14 @@
 """Evaluation between stages and the gates that promote a stage's weights to the next one.
 
 LWM claims 1M tokens of context, yet RULER measures its effective length under 4K:
-promotion should rest on a measurement. A stage's ``eval:`` (held-out loss) and
-``needle:`` run after it finishes; their results are a flat mapping saved in
-``lineage.json``:
+promotion should rest on a measurement. A stage's measurements are a flat mapping
+saved in ``lineage.json``:
 
-- ``eval_loss``: mean held-out loss over ``eval.datasets`` (and ``eval_loss/PATH`` each);
+- ``eval_loss``: the mean over ``eval.datasets`` of the held-out loss the trainer
+  measures at the stage's last step (its ``eval:`` section, ``trainer.evaluate``),
+  with each dataset's ``eval/NAME/loss``;
 - ``needle_accuracy/L``: needle-in-a-haystack accuracy at context length ``L``, over
-  ``needle.depths`` × ``needle.rounds``.
+  ``needle.depths`` × ``needle.rounds`` (the stage's ``needle:``).
 
 An ``Evaluator`` computes them for a stage; ``gate_failures`` compares them with
 ``gate:``. The evaluator is a parameter of the runner, so the gating logic does not
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
+from orchestration.stages import status
 from orchestration.stages.plan import Stage
 
 Evaluator = Callable[[Stage], dict[str, float]]
@@ -28,19 +30,23 @@ def needle_key(length: int) -> str:
 
 
 def evaluator_for(stages: Iterable[Stage]) -> Evaluator:
-    """The evaluator that runs ``stages``' eval sections; ValueError, before anything runs, if it cannot.
+    """The evaluator of ``stages``; ValueError, before anything runs, if it cannot measure what they ask.
 
-    This build has no ``lwm eval loss|needle`` yet, so a plan with ``eval:`` or ``needle:`` is refused.
+    The held-out loss comes from the trainer's own ``eval:`` metrics; the runner does not
+    run `lwm eval needle` yet, so a plan with ``needle:`` is refused.
     """
-    needing = [s.name for s in stages if s.evaluates]
+    needing = [s.name for s in stages if not s.needle.empty]
     if needing:
-        raise ValueError(f"stages {needing} ask for evaluation, but this build has no `lwm eval loss|needle` "
-                         "to run it; remove eval:/needle:/gate: from the plan or install a build with evaluation")
-    return _no_evaluation
+        raise ValueError(f"stages {needing} have a needle: section, but the stage runner does not run "
+                         "`lwm eval needle` yet; run it on the stage's run directory by hand")
+    return trainer_eval_loss
 
 
-def _no_evaluation(stage: Stage) -> dict[str, float]:
-    raise AssertionError(f"stage {stage.name}: evaluation requested of a plan checked to have none")
+def trainer_eval_loss(stage: Stage) -> dict[str, float]:
+    """The held-out loss the trainer logged at the stage's last step, with their mean as ``eval_loss``."""
+    metrics = status.eval_metrics(stage.run_dir, stage.config.steps)
+    losses = {k: v for k, v in metrics.items() if k.endswith("/loss")}
+    return {**losses, "eval_loss": sum(losses.values()) / len(losses)} if losses else {}
 
 
 def gate_failures(stage: Stage, results: dict[str, float]) -> list[str]:

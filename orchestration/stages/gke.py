@@ -4,8 +4,7 @@ The manifest holds two documents: a ConfigMap with the plan file, and a JobSet o
 one Indexed Job with ``hosts`` pods, pinned to the slice by the GKE TPU node
 selectors (accelerator, topology) and requesting the chips of one host each. JobSet's
 headless service gives pod 0 a stable name, the JAX coordinator; each pod's process id
-is its completion index (``jax.distributed`` reads ``JAX_COORDINATOR_ADDRESS``; on
-GKE's TPU nodes it also finds the process count and id itself). ``lwm`` is the
+is its completion index: the ``LWM_*`` variables of ``trainer.distributed``. ``lwm`` is the
 container's main process (``exec``), so Kubernetes' SIGTERM reaches it and the
 running stage saves; JobSet restarts the pods after a failure and the plan resumes
 from its checkpoints.
@@ -40,9 +39,9 @@ def manifest(plan: Plan, launch: LaunchConfig, stage_args: Sequence[str], plan_t
     container: dict[str, Any] = {
         "name": "lwm", "image": launch.image, "command": ["bash", "-c", command],
         "env": [
-            {"name": "JAX_COORDINATOR_ADDRESS", "value": f"{name}-workers-0-0.{name}:{COORDINATOR_PORT}"},
-            {"name": "JAX_NUM_PROCESSES", "value": str(launch.hosts)},
-            {"name": "JAX_PROCESS_ID", "valueFrom": {"fieldRef": {
+            {"name": "LWM_COORDINATOR", "value": f"{name}-workers-0-0.{name}:{COORDINATOR_PORT}"},
+            {"name": "LWM_NUM_PROCESSES", "value": str(launch.hosts)},
+            {"name": "LWM_PROCESS_ID", "valueFrom": {"fieldRef": {
                 "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
         ],
         "ports": [{"containerPort": COORDINATOR_PORT}],

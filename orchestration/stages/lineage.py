@@ -28,8 +28,8 @@ from typing import Any
 from schemas import storage
 
 LINEAGE_NAME = "lineage.json"
-# Variables that number the hosts of a TPU VM pod, an indexed Kubernetes Job and a SLURM job.
-HOST_INDEX_VARIABLES = ("TPU_WORKER_ID", "JOB_COMPLETION_INDEX", "SLURM_PROCID")
+# Variables that number the hosts: trainer.distributed's, a TPU VM pod's, an indexed Kubernetes Job's, SLURM's.
+HOST_INDEX_VARIABLES = ("LWM_PROCESS_ID", "TPU_WORKER_ID", "JOB_COMPLETION_INDEX", "SLURM_PROCID")
 
 
 def is_first_host(env: dict[str, str] | None = None) -> bool:

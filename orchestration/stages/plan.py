@@ -14,7 +14,7 @@ A plan (``configs/stages/*.yaml``)::
       - name: text-128k
         parent: text-32k             # start from its final params, fresh optimizer
         model: {rope_theta: 1.0e+7}
-        eval: {datasets: [...]}        # held-out loss after the stage
+        eval: {datasets: [...], every: 500}   # the trainer's held-out loss (also at the last step)
         needle: {lengths: [131072]}    # needle in a haystack after the stage
         gate: {min_needle_accuracy: 0.5}
 
@@ -44,7 +44,7 @@ from trainer.sharding import MESH_AXES, validate
 
 DATA_JOBS = ("books", "image-text", "video-text", "chat-qa")
 BACKENDS = ("local", "tpu-vm", "gke", "slurm")
-STAGE_KEYS = ("name", "parent", "eval", "needle", "gate")
+STAGE_KEYS = ("name", "parent", "needle", "gate")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -134,18 +134,6 @@ class NeedleEval:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    """Held-out loss after a stage finishes: the first ``batches`` batches of each of ``datasets``."""
-
-    datasets: tuple[str, ...] = ()
-    batches: int = 8
-
-    @property
-    def empty(self) -> bool:
-        return not self.datasets
-
-
-@dataclasses.dataclass(frozen=True)
 class GateConfig:
     """Thresholds a stage's evaluation must meet before the next stage starts (0: no threshold).
 
@@ -167,7 +155,6 @@ class StageKeys:
 
     name: str
     parent: str = ""
-    eval: EvalConfig = EvalConfig()
     needle: NeedleEval = NeedleEval()
     gate: GateConfig = GateConfig()
 
@@ -190,7 +177,6 @@ class Stage:
     name: str
     parent: str
     config: TrainConfig
-    eval: EvalConfig
     needle: NeedleEval
     gate: GateConfig
 
@@ -200,7 +186,7 @@ class Stage:
 
     @property
     def evaluates(self) -> bool:
-        return not self.eval.empty or not self.needle.empty
+        return not self.needle.empty or not self.gate.empty
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,8 +230,6 @@ def _stage(entry: Mapping[str, Any], index: int, top: PlanFile, names: set[str])
     where = f"stages[{keys.name}]"
     if keys.name in names:
         raise ValueError(f"{where}: two stages are named {keys.name!r}")
-    if keys.gate.max_eval_loss and keys.eval.empty:
-        raise ValueError(f"{where}: gate.max_eval_loss needs eval.datasets to measure the loss on")
     if keys.gate.min_needle_accuracy and keys.needle.empty:
         raise ValueError(f"{where}: gate.min_needle_accuracy needs needle.lengths to measure the accuracy at")
     sections = merge(top.defaults, {k: v for k, v in entry.items() if k not in STAGE_KEYS})
@@ -256,7 +240,10 @@ def _stage(entry: Mapping[str, Any], index: int, top: PlanFile, names: set[str])
             raise ValueError(f"{where}: give either parent or checkpoint.init_from, not both")
         # init_from becomes the parent's checkpoints once every stage is parsed (_link_parents).
     config = from_mapping(TrainConfig, sections, where)
-    return Stage(keys.name, keys.parent, config, keys.eval, keys.needle, keys.gate)
+    if keys.gate.max_eval_loss and not (config.eval.datasets and config.eval.every):
+        raise ValueError(f"{where}: gate.max_eval_loss needs eval.datasets and eval.every > 0 (the trainer "
+                         "then measures the held-out loss at the stage's last step)")
+    return Stage(keys.name, keys.parent, config, keys.needle, keys.gate)
 
 
 def _link_parents(stages: list[Stage]) -> list[Stage]:

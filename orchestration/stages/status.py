@@ -28,13 +28,22 @@ def checkpoint_steps(run_dir: str) -> list[int]:
     return sorted(int(n) for n in names if n.isdigit())
 
 
-def last_metrics(run_dir: str) -> dict[str, Any]:
-    """The trainer's last ``metrics.jsonl`` entry ({} before the first log line)."""
+def _metrics_lines(run_dir: str) -> list[dict[str, Any]]:
     path = storage.join(run_dir, "metrics.jsonl")
     if not storage.exists(path):
-        return {}
-    lines = [line for line in storage.read_bytes(path).decode().splitlines() if line.strip()]
-    return json.loads(lines[-1]) if lines else {}
+        return []
+    return [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line.strip()]
+
+
+def last_metrics(run_dir: str) -> dict[str, Any]:
+    """The trainer's last training entry of ``metrics.jsonl`` ({} before the first log line)."""
+    return next((m for m in reversed(_metrics_lines(run_dir)) if "loss" in m), {})
+
+
+def eval_metrics(run_dir: str, step: int) -> dict[str, float]:
+    """The held-out loss metrics (``eval/NAME/...``) the trainer logged at ``step`` ({} if none)."""
+    found = [m for m in _metrics_lines(run_dir) if m.get("step") == step and any(k.startswith("eval/") for k in m)]
+    return {k: v for k, v in found[-1].items() if k.startswith("eval/")} if found else {}
 
 
 @dataclasses.dataclass(frozen=True)
