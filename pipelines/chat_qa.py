@@ -1,0 +1,246 @@
+"""``lwm data chat-qa``: books → model-generated long-context chat QA, packed like every other dataset.
+
+read, validate and drop duplicate ids (:mod:`pipelines.sources`) → cut each book
+into sentence-aligned chunks of about ``chunk_tokens`` tokens
+(:mod:`pipelines.qa_contexts`) → ask the generator (:mod:`pipelines.qa_generators`)
+for ``qa_per_chunk`` pairs per chunk, in batches, reusing every pair the cache
+(:mod:`pipelines.qa_cache`) already holds and storing each new one as soon as it
+exists → per book and bucket, contexts of adjacent chunks as long as fit L, each
+followed by the QA turns about its chunks in LWM's chat format, loss on the
+answers only → the shared packed-dataset writer (:mod:`pipelines.dataset`).
+
+Pairs that could not be generated are dead letters (with the raw reply) and are
+not cached, so a rerun asks for them again; the book's context still holds their
+chunk's text. Beam metrics count generated, reused, retried and failed pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Iterable, Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines import qa_generators
+from pipelines.buckets import Bucket
+from pipelines.dataset import ALL_BUCKETS, NAMESPACE, DatasetSpec, WritePackedDatasets
+from pipelines.qa_cache import QACache, key
+from pipelines.qa_contexts import Chunk, ChatTemplate, QATokens, assemble, chunk_book
+from pipelines.qa_generators import GeneratorConfig, QAPair, QARequest
+from pipelines.sources import ReadUnique
+from pipelines.text_tokenizer import TextTokenizer
+from schemas import raw
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatQAConfig:
+    """Everything a chat-QA job needs; recorded in every manifest it writes (but where output and cache live)."""
+
+    inputs: tuple[str, ...]
+    output: str
+    tokenizer: str
+    buckets: tuple[Bucket, ...]
+    generator: GeneratorConfig = GeneratorConfig()
+    cache: str | None = None  # default OUTPUT/qa_cache
+    regenerate: bool = False
+    chunk_tokens: int = 1000  # LWM_FACTS: ~1000-token chunks
+    qa_per_chunk: int = 1  # LWM_FACTS: one pair per chunk
+    name: str = "chat_qa"
+    answer_weight: float = 1.0
+    chunk_batch: int = 8
+    pack_groups: int = 16
+    shard_bytes: int = 256 << 20
+    num_shards: int | None = None
+
+    def __post_init__(self):
+        if self.chunk_tokens < 1 or self.qa_per_chunk < 1:
+            raise ValueError("chunk_tokens and qa_per_chunk must be at least 1")
+        shortest = min(b.seq_len for b in self.buckets)
+        if self.chunk_tokens >= shortest:
+            raise ValueError(f"chunk_tokens {self.chunk_tokens} leaves no room for QA turns in sequences of {shortest}")
+
+    @property
+    def cache_dir(self) -> str:
+        return self.cache or FileSystems.join(self.output, "qa_cache")
+
+    def manifest_config(self) -> dict:
+        fields = dataclasses.asdict(self)
+        for where in ("output", "cache", "regenerate"):  # where and how it ran, not what the dataset is
+            del fields[where]
+        fields["buckets"] = [b.spec() for b in self.buckets]
+        fields["inputs"] = list(self.inputs)
+        return fields
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkedBook:
+    id: str
+    source: str
+    chunks: tuple[Chunk, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedPair:
+    chunk: int
+    number: int
+    pair: QAPair
+
+
+class ChunkBooks(beam.DoFn):
+    """Batches of books → :class:`ChunkedBook`; the tokenizer is loaded once per worker."""
+
+    def __init__(self, tokenizer_path: str, chunk_tokens: int):
+        self.tokenizer_path = tokenizer_path
+        self.chunk_tokens = chunk_tokens
+
+    def setup(self):
+        self.tokenizer = TextTokenizer(self.tokenizer_path)
+        self.chunks = Metrics.counter(NAMESPACE, "chunks")
+
+    def process(self, batch: Sequence[raw.Document]) -> Iterable[ChunkedBook]:
+        for document in batch:
+            chunks = chunk_book(document.id, document.text, self.tokenizer.encode_batch, self.chunk_tokens)
+            self.chunks.inc(len(chunks))
+            yield ChunkedBook(document.id, document.source, tuple(chunks))
+
+
+def requests(book: ChunkedBook, count: int) -> Iterable[QARequest]:
+    for chunk in book.chunks:
+        for number in range(count):
+            yield QARequest(chunk, number, count, book.source)
+
+
+class GenerateQA(beam.DoFn):
+    """Batches of requests → ``(book id, GeneratedPair)``, from the cache or the generator (built once per worker).
+
+    Each new pair is cached before it is emitted; failures go to ``dead_letters``.
+    """
+
+    def __init__(self, generator: GeneratorConfig, cache_dir: str, regenerate: bool):
+        self.generator_config = generator
+        self.cache_dir = cache_dir
+        self.regenerate = regenerate
+
+    def setup(self):
+        self.generator = qa_generators.build(self.generator_config)
+        self.cache = QACache(self.cache_dir)
+        self.counters = {n: Metrics.counter(NAMESPACE, f"qa_{n}") for n in ("generated", "reused", "retried", "failed")}
+
+    def process(self, batch: Sequence[QARequest]):
+        keys = {id(r): key(r, self.generator) for r in batch}
+        cached = {} if self.regenerate else self.cache.get_many(keys.values())
+        missing = []
+        for request in batch:
+            pair = cached.get(keys[id(request)])
+            if pair is None:
+                missing.append(request)
+                continue
+            self.counters["reused"].inc()
+            yield request.chunk.book_id, GeneratedPair(request.chunk.index, request.number, pair)
+        for outcome in self.generator.generate(missing):
+            request = outcome.request
+            self.counters["retried"].inc(outcome.retries)
+            if outcome.pair is None:
+                self.counters["failed"].inc()
+                letter = raw.DeadLetter(request.chunk.book_id, outcome.reason, outcome.detail, f"{request.source}#{request.name}")
+                yield beam.pvalue.TaggedOutput("dead_letters", (ALL_BUCKETS, letter))
+                continue
+            self.cache.put(keys[id(request)], outcome.pair, request, self.generator)
+            self.counters["generated"].inc()
+            yield request.chunk.book_id, GeneratedPair(request.chunk.index, request.number, outcome.pair)
+
+    def teardown(self):
+        self.generator.close()
+
+
+class AssembleContexts(beam.DoFn):
+    """(book id, its chunks and pairs) → ``(seq_len, Segment)`` contexts per bucket, counts, dead letters."""
+
+    def __init__(self, tokenizer_path: str, buckets: Sequence[Bucket], answer_weight: float):
+        self.tokenizer_path = tokenizer_path
+        self.buckets = tuple(buckets)
+        self.answer_weight = answer_weight
+
+    def setup(self):
+        self.tokenizer = TextTokenizer(self.tokenizer_path)
+        self.template = ChatTemplate.from_encoder(self.tokenizer.encode_batch, self.tokenizer.bos_id, self.tokenizer.eos_id)
+
+    def process(self, item):
+        book_id, grouped = item
+        (book,) = grouped["book"]
+        generated = sorted(grouped["pairs"], key=lambda g: (g.chunk, g.number))
+        texts = self.tokenizer.encode_batch([t for g in generated for t in (g.pair.question, g.pair.answer)])
+        pairs = [QATokens(g.chunk, texts[2 * i], texts[2 * i + 1]) for i, g in enumerate(generated)]
+        chunks = [c.tokens for c in book.chunks]
+        for bucket in self.buckets:
+            place = bucket.place(sum(len(c) for c in chunks))
+            if place != "in":
+                yield beam.pvalue.TaggedOutput("counts", ((bucket.seq_len, place), 1))
+                continue
+            examples, too_long, without_qa = assemble(book_id, chunks, pairs, self.template, bucket.seq_len)
+            yield beam.pvalue.TaggedOutput("counts", ((bucket.seq_len, "documents"), 1))
+            yield beam.pvalue.TaggedOutput("counts", ((bucket.seq_len, "segments"), len(examples)))
+            Metrics.counter(NAMESPACE, "contexts_without_qa").inc(len(without_qa))
+            for index in too_long:
+                detail = f"chunk {index} ({len(chunks[index])} tokens) with its QA turns does not fit {bucket.seq_len}"
+                letter = raw.DeadLetter(book_id, "too_long", detail, f"{book.source}#chunk{index}")
+                yield beam.pvalue.TaggedOutput("dead_letters", (bucket.seq_len, letter))
+            for example in examples:
+                yield bucket.seq_len, example.segment(self.answer_weight)
+
+
+def build(pipeline: beam.Pipeline, config: ChatQAConfig, tokenizer_sha256: str):
+    """Add the chat-QA job to ``pipeline``; returns the PCollection of manifest paths."""
+    inputs = pipeline | "ReadInputs" >> ReadUnique(config.inputs, raw.iter_documents)
+    books = (
+        inputs["records"]
+        | "BatchBooks" >> beam.BatchElements(min_batch_size=1, max_batch_size=config.chunk_batch)
+        | "Chunk" >> beam.ParDo(ChunkBooks(config.tokenizer, config.chunk_tokens))
+    )
+    size = config.generator.batch
+    generated = (
+        books
+        | "Requests" >> beam.FlatMap(requests, config.qa_per_chunk)
+        | "SpreadRequests" >> beam.Reshuffle()
+        | "BatchRequests" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
+        | "Generate"
+        >> beam.ParDo(GenerateQA(config.generator, config.cache_dir, config.regenerate)).with_outputs(
+            "dead_letters", main="pairs")
+    )
+    assembled = (
+        {"book": books | "KeyBooks" >> beam.Map(lambda b: (b.id, b)), "pairs": generated.pairs}
+        | "GroupByBook" >> beam.CoGroupByKey()
+        | "Assemble"
+        >> beam.ParDo(AssembleContexts(config.tokenizer, config.buckets, config.answer_weight)).with_outputs(
+            "counts", "dead_letters", main="segments")
+    )
+    dead_letters = (
+        inputs["dead_letters"] | "ForAllBuckets" >> beam.Map(lambda d: (ALL_BUCKETS, d)),
+        generated.dead_letters,
+        assembled.dead_letters,
+    ) | "DeadLetters" >> beam.Flatten()
+    spec = DatasetSpec.for_job(
+        "chat_qa", config, tokenizer_sha256,
+        generator_id=config.generator.spec, prompt_version=qa_generators.prompt_version(config.generator),
+    )
+    return {
+        "segments": assembled.segments,
+        "counts": assembled.counts,
+        "dead_letters": dead_letters,
+        "input_examples": inputs["input_examples"],
+    } | "WriteDatasets" >> WritePackedDatasets(spec)
+
+
+def run(config: ChatQAConfig, options: PipelineOptions) -> beam.runners.runner.PipelineResult:
+    """Run the chat-QA job to completion with ``options`` (see :mod:`pipelines.runner`)."""
+    tokenizer = TextTokenizer(config.tokenizer)
+    qa_generators.build(config.generator).close()  # fail before launching: bad spec, missing API key
+    with beam.Pipeline(options=options) as pipeline:
+        build(pipeline, config, tokenizer.sha256)
+    return pipeline.result

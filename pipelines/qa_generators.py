@@ -1,0 +1,180 @@
+"""Question-answer generators for chat QA: one small interface, called with batches of chunks.
+
+A generator turns :class:`QARequest` values (a chunk and which of its pairs is
+wanted) into :class:`QAOutcome` values, yielded as soon as each is ready (any
+order), so the caller can cache every pair the moment it exists. A failure is an
+outcome too, with a dead-letter reason and the raw reply; it is never cached, so
+a rerun asks again.
+
+Generators, by ``--generator`` spec (:func:`build`):
+
+* ``extractive``: offline and deterministic, no model. "What comes after:
+  '<sentence>'?" → the next sentence of the chunk.
+* ``openai:MODEL@URL``: any OpenAI-compatible chat-completions server
+  (:mod:`pipelines.qa_openai`), with the versioned prompt below and its strict parser.
+
+``id``, ``prompt_version`` and ``settings`` say what determines a generator's
+output; the cache (:mod:`pipelines.qa_cache`) keys pairs by them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterator, Protocol, Sequence
+
+from pipelines.dataset import stable_hash
+from pipelines.qa_contexts import Chunk
+
+# Dead-letter reasons of a pair that could not be generated.
+NO_QUESTION = "qa_no_question"  # the generator cannot ask about this chunk (extractive: one sentence)
+UNPARSEABLE = "qa_unparseable_reply"  # empty or malformed reply, twice
+UNAVAILABLE = "qa_generator_unavailable"  # 429 / 5xx / timeouts until the retries ran out
+REJECTED = "qa_rejected"  # the server refused this request (4xx other than 429)
+
+PROMPT_VERSION = "qa-prompt-1"
+PROMPT = """Read the passage below, then write one question that the passage answers and the answer to it.
+The question must be answerable from the passage alone; the answer must be short and taken from the passage.{focus}
+Reply in exactly this form, two lines, nothing else:
+Question: <the question>
+Answer: <the answer>
+
+Passage:
+{passage}"""
+FOCUS = "\nThis is question {number} of {count} about this passage: ask about part {number} of {count} of it."
+_REPLY = re.compile(r"\s*Question:[ \t]*(?P<question>[^\n]*\S)[ \t]*\n\s*Answer:[ \t]*(?P<answer>.*\S)\s*", re.S)
+
+
+@dataclasses.dataclass(frozen=True)
+class QAPair:
+    question: str
+    answer: str
+
+
+@dataclasses.dataclass(frozen=True)
+class QARequest:
+    """Pair ``number`` (0-based, of ``count``) about ``chunk``; ``source`` = the book's input location."""
+
+    chunk: Chunk
+    number: int
+    count: int
+    source: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.chunk.book_id}#chunk{self.chunk.index}/q{self.number}"
+
+
+@dataclasses.dataclass(frozen=True)
+class QAOutcome:
+    """A request's result: ``pair``, or a dead-letter ``reason`` with ``detail`` (the raw reply where there is one)."""
+
+    request: QARequest
+    pair: QAPair | None
+    reason: str = ""
+    detail: str = ""
+    retries: int = 0  # requests repeated (transient errors, a bad reply)
+
+
+class QAGenerator(Protocol):
+    id: str  # e.g. "extractive", "openai:MODEL@URL"
+    prompt_version: str
+    settings: dict  # sampling settings: with id and prompt_version, what determines the output
+
+    def generate(self, requests: Sequence[QARequest]) -> Iterator[QAOutcome]:
+        """One outcome per request, each yielded as soon as it is ready."""
+
+    def close(self) -> None:
+        """Release connections, threads, models."""
+
+
+def prompt(request: QARequest) -> str:
+    """The versioned prompt (:data:`PROMPT_VERSION`) asking for one pair about the request's chunk."""
+    focus = FOCUS.format(number=request.number + 1, count=request.count) if request.count > 1 else ""
+    return PROMPT.format(passage=request.chunk.text, focus=focus)
+
+
+def parse_reply(reply: str) -> QAPair:
+    """Exactly ``Question: …`` (one line) then ``Answer: …``, both non-empty; anything else is ``ValueError``."""
+    match = _REPLY.fullmatch(reply or "")
+    if not match or re.search(r"^\s*(Question|Answer):", match["answer"], re.M):
+        raise ValueError(f"reply is not 'Question: …' then 'Answer: …': {reply[:200]!r}" if reply else "empty reply")
+    return QAPair(match["question"].strip(), " ".join(match["answer"].split()))
+
+
+class Extractive:
+    """Offline, deterministic pairs whose answer is in the chunk: "What comes after: '<s>'?" → the next sentence.
+
+    Pair ``number`` uses the ``number``-th sentence in an order fixed by a stable hash
+    of the chunk text, so different pairs about one chunk ask about different sentences.
+    """
+
+    id = "extractive"
+    prompt_version = "extractive-1"
+    settings: dict = {}
+
+    def generate(self, requests: Sequence[QARequest]) -> Iterator[QAOutcome]:
+        for request in requests:
+            sentences = request.chunk.sentences
+            order = sorted(range(len(sentences) - 1), key=lambda i: (stable_hash(f"{request.chunk.text}\0{i}"), i))
+            if request.number >= len(order):
+                detail = f"chunk has {len(sentences)} sentence(s): no question {request.number + 1} about a next sentence"
+                yield QAOutcome(request, None, NO_QUESTION, detail)
+                continue
+            at = order[request.number]
+            yield QAOutcome(request, QAPair(f"What comes after: '{sentences[at]}'?", sentences[at + 1]))
+
+    def close(self) -> None:
+        pass
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorConfig:
+    """Which generator and how it is called; everything but the API key itself, which stays in the environment."""
+
+    spec: str = "extractive"
+    """extractive | openai:MODEL@URL (URL = the server's base, e.g. http://host:8000/v1)"""
+    api_key_env: str | None = None
+    """name of the environment variable holding the API key of an openai: server (read on each worker)"""
+    temperature: float = 0.0
+    """sampling temperature of model generators"""
+    max_reply_tokens: int = 256
+    """most tokens a model may reply with"""
+    concurrency: int = 32
+    """requests kept in flight per worker"""
+    timeout_s: float = 120.0
+    """limit of one request, seconds"""
+    max_retries: int = 5
+    """retries of a request after 429, 5xx or a timeout, with exponential backoff"""
+    backoff_s: float = 1.0
+    """first backoff, doubled after each retry (a 429's Retry-After wins if longer)"""
+    batch: int = 256
+    """chunks per generator call"""
+
+    def __post_init__(self):
+        kind = self.spec.partition(":")[0]
+        if self.spec != "extractive" and kind != "openai":
+            raise ValueError(f"unknown generator {self.spec!r}; expected extractive or openai:MODEL@URL")
+        if kind == "openai":
+            model, at, url = self.spec[len("openai:"):].partition("@")
+            if not model or not at or not url.startswith(("http://", "https://")):
+                raise ValueError(f"generator {self.spec!r}: expected openai:MODEL@http(s)://HOST[:PORT]/PATH")
+        for name in ("concurrency", "max_reply_tokens", "batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"generator {name} must be at least 1, got {getattr(self, name)}")
+        if self.timeout_s <= 0 or self.max_retries < 0 or self.backoff_s < 0:
+            raise ValueError("generator timeout must be positive, retries and backoff not negative")
+
+
+def prompt_version(config: GeneratorConfig) -> str:
+    """The prompt version of the generator ``config`` names (recorded in manifests without building it)."""
+    return Extractive.prompt_version if config.spec == "extractive" else PROMPT_VERSION
+
+
+def build(config: GeneratorConfig) -> QAGenerator:
+    """The generator ``config.spec`` names, ready to call (its API key read from the environment now)."""
+    if config.spec == "extractive":
+        return Extractive()
+    from pipelines.qa_openai import OpenAIChat
+
+    return OpenAIChat.from_config(config)
