@@ -88,7 +88,7 @@ def assign_buckets(item, buckets: Sequence[Bucket], text_weight: float):
             yield bucket.seq_len, piece
 
 
-def build(pipeline: beam.Pipeline, config: BooksConfig, tokenizer_sha256: str):
+def build(pipeline: beam.Pipeline, config: BooksConfig, tokenizer: TextTokenizer):
     """Add the books job to ``pipeline``; returns the PCollection of manifest paths."""
     inputs = pipeline | "ReadInputs" >> ReadUnique(config.inputs, raw.iter_documents)
     dead_letters = inputs["dead_letters"] | "ForAllBuckets" >> beam.Map(lambda d: (ALL_BUCKETS, d))
@@ -99,7 +99,7 @@ def build(pipeline: beam.Pipeline, config: BooksConfig, tokenizer_sha256: str):
         | "Bucket"
         >> beam.FlatMap(assign_buckets, config.buckets, config.text_weight).with_outputs("counts", main="segments")
     )
-    spec = DatasetSpec.for_job("books", config, tokenizer_sha256)
+    spec = DatasetSpec.for_job("books", config, tokenizer)
     return {
         "segments": bucketed.segments,
         "counts": bucketed.counts,
@@ -112,5 +112,5 @@ def run(config: BooksConfig, options: PipelineOptions) -> beam.runners.runner.Pi
     """Run the books job to completion with ``options`` (see :mod:`pipelines.runner`)."""
     tokenizer = TextTokenizer(config.tokenizer)
     with beam.Pipeline(options=options) as pipeline:
-        build(pipeline, config, tokenizer.sha256)
+        build(pipeline, config, tokenizer)
     return pipeline.result

@@ -32,6 +32,7 @@ import tempfile
 from typing import Any, Iterable
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from array_record.python.array_record_module import ArrayRecordWriter
@@ -40,6 +41,7 @@ from pipelines import packing
 from pipelines.buckets import Bucket
 from schemas import packed
 from schemas import manifest as manifest_lib
+from schemas import storage
 
 log = logging.getLogger(__name__)
 NAMESPACE = "lwm"
@@ -59,21 +61,23 @@ class DatasetSpec:
     name: str
     job: str
     buckets: tuple[Bucket, ...]
-    tokenizer: dict[str, str]  # {"path": ..., "sha256": ...}
+    tokenizer: dict[str, Any]  # {"path": as given, "uri": absolute, "sha256": ..., "vocab_size": n}
     config: dict[str, Any]  # the job's resolved config, recorded in every manifest
     pack_groups: int = 16
     shard_bytes: int = 256 << 20  # target shard size, estimated at 2 bytes per token
     num_shards: int | None = None  # fixed shard count per bucket (overrides shard_bytes)
 
     @classmethod
-    def for_job(cls, job: str, config, tokenizer_sha256: str, **extra_config) -> "DatasetSpec":
-        """The spec of a job whose config has the shared data-job fields (output, name, buckets, ...)."""
+    def for_job(cls, job: str, config, tokenizer, **extra_config) -> "DatasetSpec":
+        """The spec of a job whose config has the shared data-job fields (output, name, buckets, ...);
+        ``tokenizer`` is the job's loaded :class:`~pipelines.text_tokenizer.TextTokenizer`."""
         return cls(
             output=config.output,
             name=config.name,
             job=job,
             buckets=config.buckets,
-            tokenizer={"path": config.tokenizer, "sha256": tokenizer_sha256},
+            tokenizer={"path": config.tokenizer, "uri": storage.absolute(config.tokenizer),
+                       "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size},
             config={**config.manifest_config(), **extra_config},
             pack_groups=config.pack_groups,
             shard_bytes=config.shard_bytes,
@@ -96,6 +100,7 @@ class PackedRecord:
     index: int  # bin index inside its group
     data: bytes
     tokens: int
+    max_ids: dict[str, int]  # largest id per modality present ({"text": n, "vision": m})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +109,24 @@ class WrittenShard:
     info: manifest_lib.ShardInfo
     tokens: int
     pad_tokens: int
+    max_ids: dict[str, int]
+
+
+def max_ids(tokens: np.ndarray, vision_mask: np.ndarray, present: np.ndarray) -> dict[str, int]:
+    """Largest token id per modality among the ``present`` (non-padding) positions."""
+    result = {}
+    for modality, where in (("text", present & ~vision_mask), ("vision", present & vision_mask)):
+        if where.any():
+            result[modality] = int(tokens[where].max())
+    return result
+
+
+def merge_max_ids(parts: Iterable[dict[str, int]]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for part in parts:
+        for modality, value in part.items():
+            merged[modality] = max(merged.get(modality, value), value)
+    return dict(sorted(merged.items()))
 
 
 def _write_array_record(path: str, records: Iterable[bytes]) -> int:
@@ -146,7 +169,8 @@ def _pack_group(item) -> Iterable[PackedRecord]:
     Metrics.counter(NAMESPACE, "packed_examples").inc(len(sequences))
     for index, sequence in enumerate(sequences):
         example = packing.to_example(sequence, seq_len)
-        yield PackedRecord(seq_len, group, index, packed.encode(**example), sum(len(s) for s in sequence))
+        ids = max_ids(example["tokens"], example["vision_mask"], example["segment_ids"] > 0)
+        yield PackedRecord(seq_len, group, index, packed.encode(**example), sum(len(s) for s in sequence), ids)
 
 
 def _assign_shard(record: PackedRecord, record_counts: dict[int, int], spec: DatasetSpec):
@@ -164,7 +188,7 @@ def _write_shard(item, spec: DatasetSpec) -> Iterable[WrittenShard]:
     tokens = sum(r.tokens for r in records)
     Metrics.counter(NAMESPACE, "shards_written").inc()
     log.info("wrote %s (%d records)", path, info.records)
-    yield WrittenShard(seq_len, info, tokens, len(records) * seq_len - tokens)
+    yield WrittenShard(seq_len, info, tokens, len(records) * seq_len - tokens, merge_max_ids(r.max_ids for r in records))
 
 
 class _WriteManifest(beam.DoFn):
@@ -215,6 +239,7 @@ class _WriteManifest(beam.DoFn):
             pad_tokens=sum(w.pad_tokens for w in shards),
             config={**spec.config, "bucket": bucket.spec()},
             dead_letter=(f"{manifest_lib.DEAD_LETTER_DIR}/dead_letter.jsonl",),
+            max_ids=merge_max_ids(w.max_ids for w in shards),
             created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
         yield manifest_lib.write(directory, result)

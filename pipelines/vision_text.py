@@ -232,7 +232,7 @@ class LayOut(beam.DoFn):
         yield from assign_buckets(example.id, example.source, parts, codes, self.markers, config)
 
 
-def build(pipeline: beam.Pipeline, config: VisionConfig, tokenizer_sha256: str, vqgan_sha256: str):
+def build(pipeline: beam.Pipeline, config: VisionConfig, tokenizer: TextTokenizer, vqgan_sha256: str):
     """Add the job to ``pipeline``; returns the PCollection of manifest paths."""
     parse = functools.partial(raw_vision.iter_examples, media_field=config.media.name)
     inputs = pipeline | "ReadInputs" >> ReadUnique(config.inputs, parse)
@@ -250,7 +250,7 @@ def build(pipeline: beam.Pipeline, config: VisionConfig, tokenizer_sha256: str, 
         | "EarlyDeadLetters" >> beam.Flatten()
         | "ForAllBuckets" >> beam.Map(lambda d: (ALL_BUCKETS, d))
     )
-    spec = DatasetSpec.for_job(config.job, config, tokenizer_sha256, vqgan_sha256=vqgan_sha256)
+    spec = DatasetSpec.for_job(config.job, config, tokenizer, vqgan_sha256=vqgan_sha256)
     return {
         "segments": bucketed.segments,
         "counts": bucketed.counts,
@@ -270,5 +270,5 @@ def run(config: VisionConfig, options: PipelineOptions) -> beam.runners.runner.P
     """Run the job to completion with ``options`` (see :mod:`pipelines.runner`)."""
     tokenizer = TextTokenizer(config.tokenizer)
     with beam.Pipeline(options=options) as pipeline:
-        build(pipeline, config, tokenizer.sha256, vqgan_sha256(config.vqgan))
+        build(pipeline, config, tokenizer, vqgan_sha256(config.vqgan))
     return pipeline.result

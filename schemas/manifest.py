@@ -18,7 +18,7 @@ import hashlib
 import json
 from typing import Any
 
-from apache_beam.io.filesystems import FileSystems
+from schemas import storage
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -49,6 +49,10 @@ class Manifest:
     pad_tokens: int
     config: dict[str, Any]
     dead_letter: tuple[str, ...] = ()  # dead-letter files, relative paths
+    # Largest token id per modality over all records ({"text": n, "vision": m}; a
+    # modality without tokens is absent): the loader checks them against the
+    # model's vocabularies before the first step, at no per-step cost.
+    max_ids: dict[str, int] = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     created_at: str = ""
 
@@ -91,27 +95,18 @@ def shard_name(name: str, index: int, num_shards: int) -> str:
 
 
 def file_sha256(path: str) -> str:
-    """sha256 of a file on any Beam filesystem, streamed."""
+    """sha256 of a file on any filesystem (:mod:`schemas.storage`), streamed."""
     digest = hashlib.sha256()
-    with FileSystems.open(path) as f:
+    with storage.open(path) as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    temporary = path + ".tmp"
-    with FileSystems.create(temporary) as f:
-        f.write(data)
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([temporary], [path])
-
-
 def write(directory: str, manifest: Manifest) -> str:
     """Write ``manifest.json`` into ``directory`` atomically; returns its path."""
-    path = FileSystems.join(directory, MANIFEST_NAME)
-    _write_atomically(path, manifest.to_json().encode())
+    path = storage.join(directory, MANIFEST_NAME)
+    storage.write_atomically(path, manifest.to_json().encode())
     return path
 
 
@@ -122,18 +117,17 @@ def read(directory: str, *, verify_hashes: bool = True) -> Manifest:
     format version, and a shard that is missing or whose size (and, with
     ``verify_hashes``, sha256) differs from what the manifest records.
     """
-    path = FileSystems.join(directory, MANIFEST_NAME)
-    if not FileSystems.exists(path):
+    path = storage.join(directory, MANIFEST_NAME)
+    if not storage.exists(path):
         raise ValueError(
             f"{directory}: no {MANIFEST_NAME}; the dataset is incomplete (its job did not finish) or not a dataset"
         )
-    with FileSystems.open(path) as f:
-        manifest = Manifest.from_json(f.read().decode())
+    manifest = Manifest.from_json(storage.read_bytes(path).decode())
     for shard in manifest.shards:
-        shard_path = FileSystems.join(directory, shard.path)
-        if not FileSystems.exists(shard_path):
+        shard_path = storage.join(directory, shard.path)
+        if not storage.exists(shard_path):
             raise ValueError(f"{directory}: shard {shard.path} listed in the manifest is missing")
-        size = FileSystems.match([shard_path])[0].metadata_list[0].size_in_bytes
+        size = storage.size(shard_path)
         if size != shard.bytes:
             raise ValueError(f"{directory}: shard {shard.path} has {size} bytes, the manifest says {shard.bytes}")
         if verify_hashes and file_sha256(shard_path) != shard.sha256:
@@ -143,4 +137,4 @@ def read(directory: str, *, verify_hashes: bool = True) -> Manifest:
 
 def shard_paths(directory: str, manifest: Manifest) -> list[str]:
     """Absolute paths of a manifest's shards, in manifest order."""
-    return [FileSystems.join(directory, s.path) for s in manifest.shards]
+    return [storage.join(directory, s.path) for s in manifest.shards]

@@ -1,4 +1,4 @@
-"""A Beam filesystem for ``fakegcs://`` paths, backed by a local folder, with object-store semantics.
+"""A Beam filesystem (and its fsspec twin) for ``fakegcs://`` paths, backed by a local folder, with object-store semantics.
 
 Like GCS it has no directories (``mkdirs`` does nothing, ``exists`` is false for a
 prefix), so jobs that write ``gs://`` outputs can be tested offline, including the
@@ -7,6 +7,8 @@ local-write-then-upload path of ArrayRecord shards.
 
 import os
 
+import fsspec
+from fsspec.implementations.local import LocalFileSystem as LocalFileSystem_fsspec
 from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.localfilesystem import LocalFileSystem
 
@@ -72,3 +74,22 @@ class FakeRemoteFileSystem(LocalFileSystem):
     def delete(self, paths):
         for path in paths:
             os.remove(self._local(path))
+
+
+class FakeRemoteFsspec(LocalFileSystem_fsspec):
+    """The same ``fakegcs://`` store for :mod:`schemas.storage` (fsspec), sharing the Beam fake's root."""
+
+    protocol = (SCHEME,)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = str(path)
+        if path.startswith(PREFIX):
+            return os.path.join(FakeRemoteFileSystem.root, path[len(PREFIX):])
+        return path
+
+    def unstrip_protocol(self, name):
+        return PREFIX + os.path.relpath(name, FakeRemoteFileSystem.root)
+
+
+fsspec.register_implementation(SCHEME, FakeRemoteFsspec, clobber=True)
