@@ -21,7 +21,6 @@ import logging
 from typing import Iterable, Sequence
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -33,7 +32,7 @@ from pipelines.qa_contexts import Chunk, ChatTemplate, QATokens, assemble, chunk
 from pipelines.qa_generators import GeneratorConfig, QAPair, QARequest
 from pipelines.sources import ReadUnique
 from pipelines.text_tokenizer import TextTokenizer
-from schemas import raw
+from schemas import raw, storage
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ class ChatQAConfig:
 
     @property
     def cache_dir(self) -> str:
-        return self.cache or FileSystems.join(self.output, "qa_cache")
+        return self.cache or storage.join(self.output, "qa_cache")
 
     def manifest_config(self) -> dict:
         fields = dataclasses.asdict(self)
@@ -195,7 +194,7 @@ class AssembleContexts(beam.DoFn):
                 yield bucket.seq_len, example.segment(self.answer_weight)
 
 
-def build(pipeline: beam.Pipeline, config: ChatQAConfig, tokenizer_sha256: str):
+def build(pipeline: beam.Pipeline, config: ChatQAConfig, tokenizer: TextTokenizer):
     """Add the chat-QA job to ``pipeline``; returns the PCollection of manifest paths."""
     inputs = pipeline | "ReadInputs" >> ReadUnique(config.inputs, raw.iter_documents)
     books = (
@@ -226,7 +225,7 @@ def build(pipeline: beam.Pipeline, config: ChatQAConfig, tokenizer_sha256: str):
         assembled.dead_letters,
     ) | "DeadLetters" >> beam.Flatten()
     spec = DatasetSpec.for_job(
-        "chat_qa", config, tokenizer_sha256,
+        "chat_qa", config, tokenizer,
         generator_id=config.generator.spec, prompt_version=qa_generators.prompt_version(config.generator),
     )
     return {
@@ -242,5 +241,5 @@ def run(config: ChatQAConfig, options: PipelineOptions) -> beam.runners.runner.P
     tokenizer = TextTokenizer(config.tokenizer)
     qa_generators.build(config.generator).close()  # fail before launching: bad spec, missing API key
     with beam.Pipeline(options=options) as pipeline:
-        build(pipeline, config, tokenizer.sha256)
+        build(pipeline, config, tokenizer)
     return pipeline.result

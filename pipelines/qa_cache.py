@@ -6,11 +6,10 @@ many about the chunk it is (:func:`key`). A rerun with new books, another chunk
 size or another generator finds exactly the pairs that still apply; a job killed
 midway has lost nothing it had generated. Failures are never stored.
 
-Layout: ``CACHE/{key[:2]}/{key}.json`` (local or any Beam filesystem, e.g. ``gs://``),
+Layout: ``CACHE/{key[:2]}/{key}.json`` (local, ``gs://`` or any :mod:`schemas.storage` path),
 each file ``{"question", "answer", "generator", "prompt_version", "settings", ...}``
-for people reading it; nothing secret goes in. A local entry appears under its
-final name only once complete (temporary name, then rename); object stores make
-each object appear whole anyway. An unreadable entry counts as missing.
+for people reading it; nothing secret goes in. Entries are written atomically
+(:func:`schemas.storage.write_atomically`); an unreadable one counts as missing.
 """
 
 from __future__ import annotations
@@ -19,13 +18,10 @@ import concurrent.futures
 import hashlib
 import json
 import logging
-import os
-import threading
 from typing import Iterable
 
-from apache_beam.io.filesystems import FileSystems
-
 from pipelines.qa_generators import QAGenerator, QAPair, QARequest
+from schemas import storage
 
 log = logging.getLogger(__name__)
 LOOKUP_THREADS = 16  # cache reads are I/O-bound (object stores: one round trip each)
@@ -48,32 +44,32 @@ class QACache:
 
     def __init__(self, root: str):
         self.root = root
-        self._local = FileSystems.get_scheme(root) is None
 
     def path(self, cache_key: str) -> str:
-        return FileSystems.join(self.root, cache_key[:2], f"{cache_key}.json")
+        return storage.join(self.root, cache_key[:2], f"{cache_key}.json")
 
     def get(self, cache_key: str) -> QAPair | None:
         path = self.path(cache_key)
         try:
-            with FileSystems.open(path) as f:
-                entry = json.loads(f.read())
+            entry = json.loads(storage.read_bytes(path))
             return QAPair(entry["question"], entry["answer"])
         except FileNotFoundError:
             return None
-        except Exception as error:  # noqa: BLE001 - missing on object stores, truncated or foreign files
-            if FileSystems.exists(path):
-                log.warning("ignoring unreadable QA cache entry %s: %s", path, error)
+        except (OSError, ValueError, KeyError, TypeError) as error:  # truncated or foreign files
+            log.warning("ignoring unreadable QA cache entry %s: %s", path, error)
             return None
 
     def get_many(self, keys: Iterable[str]) -> dict[str, QAPair]:
         """The cached pairs among ``keys``, looked up in parallel."""
         keys = list(keys)
-        with concurrent.futures.ThreadPoolExecutor(min(LOOKUP_THREADS, max(1, len(keys)))) as pool:
+        if not keys:
+            return {}
+        with concurrent.futures.ThreadPoolExecutor(min(LOOKUP_THREADS, len(keys))) as pool:
             found = dict(zip(keys, pool.map(self.get, keys)))
         return {k: pair for k, pair in found.items() if pair is not None}
 
     def put(self, cache_key: str, pair: QAPair, request: QARequest, generator: QAGenerator) -> None:
+        """Store one pair now (atomically: a reader sees the whole entry or none)."""
         entry = {
             "question": pair.question,
             "answer": pair.answer,
@@ -83,14 +79,4 @@ class QACache:
             "chunk_sha256": request.chunk.text_sha256,
             "pair": [request.number, request.count],
         }
-        data = json.dumps(entry, sort_keys=True, ensure_ascii=False).encode()
-        path = self.path(cache_key)
-        if not self._local:
-            with FileSystems.create(path) as f:
-                f.write(data)
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        temporary = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-        with open(temporary, "wb") as f:
-            f.write(data)
-        os.replace(temporary, path)
+        storage.write_atomically(self.path(cache_key), json.dumps(entry, sort_keys=True, ensure_ascii=False).encode())

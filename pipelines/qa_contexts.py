@@ -39,7 +39,7 @@ from pipelines.packing import Segment
 from pipelines.vision_layout import SYSTEM_PROMPT
 
 # A sentence ends at . ! or ? (closing quotes or brackets included), then whitespace.
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+")
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"'”’)\]]))\s+")
 
 Encode = Callable[[Sequence[str]], list]  # texts → token id arrays (no BOS/EOS)
 
