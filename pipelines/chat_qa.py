@@ -29,7 +29,7 @@ from pipelines.buckets import Bucket
 from pipelines.dataset import ALL_BUCKETS, NAMESPACE, DatasetSpec, WritePackedDatasets
 from pipelines.qa_cache import QACache, key
 from pipelines.qa_contexts import Chunk, ChatTemplate, QATokens, assemble, chunk_book
-from pipelines.qa_generators import GeneratorConfig, QAPair, QARequest
+from pipelines.qa_generators import GeneratorConfig, Identity, QAOutcome, QAPair, QARequest
 from pipelines.sources import ReadUnique
 from pipelines.text_tokenizer import TextTokenizer
 from schemas import raw, storage
@@ -115,47 +115,68 @@ def requests(book: ChunkedBook, count: int) -> Iterable[QARequest]:
             yield QARequest(chunk, number, count, book.source)
 
 
-class GenerateQA(beam.DoFn):
-    """Batches of requests → ``(book id, GeneratedPair)``, from the cache or the generator (built once per worker).
+class LookUpPairs(beam.DoFn):
+    """Batches of requests → cached pairs (tagged ``cached``: ``(book id, GeneratedPair)``) and the requests left."""
 
-    Each new pair is cached before it is emitted; failures go to ``dead_letters``.
-    """
-
-    def __init__(self, generator: GeneratorConfig, cache_dir: str, regenerate: bool):
-        self.generator_config = generator
+    def __init__(self, identity: Identity, cache_dir: str, regenerate: bool):
+        self.identity = identity
         self.cache_dir = cache_dir
         self.regenerate = regenerate
 
     def setup(self):
-        self.generator = qa_generators.build(self.generator_config)
         self.cache = QACache(self.cache_dir)
-        self.counters = {n: Metrics.counter(NAMESPACE, f"qa_{n}") for n in ("generated", "reused", "retried", "failed")}
+        self.reused = Metrics.counter(NAMESPACE, "qa_reused")
 
     def process(self, batch: Sequence[QARequest]):
-        keys = {id(r): key(r, self.generator) for r in batch}
-        cached = {} if self.regenerate else self.cache.get_many(keys.values())
-        missing = []
-        for request in batch:
-            pair = cached.get(keys[id(request)])
-            if pair is None:
-                missing.append(request)
+        keys = [key(r, self.identity) for r in batch]
+        cached = {} if self.regenerate else self.cache.get_many(keys)
+        for request, cache_key in zip(batch, keys):
+            if cache_key not in cached:
+                yield request
                 continue
-            self.counters["reused"].inc()
-            yield request.chunk.book_id, GeneratedPair(request.chunk.index, request.number, pair)
-        for outcome in self.generator.generate(missing):
-            request = outcome.request
-            self.counters["retried"].inc(outcome.retries)
-            if outcome.pair is None:
-                self.counters["failed"].inc()
-                letter = raw.DeadLetter(request.chunk.book_id, outcome.reason, outcome.detail, f"{request.source}#{request.name}")
-                yield beam.pvalue.TaggedOutput("dead_letters", (ALL_BUCKETS, letter))
-                continue
-            self.cache.put(keys[id(request)], outcome.pair, request, self.generator)
-            self.counters["generated"].inc()
-            yield request.chunk.book_id, GeneratedPair(request.chunk.index, request.number, outcome.pair)
+            self.reused.inc()
+            generated = GeneratedPair(request.chunk.index, request.number, cached[cache_key])
+            yield beam.pvalue.TaggedOutput("cached", (request.chunk.book_id, generated))
+
+
+class Generate(beam.DoFn):
+    """Batches of requests → their outcomes, each as soon as it is ready; the generator is built once per worker."""
+
+    def __init__(self, generator: GeneratorConfig):
+        self.generator_config = generator
+
+    def setup(self):
+        self.generator = qa_generators.build(self.generator_config)
+
+    def process(self, batch: Sequence[QARequest]) -> Iterable[QAOutcome]:
+        yield from self.generator.generate(batch)
 
     def teardown(self):
         self.generator.close()
+
+
+class StorePairs(beam.DoFn):
+    """Outcomes → cached and emitted pairs (``(book id, GeneratedPair)``), or dead letters (never cached)."""
+
+    def __init__(self, identity: Identity, cache_dir: str):
+        self.identity = identity
+        self.cache_dir = cache_dir
+
+    def setup(self):
+        self.cache = QACache(self.cache_dir)
+        self.counters = {n: Metrics.counter(NAMESPACE, f"qa_{n}") for n in ("generated", "retried", "failed")}
+
+    def process(self, outcome: QAOutcome):
+        request = outcome.request
+        self.counters["retried"].inc(outcome.retries)
+        if outcome.pair is None:
+            self.counters["failed"].inc()
+            letter = raw.DeadLetter(request.chunk.book_id, outcome.reason, outcome.detail, f"{request.source}#{request.name}")
+            yield beam.pvalue.TaggedOutput("dead_letters", (ALL_BUCKETS, letter))
+            return
+        self.cache.put(key(request, self.identity), outcome.pair, request, self.identity)
+        self.counters["generated"].inc()
+        yield request.chunk.book_id, GeneratedPair(request.chunk.index, request.number, outcome.pair)
 
 
 class AssembleContexts(beam.DoFn):
@@ -202,18 +223,25 @@ def build(pipeline: beam.Pipeline, config: ChatQAConfig, tokenizer: TextTokenize
         | "BatchBooks" >> beam.BatchElements(min_batch_size=1, max_batch_size=config.chunk_batch)
         | "Chunk" >> beam.ParDo(ChunkBooks(config.tokenizer, config.chunk_tokens))
     )
+    identity = qa_generators.identity(config.generator)
     size = config.generator.batch
-    generated = (
+    looked_up = (
         books
         | "Requests" >> beam.FlatMap(requests, config.qa_per_chunk)
         | "SpreadRequests" >> beam.Reshuffle()
-        | "BatchRequests" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
-        | "Generate"
-        >> beam.ParDo(GenerateQA(config.generator, config.cache_dir, config.regenerate)).with_outputs(
-            "dead_letters", main="pairs")
+        | "BatchLookUps" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
+        | "LookUp" >> beam.ParDo(LookUpPairs(identity, config.cache_dir, config.regenerate)).with_outputs(
+            "cached", main="missing")
     )
+    stored = (
+        looked_up.missing
+        | "BatchRequests" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
+        | "Generate" >> beam.ParDo(Generate(config.generator))
+        | "Store" >> beam.ParDo(StorePairs(identity, config.cache_dir)).with_outputs("dead_letters", main="pairs")
+    )
+    pairs = (looked_up.cached, stored.pairs) | "Pairs" >> beam.Flatten()
     assembled = (
-        {"book": books | "KeyBooks" >> beam.Map(lambda b: (b.id, b)), "pairs": generated.pairs}
+        {"book": books | "KeyBooks" >> beam.Map(lambda b: (b.id, b)), "pairs": pairs}
         | "GroupByBook" >> beam.CoGroupByKey()
         | "Assemble"
         >> beam.ParDo(AssembleContexts(config.tokenizer, config.buckets, config.answer_weight)).with_outputs(
@@ -221,12 +249,12 @@ def build(pipeline: beam.Pipeline, config: ChatQAConfig, tokenizer: TextTokenize
     )
     dead_letters = (
         inputs["dead_letters"] | "ForAllBuckets" >> beam.Map(lambda d: (ALL_BUCKETS, d)),
-        generated.dead_letters,
+        stored.dead_letters,
         assembled.dead_letters,
     ) | "DeadLetters" >> beam.Flatten()
     spec = DatasetSpec.for_job(
         "chat_qa", config, tokenizer,
-        generator_id=config.generator.spec, prompt_version=qa_generators.prompt_version(config.generator),
+        generator_id=identity.id, prompt_version=identity.prompt_version,
     )
     return {
         "segments": assembled.segments,

@@ -20,20 +20,20 @@ import json
 import logging
 from typing import Iterable
 
-from pipelines.qa_generators import QAGenerator, QAPair, QARequest
+from pipelines.qa_generators import Identity, QAPair, QARequest
 from schemas import storage
 
 log = logging.getLogger(__name__)
 LOOKUP_THREADS = 16  # cache reads are I/O-bound (object stores: one round trip each)
 
 
-def key(request: QARequest, generator: QAGenerator) -> str:
-    """The cache key of ``request`` answered by ``generator`` (hex sha256)."""
+def key(request: QARequest, identity: Identity) -> str:
+    """The cache key of ``request`` answered by the generator of ``identity`` (hex sha256)."""
     fields = {
         "chunk_sha256": request.chunk.text_sha256,
-        "generator": generator.id,
-        "prompt_version": generator.prompt_version,
-        "settings": generator.settings,
+        "generator": identity.id,
+        "prompt_version": identity.prompt_version,
+        "settings": dict(identity.settings),
         "pair": [request.number, request.count],
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
@@ -68,14 +68,14 @@ class QACache:
             found = dict(zip(keys, pool.map(self.get, keys)))
         return {k: pair for k, pair in found.items() if pair is not None}
 
-    def put(self, cache_key: str, pair: QAPair, request: QARequest, generator: QAGenerator) -> None:
+    def put(self, cache_key: str, pair: QAPair, request: QARequest, identity: Identity) -> None:
         """Store one pair now (atomically: a reader sees the whole entry or none)."""
         entry = {
             "question": pair.question,
             "answer": pair.answer,
-            "generator": generator.id,
-            "prompt_version": generator.prompt_version,
-            "settings": generator.settings,
+            "generator": identity.id,
+            "prompt_version": identity.prompt_version,
+            "settings": dict(identity.settings),
             "chunk_sha256": request.chunk.text_sha256,
             "pair": [request.number, request.count],
         }

@@ -13,8 +13,8 @@ Generators, by ``--generator`` spec (:func:`build`):
 * ``openai:MODEL@URL``: any OpenAI-compatible chat-completions server
   (:mod:`pipelines.qa_openai`), with the versioned prompt below and its strict parser.
 
-``id``, ``prompt_version`` and ``settings`` say what determines a generator's
-output; the cache (:mod:`pipelines.qa_cache`) keys pairs by them.
+A generator's :class:`Identity` (id, prompt version, sampling settings) says what
+determines its output; the cache (:mod:`pipelines.qa_cache`) keys pairs by it.
 """
 
 from __future__ import annotations
@@ -76,10 +76,17 @@ class QAOutcome:
     retries: int = 0  # requests repeated (transient errors, a bad reply)
 
 
-class QAGenerator(Protocol):
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """What determines a generator's pairs, besides the chunk: the cache keys pairs by it, manifests record it."""
+
     id: str  # e.g. "extractive", "openai:MODEL@URL"
     prompt_version: str
-    settings: dict  # sampling settings: with id and prompt_version, what determines the output
+    settings: tuple[tuple[str, object], ...] = ()  # sampling settings, sorted by name
+
+
+class QAGenerator(Protocol):
+    identity: Identity
 
     def generate(self, requests: Sequence[QARequest]) -> Iterator[QAOutcome]:
         """One outcome per request, each yielded as soon as it is ready."""
@@ -109,14 +116,12 @@ class Extractive:
     of the chunk text, so different pairs about one chunk ask about different sentences.
     """
 
-    id = "extractive"
-    prompt_version = "extractive-1"
-    settings: dict = {}
+    identity = Identity("extractive", "extractive-1")
 
     def generate(self, requests: Sequence[QARequest]) -> Iterator[QAOutcome]:
         for request in requests:
-            sentences = request.chunk.sentences
-            order = sorted(range(len(sentences) - 1), key=lambda i: (stable_hash(f"{request.chunk.text}\0{i}"), i))
+            sentences, seed = request.chunk.sentences, request.chunk.text_sha256
+            order = sorted(range(len(sentences) - 1), key=lambda i: (stable_hash(f"{seed}:{i}"), i))
             if request.number >= len(order):
                 detail = f"chunk has {len(sentences)} sentence(s): no question {request.number + 1} about a next sentence"
                 yield QAOutcome(request, None, NO_QUESTION, detail)
@@ -166,9 +171,12 @@ class GeneratorConfig:
             raise ValueError("generator timeout must be positive, retries and backoff not negative")
 
 
-def prompt_version(config: GeneratorConfig) -> str:
-    """The prompt version of the generator ``config`` names (recorded in manifests without building it)."""
-    return Extractive.prompt_version if config.spec == "extractive" else PROMPT_VERSION
+def identity(config: GeneratorConfig) -> Identity:
+    """The identity of the generator ``config`` names, without building it."""
+    if config.spec == "extractive":
+        return Extractive.identity
+    settings = {"temperature": config.temperature, "max_tokens": config.max_reply_tokens}
+    return Identity(config.spec, PROMPT_VERSION, tuple(sorted(settings.items())))
 
 
 def build(config: GeneratorConfig) -> QAGenerator:

@@ -32,13 +32,13 @@ import urllib.request
 from typing import Iterator, Sequence
 
 from pipelines.qa_generators import (
-    PROMPT_VERSION,
     REJECTED,
     UNAVAILABLE,
     UNPARSEABLE,
     GeneratorConfig,
     QAOutcome,
     QARequest,
+    identity,
     parse_reply,
     prompt,
 )
@@ -52,11 +52,8 @@ DETAIL_CHARS = 2000
 class OpenAIChat:
     """Chat completions at ``URL/chat/completions``; see the module docstring."""
 
-    prompt_version = PROMPT_VERSION
-
     def __init__(self, model: str, url: str, config: GeneratorConfig, api_key: str | None):
-        self.id = f"openai:{model}@{url}"
-        self.settings = {"temperature": config.temperature, "max_tokens": config.max_reply_tokens}
+        self.identity = identity(config)
         self._model = model
         self._endpoint = url.rstrip("/") + "/chat/completions"
         self._config = config
@@ -127,7 +124,7 @@ class OpenAIChat:
                     continue
             text = data.decode("utf-8", "replace")[:DETAIL_CHARS]
             if status in FATAL_STATUS:
-                raise ValueError(f"{self.id}: HTTP {status} ({self._scrub(text[:200])}); check the model name, URL and --api-key-env")
+                raise ValueError(f"{self.identity.id}: HTTP {status} ({self._scrub(text[:200])}); check the model name, URL and --api-key-env")
             if status is not None and status != 429 and status < 500:
                 return QAOutcome(request, None, REJECTED, self._scrub(f"HTTP {status}: {text}"), retries)
             transient += 1
