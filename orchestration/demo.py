@@ -80,7 +80,7 @@ def train(workdir: pathlib.Path) -> None:
     run_dir = workdir / "runs" / "tiny"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each demo, not a resume
     mixture = ", ".join(
-        f"{{path: '{workdir / 'data' / name / f'seq{SEQ_LEN}'}', weight: {weight}}}"
+        f"{{path: '{workdir / 'data' / name / f'seq{SEQ_LEN}'}', proportion: {weight}}}"
         for name, weight in (("books", 0.7), ("image_text", 0.15), ("video_text", 0.15))
     )
     argv = ["train", str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "train_tiny.yaml"),

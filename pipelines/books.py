@@ -17,11 +17,13 @@ from typing import Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import packing
+from pipelines import flags, packing, progress
 from pipelines.buckets import Bucket
-from pipelines.dataset import ALL_BUCKETS, NAMESPACE, DatasetSpec, WritePackedDatasets
+from pipelines.dataset import ALL_BUCKETS, DatasetSpec, WritePackedDatasets, route
+from pipelines.job import Job, check_inputs, check_tokenizer
+from pipelines.naming import METRICS_NAMESPACE
+from pipelines.output import OutputConfig
 from pipelines.sources import ReadUnique
 from pipelines.text_tokenizer import SpecialTokens, TextTokenizer
 from schemas import raw
@@ -33,24 +35,16 @@ log = logging.getLogger(__name__)
 class BooksConfig:
     """Everything a books job needs; recorded in every manifest it writes."""
 
-    inputs: tuple[str, ...]
-    output: str
-    tokenizer: str
-    buckets: tuple[Bucket, ...]
-    name: str = "books"
+    inputs: tuple[str, ...] = flags.field(flag="input", metavar="GLOB")
+    """Input files: .jsonl/.json/.parquet/.txt, optionally .gz (local or gs://, globs allowed)."""
+    tokenizer: str = flags.field()
+    """SentencePiece .model file (lwm tokenizer train, or Llama-2's tokenizer.model)."""
+    output: OutputConfig = flags.field()
     text_weight: float = 1.0
+    """Loss weight of text tokens baked into the records."""
     special: SpecialTokens = SpecialTokens()
     tokenize_batch: int = 32
-    pack_groups: int = 16
-    shard_bytes: int = 256 << 20
-    num_shards: int | None = None
-
-    def manifest_config(self) -> dict:
-        fields = dataclasses.asdict(self)
-        del fields["output"]  # where a dataset lives is not part of what it is
-        fields["buckets"] = [b.spec() for b in self.buckets]
-        fields["inputs"] = list(self.inputs)
-        return fields
+    """Documents per SentencePiece call."""
 
 
 class Tokenize(beam.DoFn):
@@ -62,33 +56,25 @@ class Tokenize(beam.DoFn):
 
     def setup(self):
         self.tokenizer = TextTokenizer(self.tokenizer_path)
-        self.tokens = Metrics.counter(NAMESPACE, "tokens")
+        self.tokens = Metrics.counter(METRICS_NAMESPACE, "tokens")
 
     def process(self, batch: Sequence[raw.Document]):
         ids = self.tokenizer.encode_batch([d.text for d in batch])
         for document, row in zip(batch, ids):
             framed = self.tokenizer.frame(row, self.special)
             self.tokens.inc(len(framed))
+            progress.add(tokens=len(framed))
             yield document.id, framed
 
 
 def assign_buckets(item, buckets: Sequence[Bucket], text_weight: float):
-    """(id, tokens) → ``(seq_len, Segment)`` pieces for every bucket holding it, and counts."""
+    """(id, tokens) → ``(seq_len, Segment)`` pieces of at most L for every bucket holding it, and counts."""
     doc_id, tokens = item
     segment = packing.text_segment(doc_id, tokens, text_weight)
-    for bucket in buckets:
-        place = bucket.place(len(tokens))
-        if place != "in":
-            yield beam.pvalue.TaggedOutput("counts", ((bucket.seq_len, place), 1))
-            continue
-        pieces = packing.cut(segment, bucket.seq_len)
-        yield beam.pvalue.TaggedOutput("counts", ((bucket.seq_len, "documents"), 1))
-        yield beam.pvalue.TaggedOutput("counts", ((bucket.seq_len, "segments"), len(pieces)))
-        for piece in pieces:
-            yield bucket.seq_len, piece
+    return route(len(tokens), buckets, lambda bucket: packing.cut(segment, bucket.seq_len))
 
 
-def build(pipeline: beam.Pipeline, config: BooksConfig, tokenizer: TextTokenizer):
+def build(pipeline: beam.Pipeline, config: BooksConfig):
     """Add the books job to ``pipeline``; returns the PCollection of manifest paths."""
     inputs = pipeline | "ReadInputs" >> ReadUnique(config.inputs, raw.iter_documents)
     dead_letters = inputs["dead_letters"] | "ForAllBuckets" >> beam.Map(lambda d: (ALL_BUCKETS, d))
@@ -96,10 +82,10 @@ def build(pipeline: beam.Pipeline, config: BooksConfig, tokenizer: TextTokenizer
         inputs["records"]
         | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=config.tokenize_batch)
         | "Tokenize" >> beam.ParDo(Tokenize(config.tokenizer, config.special))
-        | "Bucket"
-        >> beam.FlatMap(assign_buckets, config.buckets, config.text_weight).with_outputs("counts", main="segments")
+        | "Bucket" >> beam.FlatMap(assign_buckets, config.output.buckets, config.text_weight).with_outputs(
+            "counts", "dead_letters", main="segments")
     )
-    spec = DatasetSpec.for_job("books", config, tokenizer)
+    spec = DatasetSpec.for_job("books", config, TextTokenizer(config.tokenizer))
     return {
         "segments": bucketed.segments,
         "counts": bucketed.counts,
@@ -108,9 +94,11 @@ def build(pipeline: beam.Pipeline, config: BooksConfig, tokenizer: TextTokenizer
     } | "WriteDatasets" >> WritePackedDatasets(spec)
 
 
-def run(config: BooksConfig, options: PipelineOptions) -> beam.runners.runner.PipelineResult:
-    """Run the books job to completion with ``options`` (see :mod:`pipelines.runner`)."""
-    tokenizer = TextTokenizer(config.tokenizer)
-    with beam.Pipeline(options=options) as pipeline:
-        build(pipeline, config, tokenizer)
-    return pipeline.result
+def check(config: BooksConfig) -> tuple[int, int]:
+    """Inputs and tokenizer, before any output is touched; returns the inputs' (files, bytes)."""
+    check_tokenizer(config.tokenizer)
+    return check_inputs(config.inputs)
+
+
+JOB = Job("books", BooksConfig, build, check, help="raw books → packed ArrayRecord shards, one dataset per length bucket")
+run = JOB.run

@@ -13,6 +13,16 @@ and a bare ``L`` accepts every length. Named presets (``--buckets lwm-text``) ar
 from __future__ import annotations
 
 import dataclasses
+import enum
+
+
+class Count(str, enum.Enum):
+    """What a job counts per bucket while routing examples (the manifest's ``counts``)."""
+
+    DOCUMENTS = "documents"  # examples that went into the bucket
+    SEGMENTS = "segments"  # their pieces (a text document longer than L is cut into several)
+    TOO_SHORT = "too_short"  # examples under the bucket's length range
+    TOO_LONG = "too_long"  # examples at or over it
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -31,13 +41,14 @@ class Bucket:
     def name(self) -> str:
         return f"seq{self.seq_len}"
 
-    def place(self, num_tokens: int) -> str:
-        """``"in"``, ``"too_short"`` or ``"too_long"`` for a document of ``num_tokens`` tokens."""
+    def outside(self, num_tokens: int) -> Count | None:
+        """None if a document of ``num_tokens`` tokens belongs in this bucket, else why not
+        (:attr:`Count.TOO_SHORT` or :attr:`Count.TOO_LONG`)."""
         if num_tokens < self.min_tokens:
-            return "too_short"
+            return Count.TOO_SHORT
         if self.max_tokens is not None and num_tokens >= self.max_tokens:
-            return "too_long"
-        return "in"
+            return Count.TOO_LONG
+        return None
 
     def spec(self) -> str:
         if self.min_tokens == 0 and self.max_tokens is None:

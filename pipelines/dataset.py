@@ -23,13 +23,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
-import hashlib
 import logging
 import math
 import os
 import shutil
 import tempfile
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -38,59 +37,83 @@ from apache_beam.metrics import Metrics
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from pipelines import packing
-from pipelines.buckets import Bucket
+from pipelines.buckets import Bucket, Count
+from pipelines.naming import METRICS_NAMESPACE, bucket_dir, stable_hash
+from pipelines.output import OutputConfig, recorded
 from schemas import packed
 from schemas import manifest as manifest_lib
 from schemas import storage
+from schemas.raw import DeadLetter
 
 log = logging.getLogger(__name__)
-NAMESPACE = "lwm"
 ALL_BUCKETS = 0  # bucket key of a dead letter that concerns every bucket (rejected before bucketing)
-
-
-def stable_hash(text: str) -> int:
-    """A hash that is the same in every process and run (Python's ``hash`` is salted)."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """Where and how a job writes its datasets."""
+    """Where and how a job writes its datasets: its name, output config, tokenizer and recorded config."""
 
-    output: str
-    name: str
     job: str
-    buckets: tuple[Bucket, ...]
+    output: OutputConfig
     tokenizer: dict[str, Any]  # {"path": as given, "uri": absolute, "sha256": ..., "vocab_size": n}
     config: dict[str, Any]  # the job's resolved config, recorded in every manifest
-    pack_groups: int = 16
-    shard_bytes: int = 256 << 20  # target shard size, estimated at 2 bytes per token
-    num_shards: int | None = None  # fixed shard count per bucket (overrides shard_bytes)
 
     @classmethod
     def for_job(cls, job: str, config, tokenizer, **extra_config) -> "DatasetSpec":
-        """The spec of a job whose config has the shared data-job fields (output, name, buckets, ...);
+        """The spec of a job whose config has ``output`` (an :class:`OutputConfig`) and ``tokenizer`` (a path);
         ``tokenizer`` is the job's loaded :class:`~pipelines.text_tokenizer.TextTokenizer`."""
         return cls(
-            output=config.output,
-            name=config.name,
             job=job,
-            buckets=config.buckets,
+            output=config.output,
             tokenizer={"path": config.tokenizer, "uri": storage.absolute(config.tokenizer),
                        "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size},
-            config={**config.manifest_config(), **extra_config},
-            pack_groups=config.pack_groups,
-            shard_bytes=config.shard_bytes,
-            num_shards=config.num_shards,
+            config={**recorded(config), **extra_config},
         )
 
+    @property
+    def name(self) -> str:
+        return self.output.shard_name(self.job)
+
+    @property
+    def buckets(self) -> tuple[Bucket, ...]:
+        return self.output.buckets
+
     def bucket_dir(self, bucket: Bucket) -> str:
-        return FileSystems.join(self.output, bucket.name)
+        return bucket_dir(self.output.output, bucket.name)
 
     def shard_count(self, seq_len: int, records: int) -> int:
-        if self.num_shards:
-            return self.num_shards
-        return max(1, min(records, math.ceil(records * seq_len * 2 / self.shard_bytes)))
+        if self.output.num_shards:
+            return self.output.num_shards
+        return max(1, min(records, math.ceil(records * seq_len * 2 / self.output.shard_bytes)))
+
+
+def count(bucket: Bucket, what: Count, n: int = 1) -> beam.pvalue.TaggedOutput:
+    """A ``counts`` output of :func:`route`'s kind: ``n`` more ``what`` in ``bucket``."""
+    return beam.pvalue.TaggedOutput("counts", ((bucket.seq_len, what.value), n))
+
+
+def route(length: int, buckets: Sequence[Bucket], fit: Callable[[Bucket], "list[packing.Segment] | DeadLetter"]):
+    """Route one example of ``length`` tokens to every bucket whose length range holds it, and count it.
+
+    ``fit(bucket)`` gives the example's segments for that bucket (each at most its
+    ``seq_len``), or a dead letter when it cannot fit. Yields what
+    :class:`WritePackedDatasets` takes: ``(seq_len, Segment)`` as the main output,
+    ``counts`` and ``dead_letters`` tagged; use it as a ``FlatMap``/``ParDo`` body
+    ``.with_outputs("counts", "dead_letters", main="segments")``.
+    """
+    for bucket in buckets:
+        outside = bucket.outside(length)
+        if outside is not None:
+            yield count(bucket, outside)
+            continue
+        result = fit(bucket)
+        if isinstance(result, DeadLetter):
+            yield beam.pvalue.TaggedOutput("dead_letters", (bucket.seq_len, result))
+            continue
+        yield count(bucket, Count.DOCUMENTS)
+        yield count(bucket, Count.SEGMENTS, len(result))
+        for segment in result:
+            yield bucket.seq_len, segment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +189,7 @@ def write_shard(path: str, records: list[bytes]) -> manifest_lib.ShardInfo:
 def _pack_group(item) -> Iterable[PackedRecord]:
     (seq_len, group), segments = item
     sequences = packing.pack(list(segments), seq_len)
-    Metrics.counter(NAMESPACE, "packed_examples").inc(len(sequences))
+    Metrics.counter(METRICS_NAMESPACE, "packed_examples").inc(len(sequences))
     for index, sequence in enumerate(sequences):
         example = packing.to_example(sequence, seq_len)
         ids = max_ids(example["tokens"], example["vision_mask"], example["segment_ids"] > 0)
@@ -186,8 +209,8 @@ def _write_shard(item, spec: DatasetSpec) -> Iterable[WrittenShard]:
     path = FileSystems.join(spec.bucket_dir(bucket), manifest_lib.shard_name(spec.name, shard, shards))
     info = write_shard(path, [r.data for r in records])
     tokens = sum(r.tokens for r in records)
-    Metrics.counter(NAMESPACE, "shards_written").inc()
-    log.info("wrote %s (%d records)", path, info.records)
+    Metrics.counter(METRICS_NAMESPACE, "shards_written").inc()
+    log.debug("wrote %s (%d records)", path, info.records)
     yield WrittenShard(seq_len, info, tokens, len(records) * seq_len - tokens, merge_max_ids(r.max_ids for r in records))
 
 
@@ -203,28 +226,22 @@ class _WriteManifest(beam.DoFn):
         shards = sorted((w for w in written if w.seq_len == bucket.seq_len), key=lambda w: w.info.path)
         infos = {w.info.path: w.info for w in shards}
         records = sum(info.records for info in infos.values())
-        count = spec.shard_count(bucket.seq_len, records) if records else 0
-        for index in range(count):
-            name = manifest_lib.shard_name(spec.name, index, count)
+        total = spec.shard_count(bucket.seq_len, records) if records else 0
+        for index in range(total):
+            name = manifest_lib.shard_name(spec.name, index, total)
             if name not in infos:  # a shard the hash left empty still exists, with 0 records
                 infos[name] = write_shard(FileSystems.join(directory, name), [])
         letters = sorted(
             (letter for key, letter in dead_letters if key in (ALL_BUCKETS, bucket.seq_len)),
             key=lambda d: (d.source, d.id, d.reason, d.detail),
         )
-        dead_path = FileSystems.join(directory, manifest_lib.DEAD_LETTER_DIR, "dead_letter.jsonl")
-        if not FileSystems.exists(FileSystems.join(directory, manifest_lib.DEAD_LETTER_DIR)):
-            FileSystems.mkdirs(FileSystems.join(directory, manifest_lib.DEAD_LETTER_DIR))
-        with FileSystems.create(dead_path) as f:
+        with storage.open(storage.join(directory, manifest_lib.DEAD_LETTER_FILE), "wb") as f:
             f.write("".join(d.to_json() + "\n" for d in letters).encode())
         bucket_counts = collections.Counter({name: n for (seq_len, name), n in counts if seq_len == bucket.seq_len})
         by_reason = collections.Counter(d.reason for d in letters)
         summary = {
             "input_examples": input_examples,
-            "documents": bucket_counts.get("documents", 0),
-            "too_short": bucket_counts.get("too_short", 0),
-            "too_long": bucket_counts.get("too_long", 0),
-            "segments": bucket_counts.get("segments", 0),
+            **{c.value: bucket_counts.get(c.value, 0) for c in Count},
             "packed_examples": records,
             "dead_letter": dict(sorted(by_reason.items())),
         }
@@ -238,7 +255,7 @@ class _WriteManifest(beam.DoFn):
             tokens=sum(w.tokens for w in shards),
             pad_tokens=sum(w.pad_tokens for w in shards),
             config={**spec.config, "bucket": bucket.spec()},
-            dead_letter=(f"{manifest_lib.DEAD_LETTER_DIR}/dead_letter.jsonl",),
+            dead_letter=(manifest_lib.DEAD_LETTER_FILE,),
             max_ids=merge_max_ids(w.max_ids for w in shards),
             created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
@@ -251,8 +268,8 @@ class WritePackedDatasets(beam.PTransform):
     Input: a dict of PCollections
       ``segments``: ``(seq_len, Segment)``, each segment at most ``seq_len`` long;
       ``dead_letters``: ``(seq_len or ALL_BUCKETS, DeadLetter)``;
-      ``counts``: ``((seq_len, name), n)`` summed per key (``documents``, ``too_short``,
-      ``too_long``, ``segments``);
+      ``counts``: ``((seq_len, Count value), n)`` summed per key (:func:`route` makes
+      ``segments``, ``counts`` and per-bucket ``dead_letters``);
       ``input_examples``: a single int, the number of records the job read.
     Output: the manifest paths, one per bucket.
     """
@@ -266,7 +283,7 @@ class WritePackedDatasets(beam.PTransform):
         pipeline = inputs["segments"].pipeline
         records = (
             inputs["segments"]
-            | "KeyByGroup" >> beam.Map(lambda kv: ((kv[0], stable_hash(kv[1].key[0]) % spec.pack_groups), kv[1]))
+            | "KeyByGroup" >> beam.Map(lambda kv: ((kv[0], stable_hash(kv[1].key[0]) % spec.output.pack_groups), kv[1]))
             | "GroupForPacking" >> beam.GroupByKey()
             | "Pack" >> beam.FlatMap(_pack_group)
         )

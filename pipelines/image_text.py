@@ -11,16 +11,17 @@ import dataclasses
 from typing import ClassVar
 
 import numpy as np
-from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import media, vision_text
+from pipelines import flags, media, vision_text
+from pipelines.job import Job
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageMedia:
-    """Image decoding options; images with a short side under ``min_short_side`` are dead-lettered."""
+    """Image decoding options."""
 
-    min_short_side: int = 0
+    min_short_side: int = flags.field(0, flag="min-image-side")
+    """Dead-letter images whose shorter side has fewer pixels."""
     name: ClassVar[str] = "image"
     takes_paths: ClassVar[bool] = False
 
@@ -31,8 +32,13 @@ class ImageMedia:
         return dataclasses.asdict(self)
 
 
-def run(config: vision_text.VisionConfig, options: PipelineOptions):
-    """Run an image-text job (``config.media`` an :class:`ImageMedia`)."""
-    if not isinstance(config.media, ImageMedia):
-        raise ValueError(f"an image-text job needs ImageMedia, got {type(config.media).__name__}")
-    return vision_text.run(config, options)
+@dataclasses.dataclass(frozen=True)
+class ImageTextConfig(vision_text.VisionConfig):
+    """An image-text job's config: :class:`~pipelines.vision_text.VisionConfig` with image media."""
+
+    media: ImageMedia = ImageMedia()
+
+
+JOB = Job("image-text", ImageTextConfig, vision_text.build, vision_text.check, help=(
+    "image-caption pairs → VQGAN codes in LWM's layout → packed ArrayRecord shards per length bucket"))
+run = JOB.run

@@ -20,7 +20,7 @@ def summary(directory: str, manifest: manifest_lib.Manifest) -> str:
     lines = [
         f"dataset   {directory}",
         f"job       {manifest.job} ({manifest.name}), seq_len {manifest.seq_len}, created {manifest.created_at}",
-        f"tokenizer {manifest.tokenizer.get('path')} (sha256 {manifest.tokenizer.get('sha256', '')[:12]}…)",
+        f"tokenizer {manifest.tokenizer.get('uri') or manifest.tokenizer.get('path')} (sha256 {manifest.tokenizer.get('sha256', '')[:12]}…)",
         f"records   {manifest.records} in {len(manifest.shards)} shard(s), "
         f"{sum(s.bytes for s in manifest.shards) / max(total, 1):.3f} bytes/token on disk",
         f"tokens    {manifest.tokens} + {manifest.pad_tokens} padding "
@@ -74,32 +74,58 @@ def render_record(example: dict[str, np.ndarray], tokenizer: TextTokenizer | Non
     return "\n".join(lines)
 
 
+def decode_checked(record: bytes, seq_len: int) -> dict[str, np.ndarray]:
+    """A record decoded, refused (``ValueError``) unless its length is the manifest's ``seq_len``: after a
+    manifest edit a reader must not silently cut or mix sequence lengths."""
+    example = packed.decode(record)
+    if len(example["tokens"]) != seq_len:
+        raise ValueError(f"a record holds {len(example['tokens'])} tokens but the manifest says seq_len {seq_len}: "
+                         "the manifest does not describe these shards")
+    return example
+
+
 def records(directory: str, *, verify_hashes: bool = True) -> Iterator[dict[str, np.ndarray]]:
     """Every decoded record of a dataset, shard by shard in manifest order (refuses incomplete datasets)."""
     manifest = manifest_lib.read(directory, verify_hashes=verify_hashes)
     for path, shard in zip(manifest_lib.shard_paths(directory, manifest), manifest.shards):
         if shard.records:
             reader = ArrayRecordReader(_local(path))
-            yield from (packed.decode(r) for r in reader.read_all())
+            yield from (decode_checked(r, manifest.seq_len) for r in reader.read_all())
             reader.close()
 
 
+def _tokenizer(manifest: manifest_lib.Manifest, override: str | None) -> tuple[TextTokenizer | None, str]:
+    """The tokenizer to render text with (``override``, else the manifest's absolute ``uri``, else its ``path``)
+    and a note when none can be loaded."""
+    candidates = [override] if override else [manifest.tokenizer.get("uri"), manifest.tokenizer.get("path")]
+    for path in filter(None, candidates):
+        if FileSystems.exists(path):
+            return TextTokenizer(path), ""
+    shown = next(filter(None, candidates), None)
+    return None, f"(tokenizer {shown} not found: text shown as token ids)" if shown else "(no tokenizer: token ids)"
+
+
 def inspect(directory: str, *, record: int = 0, tokenizer: str | None = None, verify_hashes: bool = True) -> str:
-    """The text ``lwm data inspect`` prints: summary, then record ``record`` decoded."""
+    """The text ``lwm data inspect`` prints: summary, then record ``record`` of the dataset (counted over its
+    shards in manifest order) decoded."""
     manifest = manifest_lib.read(directory, verify_hashes=verify_hashes)
     out = [summary(directory, manifest)]
-    paths = [(p, s.path) for p, s in zip(manifest_lib.shard_paths(directory, manifest), manifest.shards) if s.records]
-    if not paths:
+    if not manifest.records:
         out.append("(no records)")
         return "\n".join(out)
-    tokenizer_path = tokenizer or manifest.tokenizer.get("path")
-    text_tokenizer = TextTokenizer(tokenizer_path) if tokenizer_path and FileSystems.exists(tokenizer_path) else None
-    path, name = paths[0]
+    if not 0 <= record < manifest.records:
+        raise ValueError(f"--record {record} is out of range: {directory} holds {manifest.records} records "
+                         f"(0 to {manifest.records - 1})")
+    text_tokenizer, note = _tokenizer(manifest, tokenizer)
+    index = record
+    for path, shard in zip(manifest_lib.shard_paths(directory, manifest), manifest.shards):
+        if index < shard.records:
+            break
+        index -= shard.records
     reader = ArrayRecordReader(_local(path))
-    index = min(record, reader.num_records() - 1)
-    example = packed.decode(reader.read([index])[0])
+    example = decode_checked(reader.read([index])[0], manifest.seq_len)
     reader.close()
-    out.append(f"record {index} of {name}:")
+    out.append(f"record {record} (record {index} of {shard.path}):" + (f" {note}" if note else ""))
     out.append(render_record(example, text_tokenizer))
     return "\n".join(out)
 

@@ -1,20 +1,24 @@
-"""Beam options and output preparation shared by every data job.
+"""Beam pipeline options of every data job: validated, with this project's defaults.
 
 Local runs default to Beam's ``FnApiRunner``: it runs offline (``DirectRunner``
 first tries Prism, a binary it downloads) and honours
 ``--direct_running_mode=multi_processing``, which runs every DoFn in separate
 processes, pickled as on Dataflow. ``--runner DataflowRunner`` ships this project
 to the workers as a package built from its ``pyproject.toml`` unless
-``--setup_file`` says otherwise.
+``--setup_file`` says otherwise. An argument that neither the job nor Beam knows is
+an error naming the closest valid option (Beam itself would only log "Discarding
+unparseable args" and run with defaults).
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import functools
 import logging
 import pathlib
-from typing import Sequence
+from typing import Iterable, Sequence
 
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
 log = logging.getLogger(__name__)
@@ -22,8 +26,45 @@ PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 LOCAL_RUNNER = "FnApiRunner"
 
 
-def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
-    """Options from pass-through Beam arguments, with this project's defaults filled in."""
+def _subclasses(cls: type) -> Iterable[type]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+@functools.cache
+def _beam_parser() -> argparse.ArgumentParser:
+    """A parser of every option Beam's ``PipelineOptions`` subclasses define (as Beam builds it)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for cls in {c.__name__: c for c in _subclasses(PipelineOptions)}.values():
+        try:
+            cls._add_argparse_args(parser)
+        except argparse.ArgumentError:  # an option two subclasses both define
+            continue
+    return parser
+
+
+def check_known(beam_args: Sequence[str], known: Iterable[str] = ()) -> None:
+    """Refuse an argument that is no Beam option, naming the closest of Beam's and ``known`` (the job's flags)."""
+    parser = _beam_parser()
+    _, unknown = parser.parse_known_args(list(beam_args))
+    if not unknown:
+        return
+    word = unknown[0].split("=", 1)[0]
+    if not word.startswith("-"):
+        raise ValueError(f"unexpected argument {word!r}")
+    valid = sorted({o for a in parser._actions for o in a.option_strings} | set(known))
+    close = difflib.get_close_matches(word, valid, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else "; see --help"
+    raise ValueError(f"unknown option {word}{hint}")
+
+
+def pipeline_options(beam_args: Sequence[str], known: Iterable[str] = ()) -> PipelineOptions:
+    """Options from pass-through Beam arguments, with this project's defaults filled in.
+
+    ``known``: the job's own flags, offered as suggestions when an argument is unknown.
+    """
+    check_known(beam_args, known)
     options = PipelineOptions(list(beam_args))
     standard = options.view_as(StandardOptions)
     if not standard.runner:
@@ -33,29 +74,3 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
         if not setup.setup_file:
             setup.setup_file = str(PROJECT_ROOT / "pyproject.toml")
     return options
-
-
-def check_inputs(patterns: Sequence[str]) -> None:
-    """Fail before launching if a pattern matches no file."""
-    if not patterns:
-        raise ValueError("no --input given")
-    for pattern in patterns:
-        if not FileSystems.match([pattern])[0].metadata_list:
-            raise ValueError(f"--input {pattern!r} matches no file")
-
-
-def prepare_output(directories: Sequence[str], overwrite: bool) -> None:
-    """Refuse to mix with earlier output; with ``overwrite``, delete it first (manifest first, so a
-    half-deleted dataset can never look complete)."""
-    for directory in directories:
-        existing = sorted(m.path for m in FileSystems.match([FileSystems.join(directory, "**")])[0].metadata_list)
-        if not existing:
-            continue
-        if not overwrite:
-            raise ValueError(f"{directory} already holds files; pass --overwrite to replace them")
-        manifest = FileSystems.join(directory, "manifest.json")
-        if manifest in existing:
-            FileSystems.delete([manifest])
-            existing.remove(manifest)
-        FileSystems.delete(existing)  # files, not the folder: object stores have no folders
-        log.info("deleted %d earlier output files in %s", len(existing), directory)

@@ -15,7 +15,8 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 
-from pipelines.dataset import NAMESPACE
+from pipelines import progress
+from pipelines.naming import METRICS_NAMESPACE
 from schemas.raw import DeadLetter
 
 # (binary stream, path) → the file's records, bad ones as dead letters.
@@ -30,12 +31,15 @@ class ReadRecords(beam.DoFn):
 
     def process(self, readable: fileio.ReadableFile) -> Iterable[object]:
         path = readable.metadata.path
-        Metrics.counter(NAMESPACE, "files_read").inc()
+        Metrics.counter(METRICS_NAMESPACE, "files_read").inc()
         try:
             with readable.open(compression_type=CompressionTypes.UNCOMPRESSED) as stream:
-                yield from self.parse(stream, path)
+                for record in self.parse(stream, path):
+                    progress.add(documents=1)
+                    yield record
         except Exception as error:  # a file that fails mid-read: report it, keep the job alive
             yield DeadLetter("", "unreadable_file", f"{type(error).__name__}: {error}", path)
+        progress.add(files=1, input_bytes=readable.metadata.size_in_bytes)
 
 
 def first_of_duplicates(item) -> Iterable[object]:
@@ -49,7 +53,7 @@ def first_of_duplicates(item) -> Iterable[object]:
 
 def count_dead_letter(letter: DeadLetter) -> DeadLetter:
     """Count a dead letter by reason in the job's Beam metrics; returns it unchanged."""
-    Metrics.counter(NAMESPACE, f"dead_letter_{letter.reason}").inc()
+    Metrics.counter(METRICS_NAMESPACE, f"dead_letter_{letter.reason}").inc()
     return letter
 
 

@@ -22,7 +22,9 @@ class SpecialTokens:
     """Which special tokens frame a document (default: BOS at its start, EOS at its end)."""
 
     bos: bool = True
+    """Add BOS at each document's start."""
     eos: bool = True
+    """Add EOS at each document's end."""
 
 
 class TextTokenizer:

@@ -31,11 +31,12 @@ text tokenizer comes in as ids, so Beam, tests and notebooks share it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 
-from pipelines.dataset import stable_hash
+from pipelines import flags
+from pipelines.naming import stable_hash
 from pipelines.packing import Segment
 from schemas import vocab
 
@@ -58,11 +59,17 @@ class LayoutConfig:
     """
 
     generation_fraction: float = 0.5
+    """Share of examples laid out caption → vision (generation); the rest vision → caption, chosen by id."""
     text_weight: float = 1.0
+    """Loss weight of text tokens baked into the records."""
     vision_weight: float = 1.0
+    """Loss weight of vision tokens baked into the records."""
     condition_loss: bool = True
-    template: str = "plain"
-    salt: str = ""
+    """Loss on the conditioning side too (the caption in generation, the vision in understanding)."""
+    template: Literal["plain", "chat"] = "plain"
+    """plain: caption and <vision>…</vision> only; chat: LWM's USER/ASSISTANT format."""
+    salt: str = flags.field("", flag="layout-salt")
+    """Changes which examples get which direction."""
 
     def __post_init__(self):
         if not 0.0 <= self.generation_fraction <= 1.0:

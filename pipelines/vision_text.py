@@ -31,21 +31,24 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import vision_layout
-from pipelines.buckets import Bucket
-from pipelines.dataset import ALL_BUCKETS, NAMESPACE, DatasetSpec, WritePackedDatasets
+from pipelines import flags, vision_layout
+from pipelines.dataset import ALL_BUCKETS, DatasetSpec, WritePackedDatasets, route
+from pipelines.job import check_inputs, check_tokenizer
 from pipelines.media import MediaError
+from pipelines.naming import METRICS_NAMESPACE
+from pipelines.output import OutputConfig
 from pipelines.sources import ReadUnique, count_dead_letter
 from pipelines.text_tokenizer import SpecialTokens, TextTokenizer
 from pipelines.vision_layout import LayoutConfig, Markers
-from pipelines.vqgan import CONFIG_FILE, PARAMS_FILE, VQGAN
 from schemas import manifest as manifest_lib
 from schemas import raw_vision
 from schemas.raw import DeadLetter
 
 log = logging.getLogger(__name__)
+# The VQGAN weights directory's files (pipelines.vqgan.CONFIG_FILE, PARAMS_FILE); named here so that
+# building the CLI does not import JAX.
+VQGAN_FILES = ("config.json", "params.safetensors")
 
 
 class Media(Protocol):
@@ -65,49 +68,35 @@ class Media(Protocol):
 class VisionConfig:
     """Everything an image-text or video-text job needs; recorded in every manifest it writes.
 
-    ``encode_batch``: frames per VQGAN call (examples are batched up to it).
-    ``resample_to_fit``: a video too long for a bucket keeps the most uniformly spaced
-    frames that fit (at least ``min_frames``) instead of becoming a ``too_long`` dead letter.
+    The two jobs' configs (:class:`pipelines.image_text.ImageTextConfig`,
+    :class:`pipelines.video_text.VideoTextConfig`) fix ``media`` to their kind.
     """
 
-    inputs: tuple[str, ...]
-    output: str
-    tokenizer: str
-    vqgan: str
-    buckets: tuple[Bucket, ...]
-    media: Media
-    name: str = ""  # shard name prefix; default: the job name with "_" ("image_text")
+    inputs: tuple[str, ...] = flags.field(flag="input", metavar="GLOB")
+    """Input files: .jsonl/.json/.parquet (.gz) with id, caption, and inline media bytes (base64 in JSON)
+    or a 'path'/'url' (local or gs://; relative to the input file)."""
+    tokenizer: str = flags.field()
+    """SentencePiece .model file for captions and layout text."""
+    vqgan: str = flags.field()
+    """VQGAN weights directory (lwm convert vqgan-import)."""
+    output: OutputConfig = flags.field()
+    media: Media = flags.field()
     layout: LayoutConfig = LayoutConfig()
     special: SpecialTokens = SpecialTokens()
     resample_to_fit: bool = False
+    """Keep the most evenly spaced frames that fit a bucket instead of dead-lettering a too_long video."""
     min_frames: int = 1
-    encode_batch: int = 16
-    pack_groups: int = 16
-    shard_bytes: int = 256 << 20
-    num_shards: int | None = None
+    """With --resample-to-fit, the fewest frames to keep."""
+    encode_batch: int = flags.field(16, record=False)
+    """Frames per VQGAN call (batched across examples; codes do not depend on it)."""
 
     def __post_init__(self):
         if self.encode_batch < 1 or self.min_frames < 1:
             raise ValueError(f"encode_batch and min_frames must be >= 1, got {self.encode_batch}, {self.min_frames}")
-        if not self.name:
-            object.__setattr__(self, "name", self.job.replace("-", "_"))
 
     @property
     def job(self) -> str:
         return f"{self.media.name}-text"
-
-    def manifest_config(self) -> dict:
-        # Where the dataset lives and how frames were batched are not part of what it is.
-        skip = ("output", "media", "encode_batch")
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
-        fields.update(
-            inputs=list(self.inputs),
-            buckets=[b.spec() for b in self.buckets],
-            layout=dataclasses.asdict(self.layout),
-            special=dataclasses.asdict(self.special),
-            media={"kind": self.media.name, **self.media.config()},
-        )
-        return fields
 
 
 def fetch(example: raw_vision.VisionExample, local_paths: bool) -> bytes | str:
@@ -139,7 +128,7 @@ class DecodeMedia(beam.DoFn):
         self.media = media
 
     def setup(self):
-        self.frames = Metrics.counter(NAMESPACE, "frames_decoded")
+        self.frames = Metrics.counter(METRICS_NAMESPACE, "frames_decoded")
 
     def process(self, example: raw_vision.VisionExample):
         try:
@@ -168,8 +157,10 @@ class EncodeFrames(beam.DoFn):
         self.batch_size = batch_size
 
     def setup(self):
+        from pipelines.vqgan import VQGAN  # JAX: imported where frames are encoded, not to build the CLI
+
         self.vq = VQGAN.load(self.vqgan_path, batch_size=self.batch_size)
-        self.encoded = Metrics.counter(NAMESPACE, "frames_encoded")
+        self.encoded = Metrics.counter(METRICS_NAMESPACE, "frames_encoded")
 
     def process(self, batch: Sequence[tuple[raw_vision.VisionExample, np.ndarray]]):
         if not batch:  # BatchElements emits an empty batch when its first element is over the size target
@@ -193,25 +184,20 @@ def assign_buckets(example_id: str, source: str, parts: Sequence[vision_layout.P
     """
     frames = len(codes)
     length = vision_layout.text_length(parts, markers) + vision_layout.FRAME_TOKENS * frames
-    for bucket in config.buckets:
-        place = bucket.place(length)
-        if place != "in":
-            yield beam.pvalue.TaggedOutput("counts", ((bucket.seq_len, place), 1))
-            continue
+
+    def fit(bucket):
         keep = frames
         if length > bucket.seq_len:
             keep = vision_layout.frames_that_fit(parts, markers, frames, bucket.seq_len) if config.resample_to_fit else 0
             if keep < config.min_frames:
                 detail = f"{length} tokens ({frames} frame(s)) > {bucket.seq_len}" + (
                     f"; fewer than {config.min_frames} frame(s) fit" if config.resample_to_fit else "")
-                yield beam.pvalue.TaggedOutput("dead_letters", (bucket.seq_len, DeadLetter(example_id, "too_long", detail, source)))
-                continue
-            Metrics.counter(NAMESPACE, "resampled").inc()
+                return DeadLetter(example_id, "too_long", detail, source)
+            Metrics.counter(METRICS_NAMESPACE, "resampled").inc()
         chosen = codes if keep == frames else codes[vision_layout.uniform_frames(frames, keep)]
-        segment = vision_layout.assemble((example_id, 0), parts, chosen, markers, config.layout)
-        yield beam.pvalue.TaggedOutput("counts", ((bucket.seq_len, "documents"), 1))
-        yield beam.pvalue.TaggedOutput("counts", ((bucket.seq_len, "segments"), 1))
-        yield bucket.seq_len, segment
+        return [vision_layout.assemble((example_id, 0), parts, chosen, markers, config.layout)]
+
+    return route(length, config.output.buckets, fit)
 
 
 class LayOut(beam.DoFn):
@@ -232,7 +218,7 @@ class LayOut(beam.DoFn):
         yield from assign_buckets(example.id, example.source, parts, codes, self.markers, config)
 
 
-def build(pipeline: beam.Pipeline, config: VisionConfig, tokenizer: TextTokenizer, vqgan_sha256: str):
+def build(pipeline: beam.Pipeline, config: VisionConfig):
     """Add the job to ``pipeline``; returns the PCollection of manifest paths."""
     parse = functools.partial(raw_vision.iter_examples, media_field=config.media.name)
     inputs = pipeline | "ReadInputs" >> ReadUnique(config.inputs, parse)
@@ -250,7 +236,8 @@ def build(pipeline: beam.Pipeline, config: VisionConfig, tokenizer: TextTokenize
         | "EarlyDeadLetters" >> beam.Flatten()
         | "ForAllBuckets" >> beam.Map(lambda d: (ALL_BUCKETS, d))
     )
-    spec = DatasetSpec.for_job(config.job, config, tokenizer, vqgan_sha256=vqgan_sha256)
+    spec = DatasetSpec.for_job(config.job, config, TextTokenizer(config.tokenizer), vqgan_sha256=vqgan_sha256(config.vqgan),
+                               media={"kind": config.media.name, **config.media.config()})
     return {
         "segments": bucketed.segments,
         "counts": bucketed.counts,
@@ -262,13 +249,15 @@ def build(pipeline: beam.Pipeline, config: VisionConfig, tokenizer: TextTokenize
 def vqgan_sha256(path: str) -> str:
     """A fingerprint of VQGAN weights: sha256 over its config and params files."""
     return hashlib.sha256(
-        "".join(manifest_lib.file_sha256(FileSystems.join(path, name)) for name in (CONFIG_FILE, PARAMS_FILE)).encode()
+        "".join(manifest_lib.file_sha256(FileSystems.join(path, name)) for name in VQGAN_FILES).encode()
     ).hexdigest()
 
 
-def run(config: VisionConfig, options: PipelineOptions) -> beam.runners.runner.PipelineResult:
-    """Run the job to completion with ``options`` (see :mod:`pipelines.runner`)."""
-    tokenizer = TextTokenizer(config.tokenizer)
-    with beam.Pipeline(options=options) as pipeline:
-        build(pipeline, config, tokenizer, vqgan_sha256(config.vqgan))
-    return pipeline.result
+def check(config: VisionConfig) -> tuple[int, int]:
+    """Tokenizer, VQGAN weights and inputs, before any output is touched; returns the inputs' (files, bytes)."""
+    check_tokenizer(config.tokenizer)
+    missing = [name for name in VQGAN_FILES if not FileSystems.exists(FileSystems.join(config.vqgan, name))]
+    if missing:
+        raise ValueError(f"--vqgan {config.vqgan!r} holds no {', '.join(missing)}: not VQGAN weights "
+                         "(see lwm convert vqgan-import)")
+    return check_inputs(config.inputs)

@@ -23,6 +23,7 @@ from schemas import storage
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 DEAD_LETTER_DIR = "dead_letter"
+DEAD_LETTER_FILE = f"{DEAD_LETTER_DIR}/dead_letter.jsonl"  # relative to the dataset directory
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,11 +36,12 @@ def books_dataset(sample_books, tokenizer_path, tmp_path_factory) -> pathlib.Pat
     """``lwm data books`` output for ``sample_books`` at seq_len 512: the dataset directory."""
     from pipelines import books
     from pipelines.buckets import Bucket
+    from pipelines.output import OutputConfig
     from pipelines.runner import pipeline_options
 
     output = tmp_path_factory.mktemp("dataset")
     config = books.BooksConfig(
-        inputs=(str(sample_books),), output=str(output), tokenizer=tokenizer_path, buckets=(Bucket(512),), num_shards=2
+        inputs=(str(sample_books),), tokenizer=tokenizer_path, output=OutputConfig(str(output), (Bucket(512),), num_shards=2)
     )
     books.run(config, pipeline_options([]))
     return output / "seq512"

@@ -174,3 +174,37 @@ def test_remote_input_and_output_go_through_beam_filesystems(corpus, tokenizer_p
     assert len(manifest.read("fakegcs://out/seq1024").shards) == 1
     assert sorted(p.name for p in (tmp_path / "out" / "seq1024").iterdir()) == [
         "books.array_record-00000-of-00001", "dead_letter", "manifest.json"]
+
+
+def test_inspect_counts_records_over_shards_and_refuses_out_of_range(job, capsys):
+    total = manifest.read(str(job / "seq1024")).records
+    assert cli.main(["data", "inspect", str(job / "seq1024"), "--record", str(total - 1)]) == 0
+    assert f"record {total - 1} (record " in capsys.readouterr().out
+    for bad in (total, -1):
+        assert cli.main(["data", "inspect", str(job / "seq1024"), "--record", str(bad)]) == 2
+        assert f"out of range: {job / 'seq1024'} holds {total} records" in capsys.readouterr().err
+
+
+def test_inspect_finds_the_tokenizer_by_its_absolute_uri_from_anywhere(job, tmp_path, monkeypatch, capsys):
+    recorded = json.loads((job / "seq1024" / "manifest.json").read_text())["tokenizer"]
+    copy = tmp_path / "moved"
+    shutil.copytree(job / "seq1024", copy)
+    text = json.loads((copy / "manifest.json").read_text())
+    text["tokenizer"]["path"] = "relative/tok.model"  # as typed, elsewhere
+    (copy / "manifest.json").write_text(json.dumps(text))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["data", "inspect", str(copy), "--no-verify"]) == 0
+    out = capsys.readouterr().out
+    assert recorded["uri"] in out and "<s>" in out and "not found" not in out
+
+
+def test_readers_refuse_records_whose_length_is_not_the_manifests_seq_len(job, tmp_path, capsys):
+    copy = tmp_path / "edited"
+    shutil.copytree(job / "seq1024", copy)
+    text = json.loads((copy / "manifest.json").read_text())
+    text["seq_len"] = 512
+    (copy / "manifest.json").write_text(json.dumps(text))
+    assert cli.main(["data", "inspect", str(copy)]) == 2
+    assert "holds 1024 tokens but the manifest says seq_len 512" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="seq_len 512"):
+        next(inspection.records(str(copy)))

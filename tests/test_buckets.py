@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipelines.buckets import PRESETS, Bucket, parse
+from pipelines.buckets import PRESETS, Bucket, Count, parse
 
 
 def test_spec_parses_ranges_open_ends_and_bare_lengths():
@@ -18,12 +18,12 @@ def test_paper_preset_has_the_five_text_stages():
     buckets = parse("lwm-text")
     assert [b.seq_len for b in buckets] == [2**15, 2**17, 2**18, 2**19, 2**20]
     assert buckets == PRESETS["lwm-text"]
-    assert buckets[0].place(9_999) == "too_short" and buckets[0].place(10_000) == "in"
+    assert buckets[0].outside(9_999) == Count.TOO_SHORT and buckets[0].outside(10_000) is None
 
 
 def test_ranges_are_half_open_so_adjacent_buckets_share_no_document():
     low, high = parse("32768:10000-100000,131072:100000-200000")
-    assert (low.place(100_000), high.place(100_000)) == ("too_long", "in")
+    assert (low.outside(100_000), high.outside(100_000)) == (Count.TOO_LONG, None)
 
 
 @pytest.mark.parametrize("spec", ["", "abc", "1024:5", "1024:50-10", "1024,1024:0-5", "0"])

@@ -87,3 +87,15 @@ def test_no_fill_piece_is_shorter_than_min_piece():
     segments = [packing.text_segment("short", np.arange(1000))] + packing.cut(packing.text_segment("long", np.arange(1500)), 1024)
     sequences = packing.pack(segments, 1024, min_piece=100)
     assert [[len(s) for s in seq] for seq in sequences] == [[1024], [1000], [476]]
+
+
+def test_the_module_docstring_example_is_what_pack_does():
+    text = lambda key, ids: packing.text_segment(key, np.array(ids))
+    c = packing.cut(text("c", [1, 31, 32, 33, 34, 35, 36, 37, 38, 39, 2]), 8)
+    sequences = packing.pack([text("a", [1, 11, 12, 13, 2]), text("b", [1, 21, 22, 2]), *c], 8, min_piece=2)
+    examples = [packing.to_example(s, 8) for s in sequences]
+    assert [e["tokens"].tolist() for e in examples] == [
+        [1, 31, 32, 33, 34, 35, 36, 37], [1, 11, 12, 13, 2, 38, 39, 2], [1, 21, 22, 2, 0, 0, 0, 0]]
+    assert examples[1]["segment_ids"].tolist() == [1, 1, 1, 1, 1, 2, 2, 2]
+    assert examples[1]["positions"].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert examples[1]["loss_weights"].tolist() == [0, 1, 1, 1, 1, 0, 1, 1]

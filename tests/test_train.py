@@ -5,6 +5,7 @@ fixture (tiny text model, fsdp 2 x sp 4 ring attention, batch 2), sharing a
 persistent compilation cache so only the first one compiles.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ import pytest
 
 from pipelines.dataset import write_shard
 from schemas import manifest, packed
-from trainer import checkpoint, config as config_lib, optimizer, train as train_lib
+from trainer import checkpoint, config as config_lib, optimizer, run_dir as run_dir_lib, train as train_lib
 from trainer.config import OptimizerConfig
 from trainer.model import PRESETS, abstract_params, init_params
 from trainer.sharding import make_mesh, param_shardings
@@ -29,7 +30,7 @@ STEPS = 24
 
 
 def _sets(run_dir, *datasets):
-    listed = ", ".join(f"{{path: '{path}', weight: {weight}}}" for path, weight in datasets)
+    listed = ", ".join(f"{{path: '{path}', proportion: {weight}}}" for path, weight in datasets)
     return [f"run_dir={run_dir}", f"data.datasets=[{listed}]", "data.seq_len=512", "data.batch_size=2",
             f"steps={STEPS}", "optimizer.schedule=warmup_constant", "optimizer.warmup_steps=2",
             "optimizer.learning_rate=3e-3", "checkpoint.save_every=4", "checkpoint.keep=3", "log.every=1"]
@@ -89,7 +90,17 @@ def _check_outputs(run_dir, out):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(run_dir, "tensorboard")))
 
 
-def test_tiny_model_loss_falls_and_resumes_bitwise_after_sigkill_and_sigterm(books_dataset, cache_env, tmp_path):
+def _damage(ckpt_dir, step, how):
+    """Damages checkpoint ``step``: truncates its largest parameter file, or deletes its optimizer state's metadata."""
+    if how == "truncate":
+        params = os.path.join(ckpt_dir, str(step), "params")
+        files = [os.path.join(root, f) for root, _, names in os.walk(params) for f in names]
+        os.truncate(max(files, key=os.path.getsize), 100)
+    else:
+        os.remove(os.path.join(ckpt_dir, str(step), "opt_state", "_METADATA"))
+
+
+def test_tiny_model_loss_falls_and_resumes_bitwise_after_kills_signals_and_damage(books_dataset, cache_env, tmp_path):
     # One test, so that test workers do not each repeat the uninterrupted reference run.
     reference = tmp_path / "reference"
     code, out, err = _finish(_start(_sets(reference, (books_dataset, 1.0)), cache_env))
@@ -106,22 +117,40 @@ def test_tiny_model_loss_falls_and_resumes_bitwise_after_sigkill_and_sigterm(boo
     _signal_after_checkpoint(killed, ckpt_dir, 8, signal.SIGKILL)
     _finish(killed)
 
-    terminated = _start(sets, cache_env)
-    _signal_after_checkpoint(terminated, ckpt_dir, 16, signal.SIGTERM)
-    code, out, err = _finish(terminated)
-    assert code == 143, err
-    assert "resumed from checkpoint" in out
-    saved = checkpoint.latest_step(ckpt_dir)
-    assert f"SIGTERM: saved checkpoint {saved}" in out and 16 <= saved < STEPS
-    assert _metrics(run_dir)[-1]["step"] == saved
+    # Ctrl-C and SIGTERM both save the step they arrive at and exit as the shell reports the signal
+    for signum, after, code_expected in ((signal.SIGINT, 12, 130), (signal.SIGTERM, 16, 143)):
+        interrupted = _start(sets, cache_env)
+        _signal_after_checkpoint(interrupted, ckpt_dir, after, signum)
+        code, out, err = _finish(interrupted)
+        assert code == code_expected, err
+        assert "resumed from checkpoint" in out and "Traceback" not in err
+        saved = checkpoint.latest_step(ckpt_dir)
+        assert f"{signum.name}: saved checkpoint {saved}" in out and after <= saved < STEPS
+        assert _metrics(run_dir)[-1]["step"] == saved
 
+    # the two newest checkpoints damaged: each reported in one line, the third restored
+    newest, second, third = sorted((int(d) for d in os.listdir(ckpt_dir) if d.isdigit()), reverse=True)
+    _damage(ckpt_dir, newest, "truncate")
+    _damage(ckpt_dir, second, "metadata")
     code, out, err = _finish(_start(sets, cache_env))
     assert code == 0, err
-    assert f"resumed from checkpoint {saved}" in out
+    assert f"checkpoint {newest} in {ckpt_dir} cannot be restored: " in out
+    assert f"checkpoint {second} in {ckpt_dir} cannot be restored: " in out
+    assert f"fell back to checkpoint {third}" in out and f"resumed from checkpoint {third}" in out
+    assert sorted(os.listdir(run_dir / "damaged_checkpoints")) == sorted([str(newest), str(second)])
+    assert len(out.splitlines()) < 60 and "Event loop is closed" not in out + err
     logged = _metrics(run_dir)
     assert {m["step"] for m in logged} == set(range(1, STEPS + 1))
-    for m in logged:  # every step, including those computed twice around the kill, as uninterrupted
+    for m in logged:  # every step, including those computed twice around kills and fallbacks, as uninterrupted
         assert m["loss"] == expected[m["step"]], m["step"]
+
+    code, out, err = _finish(_start(sets, cache_env))
+    assert code == 0 and f"is complete: checkpoint {STEPS} of {STEPS} steps, nothing to do" in out, err
+    saved_config = (run_dir / config_lib.CONFIG_NAME).read_text()
+    code, out, err = _finish(_start(sets + ["model.d_model=128"], cache_env))
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"lwm: error: cannot resume {run_dir} with changed model.d_model 64 -> 128")
+    assert (run_dir / config_lib.CONFIG_NAME).read_text() == saved_config
 
 
 def _nan_dataset(directory, count=8):
@@ -179,20 +208,37 @@ def test_init_from_loads_another_runs_params_for_a_new_theta_and_length(tmp_path
 
 
 def test_config_yaml_with_overrides_resolves_and_rejects_typos(tmp_path):
-    config = config_lib.load("configs/train_tiny.yaml", ["optimizer.learning_rate=1e-4", "data.datasets.0.weight=2",
+    config = config_lib.load("configs/train_tiny.yaml", ["optimizer.learning_rate=1e-4", "data.datasets.0.proportion=2",
                                                          "model.preset=llama2-7b", "mesh.tp=2"])
-    assert config.optimizer.learning_rate == 1e-4 and config.data.datasets[0].weight == 2.0
+    assert config.optimizer.learning_rate == 1e-4 and config.data.datasets[0].proportion == 2.0
     assert config.model.d_model == 4096 and config.model.vision_vocab_size == 0 and config.mesh.tp == 2
     path = tmp_path / "resolved.yaml"
     path.write_text(config.to_yaml())
     assert config_lib.load(path) == config
     assert config_lib.TrainConfig().optimizer == config_lib.load("configs/train_text_32k.yaml").optimizer
-    with pytest.raises(ValueError, match=r"config.optimizer: unknown keys \['learning_rat'\]"):
+    with pytest.raises(ValueError, match=r"config.optimizer: unknown key 'learning_rat'; did you mean "
+                                         r"config.optimizer.learning_rate\?"):
         config_lib.load("configs/train_tiny.yaml", ["optimizer.learning_rat=1"])
     with pytest.raises(ValueError, match="config.steps: expected int"):
         config_lib.load("configs/train_tiny.yaml", ["steps=ten"])
-    with pytest.raises(ValueError, match="not divisible by optimizer.grad_accum_steps"):
+    with pytest.raises(ValueError, match="not divisible by optimizer.grad_accum_steps 3: set optimizer"):
         config_lib.load("configs/train_tiny.yaml", ["optimizer.grad_accum_steps=3"])
+
+
+def test_config_errors_name_the_setting_to_change_and_renamed_keys():
+    with pytest.raises(ValueError, match=r"set optimizer.warmup_steps below 5 \(e.g. 0\) or steps above 20"):
+        config_lib.load("configs/train_tiny.yaml", ["steps=5"])
+    with pytest.raises(ValueError, match=r"config.data.datasets\[0\].weight was renamed: use "
+                                         r"config.data.datasets\[0\].proportion"):
+        config_lib.load("configs/train_tiny.yaml", ["data.datasets.0.weight=2"])
+    with pytest.raises(ValueError, match="config.loss.text_weight was renamed: use config.loss.text_share"):
+        config_lib.load(None, ["loss.text_weight=1"])
+    # a section overrides the default stage's values, not its class's: tp stays 4
+    assert config_lib.load(None, ["mesh.fsdp=2"]).mesh == config_lib.MeshConfig(dp=1, fsdp=2, sp=1, tp=4)
+    assert config_lib.load(None, ["model.preset=tiny"]).model == config_lib.PRESETS["tiny"]
+    listed = config_lib.help_text()
+    assert "optimizer.learning_rate = 4e-05  (float)" in listed and "model.rope_theta = 1000000.0  (float)" in listed
+    assert "data.datasets = []  (list of DatasetConfig)" in listed
 
 
 def test_schedules_follow_the_paper_shapes():
@@ -229,3 +275,154 @@ def test_mfu_estimate_counts_matmul_and_attention_flops_against_the_device_peak(
     assert train_lib.peak_flops(types.SimpleNamespace(device_kind="cpu"), 2.0) == 2e12
     # Llama-2 7B at 4K: 6 x 6.61B matmul weights (embedding lookups excluded) + 6 x 32 x 4096 x 4096.
     assert np.isclose(train_lib.flops_per_token(PRESETS["llama2-7b"], 4096), 3.97e10 + 3.22e9, rtol=0.01)
+
+
+class _FakeManager:
+    """The part of orbax's CheckpointManager the loop uses, recording saved steps."""
+
+    directory = "/ckpt"
+
+    def __init__(self):
+        self.saved = []
+
+    def save(self, step, force=False, args=None):
+        self.saved.append(step)
+        return True
+
+    def latest_step(self):
+        return self.saved[-1] if self.saved else None
+
+    def wait_until_finished(self):
+        pass
+
+
+class _SignalAt:
+    """Stands in for the signal handler: reports ``signum`` from step ``at`` on."""
+
+    def __init__(self, at, signum):
+        self.at, self.signum, self.calls = at, signum, 0
+
+    def requested(self):
+        self.calls += 1
+        return self.signum if self.calls >= self.at else 0
+
+
+class _FakeLoader:
+    iterator = None
+
+    def __next__(self):
+        return {}
+
+
+def _fake_session(tmp_path, stop, params=None):
+    """A loop session whose step only reports metrics, over a fake manager and loader."""
+
+    def step_fn(state, batch):
+        metrics = {k: jnp.float32(1.0) for k in ("loss", "text_loss", "grad_norm")}
+        return state, {**metrics, "vision_weight": jnp.float32(0.0)}
+
+    state = train_lib.TrainState({"w": jnp.ones(3)} if params is None else params, None)
+    log = train_lib.MetricsLog(str(tmp_path), True, False)
+    return train_lib._Session(state, step_fn, _FakeLoader(), _FakeManager(), log, stop)
+
+
+def _loop_config(tmp_path):
+    return config_lib.load("configs/train_tiny.yaml", [f"run_dir={tmp_path}", "steps=10", "optimizer.warmup_steps=2",
+                                                       "checkpoint.save_every=4", "log.every=5"])
+
+
+def test_checkpoints_follow_save_every_and_the_last_step_not_step_one(tmp_path):
+    run = _fake_session(tmp_path, _SignalAt(99, 0))
+    result = train_lib._loop(_loop_config(tmp_path), run, 0)
+    assert run.mngr.saved == [4, 8, 10] and result == train_lib.TrainResult(10, False, result.metrics)
+    assert [m["step"] for m in _metrics(tmp_path)] == [5, 10] and "eta_s" in _metrics(tmp_path)[-1]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_and_stops_but_on_the_last_step_the_stage_finishes(tmp_path, signum):
+    run = _fake_session(tmp_path, _SignalAt(6, signum))
+    result = train_lib._loop(_loop_config(tmp_path), run, 0)
+    assert (result.step, result.preempted, result.signum) == (6, True, signum) and run.mngr.saved == [4, 6]
+    run = _fake_session(tmp_path, _SignalAt(10, signum))
+    result = train_lib._loop(_loop_config(tmp_path), run, 0)
+    assert (result.step, result.preempted) == (10, False) and run.mngr.saved == [4, 8, 10]
+
+
+def test_non_finite_parameters_are_never_saved_and_the_error_names_a_finite_checkpoint(tmp_path):
+    model = PRESETS["tiny"]
+    finite = {"w": jnp.ones(3)}
+    checkpoint.save_params(tmp_path / "checkpoints", finite, model, step=4)
+    run = _fake_session(tmp_path, _SignalAt(99, 0), params={"w": jnp.array([1.0, jnp.inf, 0.0])})
+    with checkpoint.train_manager(tmp_path / "checkpoints") as mngr:
+        run.mngr = mngr
+        with pytest.raises(train_lib.NonFiniteLossError,
+                           match=r"non-finite parameters after step 5; nothing saved, the last good checkpoint is step 4"):
+            train_lib._save(_loop_config(tmp_path), run, 5)
+        assert mngr.all_steps() == [4]
+
+
+def _manifest(tokenizer_size, max_ids):
+    return manifest.Manifest(job="books", name="books", seq_len=512, tokenizer={"sha256": "x", "vocab_size": tokenizer_size},
+                             shards=(), counts={}, tokens=0, pad_tokens=0, config={}, max_ids=max_ids)
+
+
+def test_data_outside_the_model_vocabulary_is_refused_naming_both_sizes():
+    tiny = PRESETS["tiny"]
+    train_lib.check_vocabulary([_manifest(512, {"text": 511, "vision": 8193})], ["d"], tiny)
+    with pytest.raises(ValueError, match="d: its tokenizer has 912 pieces but model.vocab_size is 512"):
+        train_lib.check_vocabulary([_manifest(912, {"text": 900})], ["d"], tiny)
+    with pytest.raises(ValueError, match="d: holds vision id 8193, outside model.vision_vocab_size 0: set it to at least 8194"):
+        train_lib.check_vocabulary([_manifest(512, {"vision": 8193})], ["d"], dataclasses.replace(tiny, vision_vocab_size=0))
+
+
+def test_lwm_train_refuses_a_vocabulary_mismatch_and_an_unwritable_run_dir_before_any_work(books_dataset, tmp_path, capsys):
+    from orchestration import cli
+
+    sets = ["--set", f"run_dir={tmp_path / 'run'}", "--set", f"data.datasets=[{{path: '{books_dataset}'}}]",
+            "--set", "data.seq_len=512", "--set", "data.batch_size=2"]
+    assert cli.main(["train", "configs/train_tiny.yaml", *sets, "--set", "model.vocab_size=256"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lwm: error: {books_dataset}: its tokenizer has 512 pieces but model.vocab_size is 256")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(tmp_path / "run" / "checkpoints")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    missing_data = ["--set", "data.datasets=[{path: /no/such/dataset}]"]
+    assert cli.main(["train", "configs/train_tiny.yaml", "--set", f"run_dir={blocker / 'run'}", *missing_data]) == 2
+    assert capsys.readouterr().err.startswith(f"lwm: error: run_dir {blocker / 'run'} is not writable")
+
+
+def test_resume_reports_changed_settings_and_refuses_shape_and_data_order_changes(tmp_path):
+    base = config_lib.load("configs/train_tiny.yaml", [f"run_dir={tmp_path}"])
+    config_lib.write_resolved(base)
+    reported = []
+    run_dir_lib.check_resume(config_lib.load("configs/train_tiny.yaml", [f"run_dir={tmp_path}", "steps=300",
+                                                                        "optimizer.learning_rate=1e-3"]), 1, reported.append)
+    assert reported == ["resuming with changed settings: optimizer.learning_rate 0.003 -> 0.001, steps 200 -> 300"]
+    for change, key in (("data.seq_len=2048", "data.seq_len"), ("model.num_layers=3", "model.num_layers"),
+                        ("data.seed=1", "data.seed"), ("data.datasets.0.path=other", "data.datasets"),
+                        ("optimizer.grad_accum_steps=2", "optimizer.grad_accum_steps")):
+        with pytest.raises(ValueError, match=f"cannot resume {tmp_path} with changed {key} "):
+            run_dir_lib.check_resume(config_lib.load("configs/train_tiny.yaml", [f"run_dir={tmp_path}", change]), 1, print)
+    mesh = config_lib.load("configs/train_tiny.yaml", [f"run_dir={tmp_path}", "mesh.fsdp=1", "mesh.sp=8"])
+    run_dir_lib.check_resume(mesh, 1, reported.append)  # one process: the data order does not depend on the mesh
+    with pytest.raises(ValueError, match="changed mesh.fsdp 2 -> 1, mesh.sp 4 -> 8"):
+        run_dir_lib.check_resume(mesh, 2, print)
+
+
+def test_unwritable_run_dir_or_too_little_space_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is not writable"):
+        run_dir_lib.check_writable(str(tmp_path / "file" / "run"))
+    with pytest.raises(ValueError, match="GiB free, but one checkpoint needs"):
+        run_dir_lib.check_writable(str(tmp_path / "run"), needed_bytes=2**62)
+    run_dir_lib.check_writable(str(tmp_path / "run"), train_lib.checkpoint_bytes(PRESETS["tiny"]))
+
+
+def test_the_cli_sets_the_simulated_cpu_device_count_from_the_mesh():
+    from orchestration.commands import train as train_command
+
+    tiny = config_lib.load("configs/train_tiny.yaml")
+    env = {}
+    assert train_command.simulate_cpu_devices(tiny, env) == 8 and env["XLA_FLAGS"].endswith("device_count=8")
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    assert train_command.simulate_cpu_devices(tiny, env) is None and env["XLA_FLAGS"].endswith("=2")

@@ -16,7 +16,8 @@ from orchestration import cli, sample_media
 from pipelines import inspection, vision_layout, vision_text
 from pipelines.buckets import Bucket
 from pipelines.media import ffmpeg_tools
-from pipelines.video_text import VideoMedia
+from pipelines.output import OutputConfig
+from pipelines.video_text import VideoMedia, VideoTextConfig
 from pipelines.vqgan import SMALL, VQGAN
 from schemas import manifest, raw_vision, vocab
 
@@ -211,8 +212,8 @@ def test_missing_vqgan_is_a_clear_error(image_corpus, tokenizer_path, tmp_path, 
 def _assign(frames, buckets, resample, text=20):
     markers = vision_layout.Markers(1, 2, (5, 6), (7, 8))
     parts = [(np.full(text, 9, np.int32), False), (vision_layout.VISION, True)]
-    config = vision_text.VisionConfig(inputs=(), output="", tokenizer="", vqgan="", buckets=buckets, media=VideoMedia(),
-                                      resample_to_fit=resample)
+    config = VideoTextConfig(inputs=(), tokenizer="", vqgan="", output=OutputConfig("unused", buckets),
+                             resample_to_fit=resample)
     codes = np.arange(frames * 256, dtype=np.int32).reshape(frames, 16, 16) % 8192
     outputs = list(vision_text.assign_buckets("v", "in.jsonl:1", parts, codes, markers, config))
     segments = {o[0]: o[1] for o in outputs if not isinstance(o, beam.pvalue.TaggedOutput)}

@@ -16,16 +16,22 @@ Training checkpoints (``save_train_state`` / ``restore_train_state``) add
 position; every process writes its own ``process_<i>-of-<n>.json``) and
 ``train_config`` (the resolved ``trainer.config.TrainConfig`` as JSON). Steps are
 written to a temporary name and renamed when complete, so a run killed mid-save
-resumes from the newest complete step.
+resumes from the newest complete step. A step that is complete by name but damaged
+(a truncated array file, missing metadata) is reported in one line, moved aside to
+``RUN_DIR/damaged_checkpoints/<step>`` (nothing is deleted, and the resumed run can
+save that step number again) and the previous step restored instead
+(``restore_newest_train_state``).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import shutil
+from typing import Any, Callable
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from trainer.model import ModelConfig, param_shapes
@@ -148,6 +154,54 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, *, params: Any, 
         DATA_ITER: grain.checkpoint.CheckpointRestore(data_iter),
     }))
     return restored[PARAMS], restored[OPT_STATE]
+
+
+def restore_newest_train_state(mngr: ocp.CheckpointManager, *, params: Any, opt_state: Any,
+                               data_iter: grain.DatasetIterator, damaged_dir: str,
+                               report: Callable[[str], None]) -> tuple[int, Any, Any] | None:
+    """Restores the newest step that restores: ``(step, params, opt_state)``, or None without checkpoints.
+
+    A step that fails (any error of the storage layer) is reported through ``report``
+    in one line naming its step and path and the next older one tried; once one
+    restores, the failed ones are moved into ``damaged_dir``. ValueError when every
+    step fails (nothing moved). Arguments as for ``restore_train_state``.
+    """
+    damaged = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            restored = restore_train_state(mngr, step, params=params, opt_state=opt_state, data_iter=data_iter)
+        except Exception as error:  # tensorstore, orbax and JSON raise many types; any failure means damaged
+            reason = " ".join(str(error).split()).split(". See full")[0][:160] or type(error).__name__
+            report(f"checkpoint {step} in {mngr.directory} cannot be restored: {reason}")
+            damaged.append(step)
+            continue
+        if damaged:
+            _move_aside(mngr, damaged, damaged_dir)
+            report(f"fell back to checkpoint {step}, the newest that restores; moved the damaged "
+                   f"step(s) {damaged} to {damaged_dir}")
+        return (step, *restored)
+    if damaged:
+        raise ValueError(f"no checkpoint in {mngr.directory} restores (steps {sorted(damaged)} failed, see above): "
+                         f"move them away to start afresh, or start a new run_dir from other weights with "
+                         f"checkpoint.init_from")
+    return None
+
+
+def _move_aside(mngr: ocp.CheckpointManager, steps: list[int], damaged_dir: str) -> None:
+    if jax.process_index() == 0:
+        os.makedirs(damaged_dir, exist_ok=True)
+        for step in steps:
+            target = os.path.join(damaged_dir, str(step))
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            shutil.move(os.path.join(os.fspath(mngr.directory), str(step)), target)
+    mngr.reload()
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+    """True when every array of ``tree`` holds only finite values (one fused pass)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def restore_train_config(ckpt_dir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:

@@ -8,9 +8,12 @@ weight decay 0.1, grad clip 1.0, mesh dp 1 fsdp -1 tp 4 sp 1). A YAML file and
 ``--set section.key=value`` overrides change them; the resolved config is written
 into the run directory (``config.yaml``) and into every checkpoint.
 
-The ``model`` section is the one string lookup: ``model: {preset: tiny, rope_theta: 1e6}``
-starts from a registered preset (``trainer.model.PRESETS``) and overrides fields.
-A resolved config lists every model field and no preset.
+Parsing is ``schemas.typed_config.from_mapping`` (unknown keys refused with the
+closest known one, types checked; a section overrides the defaults above, so
+``mesh: {fsdp: 2}`` keeps tp 4). The ``model`` section is the one string lookup:
+``model: {preset: tiny, rope_theta: 1e6}`` starts from a registered preset
+(``trainer.model.PRESETS``) and overrides fields. A resolved config lists every
+model field and no preset. ``help_text()`` lists every key with its default.
 
     config = load("configs/train_tiny.yaml", ["steps=50", "data.batch_size=4"])
 """
@@ -19,11 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import typing
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import yaml
 
+from schemas.typed_config import describe, from_mapping, to_plain
 from trainer.loss import LossConfig
 from trainer.model import PRESETS, ModelConfig
 from trainer.ring_attention import LAYOUTS
@@ -35,16 +38,23 @@ CONFIG_NAME = "config.yaml"
 
 @dataclasses.dataclass(frozen=True)
 class DatasetConfig:
-    """One packed dataset directory (holding ``manifest.json``) and its mixture weight."""
+    """One packed dataset directory (holding ``manifest.json``) and its share of the mixture.
+
+    ``proportion`` is relative: a stage's datasets are drawn in the ratio of their
+    proportions (``[3, 1]`` and ``[0.75, 0.25]`` mix alike); see ``trainer.loss`` for
+    how it combines with records' loss weights and the loss's modality shares.
+    """
+
+    RENAMED = {"weight": "proportion"}
 
     path: str
-    weight: float = 1.0
+    proportion: float = 1.0
 
     def __post_init__(self):
         if not self.path:
             raise ValueError("data.datasets: every dataset needs a path")
-        if not self.weight > 0:
-            raise ValueError(f"data.datasets: weight of {self.path} must be > 0, got {self.weight}")
+        if not self.proportion > 0:
+            raise ValueError(f"data.datasets: proportion of {self.path} must be > 0, got {self.proportion}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,93 +181,24 @@ class TrainConfig:
             raise ValueError(f"steps must be positive, got {self.steps}")
         if self.data.batch_size % self.optimizer.grad_accum_steps:
             raise ValueError(f"data.batch_size {self.data.batch_size} is not divisible by "
-                             f"optimizer.grad_accum_steps {self.optimizer.grad_accum_steps}")
+                             f"optimizer.grad_accum_steps {self.optimizer.grad_accum_steps}: set "
+                             f"optimizer.grad_accum_steps to a divisor of {self.data.batch_size}")
+        warmup = self.optimizer.warmup_steps
+        if self.optimizer.schedule == "warmup_cosine" and warmup >= self.steps:
+            raise ValueError(f"optimizer.warmup_steps {warmup} leaves no steps to decay over in a run of "
+                             f"steps {self.steps}: set optimizer.warmup_steps below {self.steps} "
+                             f"(e.g. {self.steps // 10}) or steps above {warmup}")
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return to_plain(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _plain(value: Any) -> Any:
-    """Tuples to lists, so YAML and JSON write plain sequences."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    """``value`` as type ``tp`` (dataclass, tuple of dataclasses, scalar), or ValueError naming ``where``."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        return from_mapping(tp, value, where)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
-        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp in (int, float):
-        if isinstance(value, str):  # YAML 1.1 reads 4e-5 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and value != int(value)):
-            raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
-        return tp(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def _model_config(value: Any, where: str) -> ModelConfig:
-    """The ``model`` section: optional ``preset`` name, then field overrides."""
-    if isinstance(value, ModelConfig):
-        return value
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{where}: expected a mapping, got {value!r}")
-    fields = dict(value)
-    base = _paper_model()
-    if "preset" in fields:
-        name = fields.pop("preset")
-        if name not in PRESETS:
-            raise ValueError(f"{where}.preset: unknown model preset {name!r}; choose from {sorted(PRESETS)}")
-        base = PRESETS[name]
-    return from_mapping(ModelConfig, {**base.to_dict(), **fields}, where)
-
-
-def from_mapping(cls: type, mapping: Mapping[str, Any], where: str = "config") -> Any:
-    """Builds dataclass ``cls`` from a nested mapping, rejecting unknown keys and wrong types."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(mapping) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
-    values = {}
-    for name, value in mapping.items():
-        if hints[name] is ModelConfig:
-            values[name] = _model_config(value, f"{where}.{name}")
-        else:
-            values[name] = _convert(hints[name], value, f"{where}.{name}")
-    return cls(**values)
-
-
 def apply_overrides(mapping: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Applies ``a.b.c=value`` overrides (value parsed as YAML; list items by index) to a nested dict."""
-    result = _plain(dict(mapping))
+    result = to_plain(dict(mapping))
     for override in overrides:
         key, sep, text = override.partition("=")
         if not sep or not key:
@@ -289,12 +230,20 @@ def load(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Train
     mapping: dict[str, Any] = {}
     if path is not None:
         with open(path) as f:
-            mapping = yaml.safe_load(f) or {}
+            try:
+                mapping = yaml.safe_load(f) or {}
+            except yaml.YAMLError as error:
+                raise ValueError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
         if not isinstance(mapping, dict):
-            raise ValueError(f"{path}: the top level must be a mapping")
+            raise ValueError(f"{path}: the top level must be a mapping of config sections")
     # Overrides reach into the model section as given (preset plus fields), so
     # `--set model.preset=tiny` works before the preset is resolved.
     return from_mapping(TrainConfig, apply_overrides(mapping, overrides))
+
+
+def help_text() -> str:
+    """Every config key with its default (the paper's 32K text stage), one per line."""
+    return "\n".join(describe(TrainConfig, TrainConfig()))
 
 
 def write_resolved(config: TrainConfig) -> str:

@@ -106,7 +106,7 @@ def dataset(config: DataConfig, manifests: list[manifest_lib.Manifest], *, batch
         _source(d.path, m).shuffle(seed=_dataset_seed(config.seed, i)).repeat()
         for i, (d, m) in enumerate(zip(config.datasets, manifests))
     ]
-    weights = [d.weight for d in config.datasets]
+    weights = [d.proportion for d in config.datasets]
     mixed = grain.MapDataset.mix(sources, weights) if len(sources) > 1 else sources[0]
     records = mixed[shard_index::num_shards].map(packed.decode)
     batches = records.batch(batch_size, drop_remainder=True)

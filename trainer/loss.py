@@ -25,11 +25,28 @@ a vision vocabulary scores no vision targets (their weight counts in no mean).
 Normalisation (``LossConfig.normalization``):
 - ``"modality_mean"`` (default): ``sum_m a_m * mean_m / sum_m a_m`` over the
   modalities m present in the batch (weight sum > 0), where ``mean_m`` is the
-  weighted mean loss of modality m and ``a_m`` its configured weight. With the
-  default ``a = (0.5, 0.5)`` and both modalities present this is the paper's
-  ``0.5 * (mean text loss + mean vision loss)``; an absent modality contributes
-  nothing, so a text-only batch has exactly its mean text loss;
+  weighted mean loss of modality m and ``a_m`` its share (``text_share``,
+  ``vision_share``). With the default shares ``(0.5, 0.5)`` and both modalities
+  present this is the paper's ``0.5 * (mean text loss + mean vision loss)``; an
+  absent modality contributes nothing, so a text-only batch has exactly its mean
+  text loss;
 - ``"token_mean"``: the weighted mean over all scored tokens.
+
+Three settings weigh the loss; each has its own name and owner:
+
+| setting | where | what it scales |
+|---|---|---|
+| record loss weights | data jobs (``--text-weight``, ``--vision-weight``), baked into ``loss_weights`` | each token inside its modality's weighted mean |
+| modality shares | ``loss.text_share``, ``loss.vision_share`` | each modality's mean in the batch loss |
+| mixture proportions | ``data.datasets[].proportion`` | how often each dataset's records are drawn |
+
+They combine as: proportions choose which records fill a batch; within a batch,
+each modality's loss is the mean of its tokens' losses weighted by the records'
+loss weights; the shares then weigh those means. Under ``modality_mean`` a
+per-token weight that is the same for every token of a modality cancels (it scales
+numerator and denominator of that modality's mean alike), so ``--text-weight 2``
+on every dataset changes nothing; it matters only where it differs between
+datasets or examples mixed into one batch (or under ``token_mean``).
 
 Shape legend: B batch, S sequence, C chunk, D d_model, V text vocab, W vision vocab.
 """
@@ -54,18 +71,20 @@ TARGET_KEYS = ("targets", "target_vision_mask", "target_weights")
 class LossConfig:
     """How token losses become the scalar loss; ``chunk_size`` tokens per logits block."""
 
+    RENAMED = {"text_weight": "text_share", "vision_weight": "vision_share"}
+
     normalization: str = "modality_mean"
-    text_weight: float = 0.5
-    vision_weight: float = 0.5
+    text_share: float = 0.5
+    vision_share: float = 0.5
     chunk_size: int = 2048
 
     def __post_init__(self):
         if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
-        if self.text_weight < 0 or self.vision_weight < 0 or self.text_weight + self.vision_weight <= 0:
-            raise ValueError("modality weights must be >= 0 and not both 0")
+            raise ValueError(f"loss.normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.text_share < 0 or self.vision_share < 0 or self.text_share + self.vision_share <= 0:
+            raise ValueError("loss.text_share and loss.vision_share must be >= 0 and not both 0")
         if self.chunk_size <= 0:
-            raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
+            raise ValueError(f"loss.chunk_size must be positive, got {self.chunk_size}")
 
 
 def next_token_targets(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -137,7 +156,7 @@ def reduce_losses(ce_BxS, correct_BxS, target_vision_mask_BxS, target_weights_Bx
     masks = {"text": ~target_vision_mask_BxS}
     if has_vision:
         masks["vision"] = target_vision_mask_BxS
-    alphas = {"text": config.text_weight, "vision": config.vision_weight}
+    alphas = {"text": config.text_share, "vision": config.vision_share}
     metrics, num, den = {}, 0.0, 0.0
     for name, mask in masks.items():
         w = jnp.where(mask, weights, 0.0)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from schemas.typed_config import from_mapping
 from trainer.ring_attention import dense_attention
 
 
@@ -111,13 +112,14 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        """Builds a config from a mapping, rejecting unknown keys (typos fail loudly)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {unknown}")
-        return cls(**data)
+    def from_dict(cls, data: dict[str, Any], where: str = "model") -> "ModelConfig":
+        """Builds a config from a mapping (``preset`` plus fields, or every field); typos and wrong types fail."""
+        return from_mapping(cls, data, where)
+
+    @classmethod
+    def from_preset(cls, name: str) -> "ModelConfig":
+        """The registered preset ``name`` (``llama2-7b``, ``lwm-7b``, ``tiny``)."""
+        return get_preset(name)
 
     def num_params(self) -> int:
         """Parameter count (embeddings and heads included)."""

@@ -2,22 +2,30 @@
 
 ``train(config)`` runs a ``trainer.config.TrainConfig`` to its last step:
 
+- before any work: ``run_dir`` must be writable (``trainer.run_dir``); a resume
+  must be able to honour the config (changes are reported, a changed model shape
+  or data order refused); a finished run has nothing to do; the datasets must fit
+  the model's vocabularies (``check_vocabulary``) and hold records;
 - the mesh comes from ``config.mesh`` (axes dp, fsdp, sp, tp); attention is ring
   attention over ``sp`` and the loader (``trainer.data``) puts batches on the mesh
   already in the ring layout;
 - ``train_step`` = a small loss function (``trainer.loss.loss_and_metrics``) plus an
   optax update, jitted once with the state's shardings and the state donated;
 - checkpoints (``trainer.checkpoint``) hold params, optimizer state, step, the
-  loader's position and the config, every ``checkpoint.save_every`` updates, the
-  last ``checkpoint.keep`` kept; a run restarts from its newest complete
-  checkpoint, otherwise from ``checkpoint.init_from`` params (fresh optimizer),
-  otherwise from a seeded initialisation. Resumed runs see the same batches and
-  compute the same losses as uninterrupted ones (bitwise on CPU);
-- SIGTERM (preemption) saves at the current step and returns ``preempted=True``;
-- a non-finite loss or gradient norm raises ``NonFiniteLossError`` naming the step,
-  without saving, so the newest checkpoint stays the last good one;
-- process 0 writes a progress line, ``RUN_DIR/metrics.jsonl`` and TensorBoard events
-  (``RUN_DIR/tensorboard``) every ``log.every`` updates;
+  loader's position and the config, at every multiple of ``checkpoint.save_every``
+  and at the last step, the last ``checkpoint.keep`` kept; only finite parameters
+  are saved. A run restarts from its newest checkpoint that restores (a damaged one
+  is reported and moved aside), otherwise from ``checkpoint.init_from`` params
+  (fresh optimizer), otherwise from a seeded initialisation. Resumed runs see the
+  same batches and compute the same losses as uninterrupted ones (bitwise on CPU);
+  ``RUN_DIR/config.yaml`` is written once the start or restore succeeded;
+- SIGTERM (preemption) and SIGINT (Ctrl-C) save at the current step and return
+  ``preempted=True`` with the signal; one arriving at the last step just finishes;
+- a non-finite loss or gradient norm raises ``NonFiniteLossError`` naming the step
+  and the newest checkpoint, whose parameters are finite;
+- process 0 prints a start-up summary, a progress line (elapsed time, ETA),
+  ``RUN_DIR/metrics.jsonl`` and TensorBoard events (``RUN_DIR/tensorboard``) every
+  ``log.every`` updates;
 - on several hosts (detected from the environment) ``jax.distributed.initialize()``
   runs first and every process saves its own loader position.
 """
@@ -30,14 +38,15 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from trainer import checkpoint, optimizer
+from trainer import checkpoint, optimizer, run_dir
 from trainer.config import TrainConfig, write_resolved
 from trainer.data import Loader
 from trainer.loss import LossConfig, loss_and_metrics
@@ -50,7 +59,7 @@ PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss or gradient norm became NaN or infinite; the run stopped without saving."""
+    """The loss, gradient norm or parameters became NaN or infinite; the run stopped without saving."""
 
 
 class TrainState(NamedTuple):
@@ -60,11 +69,12 @@ class TrainState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
-    """How a run ended: the step reached, whether SIGTERM stopped it, its last logged metrics."""
+    """How a run ended: the step reached, whether a signal stopped it (and which), its last logged metrics."""
 
     step: int
     preempted: bool
     metrics: dict[str, float]
+    signum: int = 0
 
 
 def multihost_environment(env: Mapping[str, str]) -> bool:
@@ -107,18 +117,21 @@ class MetricsLog:
     """Progress lines, ``metrics.jsonl`` and TensorBoard scalars; silent on processes other than 0."""
 
     def __init__(self, run_dir: str, enabled: bool, tensorboard: bool):
-        self.enabled = enabled
-        self.writer = None
-        if enabled:
-            self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-            if tensorboard:
-                from tensorboardX import SummaryWriter
+        self.run_dir, self.enabled, self.tensorboard = run_dir, enabled, tensorboard
+        self.file = self.writer = None
 
-                self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+    def _open(self) -> None:
+        self.file = open(os.path.join(self.run_dir, "metrics.jsonl"), "a")
+        if self.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
 
     def write(self, step: int, total: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
+        if self.file is None:
+            self._open()
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
         if self.writer is not None:
@@ -129,42 +142,52 @@ class MetricsLog:
         mfu = f"{100 * metrics['mfu']:.1f}%" if "mfu" in metrics else "n/a"
         print(f"step {step}/{total} | loss {metrics['loss']:.4f} (text {metrics['text_loss']:.4f}, "
               f"vision {vision}) | lr {metrics['learning_rate']:.2e} | grad norm {metrics['grad_norm']:.3f} | "
-              f"{metrics['tokens_per_s']:,.0f} tokens/s | MFU {mfu}", flush=True)
+              f"{metrics['tokens_per_s']:,.0f} tokens/s | MFU {mfu} | elapsed {_duration(metrics['elapsed_s'])} "
+              f"| ETA {_duration(metrics.get('eta_s'))}", flush=True)
 
     def message(self, text: str) -> None:
         if self.enabled:
             print(text, flush=True)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.file is not None:
             self.file.close()
-            if self.writer is not None:
-                self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
-class _Preemption:
-    """Records SIGTERM while installed; ``requested()`` agrees across processes."""
+class _StopSignals:
+    """Records SIGTERM (preemption) and SIGINT (Ctrl-C) while installed; ``requested()`` agrees across processes.
+
+    A second Ctrl-C raises ``KeyboardInterrupt`` at once, for a user who will not wait
+    for the current step and the checkpoint.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.flag = False
-        self.previous = None
+        self.signum = 0
+        self.previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        self.flag = True
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
 
-    def requested(self) -> bool:
+    def requested(self) -> int:
+        """The signal number received (0: none); on several processes, the largest any received."""
         if jax.process_count() == 1:
-            return self.flag
-        return bool(np.any(multihost_utils.process_allgather(np.array(self.flag))))
+            return self.signum
+        return int(np.max(multihost_utils.process_allgather(np.array(self.signum))))
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -199,105 +222,205 @@ def _state_shardings(model_config: ModelConfig, mesh, tx: optax.GradientTransfor
     return TrainState(param_sh, opt_sh)
 
 
-def _check_finite(micro: list[dict[str, jax.Array]], step: int, last_saved: int | None, ckpt_dir: str) -> None:
+def _check_finite(micro: list[dict[str, jax.Array]], step: int, mngr) -> None:
     values = _host_metrics([{k: m[k] for k in ("loss", "grad_norm")} for m in micro])
     if not all(np.isfinite(v) for v in values.values()):
-        kept = f"the last good checkpoint is step {last_saved} in {ckpt_dir}" if last_saved is not None else \
-            "no checkpoint was saved before"
         raise NonFiniteLossError(f"non-finite training at step {step}: loss {values['loss']}, "
-                                 f"grad norm {values['grad_norm']}; nothing saved, {kept}")
+                                 f"grad norm {values['grad_norm']}; nothing saved, {_last_good(mngr)}")
+
+
+def _last_good(mngr) -> str:
+    # Only finite parameters are ever saved (``_save``), so the newest checkpoint is a good one.
+    latest = mngr.latest_step()
+    if latest is None:
+        return "no checkpoint was saved before"
+    return f"the last good checkpoint is step {latest} in {mngr.directory}"
+
+
+def check_vocabulary(manifests: Sequence[Any], paths: Sequence[str], model: ModelConfig) -> None:
+    """ValueError when a dataset may hold ids outside the model's vocabularies, naming both sizes.
+
+    Reads the manifests (the tokenizer's size, the largest id per modality), so it
+    costs nothing per step; the embedding lookup would otherwise clip such ids silently.
+    """
+    fields = {"text": "vocab_size", "vision": "vision_vocab_size"}
+    for path, manifest in zip(paths, manifests):
+        pieces = manifest.tokenizer.get("vocab_size")
+        if pieces is not None and pieces > model.vocab_size:
+            raise ValueError(f"{path}: its tokenizer has {pieces} pieces but model.vocab_size is {model.vocab_size}: "
+                             f"set model.vocab_size to at least {pieces}, or make the data with a tokenizer "
+                             f"of at most {model.vocab_size} pieces")
+        for modality, largest in manifest.max_ids.items():
+            size = getattr(model, fields[modality])
+            if largest >= size:
+                raise ValueError(f"{path}: holds {modality} id {largest}, outside model.{fields[modality]} "
+                                 f"{size}: set it to at least {largest + 1} or use data made for this model")
 
 
 class _Throughput:
-    """Tokens/s (and MFU where the device's peak is known) since the previous call."""
+    """Tokens/s (and MFU where the device's peak is known) since the previous call; elapsed time and ETA."""
 
     def __init__(self, config: TrainConfig, step: int):
         self.tokens_per_step = config.data.batch_size * config.data.seq_len
         self.flops_per_token = flops_per_token(config.model, config.data.seq_len)
         self.peak = peak_flops(jax.devices()[0], config.log.peak_tflops)
-        self.time, self.step = time.perf_counter(), step
+        self.total = config.steps
+        self.start = self.time = time.perf_counter()
+        self.step, self.first_done = step, None
 
     def __call__(self, step: int) -> dict[str, float]:
         now = time.perf_counter()
         rate = self.tokens_per_step * (step - self.step) / (now - self.time)
         self.time, self.step = now, step
-        if not self.peak:
-            return {"tokens_per_s": rate}
-        return {"tokens_per_s": rate, "mfu": rate * self.flops_per_token / (self.peak * jax.device_count())}
+        # The first step of a process includes compilation: the ETA uses the pace of the steps since.
+        if self.first_done is None:
+            self.first_done = (step, now)
+        done, since = self.first_done
+        timing = {"tokens_per_s": rate, "elapsed_s": now - self.start}
+        if step > done:
+            timing["eta_s"] = (now - since) / (step - done) * (self.total - step)
+        if self.peak:
+            timing["mfu"] = rate * self.flops_per_token / (self.peak * jax.device_count())
+        return timing
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def startup_summary(config: TrainConfig, mesh, manifests: Sequence[Any], origin: str) -> str:
+    """A few lines saying what this run does: model, mesh, data, where it starts, where it writes."""
+    m, d = config.model, config.data
+    data = "; ".join(f"{ds.path} (proportion {ds.proportion:g}): {mf.records:,} records, {mf.tokens:,} tokens"
+                     for ds, mf in zip(d.datasets, manifests))
+    return "\n".join([
+        f"model: {m.num_params() / 1e6:,.1f}M parameters (d_model {m.d_model}, {m.num_layers} layers, "
+        f"vocab {m.vocab_size} text + {m.vision_vocab_size} vision)",
+        f"mesh: {' x '.join(f'{k} {v}' for k, v in mesh.shape.items())} on {jax.device_count()} "
+        f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es)",
+        f"data: {data}",
+        f"run: {origin}; {config.steps} steps of {d.batch_size} x {d.seq_len} tokens; checkpoints every "
+        f"{config.checkpoint.save_every} steps",
+        f"run dir: {config.run_dir}" + (f"; tensorboard --logdir {os.path.join(config.run_dir, 'tensorboard')}"
+                                        if config.log.tensorboard else ""),
+    ])
 
 
 def train(config: TrainConfig) -> TrainResult:
     """Runs ``config`` from its newest checkpoint (or from scratch) to ``config.steps``."""
     if multihost_environment(os.environ) and not jax.distributed.is_initialized():
         jax.distributed.initialize()
-    accum = config.optimizer.grad_accum_steps
-    micro_batch = config.data.batch_size // accum
-    mesh = make_mesh(config.mesh)
-    validate(config.model, mesh, micro_batch, config.data.seq_len)
-    is_main = jax.process_index() == 0
-    if is_main:
-        write_resolved(config)
-    ckpt_dir = os.path.join(config.run_dir, "checkpoints")
-    model = LWM(config.model, attention_fn(mesh, config.model))
-    tx = optimizer.make(config.optimizer, config.steps)
+    run_dir.check_writable(config.run_dir, checkpoint_bytes(config.model))
+    log = MetricsLog(config.run_dir, jax.process_index() == 0, config.log.tensorboard)
+    options = dict(max_to_keep=config.checkpoint.keep, enable_async_checkpointing=config.checkpoint.async_save)
+    with checkpoint.train_manager(os.path.join(config.run_dir, "checkpoints"), **options) as mngr:
+        latest = mngr.latest_step()
+        if latest is not None:
+            run_dir.check_resume(config, jax.process_count(), log.message)
+            if latest >= config.steps:
+                log.message(f"{config.run_dir} is complete: checkpoint {latest} of {config.steps} steps, nothing to "
+                            f"do (to train further raise steps, e.g. --set steps={2 * config.steps})")
+                return TrainResult(latest, False, {})
+        accum = config.optimizer.grad_accum_steps
+        mesh = make_mesh(config.mesh)
+        validate(config.model, mesh, config.data.batch_size // accum, config.data.seq_len)
+        loader = Loader(config.data, mesh, config.data.batch_size // accum)
+        try:
+            check_vocabulary(loader.manifests, [d.path for d in config.data.datasets], config.model)
+            with activate(mesh), _StopSignals() as stop:
+                tx = optimizer.make(config.optimizer, config.steps)
+                state_sh = _state_shardings(config.model, mesh, tx)
+                step_fn = jax.jit(make_train_step(LWM(config.model, attention_fn(mesh, config.model)), tx, config.loss),
+                                  in_shardings=(state_sh, batch_sharding(mesh)), out_shardings=(state_sh, None),
+                                  donate_argnums=0)
+                state, step, origin = _initial_state(config, mngr, loader, tx, state_sh, log)
+                if jax.process_index() == 0:
+                    write_resolved(config)
+                log.message(startup_summary(config, mesh, loader.manifests, origin))
+                return _loop(config, _Session(state, step_fn, loader, mngr, log, stop), step)
+        finally:
+            log.close()
+            loader.close()
+
+
+@dataclasses.dataclass
+class _Session:
+    """What the loop works with: the train state and the objects that move it, feed it, save it, report it."""
+
+    state: TrainState
+    step_fn: Callable
+    loader: Loader
+    mngr: Any
+    log: MetricsLog
+    stop: _StopSignals
+
+
+def _loop(config: TrainConfig, run: _Session, step: int) -> TrainResult:
+    """Steps from ``step`` to ``config.steps``: update, check, log, stop on a signal, save on schedule."""
     lr = optimizer.schedule(config.optimizer, config.steps)
-    loader = Loader(config.data, mesh, micro_batch)
-    log = MetricsLog(config.run_dir, is_main, config.log.tensorboard)
-    options = dict(max_to_keep=config.checkpoint.keep, save_interval_steps=config.checkpoint.save_every,
-                   enable_async_checkpointing=config.checkpoint.async_save)
-    try:
-        with activate(mesh), checkpoint.train_manager(ckpt_dir, **options) as mngr, _Preemption() as preemption:
-            state_sh = _state_shardings(config.model, mesh, tx)
-            step_fn = jax.jit(make_train_step(model, tx, config.loss), in_shardings=(state_sh, batch_sharding(mesh)),
-                              out_shardings=(state_sh, None), donate_argnums=0)
-            state, step = _initial_state(config, mngr, loader, tx, state_sh, log)
+    throughput, last = _Throughput(config, step), {}
+    while step < config.steps:
+        micro = []
+        for _ in range(config.optimizer.grad_accum_steps):
+            run.state, metrics = run.step_fn(run.state, next(run.loader))
+            micro.append(metrics)
+        step += 1
+        _check_finite(micro, step, run.mngr)
+        if step % config.log.every == 0 or step == config.steps:
+            last = {**_host_metrics(micro), "learning_rate": float(lr(step - 1)), **throughput(step)}
+            run.log.write(step, config.steps, last)
+        signum = run.stop.requested()
+        if signum and step < config.steps:
+            _save(config, run, step)
+            run.mngr.wait_until_finished()
+            run.log.message(f"{signal.Signals(signum).name}: saved checkpoint {step} in {run.mngr.directory}; "
+                            f"exiting (run again to resume)")
+            return TrainResult(step, True, last, signum)
+        if step % config.checkpoint.save_every == 0 or step == config.steps:
+            _save(config, run, step)
+    run.mngr.wait_until_finished()
+    run.log.message(f"finished {config.steps} steps; checkpoint {run.mngr.latest_step()} in {run.mngr.directory}")
+    return TrainResult(step, False, last)
 
-            def save(at: int, force: bool = False) -> None:
-                checkpoint.save_train_state(
-                    mngr, at, params=state.params, opt_state=state.opt_state, model_config=config.model,
-                    data_iter=loader.iterator, train_config=config.to_dict(), force=force)
 
-            throughput = _Throughput(config, step)
-            last: dict[str, float] = {}
-            while step < config.steps:
-                micro = []
-                for _ in range(accum):
-                    state, metrics = step_fn(state, next(loader))
-                    micro.append(metrics)
-                step += 1
-                _check_finite(micro, step, mngr.latest_step(), ckpt_dir)
-                if step % config.log.every == 0 or step == config.steps:
-                    last = {**_host_metrics(micro), "learning_rate": float(lr(step - 1)), **throughput(step)}
-                    log.write(step, config.steps, last)
-                if preemption.requested():
-                    save(step, force=True)
-                    mngr.wait_until_finished()
-                    log.message(f"SIGTERM: saved checkpoint {step} in {ckpt_dir}; exiting")
-                    return TrainResult(step, True, last)
-                save(step, force=step == config.steps)
-            mngr.wait_until_finished()
-            log.message(f"finished {config.steps} steps; checkpoint {mngr.latest_step()} in {ckpt_dir}")
-            return TrainResult(step, False, last)
-    finally:
-        log.close()
-        loader.close()
+def _save(config: TrainConfig, run: _Session, step: int) -> None:
+    """Saves checkpoint ``step``, refusing parameters that are not finite (so every checkpoint is a good one)."""
+    if not bool(checkpoint.all_finite(run.state.params)):
+        raise NonFiniteLossError(f"non-finite parameters after step {step}; nothing saved, {_last_good(run.mngr)}")
+    checkpoint.save_train_state(
+        run.mngr, step, params=run.state.params, opt_state=run.state.opt_state, model_config=config.model,
+        data_iter=run.loader.iterator, train_config=config.to_dict(), force=True)
+
+
+def checkpoint_bytes(model: ModelConfig) -> int:
+    """Bytes of one checkpoint: parameters plus AdamW's two float32 moments."""
+    return model.num_params() * (jnp.dtype(model.param_dtype).itemsize + 8)
 
 
 def _initial_state(config: TrainConfig, mngr, loader: Loader, tx, state_sh: TrainState,
-                   log: MetricsLog) -> tuple[TrainState, int]:
-    """Resume from the newest checkpoint, else init_from params, else a fresh init; returns (state, step)."""
-    latest = mngr.latest_step()
-    if latest is not None:
-        params, opt_state = checkpoint.restore_train_state(
-            mngr, latest, params=_abstract(param_shapes(config.model), state_sh.params),
-            opt_state=_abstract(jax.eval_shape(tx.init, param_shapes(config.model)), state_sh.opt_state),
-            data_iter=loader.iterator)
-        log.message(f"resumed from checkpoint {latest} in {mngr.directory}")
-        return TrainState(params, opt_state), latest
+                   log: MetricsLog) -> tuple[TrainState, int, str]:
+    """Resume from the newest checkpoint that restores, else init_from params, else a fresh init.
+
+    Returns ``(state, step, origin)``, ``origin`` saying which in words.
+    """
+    restored = checkpoint.restore_newest_train_state(
+        mngr, params=_abstract(param_shapes(config.model), state_sh.params),
+        opt_state=_abstract(jax.eval_shape(tx.init, param_shapes(config.model)), state_sh.opt_state),
+        data_iter=loader.iterator, damaged_dir=os.path.join(config.run_dir, "damaged_checkpoints"),
+        report=log.message)
+    if restored is not None:
+        step, params, opt_state = restored
+        log.message(f"resumed from checkpoint {step} in {mngr.directory}")
+        return TrainState(params, opt_state), step, f"resumed from checkpoint {step}"
     if config.checkpoint.init_from:
         params = init_from_params(config, state_sh.params)
-        log.message(f"initialised params from {config.checkpoint.init_from}; fresh optimizer")
+        origin = f"initialised params from {config.checkpoint.init_from} (fresh optimizer)"
     else:
         params = init_params(config.model, jax.random.key(config.seed), state_sh.params)
+        origin = f"fresh start (seed {config.seed})"
     opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(params)
-    return TrainState(params, opt_state), 0
+    return TrainState(params, opt_state), 0, origin

@@ -8,21 +8,25 @@ from orchestration.commands import convert_vqgan
 
 
 def _base_config(args):
-    """The ModelConfig named by --preset and/or --config (a JSON or YAML file of fields)."""
-    from trainer.model import ModelConfig, get_preset
+    """The ModelConfig named by --preset and/or --config (a JSON or YAML file of fields), or None."""
+    from trainer.model import ModelConfig
 
     if args.preset is None and args.config is None:
         return None
-    fields = get_preset(args.preset).to_dict() if args.preset else {}
+    fields = {}
     if args.config:
         import yaml
 
         with open(args.config) as f:
-            overrides = yaml.safe_load(f) or {}
-        if not isinstance(overrides, dict):
-            raise SystemExit(f"{args.config}: expected a mapping of ModelConfig fields")
-        fields.update(overrides)
-    return ModelConfig.from_dict(fields)
+            try:
+                fields = yaml.safe_load(f) or {}
+            except yaml.YAMLError as error:
+                raise ValueError(f"{args.config}: not valid YAML or JSON: {' '.join(str(error).split())}") from None
+        if not isinstance(fields, dict):
+            raise ValueError(f"{args.config}: expected a mapping of ModelConfig fields")
+    if args.preset:
+        fields = {"preset": args.preset, **fields}
+    return ModelConfig.from_dict(fields, where=args.config or "--preset")
 
 
 def hf_import(args, extra) -> int:

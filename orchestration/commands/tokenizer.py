@@ -6,7 +6,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines import text_tokenizer
-from pipelines.runner import check_inputs
+from pipelines.job import check_inputs
 from schemas import raw
 
 

@@ -2,32 +2,65 @@
 
 from __future__ import annotations
 
+import argparse
+import math
+import os
 import sys
 
 from trainer import config as config_lib
-from trainer.train import NonFiniteLossError, train
 
-PREEMPTED_EXIT = 128 + 15  # the shell's code for "terminated by SIGTERM": the stage is not finished
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def simulate_cpu_devices(config: config_lib.TrainConfig, env: dict = os.environ) -> int | None:
+    """Asks XLA for as many host (CPU) devices as ``config.mesh`` names, unless XLA_FLAGS already says.
+
+    Must run before JAX starts its backends. Only the CPU platform reads the flag, so
+    a run on GPUs or TPUs is unaffected. Returns the count set, or None.
+    """
+    flags = env.get("XLA_FLAGS", "")
+    if DEVICE_COUNT_FLAG in flags:
+        return None
+    count = math.prod(s for s in config.mesh.as_tuple() if s != -1)
+    if count <= 1:
+        return None
+    env["XLA_FLAGS"] = f"{flags} {DEVICE_COUNT_FLAG}={count}".strip()
+    return count
 
 
 def run(args, extra) -> int:
+    config = config_lib.load(args.config, args.set)
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return 0
+    simulate_cpu_devices(config)
+    from trainer.train import NonFiniteLossError, train  # JAX starts here, after the device count is set
+
     try:
-        result = train(config_lib.load(args.config, args.set))
+        result = train(config)
     except NonFiniteLossError as error:
         print(f"lwm train: {error}", file=sys.stderr)
         return 1
-    return PREEMPTED_EXIT if result.preempted else 0
+    return 128 + result.signum if result.preempted else 0  # as the shell reports a signal: 143 SIGTERM, 130 SIGINT
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train one stage from a YAML config (resumes from its newest checkpoint)",
-        description="Train one stage. The YAML holds the sections of trainer.config.TrainConfig; "
-        "the resolved config is written to RUN_DIR/config.yaml. Exit status 143 after a SIGTERM "
-        "(checkpoint saved, stage unfinished).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train one stage. The YAML holds the sections of trainer.config.TrainConfig (the keys below); "
+        "the resolved config is written to RUN_DIR/config.yaml. Running again on the same run_dir resumes; "
+        "a changed model shape or data order is refused there (use a new run_dir, with checkpoint.init_from "
+        "to start from the old weights). On CPU the simulated device count is set from the mesh unless XLA_FLAGS "
+        "sets it.\n\nExit status: 0 finished (or nothing to do), 1 non-finite loss, 2 bad input or config, "
+        "130 after Ctrl-C and 143 after SIGTERM (checkpoint saved, stage unfinished: run again to resume).",
+        epilog="config keys and their defaults (the paper's 32K text stage):\n  "
+        + "\n  ".join(config_lib.help_text().splitlines()),
     )
     parser.add_argument("config", help="YAML config (e.g. configs/train_tiny.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optimizer.learning_rate=1e-4 (repeatable)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (YAML, every key) and exit without training")
     parser.set_defaults(func=run)
