@@ -63,6 +63,22 @@ def vision(workdir: pathlib.Path) -> None:
     _lwm("data", "inspect", str(workdir / "data" / "video_text" / f"seq{SEQ_LEN}"))
 
 
+def chat_qa(workdir: pathlib.Path) -> None:
+    """The demo books → long-context chat QA (extractive questions, no model) → ``data/chat_qa/seq1024``.
+
+    Contexts of adjacent ~200-token chunks fill the demo's 1024-token sequences, each
+    followed by one question per chunk, loss on the answers only; pairs are cached in
+    ``data/chat_qa/qa_cache``, so a second demo run generates none.
+    """
+    _banner("demo books → chat QA: contexts of adjacent chunks + extractive questions, loss on answers")
+    _lwm(
+        "data", "chat-qa", "--input", str(workdir / "raw" / "books.jsonl"), "--output", str(workdir / "data" / "chat_qa"),
+        "--tokenizer", str(workdir / "tokenizer.model"), "--seq-len", str(SEQ_LEN), "--generator", "extractive",
+        "--chunk-tokens", "200", "--num-shards", "2", "--overwrite",
+    )
+    _lwm("data", "inspect", str(workdir / "data" / "chat_qa" / f"seq{SEQ_LEN}"))
+
+
 def train(workdir: pathlib.Path) -> None:
     """``lwm train configs/train_tiny.yaml`` on the demo books mixed with the image-text and
     video-text sets (vision head on), then a loss summary.
@@ -100,7 +116,7 @@ def train(workdir: pathlib.Path) -> None:
           f"metrics in {run_dir / 'metrics.jsonl'}, TensorBoard events in {run_dir / 'tensorboard'}")
 
 
-STEPS: tuple[Callable[[pathlib.Path], None], ...] = (books, vision, train)
+STEPS: tuple[Callable[[pathlib.Path], None], ...] = (books, vision, chat_qa, train)
 
 
 def run(workdir: str) -> None:

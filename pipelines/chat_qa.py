@@ -22,11 +22,13 @@ from typing import Iterable, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import qa_generators
+from pipelines import flags, progress, qa_generators
 from pipelines.buckets import Bucket
-from pipelines.dataset import ALL_BUCKETS, NAMESPACE, DatasetSpec, WritePackedDatasets
+from pipelines.dataset import ALL_BUCKETS, DatasetSpec, WritePackedDatasets, route
+from pipelines.job import Job, check_inputs, check_tokenizer
+from pipelines.naming import METRICS_NAMESPACE
+from pipelines.output import OutputConfig
 from pipelines.qa_cache import QACache, key
 from pipelines.qa_contexts import Chunk, ChatTemplate, QATokens, assemble, chunk_book
 from pipelines.qa_generators import GeneratorConfig, Identity, QAOutcome, QAPair, QARequest
@@ -39,42 +41,35 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ChatQAConfig:
-    """Everything a chat-QA job needs; recorded in every manifest it writes (but where output and cache live)."""
+    """Everything a chat-QA job needs; recorded in every manifest it writes (but where the cache lives)."""
 
-    inputs: tuple[str, ...]
-    output: str
-    tokenizer: str
-    buckets: tuple[Bucket, ...]
+    inputs: tuple[str, ...] = flags.field(flag="input", metavar="GLOB")
+    """Book files: .jsonl/.json/.parquet/.txt, optionally .gz (local or gs://, globs allowed)."""
+    tokenizer: str = flags.field()
+    """SentencePiece .model file (lwm tokenizer train, or Llama-2's tokenizer.model)."""
+    output: OutputConfig = flags.field()
     generator: GeneratorConfig = GeneratorConfig()
-    cache: str | None = None  # default OUTPUT/qa_cache
-    regenerate: bool = False
-    chunk_tokens: int = 1000  # LWM_FACTS: ~1000-token chunks
-    qa_per_chunk: int = 1  # LWM_FACTS: one pair per chunk
-    name: str = "chat_qa"
+    cache: str = flags.field("", record=False)
+    """Where generated pairs are kept (local or gs://; empty: OUTPUT/qa_cache); --overwrite keeps it."""
+    regenerate: bool = flags.field(False, record=False)
+    """Ignore cached pairs: ask the generator about every chunk again (new pairs replace cached ones)."""
+    chunk_tokens: int = 1000
+    """Tokens per chunk, about: chunks end at sentence ends (LWM: ~1000)."""
+    qa_per_chunk: int = 1
+    """Question-answer pairs asked about each chunk (LWM: 1)."""
     answer_weight: float = 1.0
-    chunk_batch: int = 8
-    pack_groups: int = 16
-    shard_bytes: int = 256 << 20
-    num_shards: int | None = None
+    """Loss weight of answer tokens and their EOS; every other token has 0."""
+    chunk_batch: int = flags.field(8, record=False)
+    """Books per chunking call."""
 
     def __post_init__(self):
         if self.chunk_tokens < 1 or self.qa_per_chunk < 1:
             raise ValueError("chunk_tokens and qa_per_chunk must be at least 1")
-        shortest = min(b.seq_len for b in self.buckets)
+        shortest = min(b.seq_len for b in self.output.buckets)
         if self.chunk_tokens >= shortest:
             raise ValueError(f"chunk_tokens {self.chunk_tokens} leaves no room for QA turns in sequences of {shortest}")
-
-    @property
-    def cache_dir(self) -> str:
-        return self.cache or storage.join(self.output, "qa_cache")
-
-    def manifest_config(self) -> dict:
-        fields = dataclasses.asdict(self)
-        for where in ("output", "cache", "regenerate"):  # where and how it ran, not what the dataset is
-            del fields[where]
-        fields["buckets"] = [b.spec() for b in self.buckets]
-        fields["inputs"] = list(self.inputs)
-        return fields
+        if not self.cache:  # resolved now, so a run staged elsewhere (--overwrite) still uses OUTPUT/qa_cache
+            object.__setattr__(self, "cache", storage.join(self.output.output, "qa_cache"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +95,13 @@ class ChunkBooks(beam.DoFn):
 
     def setup(self):
         self.tokenizer = TextTokenizer(self.tokenizer_path)
-        self.chunks = Metrics.counter(NAMESPACE, "chunks")
+        self.chunks = Metrics.counter(METRICS_NAMESPACE, "chunks")
 
     def process(self, batch: Sequence[raw.Document]) -> Iterable[ChunkedBook]:
         for document in batch:
             chunks = chunk_book(document.id, document.text, self.tokenizer.encode_batch, self.chunk_tokens)
             self.chunks.inc(len(chunks))
+            progress.add(tokens=sum(len(c) for c in chunks))
             yield ChunkedBook(document.id, document.source, tuple(chunks))
 
 
@@ -125,7 +121,7 @@ class LookUpPairs(beam.DoFn):
 
     def setup(self):
         self.cache = QACache(self.cache_dir)
-        self.reused = Metrics.counter(NAMESPACE, "qa_reused")
+        self.reused = Metrics.counter(METRICS_NAMESPACE, "qa_reused")
 
     def process(self, batch: Sequence[QARequest]):
         keys = [key(r, self.identity) for r in batch]
@@ -164,7 +160,7 @@ class StorePairs(beam.DoFn):
 
     def setup(self):
         self.cache = QACache(self.cache_dir)
-        self.counters = {n: Metrics.counter(NAMESPACE, f"qa_{n}") for n in ("generated", "retried", "failed")}
+        self.counters = {n: Metrics.counter(METRICS_NAMESPACE, f"qa_{n}") for n in ("generated", "retried", "failed")}
 
     def process(self, outcome: QAOutcome):
         request = outcome.request
@@ -180,7 +176,11 @@ class StorePairs(beam.DoFn):
 
 
 class AssembleContexts(beam.DoFn):
-    """(book id, its chunks and pairs) → ``(seq_len, Segment)`` contexts per bucket, counts, dead letters."""
+    """(book id, its chunks and pairs) → ``(seq_len, Segment)`` contexts per bucket, counts, dead letters.
+
+    A context none of whose chunks got a pair has no loss and is left out (counted
+    as ``contexts_without_qa``); a chunk too long for L even alone is dead-lettered.
+    """
 
     def __init__(self, tokenizer_path: str, buckets: Sequence[Bucket], answer_weight: float):
         self.tokenizer_path = tokenizer_path
@@ -190,6 +190,7 @@ class AssembleContexts(beam.DoFn):
     def setup(self):
         self.tokenizer = TextTokenizer(self.tokenizer_path)
         self.template = ChatTemplate.from_encoder(self.tokenizer.encode_batch, self.tokenizer.bos_id, self.tokenizer.eos_id)
+        self.without_qa = Metrics.counter(METRICS_NAMESPACE, "contexts_without_qa")
 
     def process(self, item):
         book_id, grouped = item
@@ -198,24 +199,22 @@ class AssembleContexts(beam.DoFn):
         texts = self.tokenizer.encode_batch([t for g in generated for t in (g.pair.question, g.pair.answer)])
         pairs = [QATokens(g.chunk, texts[2 * i], texts[2 * i + 1]) for i, g in enumerate(generated)]
         chunks = [c.tokens for c in book.chunks]
-        for bucket in self.buckets:
-            place = bucket.place(sum(len(c) for c in chunks))
-            if place != "in":
-                yield beam.pvalue.TaggedOutput("counts", ((bucket.seq_len, place), 1))
-                continue
+        letters = []
+
+        def fit(bucket: Bucket) -> list:
             examples, too_long, without_qa = assemble(book_id, chunks, pairs, self.template, bucket.seq_len)
-            yield beam.pvalue.TaggedOutput("counts", ((bucket.seq_len, "documents"), 1))
-            yield beam.pvalue.TaggedOutput("counts", ((bucket.seq_len, "segments"), len(examples)))
-            Metrics.counter(NAMESPACE, "contexts_without_qa").inc(len(without_qa))
+            self.without_qa.inc(len(without_qa))
             for index in too_long:
                 detail = f"chunk {index} ({len(chunks[index])} tokens) with its QA turns does not fit {bucket.seq_len}"
-                letter = raw.DeadLetter(book_id, "too_long", detail, f"{book.source}#chunk{index}")
-                yield beam.pvalue.TaggedOutput("dead_letters", (bucket.seq_len, letter))
-            for example in examples:
-                yield bucket.seq_len, example.segment(self.answer_weight)
+                letters.append((bucket.seq_len, raw.DeadLetter(book_id, "too_long", detail, f"{book.source}#chunk{index}")))
+            return [e.segment(self.answer_weight) for e in examples]
+
+        yield from route(sum(len(c) for c in chunks), self.buckets, fit)
+        for letter in letters:
+            yield beam.pvalue.TaggedOutput("dead_letters", letter)
 
 
-def build(pipeline: beam.Pipeline, config: ChatQAConfig, tokenizer: TextTokenizer):
+def build(pipeline: beam.Pipeline, config: ChatQAConfig):
     """Add the chat-QA job to ``pipeline``; returns the PCollection of manifest paths."""
     inputs = pipeline | "ReadInputs" >> ReadUnique(config.inputs, raw.iter_documents)
     books = (
@@ -230,21 +229,21 @@ def build(pipeline: beam.Pipeline, config: ChatQAConfig, tokenizer: TextTokenize
         | "Requests" >> beam.FlatMap(requests, config.qa_per_chunk)
         | "SpreadRequests" >> beam.Reshuffle()
         | "BatchLookUps" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
-        | "LookUp" >> beam.ParDo(LookUpPairs(identity, config.cache_dir, config.regenerate)).with_outputs(
+        | "LookUp" >> beam.ParDo(LookUpPairs(identity, config.cache, config.regenerate)).with_outputs(
             "cached", main="missing")
     )
     stored = (
         looked_up.missing
         | "BatchRequests" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
         | "Generate" >> beam.ParDo(Generate(config.generator))
-        | "Store" >> beam.ParDo(StorePairs(identity, config.cache_dir)).with_outputs("dead_letters", main="pairs")
+        | "Store" >> beam.ParDo(StorePairs(identity, config.cache)).with_outputs("dead_letters", main="pairs")
     )
     pairs = (looked_up.cached, stored.pairs) | "Pairs" >> beam.Flatten()
     assembled = (
         {"book": books | "KeyBooks" >> beam.Map(lambda b: (b.id, b)), "pairs": pairs}
         | "GroupByBook" >> beam.CoGroupByKey()
         | "Assemble"
-        >> beam.ParDo(AssembleContexts(config.tokenizer, config.buckets, config.answer_weight)).with_outputs(
+        >> beam.ParDo(AssembleContexts(config.tokenizer, config.output.buckets, config.answer_weight)).with_outputs(
             "counts", "dead_letters", main="segments")
     )
     dead_letters = (
@@ -252,10 +251,8 @@ def build(pipeline: beam.Pipeline, config: ChatQAConfig, tokenizer: TextTokenize
         stored.dead_letters,
         assembled.dead_letters,
     ) | "DeadLetters" >> beam.Flatten()
-    spec = DatasetSpec.for_job(
-        "chat_qa", config, tokenizer,
-        generator_id=identity.id, prompt_version=identity.prompt_version,
-    )
+    spec = DatasetSpec.for_job(JOB.name, config, TextTokenizer(config.tokenizer),
+                               generator_id=identity.id, prompt_version=identity.prompt_version)
     return {
         "segments": assembled.segments,
         "counts": assembled.counts,
@@ -264,10 +261,13 @@ def build(pipeline: beam.Pipeline, config: ChatQAConfig, tokenizer: TextTokenize
     } | "WriteDatasets" >> WritePackedDatasets(spec)
 
 
-def run(config: ChatQAConfig, options: PipelineOptions) -> beam.runners.runner.PipelineResult:
-    """Run the chat-QA job to completion with ``options`` (see :mod:`pipelines.runner`)."""
-    tokenizer = TextTokenizer(config.tokenizer)
-    qa_generators.build(config.generator).close()  # fail before launching: bad spec, missing API key
-    with beam.Pipeline(options=options) as pipeline:
-        build(pipeline, config, tokenizer)
-    return pipeline.result
+def check(config: ChatQAConfig) -> tuple[int, int]:
+    check_tokenizer(config.tokenizer)
+    qa_generators.check(config.generator)
+    return check_inputs(config.inputs)
+
+
+JOB = Job("chat-qa", ChatQAConfig, build, check, help=(
+    "books → long-context chat QA: contexts of adjacent chunks + generated question-answer turns, "
+    "loss on answers, packed per length bucket"))
+run = JOB.run

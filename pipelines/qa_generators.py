@@ -20,10 +20,12 @@ determines its output; the cache (:mod:`pipelines.qa_cache`) keys pairs by it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Iterator, Protocol, Sequence
 
-from pipelines.dataset import stable_hash
+from pipelines import flags
+from pipelines.naming import stable_hash
 from pipelines.qa_contexts import Chunk
 
 # Dead-letter reasons of a pair that could not be generated.
@@ -137,24 +139,25 @@ class Extractive:
 class GeneratorConfig:
     """Which generator and how it is called; everything but the API key itself, which stays in the environment."""
 
-    spec: str = "extractive"
-    """extractive | openai:MODEL@URL (URL = the server's base, e.g. http://host:8000/v1)"""
-    api_key_env: str | None = None
-    """name of the environment variable holding the API key of an openai: server (read on each worker)"""
+    spec: str = flags.field("extractive", flag="generator", metavar="SPEC")
+    """extractive (offline, deterministic: "What comes after: '<sentence>'?") or openai:MODEL@URL (any
+    OpenAI-compatible chat-completions server; URL = its base, e.g. http://host:8000/v1)."""
+    api_key_env: str | None = flags.field(None, record=False, metavar="NAME")
+    """Environment variable holding the openai: server's API key (read on each worker; never logged or stored)."""
     temperature: float = 0.0
-    """sampling temperature of model generators"""
+    """Sampling temperature of a model generator."""
     max_reply_tokens: int = 256
-    """most tokens a model may reply with"""
-    concurrency: int = 32
-    """requests kept in flight per worker"""
-    timeout_s: float = 120.0
-    """limit of one request, seconds"""
-    max_retries: int = 5
-    """retries of a request after 429, 5xx or a timeout, with exponential backoff"""
-    backoff_s: float = 1.0
-    """first backoff, doubled after each retry (a 429's Retry-After wins if longer)"""
-    batch: int = 256
-    """chunks per generator call"""
+    """Most tokens a model may reply with."""
+    concurrency: int = flags.field(32, record=False)
+    """Requests kept in flight per worker."""
+    timeout_s: float = flags.field(120.0, flag="request-timeout", record=False)
+    """Limit of one request, in seconds."""
+    max_retries: int = flags.field(5, record=False)
+    """Retries of a request after 429, 5xx or a timeout, with exponential backoff."""
+    backoff_s: float = flags.field(1.0, flag="backoff", record=False)
+    """First backoff in seconds, doubled after each retry (a 429's longer Retry-After wins)."""
+    batch: int = flags.field(256, flag="generator-batch", record=False)
+    """Chunks per generator call (keep it a multiple of --concurrency)."""
 
     def __post_init__(self):
         kind = self.spec.partition(":")[0]
@@ -169,6 +172,12 @@ class GeneratorConfig:
                 raise ValueError(f"generator {name} must be at least 1, got {getattr(self, name)}")
         if self.timeout_s <= 0 or self.max_retries < 0 or self.backoff_s < 0:
             raise ValueError("generator timeout must be positive, retries and backoff not negative")
+
+
+def check(config: GeneratorConfig) -> None:
+    """Fail before the job starts if the generator cannot work: its API key variable unset."""
+    if config.api_key_env and not os.environ.get(config.api_key_env):
+        raise ValueError(f"--api-key-env {config.api_key_env}: that environment variable is not set or empty")
 
 
 def identity(config: GeneratorConfig) -> Identity:

@@ -38,6 +38,7 @@ from pipelines.qa_generators import (
     GeneratorConfig,
     QAOutcome,
     QARequest,
+    check,
     identity,
     parse_reply,
     prompt,
@@ -63,12 +64,8 @@ class OpenAIChat:
     @classmethod
     def from_config(cls, config: GeneratorConfig) -> "OpenAIChat":
         model, _, url = config.spec[len("openai:"):].partition("@")
-        key = None
-        if config.api_key_env:
-            key = os.environ.get(config.api_key_env)
-            if not key:
-                raise ValueError(f"--api-key-env {config.api_key_env}: that environment variable is not set or empty")
-        return cls(model, url, config, key)
+        check(config)
+        return cls(model, url, config, os.environ.get(config.api_key_env) if config.api_key_env else None)
 
     def generate(self, requests: Sequence[QARequest]) -> Iterator[QAOutcome]:
         futures = [self._pool.submit(self._request, r) for r in requests]

@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from orchestration import cli
 from pipelines import chat_qa, inspection, qa_generators
 from pipelines.buckets import Bucket
 from pipelines.qa_contexts import ChatTemplate, Chunk, QATokens, assemble, chunk_book, split_sentences
 from pipelines.qa_generators import GeneratorConfig, QARequest, parse_reply
-from pipelines.runner import pipeline_options
+from pipelines.output import OutputConfig
 from pipelines.text_tokenizer import TextTokenizer
 from schemas import manifest, raw
 
@@ -142,13 +143,10 @@ def all_chunks(path, tokenizer) -> dict[str, list[Chunk]]:
 
 def run_job(inputs, output, tokenizer_path, generator=GeneratorConfig(), **fields):
     config = chat_qa.ChatQAConfig(
-        inputs=(str(inputs),), output=str(output), tokenizer=tokenizer_path, buckets=(Bucket(SEQ_LEN),),
-        generator=generator, chunk_tokens=CHUNK_TOKENS, num_shards=2, **fields,
+        inputs=(str(inputs),), tokenizer=tokenizer_path, generator=generator, chunk_tokens=CHUNK_TOKENS,
+        output=OutputConfig(str(output), (Bucket(SEQ_LEN),), num_shards=2, overwrite=True), **fields,
     )
-    result = chat_qa.run(config, pipeline_options([]))
-    from apache_beam.metrics.metric import MetricsFilter
-
-    return {c.key.metric.name: c.committed for c in result.metrics().query(MetricsFilter())["counters"]}
+    return chat_qa.run(config).counters
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +312,7 @@ def test_records_hold_adjacent_chunks_and_questions_about_them(extractive_job, b
 def test_manifest_records_generator_and_counts(extractive_job, books, tokenizer):
     output, metrics = extractive_job
     result = manifest.read(str(output / f"seq{SEQ_LEN}"))
-    assert result.job == "chat_qa"
+    assert result.job == "chat-qa"
     assert result.config["generator_id"] == "extractive" and result.config["prompt_version"] == "extractive-1"
     chunks = sum(len(c) for c in all_chunks(books, tokenizer).values())
     assert metrics["qa_generated"] + metrics["qa_failed"] == chunks and metrics.get("qa_reused", 0) == 0
@@ -395,26 +393,13 @@ def test_rerun_reuses_every_pair_and_a_changed_book_regenerates_only_its_chunks(
     assert 0 < len(chat.requests) < len(new_chunks) + 1
 
 
-def test_regenerate_ignores_the_cache(server, books, tokenizer_path, tmp_path, monkeypatch):
-    monkeypatch.setenv("LWM_TEST_KEY", API_KEY)
-    chat = server()
-    run_job(books, tmp_path / "a", tokenizer_path, openai(chat.url), cache=str(tmp_path / "cache"))
-    first = len(chat.requests)
-    run_job(books, tmp_path / "b", tokenizer_path, openai(chat.url), cache=str(tmp_path / "cache"), regenerate=True)
-    assert len(chat.requests) == 2 * first
-
-
 KILLED_JOB = """
 import sys
-from pipelines import chat_qa
-from pipelines.buckets import Bucket
-from pipelines.qa_generators import GeneratorConfig
-from pipelines.runner import pipeline_options
+from orchestration import cli
 inputs, output, tokenizer, url = sys.argv[1:]
-generator = GeneratorConfig(spec=f"openai:tiny-chat@{url}", api_key_env="LWM_TEST_KEY", concurrency=2)
-config = chat_qa.ChatQAConfig(inputs=(inputs,), output=output, tokenizer=tokenizer, buckets=(Bucket(%d),),
-                              generator=generator, chunk_tokens=%d)
-chat_qa.run(config, pipeline_options([]))
+sys.exit(cli.main(["data", "chat-qa", "--input", inputs, "--output", output, "--tokenizer", tokenizer,
+                   "--seq-len", "%d", "--chunk-tokens", "%d", "--generator", f"openai:tiny-chat@{url}",
+                   "--api-key-env", "LWM_TEST_KEY", "--concurrency", "2"]))
 """ % (SEQ_LEN, CHUNK_TOKENS)
 
 
@@ -442,3 +427,32 @@ def test_a_killed_run_loses_no_pair_and_the_rerun_asks_only_for_the_rest(
     assert len(chat.requests) == total - len(cached)
     assert not answered & {hashlib.sha256(p.encode()).hexdigest() for p in chat.requests}
     assert manifest.read(str(tmp_path / f"seq{SEQ_LEN}")).records > 0
+
+
+# --- the command line -----------------------------------------------------------------------------------
+
+def _cli(books, output, tokenizer_path, *extra):
+    return cli.main(["data", "chat-qa", "--input", str(books), "--output", str(output), "--tokenizer", tokenizer_path,
+                     "--seq-len", str(SEQ_LEN), "--chunk-tokens", str(CHUNK_TOKENS), "--num-shards", "2", "-q", *extra])
+
+
+def test_overwrite_keeps_the_cache_and_regenerate_ignores_it(server, books, tokenizer_path, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LWM_TEST_KEY", API_KEY)
+    chat = server()
+    served = ("--generator", f"openai:tiny-chat@{chat.url}", "--api-key-env", "LWM_TEST_KEY")
+    assert _cli(books, tmp_path, tokenizer_path, *served) == 0
+    asked = len(chat.requests)
+    assert asked and len(list((tmp_path / "qa_cache").rglob("*.json"))) == asked
+    assert _cli(books, tmp_path, tokenizer_path, *served) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert _cli(books, tmp_path, tokenizer_path, *served, "--overwrite") == 0
+    assert len(chat.requests) == asked  # every pair came from the kept cache
+    assert manifest.read(str(tmp_path / f"seq{SEQ_LEN}")).config["generator_id"] == f"openai:tiny-chat@{chat.url}"
+    assert _cli(books, tmp_path, tokenizer_path, *served, "--overwrite", "--regenerate") == 0
+    assert len(chat.requests) == 2 * asked  # --regenerate ignores the cache
+
+
+def test_an_unset_api_key_variable_is_a_clear_error(books, tokenizer_path, tmp_path, capsys):
+    code = _cli(books, tmp_path, tokenizer_path, "--generator", "openai:m@http://127.0.0.1:9/v1", "--api-key-env", "LWM_UNSET_KEY")
+    assert code == 2 and "LWM_UNSET_KEY" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
