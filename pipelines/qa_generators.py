@@ -9,7 +9,7 @@ a rerun asks again.
 Generators, by ``--generator`` spec (:func:`build`):
 
 * ``extractive``: offline and deterministic, no model. "What comes after:
-  '<sentence>'?" → the next sentence of the chunk.
+  '<sentence>'?" → the next sentence of the chunk (:class:`Extractive`).
 * ``openai:MODEL@URL``: any OpenAI-compatible chat-completions server
   (:mod:`pipelines.qa_openai`), with the versioned prompt below and its strict parser.
 
@@ -29,7 +29,7 @@ from pipelines.naming import stable_hash
 from pipelines.qa_contexts import Chunk
 
 # Dead-letter reasons of a pair that could not be generated.
-NO_QUESTION = "qa_no_question"  # the generator cannot ask about this chunk (extractive: one sentence)
+NO_QUESTION = "qa_no_question"  # the generator has no (further) question about this chunk
 UNPARSEABLE = "qa_unparseable_reply"  # empty or malformed reply, twice
 UNAVAILABLE = "qa_generator_unavailable"  # 429 / 5xx / timeouts until the retries ran out
 REJECTED = "qa_rejected"  # the server refused this request (4xx other than 429)
@@ -112,24 +112,36 @@ def parse_reply(reply: str) -> QAPair:
 
 
 class Extractive:
-    """Offline, deterministic pairs whose answer is in the chunk: "What comes after: '<s>'?" → the next sentence.
+    """Offline, deterministic pairs whose answer is in the chunk.
 
-    Pair ``number`` uses the ``number``-th sentence in an order fixed by a stable hash
-    of the chunk text, so different pairs about one chunk ask about different sentences.
+    "What comes after: '<sentence>'?" → the next sentence, for each sentence but the
+    last; then (a chunk of one sentence, or more pairs than that) "Complete:
+    '<first half of a sentence> ...'" → its second half. Pair ``number`` takes the
+    ``number``-th of these questions in an order fixed by a stable hash of the chunk
+    text, so different pairs about one chunk ask different questions.
     """
 
-    identity = Identity("extractive", "extractive-1")
+    identity = Identity("extractive", "extractive-2")
+
+    @staticmethod
+    def questions(sentences: Sequence[str], seed: str) -> list[QAPair]:
+        """Every question this generator can ask about a chunk's sentences, in its order."""
+        def shuffled(items: list) -> list:
+            return [item for _, item in sorted((stable_hash(f"{seed}:{i}"), item) for i, item in enumerate(items))]
+
+        following = [QAPair(f"What comes after: '{a}'?", b) for a, b in zip(sentences, sentences[1:])]
+        halves = [(words[: len(words) // 2], words[len(words) // 2:]) for words in (s.split() for s in sentences)]
+        completions = [QAPair(f"Complete: '{' '.join(a)} ...'", " ".join(b)) for a, b in halves if a]
+        return shuffled(following) + shuffled(completions)
 
     def generate(self, requests: Sequence[QARequest]) -> Iterator[QAOutcome]:
         for request in requests:
-            sentences, seed = request.chunk.sentences, request.chunk.text_sha256
-            order = sorted(range(len(sentences) - 1), key=lambda i: (stable_hash(f"{seed}:{i}"), i))
-            if request.number >= len(order):
-                detail = f"chunk has {len(sentences)} sentence(s): no question {request.number + 1} about a next sentence"
-                yield QAOutcome(request, None, NO_QUESTION, detail)
+            questions = self.questions(request.chunk.sentences, request.chunk.text_sha256)
+            if request.number < len(questions):
+                yield QAOutcome(request, questions[request.number])
                 continue
-            at = order[request.number]
-            yield QAOutcome(request, QAPair(f"What comes after: '{sentences[at]}'?", sentences[at + 1]))
+            detail = f"{len(questions)} extractive question(s) about this chunk; question {request.number + 1} asked"
+            yield QAOutcome(request, None, NO_QUESTION, detail)
 
     def close(self) -> None:
         pass

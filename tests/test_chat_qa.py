@@ -222,14 +222,18 @@ def test_reply_parser_is_strict():
             parse_reply(bad)
 
 
-def test_extractive_asks_for_the_next_sentence_deterministically():
+def test_extractive_asks_for_next_sentences_then_completions_deterministically():
     chunk = Chunk("b", 0, "A one. B two. C three.", np.zeros(3, np.int32), ("A one.", "B two.", "C three."))
-    requests = [QARequest(chunk, n, 3) for n in range(3)]
+    requests = [QARequest(chunk, n, 7) for n in range(7)]
     outcomes = list(qa_generators.Extractive().generate(requests))
     assert outcomes == list(qa_generators.Extractive().generate(requests))
-    asked = {(o.pair.question, o.pair.answer) for o in outcomes[:2]}
-    assert asked == {("What comes after: 'A one.'?", "B two."), ("What comes after: 'B two.'?", "C three.")}
-    assert outcomes[2].pair is None and outcomes[2].reason == qa_generators.NO_QUESTION
+    asked = [(o.pair.question, o.pair.answer) for o in outcomes[:5]]
+    assert set(asked[:2]) == {("What comes after: 'A one.'?", "B two."), ("What comes after: 'B two.'?", "C three.")}
+    assert set(asked[2:5]) == {("Complete: 'A ...'", "one."), ("Complete: 'B ...'", "two."), ("Complete: 'C ...'", "three.")}
+    assert outcomes[5].pair is None and outcomes[5].reason == qa_generators.NO_QUESTION
+    lone = Chunk("b", 1, "Just one sentence here.", np.zeros(1, np.int32), ("Just one sentence here.",))
+    (only,) = qa_generators.Extractive().generate([QARequest(lone, 0, 1)])
+    assert only.pair == qa_generators.QAPair("Complete: 'Just one ...'", "sentence here.")
 
 
 def test_generator_specs_are_checked():
@@ -295,7 +299,7 @@ def test_records_hold_adjacent_chunks_and_questions_about_them(extractive_job, b
             book_id, indices, end = _find_context(tokens, chunks_by_book, opening)
             seen.update((book_id, i) for i in indices)
             sentences = [s for i in indices for s in chunks_by_book[book_id][i].sentences]
-            # Loss exactly on the answers and their EOS; each answer is the sentence after the quoted one.
+            # Loss exactly on the answers and their EOS; each answer is in the context, where the question says.
             runs = np.split(np.flatnonzero(weights > 0), np.flatnonzero(np.diff(np.flatnonzero(weights > 0)) > 1) + 1)
             assert len(runs) >= 1 and runs[-1][-1] == len(tokens) - 1
             for number, run in enumerate(runs):
@@ -303,8 +307,11 @@ def test_records_hold_adjacent_chunks_and_questions_about_them(extractive_job, b
                 answer = tokenizer.decode(tokens[run[:-1]])
                 prompt_tokens = tokens[(end if number == 0 else runs[number - 1][-1] + 1) : run[0]]
                 question = tokenizer.decode(prompt_tokens).removeprefix("USER:").removesuffix("ASSISTANT:").strip()
-                quoted = question.removeprefix("What comes after: '").removesuffix("'?")
-                assert (quoted, answer) in zip(sentences, sentences[1:])
+                if question.startswith("Complete: '"):
+                    assert question.removeprefix("Complete: '").removesuffix(" ...'") + " " + answer in sentences
+                else:
+                    quoted = question.removeprefix("What comes after: '").removesuffix("'?")
+                    assert (quoted, answer) in zip(sentences, sentences[1:])
     expected = {(b, c.index) for b, chunks in chunks_by_book.items() for c in chunks}
     assert seen == expected  # every chunk of every book is in some context
 
@@ -313,9 +320,9 @@ def test_manifest_records_generator_and_counts(extractive_job, books, tokenizer)
     output, metrics = extractive_job
     result = manifest.read(str(output / f"seq{SEQ_LEN}"))
     assert result.job == "chat-qa"
-    assert result.config["generator_id"] == "extractive" and result.config["prompt_version"] == "extractive-1"
+    assert result.config["generator_id"] == "extractive" and result.config["prompt_version"] == "extractive-2"
     chunks = sum(len(c) for c in all_chunks(books, tokenizer).values())
-    assert metrics["qa_generated"] + metrics["qa_failed"] == chunks and metrics.get("qa_reused", 0) == 0
+    assert metrics["qa_generated"] == chunks and "qa_failed" not in metrics and "qa_reused" not in metrics
     assert result.counts["documents"] == 8
 
 
