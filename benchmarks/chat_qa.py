@@ -22,14 +22,12 @@ import sys
 import tempfile
 import time
 
-from apache_beam.metrics.metric import MetricsFilter
-
 from orchestration import sample_data
 from pipelines import chat_qa, qa_generators, text_tokenizer
 from pipelines.buckets import Bucket
 from pipelines.qa_contexts import ChatTemplate, QATokens, assemble, chunk_book
 from pipelines.qa_generators import GeneratorConfig, QARequest
-from pipelines.runner import pipeline_options
+from pipelines.output import OutputConfig
 
 SEQ_LEN = 4096
 CHUNK_TOKENS = 1000
@@ -62,13 +60,11 @@ def serve(latency: float) -> None:
 
 
 def _job(books, workdir: pathlib.Path, name: str, tokenizer: str, generator: GeneratorConfig) -> tuple[float, dict]:
-    config = chat_qa.ChatQAConfig(inputs=(str(books),), output=str(workdir / name), tokenizer=tokenizer,
-                                  buckets=(Bucket(SEQ_LEN),), generator=generator, chunk_tokens=CHUNK_TOKENS)
+    config = chat_qa.ChatQAConfig(inputs=(str(books),), tokenizer=tokenizer, generator=generator,
+                                  output=OutputConfig(str(workdir / name), (Bucket(SEQ_LEN),)), chunk_tokens=CHUNK_TOKENS)
     start = time.perf_counter()
-    result = chat_qa.run(config, pipeline_options([]))
-    seconds = time.perf_counter() - start
-    counters = {c.key.metric.name: c.committed for c in result.metrics().query(MetricsFilter())["counters"]}
-    return seconds, counters
+    result = chat_qa.run(config)
+    return time.perf_counter() - start, result.counters
 
 
 def extractive(workdir: pathlib.Path, books: int) -> tuple[dict, pathlib.Path, str]:
