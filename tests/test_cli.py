@@ -49,7 +49,7 @@ def _argv_with_missing_inputs(words, parser, tmp_path):
         if not (action.required or not action.option_strings or action in chosen):
             continue
         name = action.dest
-        value = str(tmp_path / name) if name in ("output", "out") else ("1024" if action.type is int else MISSING)
+        value = str(tmp_path / name) if name in ("output", "out") else ("1024" if action.type is int or "--seq-len" in action.option_strings else MISSING)
         argv += ([action.option_strings[0]] if action.option_strings else []) + [value]
     return argv
 
