@@ -65,9 +65,6 @@ class ChatQAConfig:
     def __post_init__(self):
         if self.chunk_tokens < 1 or self.qa_per_chunk < 1:
             raise ValueError("chunk_tokens and qa_per_chunk must be at least 1")
-        shortest = min(b.seq_len for b in self.output.buckets)
-        if self.chunk_tokens >= shortest:
-            raise ValueError(f"chunk_tokens {self.chunk_tokens} leaves no room for QA turns in sequences of {shortest}")
         if not self.cache:  # resolved now, so a run staged elsewhere (--overwrite) still uses OUTPUT/qa_cache
             object.__setattr__(self, "cache", storage.join(self.output.output, "qa_cache"))
 
@@ -262,6 +259,10 @@ def build(pipeline: beam.Pipeline, config: ChatQAConfig):
 
 
 def check(config: ChatQAConfig) -> tuple[int, int]:
+    """Chunk size, generator, tokenizer and inputs, before any output is touched; returns the inputs' (files, bytes)."""
+    shortest = min(b.seq_len for b in config.output.buckets)
+    if config.chunk_tokens >= shortest:
+        raise ValueError(f"--chunk-tokens {config.chunk_tokens} leaves no room for QA turns in sequences of {shortest}")
     check_tokenizer(config.tokenizer)
     qa_generators.check(config.generator)
     return check_inputs(config.inputs)

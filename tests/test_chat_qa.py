@@ -459,7 +459,11 @@ def test_overwrite_keeps_the_cache_and_regenerate_ignores_it(server, books, toke
     assert len(chat.requests) == 2 * asked  # --regenerate ignores the cache
 
 
-def test_an_unset_api_key_variable_is_a_clear_error(books, tokenizer_path, tmp_path, capsys):
+def test_bad_settings_are_one_line_errors_before_any_output(books, tokenizer_path, tmp_path, capsys):
     code = _cli(books, tmp_path, tokenizer_path, "--generator", "openai:m@http://127.0.0.1:9/v1", "--api-key-env", "LWM_UNSET_KEY")
     assert code == 2 and "LWM_UNSET_KEY" in capsys.readouterr().err
+    assert _cli(books, tmp_path, tokenizer_path, "--chunk-tokens", str(SEQ_LEN)) == 2
+    assert "leaves no room for QA turns" in capsys.readouterr().err
+    assert _cli(books, tmp_path, tokenizer_path, "--generator", "gpt4") == 2
+    assert "expected extractive or openai:MODEL@URL" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
