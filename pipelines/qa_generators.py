@@ -44,7 +44,7 @@ Answer: <the answer>
 Passage:
 {passage}"""
 FOCUS = "\nThis is question {number} of {count} about this passage: ask about part {number} of {count} of it."
-_REPLY = re.compile(r"\s*Question:[ \t]*(?P<question>[^\n]*\S)[ \t]*\n\s*Answer:[ \t]*(?P<answer>.*\S)\s*", re.S)
+_REPLY = re.compile(r"\s*Question:\s*(?P<question>\S[^\n]*?)\s+Answer:\s*(?P<answer>\S.*?)\s*", re.S)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,9 +104,10 @@ def prompt(request: QARequest) -> str:
 
 
 def parse_reply(reply: str) -> QAPair:
-    """Exactly ``Question: …`` (one line) then ``Answer: …``, both non-empty; anything else is ``ValueError``."""
+    """Exactly ``Question: …`` (one line) then ``Answer: …``, both non-empty, each once; anything else is
+    ``ValueError``. The line break between them may be a space (tokenizers that normalise newlines away)."""
     match = _REPLY.fullmatch(reply or "")
-    if not match or re.search(r"^\s*(Question|Answer):", match["answer"], re.M):
+    if not match or re.search(r"(Question|Answer):", match["question"] + match["answer"]):
         raise ValueError(f"reply is not 'Question: …' then 'Answer: …': {reply[:200]!r}" if reply else "empty reply")
     return QAPair(match["question"].strip(), " ".join(match["answer"].split()))
 

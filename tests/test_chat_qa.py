@@ -216,8 +216,10 @@ def test_contexts_are_adjacent_chunks_with_their_pairs_within_seq_len(lengths, p
 def test_reply_parser_is_strict():
     assert parse_reply("Question: Who left?\nAnswer: She did.\n") == qa_generators.QAPair("Who left?", "She did.")
     assert parse_reply("  Question: Who?\n  Answer: the old\n sailor ") == qa_generators.QAPair("Who?", "the old sailor")
-    for bad in ("", "  ", "Who left? She did.", "Question: Who left?", "Answer: x\nQuestion: y",
-                "Question: \nAnswer: x", "Question: a\nAnswer: b\nQuestion: c\nAnswer: d", "Sure! Question: a\nAnswer: b"):
+    assert parse_reply("Question: Who? Answer: Nobody.") == qa_generators.QAPair("Who?", "Nobody.")  # newline lost
+    for bad in ("", "  ", "Who left? She did.", "Question: Who left?", "Answer: x\nQuestion: y", "Question: a\nAnswer:  ",
+                "Question: \nAnswer: x", "Question: a\nAnswer: b\nQuestion: c\nAnswer: d", "Sure! Question: a\nAnswer: b",
+                "Question: a Answer: b Answer: c"):
         with pytest.raises(ValueError):
             parse_reply(bad)
 
