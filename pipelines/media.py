@@ -2,12 +2,15 @@
 
 Images are decoded with Pillow, videos with ffmpeg (argument lists built with
 ffmpeg-python, run as a subprocess with a timeout). Both give LWM's frame geometry:
-short side resized to S (256), centre crop S×S. Anything that cannot be decoded raises
+short side resized to S (256), centre crop S×S, in display geometry (EXIF orientation,
+a video's sample aspect ratio) and 8 bits per channel. Anything that cannot be decoded raises
 ``MediaError(reason, detail)``; pipelines turn it into a dead letter, so one bad file
 never crashes or stalls a job. Reasons:
 
     empty_file          zero bytes
-    missing_file        a video path that does not exist
+    missing_file        a media path or URL that does not exist
+    unreadable_media    it cannot be read: permission denied, a directory, I/O errors, a URL
+                        scheme no filesystem serves
     corrupt_image       not an image Pillow can read, or truncated image data
     image_too_large     over Pillow's decompression-bomb limit
     image_too_small     short side under ``min_short_side``
@@ -55,12 +58,37 @@ def _square_box(width: int, height: int) -> tuple[float, float, float, float]:
     return left, top, left + side, top + side
 
 
+# Pillow's high-bit-depth greyscale modes and the value each one's white has. 16-bit
+# samples (PNG, TIFF, PGM, JPEG 2000) arrive as I;16* or, from some readers, as I; F is
+# float data, white 1.0 by convention. 16-bit RGB(A) needs nothing: Pillow keeps the
+# high byte of each sample, which is the same scaling.
+_HIGH_DEPTH_FULL_SCALE = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0,
+                          "I": 65535.0, "F": 1.0}
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """A high-bit-depth greyscale image → mode L, scaled by its real range (``convert`` would clip at 255).
+
+    The range is 0 to the mode's full scale, widened to the image's own minimum and
+    maximum where its values go beyond (32-bit samples, HDR floats); NaN is black.
+    """
+    values = np.array(img, dtype=np.float32)  # a writable copy: scaled in place
+    finite = np.isfinite(values)
+    low = min(0.0, float(values.min(where=finite, initial=0.0)))
+    high = max(_HIGH_DEPTH_FULL_SCALE[img.mode], float(values.max(where=finite, initial=0.0)))
+    np.nan_to_num(values, copy=False, nan=low, posinf=high, neginf=low)
+    values -= low
+    values *= 255.0 / (high - low)
+    return Image.fromarray(np.rint(values, out=values).astype(np.uint8))
+
+
 def decode_image(data: bytes, size: int = FRAME_SIZE, min_short_side: int = 0) -> np.ndarray:
     """Any Pillow-readable image → uint8 RGB [size, size, 3].
 
-    EXIF orientation is applied; transparency is composited onto white; multi-frame
-    images give their first frame. The short side is resized to ``size`` (bicubic)
-    and the centre square kept, in one resampling step.
+    EXIF orientation is applied; high-bit-depth greyscale (16-bit, 32-bit, float) is
+    scaled to 8 bits by its real range; transparency is composited onto white;
+    multi-frame images give their first frame. The short side is resized to ``size``
+    (bicubic) and the centre square kept, in one resampling step.
     """
     if not data:
         raise MediaError("empty_file", "0 bytes")
@@ -80,6 +108,8 @@ def decode_image(data: bytes, size: int = FRAME_SIZE, min_short_side: int = 0) -
         raise MediaError("corrupt_image", f"{type(e).__name__}: {e}") from None
     if min(img.size) < max(1, min_short_side):
         raise MediaError("image_too_small", f"{img.size[0]}x{img.size[1]} (short side < {min_short_side})")
+    if img.mode in _HIGH_DEPTH_FULL_SCALE:
+        img = _eight_bit(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
@@ -249,25 +279,39 @@ _NO_FRAMES = re.compile(r"does not contain any stream|Cannot determine format of
 
 def _decode_file(path: str, config: VideoConfig, tools: FFmpegTools) -> np.ndarray:
     try:
-        if os.path.getsize(path) == 0:
-            raise MediaError("empty_file", "0 bytes")
+        with open(path, "rb") as f:
+            empty = not f.read(1)
     except FileNotFoundError:
         raise MediaError("missing_file", path) from None
+    except OSError as e:  # without this, ffprobe's failure would call the file corrupt
+        raise MediaError("unreadable_media", f"{path}: {e.strerror or type(e).__name__}") from None
+    if empty:
+        raise MediaError("empty_file", "0 bytes")
     info = probe_video(path, config.timeout_s, tools)
     if not info.has_video:
         raise MediaError("no_video_stream", f"duration {info.duration_s}s, no video stream")
     if info.duration_s is not None and info.duration_s > config.max_duration_s:
         raise MediaError("too_long_duration", f"{info.duration_s:.1f}s > {config.max_duration_s}s")
     rate, s = _sample_rate(info, config), config.size
-    args = (ffmpeg.input(path, t=config.max_duration_s)
-            # eof_action=pass: clips shorter than one sampling step still give their frame.
-            .filter("fps", fps=f"{rate:.9g}", eof_action="pass")
-            .filter("scale", s, s, force_original_aspect_ratio="increase")
-            .filter("crop", s, s)
-            .output("pipe:", format="rawvideo", pix_fmt="rgb24", an=None, sn=None, dn=None)
-            .global_args("-nostdin", "-hide_banner", "-v", "error")
-            .compile(cmd=tools.ffmpeg))
-    proc = _run(args, config.timeout_s)
+
+    def decode(threads: int) -> subprocess.CompletedProcess:
+        args = (ffmpeg.input(path, t=config.max_duration_s, threads=threads)
+                # eof_action=pass: clips shorter than one sampling step still give their frame.
+                .filter("fps", fps=f"{rate:.9g}", eof_action="pass")
+                # Short side to s in display geometry (dar = width × SAR / height), as players show
+                # non-square pixels; rounded as force_original_aspect_ratio rounds for square ones.
+                .filter("scale", f"max({s},round({s}*dar))", f"max({s},round({s}/dar))")
+                .filter("crop", s, s)
+                .output("pipe:", format="rawvideo", pix_fmt="rgb24", an=None, sn=None, dn=None)
+                .global_args("-nostdin", "-hide_banner", "-v", "error")
+                .compile(cmd=tools.ffmpeg))
+        return _run(args, config.timeout_s)
+
+    proc = decode(threads=0)
+    if proc.stderr:
+        # Damage: decode again on one thread, whose messages and concealed frames are the same on
+        # every run (the multi-threaded decoder interleaves them differently each time).
+        proc = decode(threads=1)
     n = len(proc.stdout) // (s * s * 3)
     frames = np.frombuffer(proc.stdout, np.uint8, count=n * s * s * 3).reshape(n, s, s, 3)
     errors = _tail(proc.stderr, path)
@@ -285,9 +329,12 @@ def decode_video(source: bytes | str | os.PathLike, config: VideoConfig = VideoC
                  tools: FFmpegTools | None = None) -> np.ndarray:
     """A video (bytes, or a local file path) → uint8 RGB frames [N, size, size, 3], in time order.
 
-    Frames are sampled in ffmpeg's filter graph (``fps``, scale short side, centre crop)
-    and streamed back as raw RGB over a pipe. Bytes are written to one temporary file
-    first, because common containers (MP4 without faststart) need a seekable input.
+    Frames are sampled in ffmpeg's filter graph (``fps``, scale short side, centre crop;
+    non-square pixels are first stretched to the display aspect ratio, as players show
+    them) and streamed back as raw RGB over a pipe. A video ffmpeg reports damage in is
+    decoded again on one thread, so that its frames and messages are the same on every
+    run. Bytes are written to one temporary file first, because common containers (MP4
+    without faststart) need a seekable input.
     """
     tools = tools or ffmpeg_tools()
     if isinstance(source, (str, os.PathLike)):

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-from typing import Iterable, Sequence
+import re
+import textwrap
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -82,30 +84,68 @@ class TextTokenizer:
         self.sha256 = hashlib.sha256(self._model_bytes).hexdigest()
 
 
+# SentencePiece skips training sentences over its max_sentence_length (4192 bytes by
+# default) without a word; pieces are kept under it.
+MAX_PIECE_BYTES = 4096
+_SENTENCE_END = re.compile(r"(?<=[.!?;…])\s+|(?<=[。！？；])")
+
+
+def training_pieces(text: str, max_bytes: int = MAX_PIECE_BYTES) -> Iterator[str]:
+    """A document as SentencePiece training sentences of at most ``max_bytes`` UTF-8 bytes.
+
+    Each non-blank line is one sentence; a longer line (a whole book on one line, the
+    usual JSON-lines shape) is cut at sentence ends, and a sentence still too long at
+    spaces, or anywhere if it has none. Only whitespace at the cuts is lost.
+    """
+    for line in text.splitlines():
+        for sentence in [line] if len(line.encode()) <= max_bytes else _SENTENCE_END.split(line):
+            if len(sentence.encode()) <= max_bytes:
+                if sentence.strip():
+                    yield sentence
+            else:  # at most 4 bytes a character
+                yield from textwrap.wrap(sentence, width=max_bytes // 4, break_on_hyphens=False)
+
+
 def train(texts: Iterable[str], vocab_size: int, output: str, *, model_type: str = "bpe") -> str:
     """Train a Llama-style SentencePiece model (BPE, byte fallback, unk 0 / bos 1 / eos 2) offline.
 
-    Writes the model file to ``output`` (any Beam filesystem) and returns the path.
+    Documents are fed as :func:`training_pieces`. Writes the model file to ``output``
+    (any Beam filesystem) and returns the path; no text, or text SentencePiece cannot
+    train on, is a ``ValueError``.
     """
     if vocab_size < 300:
         raise ValueError(f"vocab size {vocab_size} is too small: byte fallback alone needs 259 ids")
+    fed = 0
+
+    def sentences() -> Iterator[str]:
+        nonlocal fed
+        for text in texts:
+            for piece in training_pieces(text):
+                fed += 1
+                yield piece
+
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=(line for text in texts for line in text.splitlines() if line.strip()),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        byte_fallback=True,
-        split_digits=True,
-        character_coverage=0.9995,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        hard_vocab_limit=False,
-        num_threads=1,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=True,
+            split_digits=True,
+            character_coverage=0.9995,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            hard_vocab_limit=False,
+            num_threads=1,
+            minloglevel=2,
+        )
+    except RuntimeError as error:  # SentencePiece reports everything as RuntimeError
+        if not fed:
+            raise ValueError("no text to train the tokenizer on") from None
+        raise ValueError(f"SentencePiece could not train on {fed} sentences: {error}") from None
     with FileSystems.create(output) as f:
         f.write(model.getvalue())
     return output

@@ -105,7 +105,7 @@ def fetch(example: raw_vision.VisionExample, local_paths: bool) -> bytes | str:
         return example.media
     location = example.location
     if not FileSystems.exists(location):
-        raise FileNotFoundError(f"{location} does not exist")
+        raise MediaError("missing_file", location)
     if local_paths and FileSystems.get_scheme(location) is None:  # a plain local path
         return location
     with FileSystems.open(location, compression_type=CompressionTypes.UNCOMPRESSED) as f:
@@ -137,7 +137,7 @@ class DecodeMedia(beam.DoFn):
             letter = DeadLetter(example.id, error.reason, error.detail, example.source)
             yield beam.pvalue.TaggedOutput("dead_letters", letter)
             return
-        except Exception as error:  # missing file, filesystem errors, anything else: one dead letter, not a crash
+        except Exception as error:  # filesystem errors, anything else: one dead letter, not a crash
             detail = _stable(f"{example.location or 'inline'}: {type(error).__name__}: {error}")
             yield beam.pvalue.TaggedOutput("dead_letters", DeadLetter(example.id, "unreadable_media", detail, example.source))
             return

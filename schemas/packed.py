@@ -14,14 +14,14 @@ loss_weights    float32[L]   weight of the loss for predicting this token from t
                              token and on padding)
 =============== ============ ==========================================================
 
-Byte layout, version 1 (all little-endian). Only what cannot be derived is stored:
+Byte layout, version 2 (all little-endian). Only what cannot be derived is stored:
 segments as lengths (segment ids and positions follow), tokens without padding in
 the narrowest unsigned type that holds them, the vision mask and loss weights as
 runs::
 
     offset  size            field
     0       4               magic b"LWMP"
-    4       1               version (1)
+    4       1               version (2)
     5       1               token width in bytes (2 or 4)
     6       2               reserved, zero
     8       4               L, sequence length
@@ -33,23 +33,33 @@ runs::
     ...     8*n_vis         vision runs: (start, length) uint32 pairs, sorted, disjoint
     ...     12*n_wt         weight runs: (start, length) uint32 pairs, then n_wt float32
                             values; positions outside every run weigh 0
+    end-4   4               CRC-32 (zlib) of every byte before it
 
 Decoding is a handful of ``np.frombuffer`` / ``np.repeat`` calls: no Python work
-per token. Malformed bytes (bad magic, unknown version, truncated, trailing bytes,
-runs out of range) raise ``ValueError``.
+per token. Malformed bytes (bad magic, unknown version, checksum mismatch,
+truncated, trailing bytes, runs out of range) raise ``ValueError``.
+
+Why a checksum: padding is not stored, so the header's L cannot be bounded by the
+record's size (a 1M-token sequence holding one short document is a few hundred
+bytes). The CRC makes any flipped bit, in L or anywhere else, a ``ValueError`` before
+anything of size L is allocated, even where shard hashes are not verified; readers
+that know the dataset's ``seq_len`` pass it to :func:`decode`, which refuses a record
+of any other length.
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
 from typing import Mapping
 
 import numpy as np
 
 MAGIC = b"LWMP"
-VERSION = 1
+VERSION = 2
 FIELDS = ("tokens", "vision_mask", "segment_ids", "positions", "loss_weights")
 _HEADER = struct.Struct("<4sBBHIIII")
+_CHECKSUM = struct.Struct("<I")
 _TOKEN_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 
 
@@ -125,7 +135,7 @@ def encode(
     vis_starts, vis_lengths, _ = _runs(vision_mask.astype(np.int8))
     wt_starts, wt_lengths, wt_values = _runs(loss_weights)
     header = _HEADER.pack(MAGIC, VERSION, width, 0, seq_len, len(lengths), len(vis_starts), len(wt_starts))
-    return b"".join(
+    body = b"".join(
         [
             header,
             lengths.astype("<u4").tobytes(),
@@ -135,6 +145,7 @@ def encode(
             wt_values.astype("<f4").tobytes(),
         ]
     )
+    return body + _CHECKSUM.pack(zlib.crc32(body))
 
 
 def _run_mask(runs: np.ndarray, seq_len: int, name: str) -> np.ndarray:
@@ -147,18 +158,36 @@ def _run_mask(runs: np.ndarray, seq_len: int, name: str) -> np.ndarray:
     return np.repeat(starts, lengths) + offsets
 
 
-def decode(record: bytes) -> dict[str, np.ndarray]:
-    """Parse one packed example into exactly the five fields of the module docstring."""
+def decode(record: bytes, seq_len: int | None = None) -> dict[str, np.ndarray]:
+    """Parse one packed example into exactly the five fields of the module docstring.
+
+    ``seq_len``: the sequence length the reader expects (the manifest's); a record of
+    any other length raises ``ValueError`` before its arrays are built. Damaged bytes
+    (see the module docstring) raise ``ValueError`` too.
+    """
     buffer = memoryview(record)
-    if len(buffer) < _HEADER.size:
-        raise ValueError(f"malformed packed record: {len(buffer)} bytes is shorter than the header")
-    magic, version, width, reserved, seq_len, n_seg, n_vis, n_wt = _HEADER.unpack_from(buffer)
+    if len(buffer) < _HEADER.size + _CHECKSUM.size:
+        raise ValueError(f"malformed packed record: {len(buffer)} bytes is shorter than the header and checksum")
+    magic, version, width, reserved, length, n_seg, n_vis, n_wt = _HEADER.unpack_from(buffer)
     if magic != MAGIC:
         raise ValueError(f"not a packed record: magic {magic!r}, expected {MAGIC!r}")
     if version != VERSION:
-        raise ValueError(f"unsupported packed record version {version}; this code reads version {VERSION}")
+        raise ValueError(
+            f"unsupported packed record version {version}; this code reads version {VERSION} "
+            "(rebuild the dataset with this version's `lwm data` job)"
+        )
+    buffer = buffer[: -_CHECKSUM.size]
+    (stored,) = _CHECKSUM.unpack_from(record, len(buffer))
+    computed = zlib.crc32(buffer)
+    if computed != stored:
+        raise ValueError(f"damaged packed record: its CRC-32 is {computed:08x}, the stored one {stored:08x}")
     if width not in _TOKEN_DTYPES or reserved != 0:
         raise ValueError(f"malformed packed record: token width {width}, reserved {reserved}")
+    if seq_len is not None and length != seq_len:
+        raise ValueError(
+            f"packed record has sequence length {length}, not the expected seq_len {seq_len} "
+            "(the dataset manifest's): the manifest does not describe these shards"
+        )
     offset = _HEADER.size
 
     def take(count: int, dtype: str) -> np.ndarray:
@@ -171,7 +200,7 @@ def decode(record: bytes) -> dict[str, np.ndarray]:
         return array
 
     lengths = take(n_seg, "<u4")
-    if np.any(lengths == 0) or int(lengths.sum(dtype=np.int64)) > seq_len:
+    if np.any(lengths == 0) or int(lengths.sum(dtype=np.int64)) > length:
         raise ValueError("malformed packed record: segment lengths are zero or exceed the sequence length")
     used = int(lengths.sum(dtype=np.int64))
     body = take(used, _TOKEN_DTYPES[width].str)
@@ -181,13 +210,14 @@ def decode(record: bytes) -> dict[str, np.ndarray]:
     if offset != len(buffer):
         raise ValueError(f"malformed packed record: {len(buffer) - offset} unexpected trailing bytes")
 
-    tokens = np.zeros(seq_len, np.int32)
+    tokens = np.zeros(length, np.int32)
     tokens[:used] = body
-    vision_mask = np.zeros(seq_len, bool)
+    vision_mask = np.zeros(length, bool)
     vision_mask[_run_mask(vision_runs, used, "vision")] = True
-    loss_weights = np.zeros(seq_len, np.float32)
-    loss_weights[_run_mask(weight_runs, used, "loss weight")] = np.repeat(weight_values, weight_runs[:, 1])
-    segment_ids, positions = segment_arrays(lengths, seq_len)
+    loss_weights = np.zeros(length, np.float32)
+    weighted = _run_mask(weight_runs, used, "loss weight")  # validates the runs before np.repeat sizes by them
+    loss_weights[weighted] = np.repeat(weight_values, weight_runs[:, 1])
+    segment_ids, positions = segment_arrays(lengths, length)
     return {
         "tokens": tokens,
         "vision_mask": vision_mask,

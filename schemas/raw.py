@@ -7,10 +7,13 @@ Books arrive in three forms, told apart by file extension (``.gz`` allowed on to
 * Parquet (``.parquet``): columns as :data:`BOOK_SCHEMA`, extra columns kept as metadata.
 * Plain text (``.txt``): the whole file is one book, its id the file name.
 
-Parsing is pure (bytes in, :class:`Document` or :class:`DeadLetter` out), so the
-Beam reader, the tokenizer trainer and tests share it. Bad input never raises: it
-becomes a dead letter with a reason from :data:`REASONS`. The format handling
-(:func:`iter_records`, :func:`id_and_text`) serves the vision inputs too.
+Text is UTF-8, with or without a byte-order mark. Parsing is pure (bytes in,
+:class:`Document` or :class:`DeadLetter` out), so the Beam reader, the tokenizer
+trainer and tests share it. Bad input never raises: it becomes a dead letter with a
+reason from :data:`REASONS`; a file damaged part way (a truncated ``.gz``) keeps the
+records before the damage and ends with an ``unreadable_file`` dead letter saying how
+many there were. The format handling (:func:`iter_records`, :func:`id_and_text`)
+serves the vision inputs too.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import dataclasses
 import gzip
 import json
 import posixpath
+import zlib
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
@@ -88,20 +92,27 @@ def source_of(path: str, index: int) -> str:
     return f"{path}:{index}" if index else path
 
 
+def _absent(fields: dict, name: str) -> str:
+    return f"'{name}' is null" if name in fields else f"no '{name}' field"
+
+
 def id_and_text(fields: Any, field: str, source: str) -> tuple[str, str] | DeadLetter:
     """A record's id and its non-empty string ``field`` (``text``, ``caption``), or why not.
 
-    Reasons: ``not_an_object``, ``missing_id``, ``missing_{field}``, ``empty_{field}``.
+    Reasons: ``not_an_object``, ``missing_id``, ``missing_{field}`` (absent, null or
+    not a string; the detail says which), ``empty_{field}``.
     """
     if not isinstance(fields, dict):
         return DeadLetter("", "not_an_object", f"expected a JSON object, got {type(fields).__name__}", source)
     record_id = fields.get("id")
-    if record_id is None or (isinstance(record_id, str) and not record_id.strip()):
-        return DeadLetter("", "missing_id", "no non-empty 'id' field", source)
+    if record_id is None:
+        return DeadLetter("", "missing_id", _absent(fields, "id"), source)
+    if isinstance(record_id, str) and not record_id.strip():
+        return DeadLetter("", "missing_id", "'id' is empty or whitespace", source)
     record_id = str(record_id)
     value = fields.get(field)
     if not isinstance(value, str):
-        found = f"no '{field}' field" if value is None else f"'{field}' is a {type(value).__name__}, not a string"
+        found = _absent(fields, field) if value is None else f"'{field}' is a {type(value).__name__}, not a string"
         return DeadLetter(record_id, f"missing_{field}", found, source)
     if not value.strip():
         return DeadLetter(record_id, f"empty_{field}", f"'{field}' is empty or whitespace", source)
@@ -118,9 +129,10 @@ def book_from_fields(fields: Any, path: str, index: int) -> Document | DeadLette
 
 
 def decode_json_line(line: bytes, source: str) -> Any:
-    """The JSON value of one line, or an ``invalid_utf8`` / ``invalid_json`` dead letter."""
+    """The JSON value of one line (a leading byte-order mark is dropped), or an ``invalid_utf8`` /
+    ``invalid_json`` dead letter."""
     try:
-        return json.loads(line.decode("utf-8"))
+        return json.loads(line.decode("utf-8-sig"))
     except UnicodeDecodeError as error:
         return DeadLetter("", "invalid_utf8", str(error), source)
     except json.JSONDecodeError as error:
@@ -128,10 +140,10 @@ def decode_json_line(line: bytes, source: str) -> Any:
 
 
 def parse_text_file(data: bytes, path: str) -> Document | DeadLetter:
-    """A whole ``.txt`` file as one book, id = file name."""
+    """A whole ``.txt`` file as one book, id = file name (a leading byte-order mark is dropped)."""
     doc_id = posixpath.basename(path)
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         return DeadLetter(doc_id, "invalid_utf8", str(error), path)
     return book_from_fields({"id": doc_id, "text": text}, path, 0)
@@ -154,6 +166,10 @@ def iter_parquet_rows(stream, path: str, required: tuple[str, ...], batch_size: 
 
 RecordParser = Callable[..., Any]  # (fields, *, path, index) → record or DeadLetter
 
+# What a file damaged part way raises while it is read: gzip and zlib for archives, Arrow for
+# Parquet, OSError for the filesystem.
+_READ_ERRORS = (OSError, EOFError, zlib.error, pa.ArrowException)
+
 
 def iter_records(
     stream,
@@ -168,9 +184,22 @@ def iter_records(
 
     JSON lines and Parquet rows go through ``from_fields``; ``.txt`` files through
     ``text_file`` where the job reads them. Decompression happens here with Python's
-    gzip so that a corrupt or truncated archive raises (the caller dead-letters the
-    file) instead of reading as empty.
+    gzip so that a corrupt or truncated archive is noticed instead of reading as
+    empty: the records before the damage are yielded, then an ``unreadable_file``
+    dead letter that says how many they were.
     """
+    read = 0
+    try:
+        for record in _parse_records(stream, path, from_fields, required, text_file, parquet_batch):
+            read += 1
+            yield record
+    except _READ_ERRORS as error:
+        kept = f"the {read} record(s) before the damage are kept" if read else "no record could be read"
+        yield DeadLetter("", "unreadable_file", f"{type(error).__name__}: {error}; {kept}", path)
+
+
+def _parse_records(stream, path: str, from_fields: RecordParser, required: tuple[str, ...],
+                   text_file: Callable[[bytes, str], Any] | None, parquet_batch: int) -> Iterator[Any]:
     if path.lower().endswith(".gz"):
         stream = gzip.GzipFile(fileobj=stream, mode="rb")
     kind = input_format(path)

@@ -95,6 +95,60 @@ def test_images_under_the_minimum_size_are_refused():
     assert err.value.reason == "image_too_small"
 
 
+def bands(outer, middle, dtype, channels=()) -> np.ndarray:
+    """A 512×256 array: quarter / half / quarter columns, so the centre square is exactly ``middle``."""
+    array = np.full((256, 512, *channels), outer, dtype)
+    array[:, 128:384] = middle
+    return array
+
+
+def pillow_file(array: np.ndarray, fmt: str) -> bytes:
+    return image_bytes(Image.fromarray(array), fmt)
+
+
+def pillow_big_endian_16(array: np.ndarray, fmt: str) -> bytes:
+    return image_bytes(Image.frombytes("I;16B", array.shape[::-1], array.astype(">u2").tobytes()), fmt)
+
+
+def ffmpeg_rgb48(array: np.ndarray, fmt: str) -> bytes:
+    """A 16-bit-per-channel RGB (or RGBA) image written by ffmpeg, which Pillow cannot write."""
+    pix_fmt = "rgb48be" if array.shape[-1] == 3 else "rgba64be"
+    codec = {"PNG": "png", "TIFF": "tiff"}[fmt]
+    return subprocess.run(
+        [ffmpeg_tools().ffmpeg, "-v", "error", "-f", "rawvideo", "-pix_fmt", pix_fmt, "-s", "512x256", "-i", "pipe:",
+         "-frames:v", "1", "-c:v", codec, "-pix_fmt", pix_fmt, "-f", "image2pipe", "pipe:"],
+        input=array.astype(">u2").tobytes(), capture_output=True, check=True).stdout
+
+
+@pytest.mark.parametrize("write,array,fmt,expected", [
+    pytest.param(pillow_file, bands(65535, 0x8080, np.uint16), "PNG", 128, id="16-bit grey PNG (I;16)"),
+    pytest.param(pillow_file, bands(0, 0x4040, np.uint16), "TIFF", 64, id="16-bit grey TIFF"),
+    pytest.param(pillow_big_endian_16, bands(65535, 0xC0C0, np.uint16), "TIFF", 192, id="big-endian TIFF (I;16B)"),
+    pytest.param(pillow_file, bands(0, 0x8080, np.uint16), "PPM", 128, id="16-bit PGM (mode I)"),
+    pytest.param(pillow_file, bands(0, 0x4040, np.uint16), "JPEG2000", 64, id="16-bit JPEG 2000"),
+    pytest.param(pillow_file, bands(400_000, 100_000, np.int32), "TIFF", 64, id="32-bit TIFF, own maximum"),
+    pytest.param(pillow_file, bands(1.0, 0.5, np.float32), "TIFF", 128, id="float TIFF, white 1.0"),
+    pytest.param(pillow_file, bands(1000.0, 250.0, np.float32), "TIFF", 64, id="HDR float TIFF, own maximum"),
+    pytest.param(pillow_file, bands(np.nan, 0.25, np.float32), "TIFF", 64, id="float TIFF with NaN"),
+    pytest.param(ffmpeg_rgb48, bands(0, (0x1234, 0x8000, 0xFFFF), np.uint16, (3,)), "PNG", (0x12, 0x80, 0xFF),
+                 id="16-bit RGB PNG"),
+    pytest.param(ffmpeg_rgb48, bands(65535, (0x1234, 0x8000, 0xFFFF), np.uint16, (3,)), "TIFF", (0x12, 0x80, 0xFF),
+                 id="16-bit RGB TIFF"),
+    pytest.param(ffmpeg_rgb48, bands(0, (0x4000, 0x8000, 0xC000, 0xFFFF), np.uint16, (4,)), "PNG", (0x40, 0x80, 0xC0),
+                 id="16-bit RGBA PNG"),
+])
+def test_high_bit_depth_images_are_scaled_to_8_bits_by_their_range(write, array, fmt, expected):
+    frame = decode_image(write(array, fmt))
+    interior = frame[4:-4, 4:-4].reshape(-1, 3).astype(int)
+    assert np.abs(interior - np.broadcast_to(expected, 3)).max() <= 1
+
+
+def test_a_16_bit_gradient_keeps_its_whole_range():
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (256, 1))
+    row = decode_image(pillow_file(ramp, "PNG"))[128, :, 0].astype(int)
+    assert row[0] <= 2 and row[-1] >= 253 and np.all(np.diff(row) >= 0)
+
+
 # ---------------------------------------------------------------- videos
 
 def ffmpeg(*args: str) -> None:
@@ -116,6 +170,14 @@ def videos(tmp_path_factory):
            "color=c=red:s=128x256:d=1[c];[a][b][c]hstack=inputs=3", "-c:v", "ffv1", paths["bands.mkv"])
     ffmpeg("-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=4,noise=alls=30:allf=t",
            "-pix_fmt", "yuv420p", "-c:v", "libx264", "-movflags", "+faststart", paths["noise_faststart.mp4"])
+    # 64×64 stored pixels, non-square: shown as 128×64 (SAR 2:1) and 64×128 (SAR 1:2). Quarter / half /
+    # quarter bands along the long display side, so only the middle band belongs in the centre square.
+    for name, stack, band, half, sar in (("sar_wide.mkv", "hstack", "16x64", "32x64", "2/1"),
+                                         ("sar_tall.mp4", "vstack", "64x16", "64x32", "1/2")):
+        paths[name] = str(d / name)
+        ffmpeg("-filter_complex", f"color=c=blue:s={band}:d=1[a];color=c=lime:s={half}:d=1[b];"
+               f"color=c=red:s={band}:d=1[c];[a][b][c]{stack}=inputs=3,setsar={sar}", "-pix_fmt", "yuv444p",
+               "-c:v", "libx264", "-qp", "0", paths[name])
     ffmpeg("-f", "lavfi", "-i", "sine=duration=2", "-c:a", "aac", paths["audio.m4a"])
     ffmpeg("-f", "lavfi", "-i", "sine=duration=2", "-f", "lavfi", "-i", "testsrc=size=64x64:duration=1",
            "-map", "0", "-map", "1", "-frames:v", "0", "-c:a", "aac", "-c:v", "png", paths["no_packets.mkv"])
@@ -157,6 +219,13 @@ def test_video_keeps_the_centre_square_after_resizing_the_short_side(videos):
     assert np.abs(interior - np.array([0, 255, 0])).max() <= 4
 
 
+@pytest.mark.parametrize("name", ["sar_wide.mkv", "sar_tall.mp4"])
+def test_non_square_pixels_are_cropped_in_display_geometry(videos, tools, name):
+    frame = decode_video(videos[name], tools=tools)[0]
+    interior = frame[8:-8, 8:-8].reshape(-1, 3).astype(int)
+    assert np.abs(interior - np.array([0, 255, 0])).max() <= 8
+
+
 @pytest.mark.parametrize("config,count", [
     (VideoConfig(fps=None, max_frames=5), 5),
     (VideoConfig(fps=4.0, max_frames=6), 6),
@@ -196,6 +265,27 @@ def test_undecodable_videos_raise_media_error_with_reason(videos, tools, make, c
     assert err.value.reason == reason
 
 
+def damaged(data: bytes, changes: int = 100, seed: int = 0) -> bytes:
+    """``changes`` random bytes overwritten after the first tenth (the container header survives)."""
+    rng = np.random.default_rng(seed)
+    out = np.frombuffer(data, np.uint8).copy()
+    out[rng.integers(len(data) // 10, len(data), changes)] = rng.integers(0, 256, changes)
+    return out.tobytes()
+
+
+def outcome(data: bytes):
+    try:
+        return decode_video(data).tobytes()
+    except MediaError as err:
+        return err.reason, err.detail
+
+
+def test_a_damaged_video_decodes_the_same_on_every_run(videos):
+    # ffmpeg's multi-threaded decoder conceals damage differently on each run: frames and messages varied.
+    data = damaged(read(videos["noise_faststart.mp4"]))
+    assert len({outcome(data) for _ in range(3)}) == 1
+
+
 def test_failure_details_are_the_same_on_every_run(videos, tools):
     # Dead letters must be byte-identical across reruns: no temp file names or pointer values.
     details = set()
@@ -206,10 +296,11 @@ def test_failure_details_are_the_same_on_every_run(videos, tools):
     assert len(details) == 1 and " @ 0x" not in details.pop()
 
 
-def test_missing_video_path_is_reported(tmp_path):
+@pytest.mark.parametrize("name,reason", [("nope.mp4", "missing_file"), (".", "unreadable_media")])
+def test_a_video_path_that_is_missing_or_unreadable_says_which(tmp_path, name, reason):
     with pytest.raises(MediaError) as err:
-        decode_video(tmp_path / "nope.mp4")
-    assert err.value.reason == "missing_file"
+        decode_video(tmp_path / name)
+    assert err.value.reason == reason
 
 
 def test_zero_byte_video_file_is_an_empty_file(tmp_path):

@@ -1,6 +1,8 @@
-"""The packed record format: exact round trip, compact layout, malformed bytes rejected."""
+"""The packed record format: exact round trip, compact layout, malformed or damaged bytes rejected."""
 
 import struct
+import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
@@ -54,6 +56,64 @@ def test_truncated_or_extended_bytes_are_rejected(example, data):
         packed.decode(record + data.draw(st.binary(min_size=1, max_size=8)))
 
 
+def reseal(record: bytes | bytearray) -> bytes:
+    """A record edited in place with its checksum recomputed: what a bug (not damage) would write."""
+    body = bytes(record[:-4])
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@given(examples(), st.data())
+@settings(max_examples=200, deadline=None)
+def test_any_flipped_bit_is_a_value_error(example, data):
+    record = bytearray(packed.encode(**example))
+    bit = data.draw(st.integers(0, 8 * len(record) - 1))
+    record[bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises(ValueError):
+        packed.decode(bytes(record))
+
+
+@given(examples(), st.data())
+@settings(max_examples=200, deadline=None)
+def test_resealed_edits_decode_to_full_length_arrays_or_raise_value_error(example, data):
+    # Behind the checksum the layout is still validated: no other exception, no wrong-sized field.
+    record = bytearray(packed.encode(**example))
+    offset = data.draw(st.integers(8, len(record) - 5))  # past magic and version, before the checksum
+    record[offset] = data.draw(st.integers(0, 255))
+    try:
+        decoded = packed.decode(reseal(record), seq_len=len(example["tokens"]))
+    except ValueError:
+        return
+    assert {v.shape for v in decoded.values()} == {(len(example["tokens"]),)}
+
+
+def _seq_len_bit_flipped(bit: int) -> bytes:
+    record = bytearray(packed.encode(**packed.from_segments([], 1024)))
+    record[8 + bit // 8] ^= 1 << (bit % 8)
+    return bytes(record)
+
+
+@pytest.mark.parametrize("bit", [0, 10, 20, 31])
+def test_a_flipped_length_bit_is_refused_before_anything_is_allocated(bit):
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="CRC-32"):
+            packed.decode(_seq_len_bit_flipped(bit))
+        with pytest.raises(ValueError, match="seq_len 1024"):
+            packed.decode(reseal(_seq_len_bit_flipped(bit)), seq_len=1024)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def test_records_of_another_length_than_the_manifests_are_refused():
+    segment = {"tokens": np.arange(5), "vision_mask": np.zeros(5, bool), "loss_weights": np.ones(5, np.float32)}
+    record = packed.encode(**packed.from_segments([segment], 1024))
+    assert packed.decode(record, seq_len=1024)["tokens"].shape == (1024,)
+    with pytest.raises(ValueError, match="sequence length 1024, not the expected seq_len 512"):
+        packed.decode(record, seq_len=512)
+
+
 @given(st.binary(max_size=200))
 @settings(max_examples=300, deadline=None)
 def test_arbitrary_bytes_decode_or_raise_value_error(data):
@@ -66,7 +126,7 @@ def test_arbitrary_bytes_decode_or_raise_value_error(data):
 def test_wrong_version_is_rejected_with_its_number():
     record = bytearray(packed.encode(**packed.from_segments([], 4)))
     record[4] = 9
-    with pytest.raises(ValueError, match="version 9"):
+    with pytest.raises(ValueError, match="version 9; this code reads version 2"):
         packed.decode(bytes(record))
 
 
@@ -82,7 +142,7 @@ def test_runs_out_of_range_are_rejected():
     vision_run = 24 + 4 + 3 * 2  # header, one segment length, three uint16 tokens
     struct.pack_into("<II", record, vision_run, 2, 5)  # a run past the 3 used tokens
     with pytest.raises(ValueError, match="vision runs"):
-        packed.decode(bytes(record))
+        packed.decode(reseal(record))
 
 
 def test_small_vocabularies_use_two_bytes_per_token():

@@ -78,7 +78,7 @@ def image_corpus(tmp_path_factory):
     return root
 
 
-IMAGE_DEAD = {"corrupt_image": 2, "empty_file": 1, "unreadable_media": 1, "invalid_media": 1, "missing_media": 1,
+IMAGE_DEAD = {"corrupt_image": 2, "empty_file": 1, "missing_file": 1, "invalid_media": 1, "missing_media": 1,
               "missing_caption": 1, "duplicate_id": 1, "invalid_json": 1}
 
 
@@ -270,4 +270,4 @@ def test_remote_media_are_fetched_as_bytes_and_local_videos_by_path(video_corpus
     assert example.id == "r" and frames.shape == (3, 256, 256, 3)
     missing = dataclasses.replace(remote, location="fakegcs://gone.mp4")
     (letter,) = decode.process(missing)
-    assert letter.tag == "dead_letters" and letter.value.reason == "unreadable_media"
+    assert letter.tag == "dead_letters" and letter.value.reason == "missing_file"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+import sys
+
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
@@ -10,19 +13,37 @@ from pipelines.job import check_inputs
 from schemas import raw
 
 
-def _texts(patterns):
+def _texts(patterns, counts: collections.Counter):
+    """Every book's text; ``counts`` gets ``books`` and each skipped record's reason."""
     for pattern in patterns:
         for metadata in FileSystems.match([pattern])[0].metadata_list:
             with FileSystems.open(metadata.path, compression_type=CompressionTypes.UNCOMPRESSED) as stream:
                 for item in raw.iter_documents(stream, metadata.path):
                     if isinstance(item, raw.Document):
+                        counts["books"] += 1
                         yield item.text
+                    else:
+                        counts[item.reason] += 1
+
+
+def _skipped(counts: collections.Counter) -> str:
+    reasons = {reason: n for reason, n in sorted(counts.items()) if reason != "books"}
+    if not reasons:
+        return "no record skipped"
+    return f"{sum(reasons.values())} record(s) skipped: " + ", ".join(f"{r} {n}" for r, n in reasons.items())
 
 
 def train(args, extra) -> int:
     check_inputs(args.input)
-    text_tokenizer.train(_texts(args.input), args.vocab_size, args.output, model_type=args.model_type)
+    counts = collections.Counter()
+    try:
+        text_tokenizer.train(_texts(args.input, counts), args.vocab_size, args.output, model_type=args.model_type)
+    except ValueError as error:
+        if sum(counts.values()):  # the corpus was read: say what it held
+            raise ValueError(f"{error}; --input held {counts['books']} book(s), {_skipped(counts)}") from None
+        raise
     model = text_tokenizer.TextTokenizer(args.output)
+    print(f"read {counts['books']} book(s); {_skipped(counts)}", file=sys.stderr)
     print(f"wrote {args.output}: {model.vocab_size} pieces, sha256 {model.sha256}")
     return 0
 
@@ -32,10 +53,11 @@ def register(subparsers) -> None:
     parser = group.add_parser(
         "train",
         help="train a SentencePiece model (BPE, byte fallback, Llama-style special ids) from book files",
-        description="Reads .jsonl/.parquet/.txt book files (the `lwm data books` formats) and trains offline.",
+        description="Reads .jsonl/.parquet/.txt book files (the `lwm data books` formats) and trains offline. "
+        "Long lines (a whole book on one line) are fed to SentencePiece in sentence-sized pieces.",
     )
     parser.add_argument("--input", nargs="+", required=True, metavar="GLOB", help="book files (any Beam filesystem)")
     parser.add_argument("--vocab-size", type=int, required=True, help="number of pieces (at most; small corpora may give fewer)")
     parser.add_argument("--output", required=True, help="path of the .model file to write")
-    parser.add_argument("--model-type", default="bpe", choices=("bpe", "unigram"))
+    parser.add_argument("--model-type", default="bpe", choices=("bpe", "unigram"), help="SentencePiece algorithm")
     parser.set_defaults(func=train)
