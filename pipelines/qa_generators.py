@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
+import urllib.parse
 from typing import Iterator, Protocol, Sequence
 
 from pipelines import flags
@@ -188,9 +190,17 @@ class GeneratorConfig:
 
 
 def check(config: GeneratorConfig) -> None:
-    """Fail before the job starts if the generator cannot work: its API key variable unset."""
+    """Fail before the job starts if the generator cannot work: its API key variable unset, its server unreachable
+    (a wrong URL would otherwise cost every chunk its full round of retries)."""
     if config.api_key_env and not os.environ.get(config.api_key_env):
         raise ValueError(f"--api-key-env {config.api_key_env}: that environment variable is not set or empty")
+    if config.spec.startswith("openai:"):
+        url = urllib.parse.urlsplit(config.spec.partition("@")[2])
+        address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+        try:
+            socket.create_connection(address, timeout=min(config.timeout_s, 10.0)).close()
+        except OSError as error:
+            raise ValueError(f"--generator {config.spec}: cannot connect to {address[0]}:{address[1]} ({error})") from None
 
 
 def identity(config: GeneratorConfig) -> Identity:

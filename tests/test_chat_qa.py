@@ -464,6 +464,8 @@ def test_overwrite_keeps_the_cache_and_regenerate_ignores_it(server, books, toke
 def test_bad_settings_are_one_line_errors_before_any_output(books, tokenizer_path, tmp_path, capsys):
     code = _cli(books, tmp_path, tokenizer_path, "--generator", "openai:m@http://127.0.0.1:9/v1", "--api-key-env", "LWM_UNSET_KEY")
     assert code == 2 and "LWM_UNSET_KEY" in capsys.readouterr().err
+    assert _cli(books, tmp_path, tokenizer_path, "--generator", "openai:m@http://127.0.0.1:9/v1") == 2
+    assert "cannot connect to 127.0.0.1:9" in capsys.readouterr().err
     assert _cli(books, tmp_path, tokenizer_path, "--chunk-tokens", str(SEQ_LEN)) == 2
     assert "leaves no room for QA turns" in capsys.readouterr().err
     assert _cli(books, tmp_path, tokenizer_path, "--generator", "gpt4") == 2
