@@ -5,8 +5,9 @@ adds its sub-command(s) with ``set_defaults(func=...)``; the function parses
 nothing itself and calls one library function.
 
 Every user error ends in one line on stderr, ``lwm: error: ...``, and exit status
-2: a ``ValueError`` from library code (bad input or config), and a file that is
-missing, unreadable or not writable (``OSError``, named with what to do).
+2: a ``ValueError`` from library code (bad input or config), a file that is
+missing, unreadable or not writable (``OSError``, named with what to do) and a
+YAML file that does not parse.
 Ctrl-C outside training (which saves and exits 130 itself) exits 130 in one line.
 """
 
@@ -17,6 +18,8 @@ import errno
 import importlib
 import sys
 from importlib import metadata
+
+import yaml
 
 # Command groups, in the order `lwm --help` lists them.
 COMMAND_MODULES = (
@@ -78,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         return USER_ERROR_EXIT
     except OSError as error:
         print(f"lwm: error: {os_error_message(error)}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{mark.name}, line {mark.line + 1}" if mark is not None else "a YAML file"
+        print(f"lwm: error: {where}: not valid YAML ({getattr(error, 'problem', None) or error}): fix its syntax",
+              file=sys.stderr)
         return USER_ERROR_EXIT
     except KeyboardInterrupt:
         print("lwm: interrupted", file=sys.stderr)

@@ -49,9 +49,19 @@ def _argv_with_missing_inputs(words, parser, tmp_path):
         if not (action.required or not action.option_strings or action in chosen):
             continue
         name = action.dest
-        value = str(tmp_path / name) if name in ("output", "out") else ("1024" if action.type is int or "--seq-len" in action.option_strings else MISSING)
+        if name in ("output", "out"):
+            value = str(tmp_path / name)
+        else:
+            value = next(v for v in (MISSING, "1024") if _parses(action, v))
         argv += ([action.option_strings[0]] if action.option_strings else []) + [value]
     return argv
+
+
+def _parses(action, value):
+    try:
+        return action.type is None or action.type(value) is not None
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        return False
 
 
 def test_every_command_reports_a_missing_input_in_one_line_with_exit_2(tmp_path, capsys):
@@ -66,13 +76,23 @@ def test_every_command_reports_a_missing_input_in_one_line_with_exit_2(tmp_path,
         assert "Traceback" not in err and "/no/such" in err, (argv, err)
 
 
-def test_unreadable_and_malformed_config_files_are_one_line_errors(tmp_path, capsys):
+def test_unreadable_and_malformed_config_files_are_one_line_errors(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps: [1\n")
     assert cli.main(["train", str(bad)]) == 2
     assert capsys.readouterr().err.startswith(f"lwm: error: {bad}: not valid YAML")
     assert cli.main(["train", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"lwm: error: {tmp_path}: Is a directory: give a file, not a directory\n"
+    from orchestration.commands import train as train_command
+
+    def reads_yaml(args, extra):
+        with open(bad) as f:
+            return yaml.safe_load(f)
+
+    monkeypatch.setattr(train_command, "run", reads_yaml)  # any command's YAML error, caught by the CLI
+    assert cli.main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lwm: error: {bad}, line 2: not valid YAML (") and err.count("\n") == 1
 
 
 def test_train_help_lists_every_config_key_with_its_default_and_print_config_resolves(tmp_path, capsys):
@@ -86,3 +106,15 @@ def test_train_help_lists_every_config_key_with_its_default_and_print_config_res
     path = tmp_path / "resolved.yaml"
     path.write_text(printed)
     assert config_lib.load(path) == config_lib.load("configs/train_tiny.yaml", ["steps=50"])
+
+
+def test_convert_reads_model_fields_through_the_typed_config(tmp_path, capsys):
+    fields = tmp_path / "model.yaml"
+    fields.write_text("n_layers: 2\n")
+    argv = ["convert", "hf-import", "--hf-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--preset", "tiny"]
+    assert cli.main(argv + ["--config", str(fields)]) == 2
+    expected = f"lwm: error: {fields}: unknown key 'n_layers'; did you mean {fields}.num_layers?\n"
+    assert capsys.readouterr().err == expected
+    argv[-1] = "gpt-2"
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.startswith("lwm: error: model.preset: unknown model preset 'gpt-2'; choose from")

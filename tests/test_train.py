@@ -1,4 +1,5 @@
-"""`lwm train` end to end on books shards: loss falls, exact resume, SIGTERM, NaN, config and logs.
+"""`lwm train` end to end on books shards: loss falls, exact resume after kills, signals and damaged
+checkpoints; NaN; refusals before work; config and logs.
 
 Runs are subprocesses of `lwm train configs/train_tiny.yaml` on the seq-512 books
 fixture (tiny text model, fsdp 2 x sp 4 ring attention, batch 2), sharing a
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from orchestration import cli
 from pipelines.dataset import write_shard
 from schemas import manifest, packed
 from trainer import checkpoint, config as config_lib, optimizer, run_dir as run_dir_lib, train as train_lib
@@ -100,7 +102,8 @@ def _damage(ckpt_dir, step, how):
         os.remove(os.path.join(ckpt_dir, str(step), "opt_state", "_METADATA"))
 
 
-def test_tiny_model_loss_falls_and_resumes_bitwise_after_kills_signals_and_damage(books_dataset, cache_env, tmp_path):
+def test_tiny_model_loss_falls_and_resumes_bitwise_after_kills_signals_and_damage(books_dataset, cache_env, tmp_path,
+                                                                                    capsys):
     # One test, so that test workers do not each repeat the uninterrupted reference run.
     reference = tmp_path / "reference"
     code, out, err = _finish(_start(_sets(reference, (books_dataset, 1.0)), cache_env))
@@ -117,9 +120,11 @@ def test_tiny_model_loss_falls_and_resumes_bitwise_after_kills_signals_and_damag
     _signal_after_checkpoint(killed, ckpt_dir, 8, signal.SIGKILL)
     _finish(killed)
 
-    # Ctrl-C and SIGTERM both save the step they arrive at and exit as the shell reports the signal
-    for signum, after, code_expected in ((signal.SIGINT, 12, 130), (signal.SIGTERM, 16, 143)):
-        interrupted = _start(sets, cache_env)
+    # Ctrl-C and SIGTERM both save the step they arrive at and exit as the shell reports the signal. Saves
+    # are synchronous here, so the awaited checkpoint appears before its next step (the resume reports it).
+    for signum, code_expected in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        after = 4 * (checkpoint.latest_step(ckpt_dir) // 4 + 1)  # a checkpoint this run has yet to write
+        interrupted = _start(sets + ["checkpoint.async_save=false"], cache_env)
         _signal_after_checkpoint(interrupted, ckpt_dir, after, signum)
         code, out, err = _finish(interrupted)
         assert code == code_expected, err
@@ -144,12 +149,15 @@ def test_tiny_model_loss_falls_and_resumes_bitwise_after_kills_signals_and_damag
     for m in logged:  # every step, including those computed twice around kills and fallbacks, as uninterrupted
         assert m["loss"] == expected[m["step"]], m["step"]
 
-    code, out, err = _finish(_start(sets, cache_env))
-    assert code == 0 and f"is complete: checkpoint {STEPS} of {STEPS} steps, nothing to do" in out, err
+    # rerun: nothing to do; changed shape: refused in one line before anything is restored or written
+    argv = ["train", "configs/train_tiny.yaml"] + [a for s in sets for a in ("--set", s)]
+    assert cli.main(argv) == 0
+    assert f"is complete: checkpoint {STEPS} of {STEPS} steps, nothing to do" in capsys.readouterr().out
     saved_config = (run_dir / config_lib.CONFIG_NAME).read_text()
-    code, out, err = _finish(_start(sets + ["model.d_model=128"], cache_env))
-    assert code == 2 and err.count("\n") == 1, err
+    assert cli.main(argv + ["--set", "model.d_model=128"]) == 2
+    err = capsys.readouterr().err
     assert err.startswith(f"lwm: error: cannot resume {run_dir} with changed model.d_model 64 -> 128")
+    assert err.count("\n") == 1
     assert (run_dir / config_lib.CONFIG_NAME).read_text() == saved_config
 
 
@@ -355,14 +363,14 @@ def test_non_finite_parameters_are_never_saved_and_the_error_names_a_finite_chec
     run = _fake_session(tmp_path, _SignalAt(99, 0), params={"w": jnp.array([1.0, jnp.inf, 0.0])})
     with checkpoint.train_manager(tmp_path / "checkpoints") as mngr:
         run.mngr = mngr
-        with pytest.raises(train_lib.NonFiniteLossError,
-                           match=r"non-finite parameters after step 5; nothing saved, the last good checkpoint is step 4"):
+        with pytest.raises(train_lib.NonFiniteLossError, match=r"non-finite parameters after step 5; nothing saved, "
+                                                               r"the last good checkpoint is step 4"):
             train_lib._save(_loop_config(tmp_path), run, 5)
         assert mngr.all_steps() == [4]
 
 
 def _manifest(tokenizer_size, max_ids):
-    return manifest.Manifest(job="books", name="books", seq_len=512, tokenizer={"sha256": "x", "vocab_size": tokenizer_size},
+    return manifest.Manifest(job="books", name="books", seq_len=512, tokenizer={"vocab_size": tokenizer_size},
                              shards=(), counts={}, tokens=0, pad_tokens=0, config={}, max_ids=max_ids)
 
 
@@ -371,13 +379,13 @@ def test_data_outside_the_model_vocabulary_is_refused_naming_both_sizes():
     train_lib.check_vocabulary([_manifest(512, {"text": 511, "vision": 8193})], ["d"], tiny)
     with pytest.raises(ValueError, match="d: its tokenizer has 912 pieces but model.vocab_size is 512"):
         train_lib.check_vocabulary([_manifest(912, {"text": 900})], ["d"], tiny)
+    text_only = dataclasses.replace(tiny, vision_vocab_size=0)
     with pytest.raises(ValueError, match="d: holds vision id 8193, outside model.vision_vocab_size 0: set it to at least 8194"):
-        train_lib.check_vocabulary([_manifest(512, {"vision": 8193})], ["d"], dataclasses.replace(tiny, vision_vocab_size=0))
+        train_lib.check_vocabulary([_manifest(512, {"vision": 8193})], ["d"], text_only)
 
 
-def test_lwm_train_refuses_a_vocabulary_mismatch_and_an_unwritable_run_dir_before_any_work(books_dataset, tmp_path, capsys):
-    from orchestration import cli
-
+def test_lwm_train_refuses_a_vocabulary_mismatch_and_an_unwritable_run_dir_before_any_work(books_dataset, tmp_path,
+                                                                                            capsys):
     sets = ["--set", f"run_dir={tmp_path / 'run'}", "--set", f"data.datasets=[{{path: '{books_dataset}'}}]",
             "--set", "data.seq_len=512", "--set", "data.batch_size=2"]
     assert cli.main(["train", "configs/train_tiny.yaml", *sets, "--set", "model.vocab_size=256"]) == 2
@@ -395,14 +403,15 @@ def test_resume_reports_changed_settings_and_refuses_shape_and_data_order_change
     base = config_lib.load("configs/train_tiny.yaml", [f"run_dir={tmp_path}"])
     config_lib.write_resolved(base)
     reported = []
-    run_dir_lib.check_resume(config_lib.load("configs/train_tiny.yaml", [f"run_dir={tmp_path}", "steps=300",
-                                                                        "optimizer.learning_rate=1e-3"]), 1, reported.append)
+    changed = config_lib.load("configs/train_tiny.yaml", [f"run_dir={tmp_path}", "steps=300", "optimizer.learning_rate=1e-3"])
+    run_dir_lib.check_resume(changed, 1, reported.append)
     assert reported == ["resuming with changed settings: optimizer.learning_rate 0.003 -> 0.001, steps 200 -> 300"]
     for change, key in (("data.seq_len=2048", "data.seq_len"), ("model.num_layers=3", "model.num_layers"),
                         ("data.seed=1", "data.seed"), ("data.datasets.0.path=other", "data.datasets"),
                         ("optimizer.grad_accum_steps=2", "optimizer.grad_accum_steps")):
         with pytest.raises(ValueError, match=f"cannot resume {tmp_path} with changed {key} "):
-            run_dir_lib.check_resume(config_lib.load("configs/train_tiny.yaml", [f"run_dir={tmp_path}", change]), 1, print)
+            config = config_lib.load("configs/train_tiny.yaml", [f"run_dir={tmp_path}", change])
+            run_dir_lib.check_resume(config, 1, print)
     mesh = config_lib.load("configs/train_tiny.yaml", [f"run_dir={tmp_path}", "mesh.fsdp=1", "mesh.sp=8"])
     run_dir_lib.check_resume(mesh, 1, reported.append)  # one process: the data order does not depend on the mesh
     with pytest.raises(ValueError, match="changed mesh.fsdp 2 -> 1, mesh.sp 4 -> 8"):
@@ -426,3 +435,25 @@ def test_the_cli_sets_the_simulated_cpu_device_count_from_the_mesh():
     assert train_command.simulate_cpu_devices(tiny, env) == 8 and env["XLA_FLAGS"].endswith("device_count=8")
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     assert train_command.simulate_cpu_devices(tiny, env) is None and env["XLA_FLAGS"].endswith("=2")
+
+
+def test_a_uniform_record_weight_cancels_under_the_modality_mean_but_shares_do_not():
+    from trainer.loss import LossConfig, reduce_losses
+
+    ce = jnp.array([[1.0, 2.0, 4.0, 8.0]])
+    vision = jnp.array([[False, False, True, True]])
+    correct = jnp.zeros_like(vision)
+
+    def loss(weights, **config):
+        return float(reduce_losses(ce, correct, vision, jnp.array([weights], jnp.float32), LossConfig(**config))[0])
+
+    assert loss([1, 1, 1, 1]) == loss([2, 2, 1, 1]) == 0.5 * 1.5 + 0.5 * 6.0  # --text-weight 2 on every text token
+    assert loss([1, 3, 1, 1]) == 0.5 * 1.75 + 0.5 * 6.0  # weights that differ within a modality count
+    assert loss([1, 1, 1, 1], text_share=0.75, vision_share=0.25) == 0.75 * 1.5 + 0.25 * 6.0
+
+
+def test_too_few_cpu_devices_for_the_mesh_says_how_to_simulate_more():
+    config = config_lib.load("configs/train_tiny.yaml", ["mesh.fsdp=4"])  # 16 devices; the tests have 8
+    with pytest.raises(ValueError, match=r"needs 16 devices, have 8: on CPU, simulate devices with "
+                                         r"XLA_FLAGS=--xla_force_host_platform_device_count=N"):
+        train_lib._mesh(config)

@@ -26,7 +26,6 @@ projection matrices map by transpose and reshape only:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any
@@ -37,6 +36,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from schemas.typed_config import from_mapping
 from trainer import checkpoint
 from trainer.model import ModelConfig, init_params
 
@@ -86,6 +86,9 @@ def config_from_hf(hf: dict[str, Any], base: ModelConfig | None = None) -> Model
         raise ValueError(f"expected an HF Llama config (model_type 'llama'), got {hf.get('model_type')!r}")
     if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ValueError("only SiLU Llama models without attention/MLP biases are supported")
+    missing = sorted(k for k in _SHAPE_FIELDS if k not in hf and k != "num_key_value_heads")
+    if missing:
+        raise ValueError(f"the HF config lacks {missing}")
     hf = {**hf, "num_key_value_heads": hf.get("num_key_value_heads") or hf["num_attention_heads"]}
     shapes = {field: int(hf[key]) for key, field in _SHAPE_FIELDS.items()}
     head_dim = hf.get("head_dim") or shapes["d_model"] // shapes["num_heads"]
@@ -95,12 +98,9 @@ def config_from_hf(hf: dict[str, Any], base: ModelConfig | None = None) -> Model
         wrong = {f: (getattr(base, f), v) for f, v in shapes.items() if getattr(base, f) != v}
         if wrong:
             raise ValueError(f"the base config does not fit the HF weights (base, hf): {wrong}")
-    return dataclasses.replace(
-        base or ModelConfig(), **shapes,
-        rope_theta=_rope_theta(hf),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-    )
+    fields = {**shapes, "rope_theta": _rope_theta(hf), "rms_norm_eps": hf.get("rms_norm_eps", 1e-6),
+              "max_position_embeddings": hf.get("max_position_embeddings", 4096)}
+    return from_mapping(ModelConfig, fields, "HF config.json", base=base or ModelConfig())
 
 
 def hf_config(config: ModelConfig, dtype: str) -> dict[str, Any]:

@@ -91,7 +91,10 @@ def check_resume(config: TrainConfig, processes: int, report: Callable[[str], No
         return
     changes = config_changes(saved, config)
     refused = refused_changes(changes, processes)
-    listed = lambda keys: ", ".join(f"{k} {changes[k][0]!r} -> {changes[k][1]!r}" for k in keys)  # noqa: E731
+
+    def listed(keys):
+        return ", ".join(f"{k} {changes[k][0]!r} -> {changes[k][1]!r}" for k in keys)
+
     if refused:
         raise ValueError(
             f"cannot resume {config.run_dir} with changed {listed(refused)}: its checkpoints hold another model "

@@ -120,7 +120,10 @@ class MetricsLog:
         self.run_dir, self.enabled, self.tensorboard = run_dir, enabled, tensorboard
         self.file = self.writer = None
 
-    def _open(self) -> None:
+    def open(self) -> None:
+        """Opens the metrics file and TensorBoard writer (before the loop: importing TensorBoard takes seconds)."""
+        if not self.enabled or self.file is not None:
+            return
         self.file = open(os.path.join(self.run_dir, "metrics.jsonl"), "a")
         if self.tensorboard:
             from tensorboardX import SummaryWriter
@@ -130,8 +133,7 @@ class MetricsLog:
     def write(self, step: int, total: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        if self.file is None:
-            self._open()
+        self.open()
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
         if self.writer is not None:
@@ -326,7 +328,7 @@ def train(config: TrainConfig) -> TrainResult:
                             f"do (to train further raise steps, e.g. --set steps={2 * config.steps})")
                 return TrainResult(latest, False, {})
         accum = config.optimizer.grad_accum_steps
-        mesh = make_mesh(config.mesh)
+        mesh = _mesh(config)
         validate(config.model, mesh, config.data.batch_size // accum, config.data.seq_len)
         loader = Loader(config.data, mesh, config.data.batch_size // accum)
         try:
@@ -341,10 +343,23 @@ def train(config: TrainConfig) -> TrainResult:
                 if jax.process_index() == 0:
                     write_resolved(config)
                 log.message(startup_summary(config, mesh, loader.manifests, origin))
+                log.open()
                 return _loop(config, _Session(state, step_fn, loader, mngr, log, stop), step)
         finally:
             log.close()
             loader.close()
+
+
+def _mesh(config: TrainConfig):
+    """``config.mesh`` over the devices; on CPU a device shortfall says how to simulate more."""
+    try:
+        return make_mesh(config.mesh)
+    except ValueError as error:
+        if jax.devices()[0].platform != "cpu":
+            raise
+        raise ValueError(f"{error}: on CPU, simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=N "
+                         f"set before JAX starts (lwm train sets it from the mesh unless XLA_FLAGS has a count)"
+                         ) from None
 
 
 @dataclasses.dataclass

@@ -26,7 +26,7 @@ def _base_config(args):
             raise ValueError(f"{args.config}: expected a mapping of ModelConfig fields")
     if args.preset:
         fields = {"preset": args.preset, **fields}
-    return ModelConfig.from_dict(fields, where=args.config or "--preset")
+    return ModelConfig.from_dict(fields, where=args.config or "model")
 
 
 def hf_import(args, extra) -> int:

@@ -6,8 +6,10 @@ import argparse
 import math
 import os
 import sys
+import textwrap
 
 from trainer import config as config_lib
+from trainer.model import PRESETS
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
@@ -49,13 +51,17 @@ def register(subparsers) -> None:
         "train",
         help="train one stage from a YAML config (resumes from its newest checkpoint)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train one stage. The YAML holds the sections of trainer.config.TrainConfig (the keys below); "
-        "the resolved config is written to RUN_DIR/config.yaml. Running again on the same run_dir resumes; "
-        "a changed model shape or data order is refused there (use a new run_dir, with checkpoint.init_from "
-        "to start from the old weights). On CPU the simulated device count is set from the mesh unless XLA_FLAGS "
-        "sets it.\n\nExit status: 0 finished (or nothing to do), 1 non-finite loss, 2 bad input or config, "
-        "130 after Ctrl-C and 143 after SIGTERM (checkpoint saved, stage unfinished: run again to resume).",
-        epilog="config keys and their defaults (the paper's 32K text stage):\n  "
+        description=textwrap.dedent("""\
+            Train one stage. The YAML holds the sections of trainer.config.TrainConfig (the keys
+            below); the resolved config is written to RUN_DIR/config.yaml. Running again on the
+            same run_dir resumes; a changed model shape or data order is refused there (use a new
+            run_dir, with checkpoint.init_from to start from the old weights). On CPU the simulated
+            device count is set from the mesh unless XLA_FLAGS sets it.
+
+            Exit status: 0 finished (or nothing to do), 1 non-finite training, 2 bad input or
+            config, 130 after Ctrl-C and 143 after SIGTERM (checkpoint saved: run again to resume)."""),
+        epilog="config keys and their defaults (the paper's 32K text stage); model.preset\n"
+        f"({', '.join(sorted(PRESETS))}) starts the model section from a registered preset:\n  "
         + "\n  ".join(config_lib.help_text().splitlines()),
     )
     parser.add_argument("config", help="YAML config (e.g. configs/train_tiny.yaml)")
