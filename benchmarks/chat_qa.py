@@ -60,8 +60,9 @@ def serve(latency: float) -> None:
 
 
 def _job(books, workdir: pathlib.Path, name: str, tokenizer: str, generator: GeneratorConfig) -> tuple[float, dict]:
-    config = chat_qa.ChatQAConfig(inputs=(str(books),), tokenizer=tokenizer, generator=generator,
-                                  output=OutputConfig(str(workdir / name), (Bucket(SEQ_LEN),)), chunk_tokens=CHUNK_TOKENS)
+    output = OutputConfig(str(workdir / name), (Bucket(SEQ_LEN),))
+    config = chat_qa.ChatQAConfig(inputs=(str(books),), tokenizer=tokenizer, generator=generator, output=output,
+                                  chunk_tokens=CHUNK_TOKENS)
     start = time.perf_counter()
     result = chat_qa.run(config)
     return time.perf_counter() - start, result.counters

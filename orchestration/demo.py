@@ -72,9 +72,10 @@ def chat_qa(workdir: pathlib.Path) -> None:
     """
     _banner("demo books → chat QA: contexts of adjacent chunks + extractive questions, loss on answers")
     _lwm(
-        "data", "chat-qa", "--input", str(workdir / "raw" / "books.jsonl"), "--output", str(workdir / "data" / "chat_qa"),
-        "--tokenizer", str(workdir / "tokenizer.model"), "--seq-len", str(SEQ_LEN), "--generator", "extractive",
-        "--chunk-tokens", "200", "--num-shards", "2", "--overwrite",
+        "data", "chat-qa", "--input", str(workdir / "raw" / "books.jsonl"),
+        "--output", str(workdir / "data" / "chat_qa"), "--tokenizer", str(workdir / "tokenizer.model"),
+        "--seq-len", str(SEQ_LEN), "--generator", "extractive", "--chunk-tokens", "200", "--num-shards", "2",
+        "--overwrite",
     )
     _lwm("data", "inspect", str(workdir / "data" / "chat_qa" / f"seq{SEQ_LEN}"))
 

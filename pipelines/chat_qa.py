@@ -17,7 +17,6 @@ chunk's text. Beam metrics count generated, reused, retried and failed pairs.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Iterable, Sequence
 
 import apache_beam as beam
@@ -35,8 +34,6 @@ from pipelines.qa_generators import GeneratorConfig, Identity, QAOutcome, QAPair
 from pipelines.sources import ReadUnique
 from pipelines.text_tokenizer import TextTokenizer
 from schemas import raw, storage
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +161,8 @@ class StorePairs(beam.DoFn):
         self.counters["retried"].inc(outcome.retries)
         if outcome.pair is None:
             self.counters["failed"].inc()
-            letter = raw.DeadLetter(request.chunk.book_id, outcome.reason, outcome.detail, f"{request.source}#{request.name}")
+            source = f"{request.source}#{request.name}"
+            letter = raw.DeadLetter(request.chunk.book_id, outcome.reason, outcome.detail, source)
             yield beam.pvalue.TaggedOutput("dead_letters", (ALL_BUCKETS, letter))
             return
         self.cache.put(key(request, self.identity), outcome.pair, request, self.identity)
@@ -186,7 +184,8 @@ class AssembleContexts(beam.DoFn):
 
     def setup(self):
         self.tokenizer = TextTokenizer(self.tokenizer_path)
-        self.template = ChatTemplate.from_encoder(self.tokenizer.encode_batch, self.tokenizer.bos_id, self.tokenizer.eos_id)
+        tokenizer = self.tokenizer
+        self.template = ChatTemplate.from_encoder(tokenizer.encode_batch, tokenizer.bos_id, tokenizer.eos_id)
         self.without_qa = Metrics.counter(METRICS_NAMESPACE, "contexts_without_qa")
 
     def process(self, item):
@@ -203,7 +202,8 @@ class AssembleContexts(beam.DoFn):
             self.without_qa.inc(len(without_qa))
             for index in too_long:
                 detail = f"chunk {index} ({len(chunks[index])} tokens) with its QA turns does not fit {bucket.seq_len}"
-                letters.append((bucket.seq_len, raw.DeadLetter(book_id, "too_long", detail, f"{book.source}#chunk{index}")))
+                letter = raw.DeadLetter(book_id, "too_long", detail, f"{book.source}#chunk{index}")
+                letters.append((bucket.seq_len, letter))
             return [e.segment(self.answer_weight) for e in examples]
 
         yield from route(sum(len(c) for c in chunks), self.buckets, fit)

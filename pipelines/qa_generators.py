@@ -110,7 +110,7 @@ def parse_reply(reply: str) -> QAPair:
     ``ValueError``. The line break between them may be a space (tokenizers that normalise newlines away)."""
     match = _REPLY.fullmatch(reply or "")
     if not match or re.search(r"(Question|Answer):", match["question"] + match["answer"]):
-        raise ValueError(f"reply is not 'Question: …' then 'Answer: …': {reply[:200]!r}" if reply else "empty reply")
+        raise ValueError(f"not 'Question: …' then 'Answer: …': {reply[:200]!r}" if reply else "empty reply")
     return QAPair(match["question"].strip(), " ".join(match["answer"].split()))
 
 
@@ -200,7 +200,8 @@ def check(config: GeneratorConfig) -> None:
         try:
             socket.create_connection(address, timeout=min(config.timeout_s, 10.0)).close()
         except OSError as error:
-            raise ValueError(f"--generator {config.spec}: cannot connect to {address[0]}:{address[1]} ({error})") from None
+            where = f"{address[0]}:{address[1]}"
+            raise ValueError(f"--generator {config.spec}: cannot connect to {where} ({error})") from None
 
 
 def identity(config: GeneratorConfig) -> Identity:

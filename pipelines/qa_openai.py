@@ -121,7 +121,8 @@ class OpenAIChat:
                     continue
             text = data.decode("utf-8", "replace")[:DETAIL_CHARS]
             if status in FATAL_STATUS:
-                raise ValueError(f"{self.identity.id}: HTTP {status} ({self._scrub(text[:200])}); check the model name, URL and --api-key-env")
+                raise ValueError(f"{self.identity.id}: HTTP {status} ({self._scrub(text[:200])}); "
+                                 "check the model name, URL and --api-key-env")
             if status is not None and status != 429 and status < 500:
                 return QAOutcome(request, None, REJECTED, self._scrub(f"HTTP {status}: {text}"), retries)
             transient += 1

@@ -53,7 +53,7 @@ class Listener(http.server.ThreadingHTTPServer):
 
 
 class ChatServer:
-    """Chat completions on 127.0.0.1; ``behave(passage, attempt)`` → (status, body bytes, delay s) or None = a good reply."""
+    """Chat completions on 127.0.0.1; ``behave(passage, attempt)`` → (status, body, delay s), None: a good reply."""
 
     def __init__(self, behave=lambda passage, attempt: None, latency: float = 0.0):
         self.behave, self.latency = behave, latency
@@ -77,7 +77,8 @@ class ChatServer:
                 status, data, delay = planned or (200, None, 0.0)
                 time.sleep(server.latency + delay)
                 if data is None:
-                    data = json.dumps({"choices": [{"message": {"role": "assistant", "content": good_reply(passage)}}]}).encode()
+                    message = {"role": "assistant", "content": good_reply(passage)}
+                    data = json.dumps({"choices": [{"message": message}]}).encode()
                 self._send(status, data)
 
             def _send(self, status, data):
@@ -112,7 +113,8 @@ def server():
 
 
 def openai(url: str, **overrides) -> GeneratorConfig:
-    fields = dict(spec=f"openai:tiny-chat@{url}", api_key_env="LWM_TEST_KEY", timeout_s=2.0, backoff_s=0.01, max_retries=2)
+    fields = dict(spec=f"openai:tiny-chat@{url}", api_key_env="LWM_TEST_KEY", timeout_s=2.0, backoff_s=0.01,
+                  max_retries=2)
     return GeneratorConfig(**{**fields, **overrides})
 
 
@@ -215,11 +217,12 @@ def test_contexts_are_adjacent_chunks_with_their_pairs_within_seq_len(lengths, p
 
 def test_reply_parser_is_strict():
     assert parse_reply("Question: Who left?\nAnswer: She did.\n") == qa_generators.QAPair("Who left?", "She did.")
-    assert parse_reply("  Question: Who?\n  Answer: the old\n sailor ") == qa_generators.QAPair("Who?", "the old sailor")
+    spread = parse_reply("  Question: Who?\n  Answer: the old\n sailor ")
+    assert spread == qa_generators.QAPair("Who?", "the old sailor")
     assert parse_reply("Question: Who? Answer: Nobody.") == qa_generators.QAPair("Who?", "Nobody.")  # newline lost
-    for bad in ("", "  ", "Who left? She did.", "Question: Who left?", "Answer: x\nQuestion: y", "Question: a\nAnswer:  ",
-                "Question: \nAnswer: x", "Question: a\nAnswer: b\nQuestion: c\nAnswer: d", "Sure! Question: a\nAnswer: b",
-                "Question: a Answer: b Answer: c"):
+    for bad in ("", "  ", "Who left? She did.", "Question: Who left?", "Answer: x\nQuestion: y",
+                "Question: a\nAnswer:  ", "Question: \nAnswer: x", "Question: a\nAnswer: b\nQuestion: c\nAnswer: d",
+                "Sure! Question: a\nAnswer: b", "Question: a Answer: b Answer: c"):
         with pytest.raises(ValueError):
             parse_reply(bad)
 
@@ -231,7 +234,8 @@ def test_extractive_asks_for_next_sentences_then_completions_deterministically()
     assert outcomes == list(qa_generators.Extractive().generate(requests))
     asked = [(o.pair.question, o.pair.answer) for o in outcomes[:5]]
     assert set(asked[:2]) == {("What comes after: 'A one.'?", "B two."), ("What comes after: 'B two.'?", "C three.")}
-    assert set(asked[2:5]) == {("Complete: 'A ...'", "one."), ("Complete: 'B ...'", "two."), ("Complete: 'C ...'", "three.")}
+    completions = {("Complete: 'A ...'", "one."), ("Complete: 'B ...'", "two."), ("Complete: 'C ...'", "three.")}
+    assert set(asked[2:5]) == completions
     assert outcomes[5].pair is None and outcomes[5].reason == qa_generators.NO_QUESTION
     lone = Chunk("b", 1, "Just one sentence here.", np.zeros(1, np.int32), ("Just one sentence here.",))
     (only,) = qa_generators.Extractive().generate([QARequest(lone, 0, 1)])
@@ -445,7 +449,9 @@ def _cli(books, output, tokenizer_path, *extra):
                      "--seq-len", str(SEQ_LEN), "--chunk-tokens", str(CHUNK_TOKENS), "--num-shards", "2", "-q", *extra])
 
 
-def test_overwrite_keeps_the_cache_and_regenerate_ignores_it(server, books, tokenizer_path, tmp_path, monkeypatch, capsys):
+def test_overwrite_keeps_the_cache_and_regenerate_ignores_it(
+    server, books, tokenizer_path, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("LWM_TEST_KEY", API_KEY)
     chat = server()
     served = ("--generator", f"openai:tiny-chat@{chat.url}", "--api-key-env", "LWM_TEST_KEY")
@@ -462,7 +468,8 @@ def test_overwrite_keeps_the_cache_and_regenerate_ignores_it(server, books, toke
 
 
 def test_bad_settings_are_one_line_errors_before_any_output(books, tokenizer_path, tmp_path, capsys):
-    code = _cli(books, tmp_path, tokenizer_path, "--generator", "openai:m@http://127.0.0.1:9/v1", "--api-key-env", "LWM_UNSET_KEY")
+    code = _cli(books, tmp_path, tokenizer_path, "--generator", "openai:m@http://127.0.0.1:9/v1",
+                "--api-key-env", "LWM_UNSET_KEY")
     assert code == 2 and "LWM_UNSET_KEY" in capsys.readouterr().err
     assert _cli(books, tmp_path, tokenizer_path, "--generator", "openai:m@http://127.0.0.1:9/v1") == 2
     assert "cannot connect to 127.0.0.1:9" in capsys.readouterr().err
