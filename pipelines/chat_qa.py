@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import RunInference
 
 from pipelines import flags, progress, qa_generators
 from pipelines.buckets import Bucket
@@ -31,6 +32,7 @@ from pipelines.output import OutputConfig
 from pipelines.qa_cache import QACache, key
 from pipelines.qa_contexts import Chunk, ChatTemplate, QATokens, assemble, chunk_book
 from pipelines.qa_generators import GeneratorConfig, Identity, QAOutcome, QAPair, QARequest
+from pipelines.qa_lwm import SamplerHandler
 from pipelines.sources import ReadUnique
 from pipelines.text_tokenizer import TextTokenizer
 from schemas import raw, storage
@@ -219,7 +221,8 @@ def build(pipeline: beam.Pipeline, config: ChatQAConfig):
         | "BatchBooks" >> beam.BatchElements(min_batch_size=1, max_batch_size=config.chunk_batch)
         | "Chunk" >> beam.ParDo(ChunkBooks(config.tokenizer, config.chunk_tokens))
     )
-    identity = qa_generators.identity(config.generator)
+    handler = SamplerHandler(config.generator, config.tokenizer) if config.generator.spec.startswith("lwm:") else None
+    identity = handler.identity if handler else qa_generators.identity(config.generator)
     size = config.generator.batch
     looked_up = (
         books
@@ -229,12 +232,16 @@ def build(pipeline: beam.Pipeline, config: ChatQAConfig):
         | "LookUp" >> beam.ParDo(LookUpPairs(identity, config.cache, config.regenerate)).with_outputs(
             "cached", main="missing")
     )
-    stored = (
-        looked_up.missing
-        | "BatchRequests" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
-        | "Generate" >> beam.ParDo(Generate(config.generator))
-        | "Store" >> beam.ParDo(StorePairs(identity, config.cache)).with_outputs("dead_letters", main="pairs")
-    )
+    if handler:
+        outcomes = looked_up.missing | "Generate" >> RunInference(handler)
+    else:
+        outcomes = (
+            looked_up.missing
+            | "BatchRequests" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
+            | "Generate" >> beam.ParDo(Generate(config.generator))
+        )
+    stored = outcomes | "Store" >> beam.ParDo(StorePairs(identity, config.cache)).with_outputs(
+        "dead_letters", main="pairs")
     pairs = (looked_up.cached, stored.pairs) | "Pairs" >> beam.Flatten()
     assembled = (
         {"book": books | "KeyBooks" >> beam.Map(lambda b: (b.id, b)), "pairs": pairs}

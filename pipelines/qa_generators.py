@@ -11,7 +11,9 @@ Generators, by ``--generator`` spec (:func:`build`):
 * ``extractive``: offline and deterministic, no model. "What comes after:
   '<sentence>'?" → the next sentence of the chunk (:class:`Extractive`).
 * ``openai:MODEL@URL``: any OpenAI-compatible chat-completions server
-  (:mod:`pipelines.qa_openai`), with the versioned prompt below and its strict parser.
+  (:mod:`pipelines.qa_openai`), with the versioned prompt below and its strict parser;
+* ``lwm:CKPT``: a checkpoint of this project through the sampler, as a Beam
+  RunInference model handler (:mod:`pipelines.qa_lwm`), same prompt and parser.
 
 A generator's :class:`Identity` (id, prompt version, sampling settings) says what
 determines its output; the cache (:mod:`pipelines.qa_cache`) keys pairs by it.
@@ -155,8 +157,9 @@ class GeneratorConfig:
     """Which generator and how it is called; everything but the API key itself, which stays in the environment."""
 
     spec: str = flags.field("extractive", flag="generator", metavar="SPEC")
-    """extractive (offline, deterministic: "What comes after: '<sentence>'?") or openai:MODEL@URL (any
-    OpenAI-compatible chat-completions server; URL = its base, e.g. http://host:8000/v1)."""
+    """extractive (offline, deterministic: "What comes after: '<sentence>'?"), openai:MODEL@URL (any
+    OpenAI-compatible chat-completions server; URL = its base, e.g. http://host:8000/v1) or lwm:CKPT
+    (a checkpoint directory of this project, its newest step, through the sampler)."""
     api_key_env: str | None = flags.field(None, record=False, metavar="NAME")
     """Environment variable holding the openai: server's API key (read on each worker; never logged or stored)."""
     temperature: float = 0.0
@@ -175,9 +178,11 @@ class GeneratorConfig:
     """Chunks per generator call (keep it a multiple of --concurrency)."""
 
     def __post_init__(self):
-        kind = self.spec.partition(":")[0]
-        if self.spec != "extractive" and kind != "openai":
-            raise ValueError(f"unknown generator {self.spec!r}; expected extractive or openai:MODEL@URL")
+        kind, _, rest = self.spec.partition(":")
+        if self.spec != "extractive" and kind not in ("openai", "lwm"):
+            raise ValueError(f"unknown generator {self.spec!r}; expected extractive, openai:MODEL@URL or lwm:CKPT")
+        if kind == "lwm" and not rest:
+            raise ValueError(f"generator {self.spec!r}: expected lwm:CHECKPOINT_DIR")
         if kind == "openai":
             model, at, url = self.spec[len("openai:"):].partition("@")
             if not model or not at or not url.startswith(("http://", "https://")):
@@ -191,7 +196,7 @@ class GeneratorConfig:
 
 def check(config: GeneratorConfig) -> None:
     """Fail before the job starts if the generator cannot work: its API key variable unset, its server unreachable
-    (a wrong URL would otherwise cost every chunk its full round of retries)."""
+    (a wrong URL would otherwise cost every chunk its full round of retries), no checkpoint."""
     if config.api_key_env and not os.environ.get(config.api_key_env):
         raise ValueError(f"--api-key-env {config.api_key_env}: that environment variable is not set or empty")
     if config.spec.startswith("openai:"):
@@ -202,20 +207,31 @@ def check(config: GeneratorConfig) -> None:
         except OSError as error:
             where = f"{address[0]}:{address[1]}"
             raise ValueError(f"--generator {config.spec}: cannot connect to {where} ({error})") from None
+    if config.spec.startswith("lwm:"):
+        from pipelines import qa_lwm
+
+        qa_lwm.resolve(config)
 
 
 def identity(config: GeneratorConfig) -> Identity:
-    """The identity of the generator ``config`` names, without building it."""
+    """The identity of the generator ``config`` names, without building it (``lwm:``: its newest step)."""
     if config.spec == "extractive":
         return Extractive.identity
+    if config.spec.startswith("lwm:"):
+        from pipelines import qa_lwm
+
+        return qa_lwm.identity(config, *qa_lwm.resolve(config))
     settings = {"temperature": config.temperature, "max_tokens": config.max_reply_tokens}
     return Identity(config.spec, PROMPT_VERSION, tuple(sorted(settings.items())))
 
 
 def build(config: GeneratorConfig) -> QAGenerator:
-    """The generator ``config.spec`` names, ready to call (its API key read from the environment now)."""
+    """The ``extractive`` or ``openai:`` generator ``config.spec`` names, ready to call (its API key read from
+    the environment now); ``lwm:`` runs through RunInference instead (:mod:`pipelines.qa_lwm`)."""
     if config.spec == "extractive":
         return Extractive()
+    if config.spec.startswith("lwm:"):
+        raise ValueError("lwm: generators run as a RunInference model handler (pipelines.qa_lwm.SamplerHandler)")
     from pipelines.qa_openai import OpenAIChat
 
     return OpenAIChat.from_config(config)

@@ -243,7 +243,7 @@ def test_extractive_asks_for_next_sentences_then_completions_deterministically()
 
 
 def test_generator_specs_are_checked():
-    for bad in ("gpt", "openai:model", "openai:@http://x", "openai:m@ftp://x", "extractive:x"):
+    for bad in ("gpt", "openai:model", "openai:@http://x", "openai:m@ftp://x", "extractive:x", "lwm:"):
         with pytest.raises(ValueError):
             GeneratorConfig(spec=bad)
     with pytest.raises(ValueError, match="LWM_MISSING_KEY"):
@@ -476,5 +476,8 @@ def test_bad_settings_are_one_line_errors_before_any_output(books, tokenizer_pat
     assert _cli(books, tmp_path, tokenizer_path, "--chunk-tokens", str(SEQ_LEN)) == 2
     assert "leaves no room for QA turns" in capsys.readouterr().err
     assert _cli(books, tmp_path, tokenizer_path, "--generator", "gpt4") == 2
-    assert "expected extractive or openai:MODEL@URL" in capsys.readouterr().err
+    assert "unknown generator 'gpt4'; expected extractive, openai:MODEL@URL or lwm:CKPT" in (
+        capsys.readouterr().err)
+    assert _cli(books, tmp_path, tokenizer_path, "--generator", f"lwm:{tmp_path.parent / 'no_such_ckpt'}") == 2
+    assert "no checkpoint there" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
