@@ -6,9 +6,9 @@ is ≥ 50× that per host, so data never limits training.
 
 The shards hold synthetic packed records (random text ids of a 32000 vocabulary,
 segments of random lengths, as `lwm data books` packs them) at L = 32768. Figures:
-the numpy pipeline (read, decode, batch, targets, zigzag layout) with 0 and N worker
-processes, and the full ``Loader`` including the copy into global ``jax.Array``s on
-8 simulated CPU devices (fsdp 2 × sp 4).
+the numpy pipeline (read, decode, batch, targets, ring layout: ``--layout``, default the
+per-row ``segments`` layout) with 0 and N worker processes, and the full ``Loader``
+including the copy into global ``jax.Array``s on 8 simulated CPU devices (fsdp 2 × sp 4).
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
       .venv/bin/python benchmarks/loader_throughput.py --records 256 --batches 100
@@ -67,15 +67,16 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--read-threads", type=int, default=4)
+    parser.add_argument("--layout", default="segments", help="ring layout (trainer.layout.LAYOUTS)")
     args = parser.parse_args()
     tokens = args.batch_size * args.seq_len
     with tempfile.TemporaryDirectory() as root:
         write_synthetic(root, args.records, args.seq_len, 4)
         print(f"{args.records} records of {args.seq_len} tokens in 4 local shards; batch {args.batch_size}, "
-              f"sp 4 zigzag; reference: {TPU_V4_HOST_TOKENS_PER_S:,.0f} tokens/s per TPU v4 host (7B)")
+              f"sp 4 {args.layout}; reference: {TPU_V4_HOST_TOKENS_PER_S:,.0f} tokens/s per TPU v4 host (7B)")
         for workers in (0, args.workers):
             config = DataConfig(datasets=(DatasetConfig(root),), seq_len=args.seq_len, batch_size=args.batch_size,
-                                worker_count=workers, read_threads=args.read_threads)
+                                worker_count=workers, read_threads=args.read_threads, layout=args.layout)
             iterator = iter(data.dataset(config, data.read_manifests(config), batch_size=args.batch_size, sp=4))
             rate = _rate(lambda: next(iterator), args.batches, tokens)
             print(f"numpy pipeline, {workers} workers: {rate:,.0f} tokens/s = "
@@ -83,7 +84,7 @@ def main() -> None:
             if workers:
                 iterator.close()
         config = DataConfig(datasets=(DatasetConfig(root),), seq_len=args.seq_len, batch_size=args.batch_size,
-                            read_threads=args.read_threads)
+                            read_threads=args.read_threads, layout=args.layout)
         loader = data.Loader(config, make_mesh(MeshConfig(dp=1, fsdp=2, sp=4, tp=1)))
         rate = _rate(lambda: jax.block_until_ready(next(loader)), args.batches, tokens)
         print(f"Loader to global jax.Arrays (8 CPU devices), 0 workers: {rate:,.0f} tokens/s = "

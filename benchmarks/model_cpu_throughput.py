@@ -21,8 +21,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import jax  # noqa: E402
 
-from trainer import loss, model, sharding  # noqa: E402
-from trainer.ring_attention import layout_permutation  # noqa: E402
+from trainer import layout, loss, model, sharding  # noqa: E402
+from trainer.layout import layout_permutation  # noqa: E402
 
 CONFIG = model.get_preset("tiny")
 LOSS = loss.LossConfig(chunk_size=256)
@@ -30,7 +30,7 @@ LOSS = loss.LossConfig(chunk_size=256)
 
 def _batch(batch_size: int, seq_len: int, sp: int) -> dict:
     batch = model.example_batch(CONFIG, batch_size, seq_len)
-    batch.update(loss.next_token_targets(batch))
+    batch.update(layout.next_token_targets(batch))
     del batch["loss_weights"]
     perm = layout_permutation(seq_len, sp, "zigzag")
     return {k: v[:, perm] for k, v in batch.items()}

@@ -22,7 +22,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from trainer import loss, model, sharding  # noqa: E402
+from trainer import layout, loss, model, sharding  # noqa: E402
 
 CONFIG = dataclasses.replace(model.get_preset("tiny"), d_model=128, num_heads=4, num_kv_heads=2, mlp_dim=512,
                              mlp_chunk_size=512, attention_block_q=256, attention_block_kv=256)
@@ -34,7 +34,7 @@ def step_memory(seq_len: int, sp: int, batch_size: int) -> dict[str, int]:
     mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1, sp=sp), jax.devices()[:sp])
     lwm = model.LWM(CONFIG, sharding.attention_fn(mesh, CONFIG))
     batch = model.example_batch(CONFIG, batch_size, seq_len)
-    batch.update(loss.next_token_targets(batch))
+    batch.update(layout.next_token_targets(batch))
     del batch["loss_weights"]
     with sharding.activate(mesh):
         param_sh = sharding.param_shardings(mesh, model.abstract_params(CONFIG))

@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer import ring_attention as ra  # noqa: E402
+from trainer.layout import layout_permutation  # noqa: E402
 
 
 def load_reference():
@@ -77,7 +78,7 @@ def our_attention(mesh, block_q, block_kv, axis_name="sp", float32_logits=True):
 
     def attention(q, k, v):
         b, seq_len = q.shape[:2]
-        perm = ra.layout_permutation(seq_len, mesh.shape[axis_name], "zigzag")
+        perm = layout_permutation(seq_len, mesh.shape[axis_name], "zigzag")
         positions = jnp.broadcast_to(jnp.asarray(perm, jnp.int32), (b, seq_len))
         return sharded(q, k, v, jnp.ones((b, seq_len), jnp.int32), positions)
 

@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from trainer import loss, model, sharding  # noqa: E402
-from trainer.ring_attention import layout_permutation  # noqa: E402
+from trainer import layout, loss, model, sharding  # noqa: E402
+from trainer.layout import layout_permutation  # noqa: E402
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets, SXM parts, no sparsity).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
@@ -65,7 +65,7 @@ def make_batch(config: model.ModelConfig, batch: int, seq_len: int, sp: int) -> 
         "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
         "loss_weights": np.ones((batch, seq_len), np.float32),
     }
-    natural.update(loss.next_token_targets(natural))
+    natural.update(layout.next_token_targets(natural))
     del natural["loss_weights"]
     perm = layout_permutation(seq_len, sp, "zigzag")
     return {k: v[:, perm] for k, v in natural.items()}

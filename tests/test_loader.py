@@ -1,5 +1,6 @@
 """The Grain loader: manifests refused or accepted, mixing, shuffling, layout, determinism."""
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -9,8 +10,8 @@ from hypothesis import given, settings, strategies as st
 from pipelines.dataset import write_shard
 from schemas import manifest, packed
 from trainer import data
+from trainer import layout
 from trainer.config import DataConfig, DatasetConfig
-from trainer.ring_attention import layout_permutation
 from trainer.sharding import MeshConfig, make_mesh
 
 SEQ = 64
@@ -26,8 +27,9 @@ def _record(tag: int, seq_len: int = SEQ) -> bytes:
     return packed.encode(**packed.from_segments(segments, seq_len))
 
 
-def write_dataset(directory, tags, *, seq_len=SEQ, shard_sizes=None, tokenizer_sha="t" * 64):
-    """A dataset directory with one record per tag, split into shards of ``shard_sizes`` (zeros allowed)."""
+def write_dataset(directory, tags, *, seq_len=SEQ, shard_sizes=None, tokenizer_sha="t" * 64, **manifest_fields):
+    """A dataset directory with one record per tag, split into shards of ``shard_sizes`` (zeros allowed);
+    ``manifest_fields`` override the manifest's (``max_ids``, ``tokenizer`` ...)."""
     directory.mkdir(parents=True)
     shard_sizes = shard_sizes or (len(tags),)
     bounds = np.cumsum((0,) + tuple(shard_sizes))
@@ -36,9 +38,9 @@ def write_dataset(directory, tags, *, seq_len=SEQ, shard_sizes=None, tokenizer_s
                     [_record(t, seq_len) for t in tags[bounds[i]:bounds[i + 1]]])
         for i in range(len(shard_sizes))
     )
-    manifest.write(str(directory), manifest.Manifest(
-        job="test", name="synthetic", seq_len=seq_len, tokenizer={"path": "tok.model", "sha256": tokenizer_sha},
-        shards=shards, counts={}, tokens=0, pad_tokens=0, config={}))
+    fields = dict(job="test", name="synthetic", seq_len=seq_len, shards=shards, counts={}, tokens=0, pad_tokens=0,
+                  config={}, tokenizer={"path": "tok.model", "sha256": tokenizer_sha})
+    manifest.write(str(directory), manifest.Manifest(**{**fields, **manifest_fields}))
     return directory
 
 
@@ -93,7 +95,7 @@ def test_mixture_weights_are_respected_over_many_batches(two_datasets):
 
 
 def test_worker_counts_0_and_2_give_the_same_batches(two_datasets):
-    config = _config((two_datasets[0], 1.0), (two_datasets[1], 2.0), layout="zigzag")
+    config = _config((two_datasets[0], 1.0), (two_datasets[1], 2.0))
     in_process = _stream(config, 12, sp=4)
     workers = _stream(_config((two_datasets[0], 1.0), (two_datasets[1], 2.0), worker_count=2), 12, sp=4)
     for a, b in zip(in_process, workers):
@@ -112,15 +114,15 @@ def test_process_shards_together_make_the_single_process_batches(two_datasets):
 
 
 @settings(max_examples=8, deadline=None)
-@given(layout=st.sampled_from(["contiguous", "zigzag", "striped"]), sp=st.sampled_from([1, 2, 4]))
-def test_batch_is_in_ring_layout_with_targets_from_natural_order(books_dataset, layout, sp):
-    config = DataConfig(datasets=(DatasetConfig(str(books_dataset)),), seq_len=512, batch_size=2, layout=layout,
+@given(name=st.sampled_from(layout.LAYOUTS), sp=st.sampled_from([1, 2, 4]))
+def test_batch_is_in_ring_layout_with_targets_from_natural_order(books_dataset, name, sp):
+    config = DataConfig(datasets=(DatasetConfig(str(books_dataset)),), seq_len=512, batch_size=2, layout=name,
                         verify_hashes=False)
     (natural,) = _stream(DataConfig(**{**config.__dict__, "layout": "contiguous"}), 1)
-    (laid_out,) = _stream(config, 1, sp=sp)
-    perm = layout_permutation(512, sp, layout)
+    (laid_out,) = _stream(config, 1, sp=sp, block=16)
+    perm = layout.batch_permutation(natural["segment_ids"], sp, name, 16, natural["positions"])
     for key in data.BATCH_KEYS:
-        assert np.array_equal(laid_out[key], natural[key][:, perm]), key
+        assert np.array_equal(laid_out[key], np.take_along_axis(natural[key], perm, axis=1)), key
     same = (natural["segment_ids"][:, 1:] == natural["segment_ids"][:, :-1]) & (natural["segment_ids"][:, :-1] > 0)
     assert np.array_equal(natural["targets"][:, :-1][same], natural["tokens"][:, 1:][same])
     assert np.all(natural["target_weights"][:, :-1][~same] == 0) and np.all(natural["target_weights"][:, -1] == 0)
@@ -179,5 +181,13 @@ def test_empty_stage_and_empty_dataset_are_refused(tmp_path):
     with pytest.raises(ValueError, match="data.datasets is empty"):
         data.read_manifests(DataConfig(seq_len=SEQ))
     empty = write_dataset(tmp_path / "empty", [], shard_sizes=(0,))
-    with pytest.raises(ValueError, match="lists no records"):
+    with pytest.raises(ValueError, match="the dataset has no records"):
         data.read_manifests(_config((empty, 1.0)))
+
+
+def test_record_of_another_length_than_the_manifest_is_refused(tmp_path):
+    """An edited manifest (seq_len 64) over records of 128 tokens: refused, not cut into batches."""
+    edited = write_dataset(tmp_path / "edited", [1, 2, 3, 4], seq_len=2 * SEQ)
+    manifest.write(str(edited), dataclasses.replace(manifest.read(str(edited)), seq_len=SEQ))
+    with pytest.raises(ValueError, match=f"sequence length {2 * SEQ}, not the expected seq_len {SEQ}"):
+        _stream(_config((edited, 1.0)), 1)

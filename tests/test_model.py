@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer import checkpoint, inference, loss, model
+from trainer import checkpoint, inference, layout, loss, model
 
 CONFIG = dataclasses.replace(model.get_preset("tiny"), mlp_chunk_size=16)
 SEQ = 64
@@ -147,7 +147,7 @@ def test_next_token_targets_shift_within_segments_only():
         "segment_ids": np.array([1, 1, 1, 2, 2, 0]),
         "loss_weights": np.array([0, 1, 0.5, 0, 2, 0], np.float32),
     }
-    out = loss.next_token_targets(batch)
+    out = layout.next_token_targets(batch)
     np.testing.assert_array_equal(out["targets"], [11, 12, 0, 21, 0, 0])
     np.testing.assert_array_equal(out["target_vision_mask"], [0, 1, 0, 1, 0, 0])
     np.testing.assert_array_equal(out["target_weights"], [1, 0.5, 0, 2, 0, 0])
@@ -162,7 +162,7 @@ def test_next_token_targets_weight_each_token_once_from_its_predecessor(lengths,
     starts = np.r_[True, segments[1:] != segments[:-1]]
     batch = {"tokens": rng.integers(0, 100, size), "vision_mask": rng.random(size) < 0.5,
              "segment_ids": segments, "loss_weights": np.where(starts | (segments == 0), 0, rng.random(size))}
-    out = loss.next_token_targets(batch)
+    out = layout.next_token_targets(batch)
     # every weighted token is the target of exactly its predecessor, with its weight and vocabulary
     for t in np.flatnonzero(batch["loss_weights"]):
         assert out["targets"][t - 1] == batch["tokens"][t]
@@ -173,7 +173,7 @@ def test_next_token_targets_weight_each_token_once_from_its_predecessor(lengths,
 
 def test_next_token_targets_reject_mismatched_shapes():
     with pytest.raises(ValueError, match="share one"):
-        loss.next_token_targets({"tokens": np.zeros(4), "vision_mask": np.zeros(4), "segment_ids": np.zeros(5),
+        layout.next_token_targets({"tokens": np.zeros(4), "vision_mask": np.zeros(4), "segment_ids": np.zeros(5),
                                  "loss_weights": np.zeros(4)})
 
 
@@ -218,7 +218,7 @@ def test_absent_modality_contributes_nothing():
 def test_loss_gradient_ignores_zero_weight_targets(params):
     batch = _batch()
     batch["loss_weights"] = model.example_batch(CONFIG, 2, SEQ, seed=1)["loss_weights"]
-    batch.update(loss.next_token_targets(batch))
+    batch.update(layout.next_token_targets(batch))
     del batch["loss_weights"]
     lwm = model.LWM(CONFIG)
     fn = jax.jit(lambda b: loss.loss_and_metrics(lwm, params, b, loss.LossConfig(chunk_size=16))[0])

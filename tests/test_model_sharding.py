@@ -2,7 +2,7 @@
 
 The sharded batch is in the ring layout (zigzag over sp), as the loader delivers it;
 the single-device reference sees natural order. Both use the same targets
-(``next_token_targets`` on the natural-order batch).
+(``layout.next_token_targets`` on the natural-order batch).
 """
 
 import dataclasses
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from trainer import loss, model, sharding
-from trainer.ring_attention import layout_permutation
+from trainer import layout, loss, model, sharding
+from trainer.layout import layout_permutation
 
 CONFIG = dataclasses.replace(model.get_preset("tiny"), mlp_chunk_size=32, attention_block_q=4, attention_block_kv=4)
 LOSS = loss.LossConfig(chunk_size=32)
@@ -33,7 +33,7 @@ def _value_and_grad(lwm):
 def setup():
     params = model.init_params(CONFIG, jax.random.key(0))
     batch = model.example_batch(CONFIG, BATCH, SEQ, seed=1)
-    batch.update(loss.next_token_targets(batch))
+    batch.update(layout.next_token_targets(batch))
     del batch["loss_weights"]
     (ref_loss, ref_metrics), ref_grads = _value_and_grad(model.LWM(CONFIG))(params, batch)
     assert ref_metrics["text_tokens"] > 0 and ref_metrics["vision_tokens"] > 0

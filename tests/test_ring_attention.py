@@ -19,7 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import PartitionSpec
 
+from trainer import layout as ring_layout
 from trainer import ring_attention as ra
+from trainer import ring_testing
 
 SEQ = 64
 HEAD_DIM = 8
@@ -73,14 +75,14 @@ def _value_and_vjp(attention):
 
 @functools.cache
 def _dense(causal):
-    return _value_and_vjp(functools.partial(ra.sharded_attention, mesh=None, causal=causal,
+    return _value_and_vjp(functools.partial(ring_testing.sharded_attention, mesh=None, causal=causal,
                                             impl="dense"))
 
 
 def _assert_ring_matches_dense(num_shards, layout, causal, gqa, block_q=4, block_kv=4,
                                segment_ids=SEGMENTS):
     ring = _value_and_vjp(functools.partial(
-        ra.sharded_attention, mesh=_mesh(num_shards), causal=causal, layout=layout,
+        ring_testing.sharded_attention, mesh=_mesh(num_shards), causal=causal, layout=layout,
         block_q=block_q, block_kv=block_kv))
     q, k, v, g = _inputs(gqa, batch=segment_ids.shape[0])
     got, want = ring(q, k, v, segment_ids, g), _dense(causal)(q, k, v, segment_ids, g)
@@ -97,14 +99,14 @@ GQA_FOR = {1: 4, 2: 1, 4: 2, 8: 4}
 
 
 @pytest.mark.parametrize("num_shards,layout", [(1, "contiguous")] + [
-    (p, layout) for p in (2, 4, 8) for layout in ra.LAYOUTS])
+    (p, layout) for p in (2, 4, 8) for layout in ring_layout.LAYOUTS])
 def test_causal_ring_equals_dense(num_shards, layout):
     """On one device every layout is the natural order, so P=1 runs once."""
     _assert_ring_matches_dense(num_shards, layout, True, GQA_FOR[num_shards])
 
 
 @pytest.mark.parametrize("num_shards,layout,gqa", [(2, "striped", 2), (4, "contiguous", 4),
-                                                   (8, "zigzag", 1)])
+                                                   (8, "zigzag", 1), (4, "segments", 2)])
 def test_bidirectional_ring_equals_dense(num_shards, layout, gqa):
     _assert_ring_matches_dense(num_shards, layout, False, gqa)
 
@@ -117,7 +119,7 @@ def test_unequal_query_and_key_blocks_equal_dense():
 def test_unpadded_rows_take_the_unmasked_tile_path_and_equal_dense(causal):
     """Rows without padding whose segments span whole blocks: FULL tiles run without a mask."""
     segment_ids = _segments([SEQ], [32, 32])
-    on_device_0 = ra.layout_permutation(SEQ, 2, "zigzag")[:SEQ // 2]
+    on_device_0 = ring_layout.layout_permutation(SEQ, 2, "zigzag")[:SEQ // 2]
     seg = ra._split(segment_ids[:, on_device_0], 8)
     pos = ra._split(jnp.broadcast_to(jnp.asarray(on_device_0), (2, SEQ // 2)), 8)
     assert ra.FULL in np.asarray(ra.tile_kinds(seg, pos, seg, pos, causal))
@@ -127,9 +129,18 @@ def test_unpadded_rows_take_the_unmasked_tile_path_and_equal_dense(causal):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("num_shards,layout,causal,gqa", itertools.product(
-    [1, 2, 4, 8], ra.LAYOUTS, [True, False], [1, 2, 4]))
+    [1, 2, 4, 8], ring_layout.LAYOUTS, [True, False], [1, 2, 4]))
 def test_ring_equals_dense_full_grid(num_shards, layout, causal, gqa):
     _assert_ring_matches_dense(num_shards, layout, causal, gqa)
+
+
+def test_segments_layout_places_rows_differently_and_equals_dense():
+    """Per row: SEGMENTS' rows get zigzag and per-document orders on 2 and 4 devices."""
+    for num_shards in (2, 4):
+        perms = ring_layout.batch_permutation(SEGMENTS, num_shards, "segments", 4)
+        static = [ring_layout.layout_permutation(SEQ, num_shards, name) for name in ("zigzag", "contiguous")]
+        assert any(not any(np.array_equal(p, s) for s in static) for p in perms)
+        _assert_ring_matches_dense(num_shards, "segments", True, 2)
 
 
 @given(st.lists(st.integers(1, 24), min_size=1, max_size=12), st.integers(0, 20))
@@ -143,15 +154,17 @@ def test_random_packings_equal_dense(lengths, padding):
         ids[s:e] = i
     segment_ids = jnp.asarray(ids[None])
     q, k, v, g = (x[:1] for x in _inputs(2, seed=len(lengths)))
-    got = _random_packing_ring()(q, k, v, segment_ids, g)
+    got = _random_packing_ring("zigzag")(q, k, v, segment_ids, g)
     want = _dense(True)(q, k, v, segment_ids, g)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    segments = _random_packing_ring("segments")(q, k, v, segment_ids, g)
+    for a, b, c in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(segments)):
         np.testing.assert_allclose(a, b, atol=TOL, rtol=0)
+        np.testing.assert_allclose(c, b, atol=TOL, rtol=0)
 
 
 @functools.cache
-def _random_packing_ring():
-    return _value_and_vjp(functools.partial(ra.sharded_attention, mesh=_mesh(4), layout="zigzag",
+def _random_packing_ring(layout):
+    return _value_and_vjp(functools.partial(ring_testing.sharded_attention, mesh=_mesh(4), layout=layout,
                                             block_q=2, block_kv=4))
 
 
@@ -159,7 +172,7 @@ def _random_packing_ring():
 def test_bf16_inputs_within_bf16_tolerance_of_fp32_dense(float32_logits):
     """bf16 in and out; tile matmuls in fp32, or in bf16 with fp32 accumulation."""
     q, k, v, g = _inputs(2)
-    ring = _value_and_vjp(functools.partial(ra.sharded_attention, mesh=_mesh(4), block_q=4,
+    ring = _value_and_vjp(functools.partial(ring_testing.sharded_attention, mesh=_mesh(4), block_q=4,
                                             block_kv=4, float32_logits=float32_logits))
     got = ring(*(x.astype(jnp.bfloat16) for x in (q, k, v)), SEGMENTS, g)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(got))
@@ -177,7 +190,7 @@ def test_scan_over_layers_with_checkpoint_matches_dense():
     def model(impl, x, scales):
         def layer(h, scale):
             kv = h[:, :, ::2] * scale[1]
-            out = ra.sharded_attention(h * scale[0], kv, kv, SEGMENTS, mesh=_mesh(4), impl=impl,
+            out = ring_testing.sharded_attention(h * scale[0], kv, kv, SEGMENTS, mesh=_mesh(4), impl=impl,
                                        layout="striped", block_q=4, block_kv=4)
             return h + out, None
 
@@ -197,9 +210,9 @@ def test_sharded_attention_accepts_a_mesh_with_explicit_axes():
     mesh = jax.make_mesh((2,), ("sp",), devices=jax.devices()[:2])
     q, k, v, _ = _inputs(2)
     with jax.default_matmul_precision("highest"):
-        got = jax.jit(functools.partial(ra.sharded_attention, mesh=mesh, block_q=8,
+        got = jax.jit(functools.partial(ring_testing.sharded_attention, mesh=mesh, block_q=8,
                                         block_kv=8))(q, k, v, SEGMENTS)
-        want = ra.sharded_attention(q, k, v, SEGMENTS, mesh=None, impl="dense")
+        want = ring_testing.sharded_attention(q, k, v, SEGMENTS, mesh=None, impl="dense")
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
 
@@ -237,13 +250,16 @@ def test_memory_stays_linear_inside_a_scan_over_layers_under_grad():
     assert temp[1] / temp[0] < 2.5, temp
 
 
-def test_ring_inside_multi_axis_shard_map_uses_only_its_axis():
+@pytest.mark.parametrize("layout", ["zigzag", "segments"])
+def test_ring_inside_multi_axis_shard_map_uses_only_its_axis(layout):
     """Batch on dp, heads on tp, sequence on sp: the per-shard call still equals dense, with
-    positions restarting in each segment (the mask compares positions within a segment)."""
+    positions restarting in each segment (the mask compares positions within a segment), as
+    the model passes them, in a static and in the per-row layout."""
     mesh = _mesh(8, ("dp", "sp", "tp"), (2, 2, 2))
     q, k, v, g = _inputs(2, batch=2)
     segment_ids = SEGMENTS[:2]
-    perm = ra.layout_permutation(SEQ, 2, "zigzag")
+    perm = ring_layout.batch_permutation(segment_ids, 2, layout, 4)
+    inverse = np.argsort(perm, axis=1)
     positions = _positions_in_segment(segment_ids)
     assert int(positions[0, 5]) == 0 and int(positions[0, 7]) == 1
 
@@ -256,8 +272,10 @@ def test_ring_inside_multi_axis_shard_map_uses_only_its_axis():
                             out_specs=heads)
 
     def attention(q, k, v, seg):
-        return sharded(q[:, perm], k[:, perm], v[:, perm], seg[:, perm], positions[:, perm])[
-            :, np.argsort(perm)]
+        def gather(x, index):
+            return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+        return gather(sharded(*(gather(x, perm) for x in (q, k, v, seg, positions))), inverse)
 
     got = _value_and_vjp(attention)(q, k, v, segment_ids, g)
     want = _dense(True)(q, k, v, segment_ids, g)
@@ -285,7 +303,7 @@ def test_forward_rotates_each_tensor_p_minus_1_times(num_shards):
     """k, v, segment ids, positions: P-1 sends each, from one loop body in the lowered program;
     the backward adds P-1 per key/value tensor plus P for dk/dv (their last hop brings them home)."""
     q, k, v, _ = _inputs(1, batch=1)
-    attention = functools.partial(ra.sharded_attention, segment_ids=SEGMENTS[:1],
+    attention = functools.partial(ring_testing.sharded_attention, segment_ids=SEGMENTS[:1],
                                   mesh=_mesh(num_shards), block_q=4, block_kv=4)
     assert _rotations(jax.make_jaxpr(attention)(q, k, v).jaxpr) == 4 * (num_shards - 1)
     lowered = jax.jit(attention).lower(q, k, v).as_text()
@@ -297,19 +315,19 @@ def test_forward_rotates_each_tensor_p_minus_1_times(num_shards):
 # ----------------------------------------------------------------------------- layouts, balance
 
 
-@given(st.integers(1, 8), st.integers(1, 6), st.sampled_from(ra.LAYOUTS))
+@given(st.integers(1, 8), st.integers(1, 6), st.sampled_from(ring_layout.STATIC_LAYOUTS))
 def test_layout_permutation_is_a_permutation_with_inverse(num_shards, chunk, layout):
     seq_len = 2 * num_shards * chunk
-    perm = ra.layout_permutation(seq_len, num_shards, layout)
+    perm = ring_layout.layout_permutation(seq_len, num_shards, layout)
     np.testing.assert_array_equal(np.sort(perm), np.arange(seq_len))
-    inverse = ra.inverse_layout_permutation(seq_len, num_shards, layout)
+    inverse = ring_layout.inverse_layout_permutation(seq_len, num_shards, layout)
     np.testing.assert_array_equal(np.arange(seq_len)[perm][inverse], np.arange(seq_len))
 
 
 @given(st.integers(1, 8), st.integers(1, 6))
 def test_zigzag_device_r_holds_chunks_r_and_mirror(num_shards, chunk):
     seq_len = 2 * num_shards * chunk
-    shards = ra.layout_permutation(seq_len, num_shards, "zigzag").reshape(num_shards, 2, chunk)
+    shards = ring_layout.layout_permutation(seq_len, num_shards, "zigzag").reshape(num_shards, 2, chunk)
     for r in range(num_shards):
         np.testing.assert_array_equal(shards[r, 0], np.arange(r * chunk, (r + 1) * chunk))
         mirror = 2 * num_shards - 1 - r
@@ -319,7 +337,7 @@ def test_zigzag_device_r_holds_chunks_r_and_mirror(num_shards, chunk):
 @given(st.integers(1, 8), st.integers(1, 6))
 def test_striped_token_i_on_device_i_mod_p(num_shards, per_device):
     seq_len = num_shards * per_device
-    shards = ra.layout_permutation(seq_len, num_shards, "striped").reshape(num_shards, -1)
+    shards = ring_layout.layout_permutation(seq_len, num_shards, "striped").reshape(num_shards, -1)
     for r in range(num_shards):
         assert np.all(shards[r] % num_shards == r)
 
@@ -335,7 +353,7 @@ def test_causal_tile_kinds_skip_above_mask_on_and_fill_below_the_diagonal():
 
 
 def test_contiguous_causal_tiles_form_the_block_triangle():
-    counts = ra.ring_tile_counts(np.ones((1, 64), np.int32), 4, "contiguous", 4, 4)
+    counts = ring_testing.ring_tile_counts(np.ones((1, 64), np.int32), 4, "contiguous", 4, 4)
     triangle, full = 4 * 5 // 2, 16
     want = np.array([[triangle] * 4] + [[full if r >= h else 0 for r in range(4)] for h in range(1, 4)])
     np.testing.assert_array_equal(counts, want)
@@ -343,7 +361,7 @@ def test_contiguous_causal_tiles_form_the_block_triangle():
 
 @pytest.mark.parametrize("layout", ["zigzag", "striped"])
 def test_balanced_layouts_give_every_device_equal_work_per_hop(layout):
-    counts = ra.ring_tile_counts(np.ones((1, 1024), np.int32), 8, layout, 16, 16)
+    counts = ring_testing.ring_tile_counts(np.ones((1, 1024), np.int32), 8, layout, 16, 16)
     assert np.all(counts.max(axis=1) - counts.min(axis=1) <= 1024 // 8 // 16)
     assert counts.max(axis=1).sum() / counts.mean(axis=1).sum() <= 1.1
 
@@ -351,7 +369,7 @@ def test_balanced_layouts_give_every_device_equal_work_per_hop(layout):
 def test_tiles_of_other_segments_are_skipped():
     """Two segments that each fill one device's tokens never meet on the ring."""
     segment_ids = np.repeat(np.array([[1, 2]], np.int32), 32, axis=1)
-    counts = ra.ring_tile_counts(segment_ids, 2, "contiguous", 8, 8, causal=False)
+    counts = ring_testing.ring_tile_counts(segment_ids, 2, "contiguous", 8, 8, causal=False)
     np.testing.assert_array_equal(counts, [[16, 16], [0, 0]])
 
 
@@ -362,14 +380,14 @@ def test_bad_inputs_raise_value_errors():
     q, k, v, _ = _inputs(2, batch=1)
     seg = SEGMENTS[:1]
     with pytest.raises(ValueError, match="layout"):
-        ra.layout_permutation(64, 4, "spiral")
+        ring_layout.layout_permutation(64, 4, "spiral")
     with pytest.raises(ValueError, match="multiple of 8"):
-        ra.layout_permutation(60, 4, "zigzag")
+        ring_layout.layout_permutation(60, 4, "zigzag")
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         ra.dense_attention(q[..., :3, :], k, v, seg, seg, seg, seg)
     with pytest.raises(ValueError, match="q_positions"):
         ra.dense_attention(q, k, v, seg, seg, seg[:, :5], seg)
     with pytest.raises(ValueError, match="impl"):
-        ra.sharded_attention(q, k, v, seg, mesh=_mesh(2), impl="flash")
+        ring_testing.sharded_attention(q, k, v, seg, mesh=_mesh(2), impl="flash")
     with pytest.raises(ValueError, match="block_q"):
-        ra.sharded_attention(q, k, v, seg, mesh=_mesh(2), block_q=5)
+        ring_testing.sharded_attention(q, k, v, seg, mesh=_mesh(2), block_q=5)

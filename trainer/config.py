@@ -29,7 +29,7 @@ import yaml
 from schemas.typed_config import describe, from_mapping, to_plain
 from trainer.loss import LossConfig
 from trainer.model import PRESETS, ModelConfig
-from trainer.ring_attention import LAYOUTS
+from trainer.layout import LAYOUTS
 from trainer.sharding import MeshConfig
 
 SCHEDULES = ("constant", "warmup_constant", "warmup_cosine")
@@ -63,7 +63,9 @@ class DataConfig:
 
     ``batch_size`` is global sequences per optimizer step (all hosts together);
     ``worker_count`` Grain prefetch processes per host (0: in the main process);
-    ``layout`` the ring layout of the sequence axis over ``sp``.
+    ``layout`` the ring layout of the sequence axis over ``sp`` (``trainer.layout``):
+    ``segments`` (default) picks per packed row the order with the shortest ring,
+    ``zigzag``/``contiguous``/``striped`` use one order for every row.
     """
 
     datasets: tuple[DatasetConfig, ...] = ()
@@ -73,7 +75,7 @@ class DataConfig:
     worker_count: int = 0
     worker_buffer_size: int = 2
     read_threads: int = 4
-    layout: str = "zigzag"
+    layout: str = "segments"
     verify_hashes: bool = True
 
     def __post_init__(self):

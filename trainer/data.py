@@ -8,9 +8,10 @@ Pipeline (every step deterministic and stateless given the seed)::
       → mix the datasets with their weights (``MapDataset.mix``: a fixed interleave
         in the configured proportions)
       → this host's share of the records (strided slice)
-      → decode (``schemas.packed.decode``) → batch
-      → next-token targets in natural order (``trainer.loss.next_token_targets``)
-      → ring layout of the sequence axis (``trainer.ring_attention.layout_permutation``)
+      → decode (``schemas.packed.decode``; a record of another length than the
+        manifest's ``seq_len`` is refused) → batch
+      → ``NextTokenTargets``: targets in natural order (``trainer.layout.next_token_targets``)
+      → ``RingLayout``: the ring layout of the sequence axis (``trainer.layout.batch_permutation``)
       → to_iter_dataset (+ ``mp_prefetch`` with ``worker_count`` processes)
     then, per step, ``jax.make_array_from_process_local_data`` on the batch sharding.
 
@@ -25,6 +26,7 @@ Batch arrays, all ``[B, S]`` in the ring layout: ``tokens``, ``vision_mask``,
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import grain
@@ -35,10 +37,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from schemas import manifest as manifest_lib
 from schemas import packed
+from trainer import layout
 from trainer.config import DataConfig
-from trainer.loss import next_token_targets
-from trainer.ring_attention import layout_permutation
 from trainer.sharding import batch_sharding
+
 
 BATCH_KEYS = ("tokens", "vision_mask", "segment_ids", "positions", "targets", "target_vision_mask",
               "target_weights")
@@ -60,7 +62,8 @@ def read_manifests(config: DataConfig) -> list[manifest_lib.Manifest]:
             raise ValueError(f"{dataset.path}: manifest seq_len is {manifest.seq_len}, but this stage's "
                              f"data.seq_len is {config.seq_len}")
         if manifest.records == 0:
-            raise ValueError(f"{dataset.path}: the manifest lists no records")
+            raise ValueError(f"{dataset.path}: the dataset has no records (its job packed no examples); "
+                             "rerun the job with inputs that fit its buckets, or remove it from data.datasets")
         if manifest.tokenizer.get("sha256") != manifests[0].tokenizer.get("sha256"):
             raise ValueError(f"{dataset.path}: tokenizer sha256 {manifest.tokenizer.get('sha256')} differs from "
                              f"{manifests[0].tokenizer.get('sha256')} of {first}")
@@ -77,28 +80,35 @@ def _dataset_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-class PrepareBatch:
-    """Grain map on a natural-order batch: adds next-token targets, applies the ring layout.
+class NextTokenTargets(grain.transforms.Map):
+    """Adds ``targets``, ``target_vision_mask`` and ``target_weights`` to a natural-order batch."""
+
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**batch, **layout.next_token_targets(batch)}
+
+
+class RingLayout(grain.transforms.Map):
+    """Puts the ``BATCH_KEYS`` of a batch in the ring layout of ``num_shards`` devices.
 
     ``columns`` keeps only this host's part of the (permuted) sequence axis, for
     meshes whose ``sp`` axis spans hosts.
     """
 
-    def __init__(self, seq_len: int, num_shards: int, layout: str, columns: slice = slice(None)):
-        self.permutation = layout_permutation(seq_len, num_shards, layout)[columns]
+    def __init__(self, num_shards: int, layout_name: str, block: int, columns: slice = slice(None)):
+        self.num_shards, self.layout_name, self.block, self.columns = num_shards, layout_name, block, columns
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch = {**batch, **next_token_targets(batch)}
-        return {key: np.ascontiguousarray(batch[key][:, self.permutation]) for key in BATCH_KEYS}
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return layout.apply_layout(batch, BATCH_KEYS, self.num_shards, self.layout_name, self.block, self.columns)
 
 
 def dataset(config: DataConfig, manifests: list[manifest_lib.Manifest], *, batch_size: int,
-            num_shards: int = 1, shard_index: int = 0, sp: int = 1,
+            num_shards: int = 1, shard_index: int = 0, sp: int = 1, block: int = layout.DEFAULT_BLOCK,
             columns: slice = slice(None)) -> grain.IterDataset:
     """The Grain pipeline of the module docstring, yielding numpy batches ``[batch_size, S]``.
 
     This host reads records ``shard_index, shard_index + num_shards, ...`` of the
-    mixed stream; ``sp`` is the number of ring shards of the layout.
+    mixed stream; ``sp`` is the number of ring shards of the layout and ``block`` the
+    ring kernel's tile size (the ``segments`` layout balances tiles).
     """
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index {shard_index} is not in [0, {num_shards})")
@@ -108,9 +118,10 @@ def dataset(config: DataConfig, manifests: list[manifest_lib.Manifest], *, batch
     ]
     weights = [d.proportion for d in config.datasets]
     mixed = grain.MapDataset.mix(sources, weights) if len(sources) > 1 else sources[0]
-    records = mixed[shard_index::num_shards].map(packed.decode)
+    records = mixed[shard_index::num_shards].map(functools.partial(packed.decode, seq_len=config.seq_len))
     batches = records.batch(batch_size, drop_remainder=True)
-    batches = batches.map(PrepareBatch(config.seq_len, sp, config.layout, columns))
+    layout.check_layout(config.seq_len, sp, config.layout)
+    batches = batches.map(NextTokenTargets()).map(RingLayout(sp, config.layout, block, columns))
     stream = batches.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_threads))
     if config.worker_count:
         # Grain's workers read absl flags, which a program without absl.app never
@@ -135,11 +146,13 @@ class Loader:
     """Global batches for one stage on ``mesh``; ``iterator`` is the checkpointable Grain state.
 
     ``batch_size`` global sequences per batch (default ``config.batch_size``; the
-    trainer passes the micro-batch size under gradient accumulation). Use as an
-    iterator; ``close()`` stops prefetch workers.
+    trainer passes the micro-batch size under gradient accumulation); ``block`` the
+    model's attention block size, whose tiles the ``segments`` layout balances. Use as
+    an iterator; ``close()`` stops prefetch workers.
     """
 
-    def __init__(self, config: DataConfig, mesh: Mesh, batch_size: int | None = None):
+    def __init__(self, config: DataConfig, mesh: Mesh, batch_size: int | None = None, *,
+                 block: int = layout.DEFAULT_BLOCK):
         self.config = config
         self.manifests = read_manifests(config)
         self.global_shape = (batch_size or config.batch_size, config.seq_len)
@@ -151,6 +164,7 @@ class Loader:
         self.pipeline = dataset(
             config, self.manifests, batch_size=local_rows, num_shards=self.global_shape[0] // local_rows,
             shard_index=rows.start // local_rows, sp=mesh.shape["sp"], columns=columns,
+            block=block,
         )
         self.iterator = iter(self.pipeline)
 

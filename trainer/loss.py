@@ -8,7 +8,7 @@ the sequence in the ring layout (a permutation of the sequence axis, e.g. zigzag
 where the token before ``t`` is not at index ``t - 1``. So targets are computed in
 NATURAL order, before the layout is applied:
 
-1. the loader calls ``next_token_targets(batch)`` on the natural-order numpy batch,
+1. the loader calls ``trainer.layout.next_token_targets(batch)`` on the natural-order batch,
    which adds, for every position ``t``: ``targets[t]`` (the token that follows ``t``
    in its segment), ``target_vision_mask[t]`` (its vocabulary) and
    ``target_weights[t]`` (its loss weight; 0 where ``t`` is the last token of its
@@ -59,7 +59,6 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from trainer.model import LWM, sequence_chunked_map
 
@@ -85,36 +84,6 @@ class LossConfig:
             raise ValueError("loss.text_share and loss.vision_share must be >= 0 and not both 0")
         if self.chunk_size <= 0:
             raise ValueError(f"loss.chunk_size must be positive, got {self.chunk_size}")
-
-
-def next_token_targets(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Targets for next-token prediction, from a NATURAL-order batch (``[S]`` or ``[B, S]``).
-
-    Reads ``tokens``, ``vision_mask``, ``segment_ids`` and ``loss_weights``; returns
-    ``targets`` (int32), ``target_vision_mask`` (bool) and ``target_weights``
-    (float32) of the same shape, aligned with the predicting position (see the
-    module docstring). Pure numpy; call it before any layout permutation.
-    """
-    missing = {"tokens", "vision_mask", "segment_ids", "loss_weights"} - set(batch)
-    if missing:
-        raise ValueError(f"batch is missing {sorted(missing)}")
-    tokens = np.asarray(batch["tokens"])
-    shapes = {k: np.shape(batch[k]) for k in ("tokens", "vision_mask", "segment_ids", "loss_weights")}
-    if len(set(shapes.values())) != 1 or tokens.ndim not in (1, 2):
-        raise ValueError(f"batch arrays must share one [S] or [B, S] shape, got {shapes}")
-    segments = np.asarray(batch["segment_ids"])
-
-    def shift(a, fill):
-        return np.concatenate([a[..., 1:], np.full(a.shape[:-1] + (1,), fill, a.dtype)], axis=-1)
-
-    same_segment = (shift(segments, 0) == segments) & (segments != 0)
-    return {
-        "targets": np.where(same_segment, shift(tokens, 0), 0).astype(np.int32),
-        "target_vision_mask": same_segment & shift(np.asarray(batch["vision_mask"], bool), False),
-        "target_weights": np.where(
-            same_segment, shift(np.asarray(batch["loss_weights"], np.float32), 0.0), 0.0
-        ).astype(np.float32),
-    }
 
 
 def _head_scores(hidden_BxCxD, head_DxV, targets_BxC):
@@ -183,7 +152,7 @@ def loss_and_metrics(model: LWM, params: Any, batch: Mapping[str, jax.Array],
     """Loss and metrics of ``model`` on a batch carrying the targets (``TARGET_KEYS``).
 
     ``batch`` holds ``tokens``, ``vision_mask``, ``segment_ids``, ``positions`` and the
-    outputs of ``next_token_targets``, all ``[B, S]`` in the same (any) token order.
+    outputs of ``trainer.layout.next_token_targets``, all ``[B, S]`` in the same (any) token order.
     """
 
     def forward(module: LWM):

@@ -269,13 +269,10 @@ class DecoderLayer(nn.Module):
     attention_fn: AttentionFn
 
     @nn.compact
-    def __call__(self, x_BxSxD, segment_ids_BxS, positions_BxS, layer_index):
-        # Make the mask inputs depend on the layer index. Left loop-invariant, JAX's
-        # partial evaluation of the layer scan under grad hoists everything computed
-        # from them alone out of the loop: the ring's tile masks for every hop at once,
-        # quadratic in sequence length (BENCHMARKS.md, Model).
-        segment_ids_BxS = segment_ids_BxS + 0 * layer_index
-        positions_BxS = positions_BxS + 0 * layer_index
+    def __call__(self, x_BxSxD, segment_ids_BxS, positions_BxS):
+        # segment_ids and positions are loop-invariant in the layer scan; the ring kernel
+        # itself keeps its masks from being hoisted out of the scan (``_tie`` in
+        # trainer/ring_attention.py; BENCHMARKS.md, Model).
         h = RMSNorm(self.config, name="attn_norm")(x_BxSxD)
         x_BxSxD = x_BxSxD + Attention(self.config, self.attention_fn, name="attn")(h, segment_ids_BxS, positions_BxS)
         h = RMSNorm(self.config, name="mlp_norm")(x_BxSxD)
@@ -310,7 +307,7 @@ class LWM(nn.Module):
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast, nn.broadcast),
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.attention_fn)
@@ -332,7 +329,7 @@ class LWM(nn.Module):
 
     def __call__(self, tokens, vision_mask, segment_ids, positions) -> jax.Array:
         x_BxSxD = self.embed(tokens, vision_mask)
-        x_BxSxD, _ = self.layers(x_BxSxD, segment_ids, positions, jnp.arange(self.config.num_layers))
+        x_BxSxD, _ = self.layers(x_BxSxD, segment_ids, positions)
         return self.final_norm(x_BxSxD)
 
     def head_kernels(self) -> tuple[jax.Array, jax.Array | None]:

@@ -5,7 +5,8 @@ Each device on the mesh axis ``axis_name`` holds ``L = S / P`` tokens of the seq
 blocks travel around the ring with ``jax.lax.ppermute`` while every device folds the
 block it currently holds into an online softmax (fp32 running max, normaliser and
 output). Masks are computed from the segment ids and global positions that travel with
-each block, so every token layout (contiguous, zigzag, striped) shares one code path.
+each block, so every token layout (contiguous, zigzag, striped, per-row segments) shares
+one code path.
 (query block, key block) tiles that the mask makes entirely invisible are skipped, not
 computed and masked, and tiles it leaves entirely visible run without building a mask
 (``lax.switch`` on the tile's kind).
@@ -13,7 +14,9 @@ computed and masked, and tiles it leaves entirely visible run without building a
 The whole ring is one ``jax.custom_vjp``: the forward saves q, k, v, the output and the
 logsumexp; the backward is a second ring in which dk/dv travel with their key/value
 blocks and probabilities are recomputed tile by tile. Memory per device is linear in
-``L`` (plus one ``block_q x block_kv`` tile), never in ``S``.
+``L`` (plus one ``block_q x block_kv`` tile), never in ``S``. Token layouts live in
+``trainer.layout``; the global-array wrapper and tile replay for tests and benchmarks
+in ``trainer.ring_testing``.
 
 Shape legend: B batch, S global length, L local length (S / P), P ring size, Hq query
 heads, K key/value heads, G = Hq // K query heads per key/value head, D head dim,
@@ -24,60 +27,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Hashable
+from typing import Hashable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
 
-LAYOUTS = ("contiguous", "zigzag", "striped")
 _F32 = jnp.float32
 _INT_MAX = np.iinfo(np.int32).max
 _INT_MIN = np.iinfo(np.int32).min
-
-
-# ----------------------------------------------------------------------------- layouts
-
-
-def layout_permutation(seq_len: int, num_shards: int, layout: str) -> np.ndarray:
-    """Token order that places a natural-order sequence on ``num_shards`` ring devices.
-
-    Returns an index array ``perm`` with ``permuted = natural[..., perm]``; device ``r``
-    then holds ``permuted[..., r * L:(r + 1) * L]`` with ``L = seq_len // num_shards``.
-
-    - ``contiguous``: device r holds tokens ``[r L, (r + 1) L)``.
-    - ``zigzag``: the sequence is cut into 2P chunks; device r holds chunks r and
-      2P - 1 - r, so under a causal mask every device has the same work.
-    - ``striped``: token i goes to device ``i mod P``.
-    """
-    _check_layout(seq_len, num_shards, layout)
-    idx = np.arange(seq_len)
-    if layout == "contiguous":
-        return idx
-    if layout == "striped":
-        return idx.reshape(seq_len // num_shards, num_shards).T.reshape(-1)
-    chunks = idx.reshape(2 * num_shards, -1)
-    order = [c for r in range(num_shards) for c in (r, 2 * num_shards - 1 - r)]
-    return chunks[order].reshape(-1)
-
-
-def inverse_layout_permutation(seq_len: int, num_shards: int, layout: str) -> np.ndarray:
-    """Index array undoing :func:`layout_permutation`: ``natural = permuted[..., inv]``."""
-    return np.argsort(layout_permutation(seq_len, num_shards, layout))
-
-
-def _check_layout(seq_len: int, num_shards: int, layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    unit = 2 * num_shards if layout == "zigzag" else num_shards
-    if seq_len <= 0 or seq_len % unit:
-        raise ValueError(
-            f"seq_len {seq_len} must be a positive multiple of {unit} for layout "
-            f"{layout!r} on {num_shards} shards"
-        )
 
 
 # ----------------------------------------------------------------------------- reference
@@ -299,32 +257,6 @@ def tile_kinds(q_seg_NxBxb, q_pos_NxBxb, kv_seg_MxBxb, kv_pos_MxBxb, causal: boo
                      jnp.where(jnp.all(full, axis=-1), FULL, PARTIAL), SKIP).astype(jnp.int32)
 
 
-def ring_tile_counts(segment_ids, num_shards: int, layout: str, block_q: int, block_kv: int,
-                     causal: bool = True) -> np.ndarray:
-    """Tiles the ring computes, as an int array [hop, device], for one natural-order batch.
-
-    ``segment_ids`` is [B, S] in natural order (positions are the token indices). At hop
-    h device r holds the key/value shard of device (r - h) mod P and computes the tiles
-    :func:`tile_kinds` does not skip; this replays that schedule without running
-    attention, for the load-balance benchmark and tests.
-    """
-    segment_ids = np.asarray(segment_ids, np.int32)
-    b, seq_len = segment_ids.shape
-    perm = layout_permutation(seq_len, num_shards, layout)
-    length = seq_len // num_shards
-    bq, bk = _block(block_q, length, "block_q"), _block(block_kv, length, "block_kv")
-    seg = segment_ids[:, perm].reshape(b, num_shards, length)
-    pos = np.broadcast_to(perm, (b, seq_len)).reshape(b, num_shards, length)
-    counts = np.zeros((num_shards, num_shards), np.int64)
-    for hop in range(num_shards):
-        for r in range(num_shards):
-            src = (r - hop) % num_shards
-            kinds = tile_kinds(_split(seg[:, r], bq), _split(pos[:, r], bq),
-                               _split(seg[:, src], bk), _split(pos[:, src], bk), causal)
-            counts[hop, r] = int(np.sum(kinds != SKIP))
-    return counts
-
-
 def _compute_dtype(cfg, x):
     return _F32 if cfg.float32_logits else x.dtype
 
@@ -383,7 +315,9 @@ def _tie(*arrays):
     Inside ``lax.scan`` over layers under ``grad``, JAX hoists whatever is computed only
     from loop-invariant values (the batch's segment ids and positions) out of the loop;
     for the ring that means every hop's tile masks at once, quadratic in S. An
-    optimization barrier over all inputs makes each output depend on all of them.
+    optimization barrier over all inputs makes each output depend on all of them. This
+    is the only guard: the model passes loop-invariant segment ids and positions to its
+    layer scan (its former ``+ 0 * layer_index`` tie measured the same memory).
     """
     return jax.lax.optimization_barrier(arrays)
 
@@ -507,48 +441,3 @@ def _hop_backward(cfg, q_side, grads, kv_blocks):
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
-
-
-# ----------------------------------------------------------------------------- global wrapper
-
-
-def sharded_attention(q, k, v, segment_ids, *, mesh, axis_name: str = "sp", causal: bool = True,
-                      layout: str = "zigzag", impl: str = "ring", block_q: int = 512,
-                      block_kv: int = 512, float32_logits: bool = True):
-    """Attention over global natural-order arrays, computed on the ``axis_name`` ring.
-
-    q [B, S, Hq, D], k and v [B, S, K, D], segment_ids [B, S] (0 = padding); positions
-    are the natural token indices. ``layout`` places tokens on devices (see
-    :func:`layout_permutation`); the result comes back in natural order. ``impl="dense"``
-    is the single-device O(S^2) reference on the same inputs (mesh and layout unused).
-    """
-    if impl not in ("ring", "dense"):
-        raise ValueError(f"impl must be 'ring' or 'dense', got {impl!r}")
-    b, seq_len = segment_ids.shape
-    positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (b, seq_len))
-    if impl == "dense":
-        return dense_attention(q, k, v, segment_ids, segment_ids, positions, positions, causal)
-    num_shards = mesh.shape[axis_name]
-    perm = layout_permutation(seq_len, num_shards, layout)
-    inverse = np.argsort(perm)
-    spec = PartitionSpec(None, axis_name)
-    per_shard = functools.partial(_ring_shard, axis_name=axis_name, causal=causal,
-                                  block_q=block_q, block_kv=block_kv,
-                                  float32_logits=float32_logits)
-    args = [_place(x[:, perm], mesh, axis_name, spec) for x in (q, k, v, segment_ids, positions)]
-    out = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec)(*args)
-    return _place(out, mesh, axis_name, PartitionSpec())[:, inverse]
-
-
-def _place(x, mesh, axis_name, spec):
-    """Reshard ``x`` to ``spec`` where ``axis_name`` is an Explicit mesh axis (jax.make_mesh's
-    default), which needs arrays laid out as shard_map's specs say; Auto axes need nothing."""
-    axis_types = dict(zip(mesh.axis_names, mesh.axis_types))
-    if axis_types[axis_name] != jax.sharding.AxisType.Explicit:
-        return x
-    return jax.reshard(x, jax.sharding.NamedSharding(mesh, spec))
-
-
-def _ring_shard(q, k, v, segment_ids, positions, **kwargs: Any):
-    return ring_attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                          q_positions=positions, kv_positions=positions, **kwargs)

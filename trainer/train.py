@@ -330,7 +330,7 @@ def train(config: TrainConfig) -> TrainResult:
         accum = config.optimizer.grad_accum_steps
         mesh = _mesh(config)
         validate(config.model, mesh, config.data.batch_size // accum, config.data.seq_len)
-        loader = Loader(config.data, mesh, config.data.batch_size // accum)
+        loader = Loader(config.data, mesh, config.data.batch_size // accum, block=config.model.attention_block_q)
         try:
             check_vocabulary(loader.manifests, [d.path for d in config.data.datasets], config.model)
             with activate(mesh), _StopSignals() as stop:

@@ -1,0 +1,88 @@
+"""Ring layouts (trainer/layout.py): permutations, the per-row ``segments`` choice and its work model."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from trainer import layout, ring_testing
+
+
+def _row(lengths, seq_len):
+    """Segment ids of one row packed from ``lengths`` (cut at seq_len), the rest padding."""
+    ids = np.zeros(seq_len, np.int32)
+    start = 0
+    for i, n in enumerate(lengths, start=1):
+        ids[start:start + n] = i
+        start = min(start + n, seq_len)
+    return ids
+
+
+def _critical_path(row, perm, num_shards, block):
+    return int(layout.ring_work(row[perm], perm, num_shards, block).max(axis=1).sum())
+
+
+packings = st.lists(st.integers(1, 200), min_size=1, max_size=20)
+
+
+@settings(max_examples=30, deadline=None)
+@given(packings, st.sampled_from([2, 4, 8]))
+def test_segments_order_is_a_permutation_keeping_natural_order_on_each_device(lengths, num_shards):
+    row = _row(lengths, 256)
+    perm = layout.segment_permutation(row, num_shards, 8)
+    np.testing.assert_array_equal(np.sort(perm), np.arange(256))
+    assert np.all(np.diff(perm.reshape(num_shards, -1), axis=1) > 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(packings, st.sampled_from([2, 4, 8]))
+def test_segments_ring_is_never_longer_than_a_static_layout(lengths, num_shards):
+    row = _row(lengths, 256)
+    chosen = _critical_path(row, layout.segment_permutation(row, num_shards, 8), num_shards, 8)
+    for name in layout.STATIC_LAYOUTS:
+        assert chosen <= _critical_path(row, layout.layout_permutation(256, num_shards, name), num_shards, 8)
+
+
+def test_one_causal_document_keeps_zigzag():
+    row = np.ones(1024, np.int32)
+    np.testing.assert_array_equal(layout.segment_permutation(row, 8, 16), layout.layout_permutation(1024, 8, "zigzag"))
+
+
+def test_per_document_order_wins_where_whole_documents_balance_the_ring():
+    """Three documents of one device's length, then short ones: whole documents on their own
+    devices keep every hop balanced, where contiguous and zigzag leave devices idle."""
+    row = _row([64, 64, 64] + [8] * 8, 256)
+    perm = layout.segment_permutation(row, 4, 8)
+    chosen = _critical_path(row, perm, 4, 8)
+    for name in ("zigzag", "contiguous"):
+        assert chosen < _critical_path(row, layout.layout_permutation(256, 4, name), 4, 8), name
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=6), st.sampled_from(layout.LAYOUTS))
+def test_work_model_equals_the_kernels_tile_schedule(lengths, name):
+    """``ring_work`` (numpy, used by the loader) counts the tiles the kernel's ``tile_kinds`` computes,
+    blocks of padding included."""
+    row = _row(lengths, 128)
+    perm = layout.batch_permutation(row[None], 4, name, 8)[0]
+    np.testing.assert_array_equal(layout.ring_work(row[perm], perm, 4, 8),
+                                  ring_testing.ring_tile_counts(row[None], 4, name, 8, 8))
+
+
+def test_apply_layout_moves_every_key_with_its_row_order():
+    rows = np.stack([_row([60, 4], 64), _row([3] * 20, 64)])
+    batch = {"segment_ids": rows, "tokens": np.arange(128).reshape(2, 64)}
+    out = layout.apply_layout(batch, ("tokens", "segment_ids"), 4, "segments", 4, columns=slice(16, 48))
+    perm = layout.batch_permutation(rows, 4, "segments", 4)[:, 16:48]
+    np.testing.assert_array_equal(out["tokens"], np.take_along_axis(batch["tokens"], perm, axis=1))
+    np.testing.assert_array_equal(out["segment_ids"], np.take_along_axis(rows, perm, axis=1))
+
+
+def test_unknown_layout_and_indivisible_length_are_refused():
+    with pytest.raises(ValueError, match="layout must be one of"):
+        layout.layout_permutation(64, 4, "spiral")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        layout.layout_permutation(60, 4, "zigzag")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        layout.segment_permutation(np.ones(62, np.int32), 4)
+    with pytest.raises(ValueError, match="depends on the segment ids"):
+        layout.layout_permutation(64, 4, "segments")
