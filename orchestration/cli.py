@@ -27,6 +27,8 @@ COMMAND_MODULES = (
     "data",
     "train",
     "convert",
+    "generate",
+    "eval",
     "demo",
 )
 USER_ERROR_EXIT = 2

@@ -98,11 +98,11 @@ def train(workdir: pathlib.Path) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each demo, not a resume
     mixture = ", ".join(
         f"{{path: '{workdir / 'data' / name / f'seq{SEQ_LEN}'}', proportion: {weight}}}"
-        for name, weight in (("books", 0.7), ("image_text", 0.15), ("video_text", 0.15))
+        for name, weight in (("books", 0.4), ("retrieval", 0.3), ("image_text", 0.15), ("video_text", 0.15))
     )
     argv = ["train", str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "train_tiny.yaml"),
             "--set", f"run_dir={run_dir}", "--set", f"data.datasets=[{mixture}]",
-            "--set", "model.vision_vocab_size=8448"]
+            "--set", "model.vision_vocab_size=8448", "--set", "model.max_position_embeddings=4096"]
     print("$ lwm " + " ".join(argv), flush=True)
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
@@ -117,7 +117,36 @@ def train(workdir: pathlib.Path) -> None:
           f"metrics in {run_dir / 'metrics.jsonl'}, TensorBoard events in {run_dir / 'tensorboard'}")
 
 
-STEPS: tuple[Callable[[pathlib.Path], None], ...] = (books, vision, chat_qa, train)
+RETRIEVAL_EXAMPLES = 6000  # synthetic needle exercises mixed into the demo's training data
+RETRIEVAL_LENGTHS = (160, 512)  # prompt tokens of an exercise: short, so answers are a large share of the loss
+NEEDLE_LENGTHS = "512,1024,1536,2048"
+
+
+def retrieval_data(workdir: pathlib.Path) -> None:
+    """Needle-retrieval exercises from the demo books (other cities and numbers than the eval's),
+    packed by the books job into ``data/retrieval/seq{SEQ_LEN}`` for the training mixture."""
+    from orchestration.sample_retrieval import write_retrieval
+
+    _banner("synthetic needle-retrieval exercises from the books → packed shards")
+    corpus = write_retrieval(workdir / "raw" / "retrieval.jsonl", workdir / "raw" / "books.jsonl",
+                             str(workdir / "tokenizer.model"), RETRIEVAL_EXAMPLES,
+                             min_length=RETRIEVAL_LENGTHS[0], max_length=RETRIEVAL_LENGTHS[1])
+    print(f"wrote {corpus} ({RETRIEVAL_EXAMPLES} needle prompts with their answers)")
+    _lwm("data", "books", "--input", str(corpus), "--output", str(workdir / "data" / "retrieval"),
+         "--tokenizer", str(workdir / "tokenizer.model"), "--seq-len", str(SEQ_LEN), "--num-shards", "2",
+         "--overwrite")
+
+
+def needle(workdir: pathlib.Path) -> None:
+    """``lwm eval needle`` on the demo's final checkpoint at 512–2048 tokens, all depths: the table
+    and the heatmap's path."""
+    _banner("needle in a haystack: the demo model's retrieval accuracy, context length × depth")
+    _lwm("eval", "needle", "--ckpt", str(workdir / "runs" / "tiny"), "--tokenizer", str(workdir / "tokenizer.model"),
+         "--lengths", NEEDLE_LENGTHS, "--depths", "0,0.25,0.5,0.75,1", "--rounds", "2",
+         "--out", str(workdir / "needle"))
+
+
+STEPS: tuple[Callable[[pathlib.Path], None], ...] = (books, retrieval_data, vision, chat_qa, train, needle)
 
 
 def run(workdir: str) -> None:

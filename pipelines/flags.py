@@ -9,7 +9,8 @@ option, and :func:`from_args` turns the parsed namespace back into the config.
   ``renames`` argument, for configs owned elsewhere) gives another name.
 - type: from the annotation: ``int``, ``float``, ``str``; ``X | None`` also takes
   ``none``; ``Literal[...]`` gives choices; ``tuple[str, ...]`` takes one or more
-  values; :func:`field`'s ``parse`` converts anything else from one string.
+  values; :func:`field`'s ``parse`` converts anything else from one string. Values
+  are converted by :func:`from_args`: a bad one is a ``ValueError`` naming its flag.
 - ``bool``: ``--name`` sets a field that defaults to False; a field that defaults
   to True gets ``--no-name``.
 - help: the field's docstring (a string literal right after it), or its entry
@@ -122,22 +123,35 @@ def _optional(kind) -> tuple[Any, bool]:
     return kind, False
 
 
+class _Given(str):
+    """A value as typed on the command line, with its flag: :func:`from_args` converts it, so a bad
+    value is a one-line ``ValueError`` naming the flag (argparse would print its usage too)."""
+
+    def __new__(cls, text: str, flag: str):
+        given = super().__new__(cls, text)
+        given.flag = flag
+        return given
+
+
 def _converter(leaf: _Leaf) -> Callable[[str], Any]:
     parse = leaf.field.metadata.get("parse")
     inner, optional = _optional(leaf.type)
-    convert = parse or (inner if inner in (int, float, str) else None)
+    if typing.get_origin(inner) is tuple and not parse:
+        inner = typing.get_args(inner)[0]
+    convert = parse or (inner if inner in (int, float, str) or typing.get_origin(inner) is typing.Literal else None)
     if convert is None:
         raise TypeError(f"no command-line form for {leaf.dest}: {leaf.type}; give flags.field(parse=...)")
+    if typing.get_origin(convert) is typing.Literal:
+        convert = str  # argparse has checked the choices
 
-    def converted(text: str):
-        if optional and text.lower() == "none":
+    def converted(given: _Given):
+        if optional and given.lower() == "none":
             return None
         try:
-            return convert(text)
+            return convert(str(given))
         except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
+            raise ValueError(f"--{given.flag} {given}: {error}") from None
 
-    converted.__name__ = getattr(convert, "__name__", "value")  # argparse names it in "invalid ... value"
     return converted
 
 
@@ -172,16 +186,17 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, renames: Mapping[st
             else:
                 parser.add_argument(f"--{name}", dest=leaf.dest, action="store_true", help=doc)
             continue
-        kwargs: dict[str, Any] = {"dest": leaf.dest, "help": doc}
+        _converter(leaf)  # a field without a command-line form fails here, when the CLI is built
+        kwargs: dict[str, Any] = {"dest": leaf.dest, "help": doc, "type": functools.partial(_Given, flag=name)}
         inner, _ = _optional(leaf.type)
         if typing.get_origin(inner) is typing.Literal:
             kwargs["choices"] = typing.get_args(inner)
         elif typing.get_origin(inner) is tuple and not meta.get("parse"):
             kwargs["nargs"] = "+"
-            kwargs["type"] = _converter(dataclasses.replace(leaf, type=typing.get_args(inner)[0]))
-        else:
-            kwargs["type"] = _converter(leaf)
-        kwargs["metavar"] = meta.get("metavar") or name.upper().replace("-", "_")
+        if "choices" not in kwargs:
+            kwargs["metavar"] = meta.get("metavar") or name.upper().replace("-", "_")
+        if _optional(leaf.type)[1] and default is not None:
+            doc += " ('none' unsets it)"
         if default is dataclasses.MISSING:
             kwargs["required"] = True
         else:
@@ -210,7 +225,11 @@ def from_args(cls: type, args: argparse.Namespace, prefix: tuple[str, ...] = ())
             values[f.name] = from_args(kind, args, (*prefix, f.name))
             continue
         dest = ".".join((*prefix, f.name))
-        if hasattr(args, dest):
-            value = getattr(args, dest)
-            values[f.name] = tuple(value) if isinstance(value, list) else value
+        if not hasattr(args, dest):
+            continue
+        value = getattr(args, dest)
+        if isinstance(value, (_Given, list)):
+            convert = _converter(_Leaf((*prefix, f.name), f, kind, ""))
+            value = tuple(map(convert, value)) if isinstance(value, list) else convert(value)
+        values[f.name] = value
     return cls(**values)

@@ -22,7 +22,9 @@ def summary(directory: str, manifest: manifest_lib.Manifest) -> str:
         f"job       {manifest.job} ({manifest.name}), seq_len {manifest.seq_len}, created {manifest.created_at}",
         f"tokenizer {manifest.tokenizer.get('uri') or manifest.tokenizer.get('path')} (sha256 {manifest.tokenizer.get('sha256', '')[:12]}…)",
         f"records   {manifest.records} in {len(manifest.shards)} shard(s), "
-        f"{sum(s.bytes for s in manifest.shards) / max(total, 1):.3f} bytes/token on disk",
+        f"{sum(s.bytes for s in manifest.shards) / max(total, 1):.3f} bytes/token on disk, "
+        + (f"{manifest.payload_bytes / max(total, 1):.3f} bytes/token of record payload" if manifest.payload_bytes
+           else "record payload not recorded"),
         f"tokens    {manifest.tokens} + {manifest.pad_tokens} padding "
         f"(pad fraction {manifest.pad_tokens / max(total, 1):.4f}, utilization {manifest.utilization:.4f})",
         "inputs    " + ", ".join(f"{k} {v}" for k, v in counts.items() if k != "dead_letter"),
@@ -74,23 +76,14 @@ def render_record(example: dict[str, np.ndarray], tokenizer: TextTokenizer | Non
     return "\n".join(lines)
 
 
-def decode_checked(record: bytes, seq_len: int) -> dict[str, np.ndarray]:
-    """A record decoded, refused (``ValueError``) unless its length is the manifest's ``seq_len``: after a
-    manifest edit a reader must not silently cut or mix sequence lengths."""
-    example = packed.decode(record)
-    if len(example["tokens"]) != seq_len:
-        raise ValueError(f"a record holds {len(example['tokens'])} tokens but the manifest says seq_len {seq_len}: "
-                         "the manifest does not describe these shards")
-    return example
-
-
 def records(directory: str, *, verify_hashes: bool = True) -> Iterator[dict[str, np.ndarray]]:
-    """Every decoded record of a dataset, shard by shard in manifest order (refuses incomplete datasets)."""
+    """Every decoded record of a dataset, shard by shard in manifest order (refuses incomplete datasets, and
+    records whose length is not the manifest's ``seq_len``)."""
     manifest = manifest_lib.read(directory, verify_hashes=verify_hashes)
     for path, shard in zip(manifest_lib.shard_paths(directory, manifest), manifest.shards):
         if shard.records:
             reader = ArrayRecordReader(_local(path))
-            yield from (decode_checked(r, manifest.seq_len) for r in reader.read_all())
+            yield from (packed.decode(r, manifest.seq_len) for r in reader.read_all())
             reader.close()
 
 
@@ -123,7 +116,7 @@ def inspect(directory: str, *, record: int = 0, tokenizer: str | None = None, ve
             break
         index -= shard.records
     reader = ArrayRecordReader(_local(path))
-    example = decode_checked(reader.read([index])[0], manifest.seq_len)
+    example = packed.decode(reader.read([index])[0], manifest.seq_len)
     reader.close()
     out.append(f"record {record} (record {index} of {shard.path}):" + (f" {note}" if note else ""))
     out.append(render_record(example, text_tokenizer))

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
 from pipelines import naming, progress, runner
 from pipelines.buckets import Bucket
@@ -46,7 +46,8 @@ class Job:
     build: Callable[[beam.Pipeline, Any], Any]  # adds the job to a pipeline (given the config)
     check: Callable[[Any], tuple[int, int]]  # raises ValueError for a bad input, else (input files, bytes); never writes
     help: str  # one line for ``lwm data --help``
-    renames: Mapping[str, str] = dataclasses.field(default_factory=dict)  # flag names for fields of foreign configs
+    # Flag names for fields of configs owned elsewhere, by dotted path (None: keep off the CLI).
+    renames: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
 
     def run(self, config, options: PipelineOptions | None = None, *, dry_run: bool = False) -> "JobResult":
         """``pipelines.books.run(config, options)``: see :func:`run`."""
@@ -207,15 +208,43 @@ def _replace(new: str, target: str) -> None:
         storage.rename(path, destination)
 
 
-def describe(pipeline: beam.Pipeline, options: PipelineOptions) -> str:
-    """The resolved pipeline options and the job graph's stage names (``--dry-run``)."""
-    set_options = {k: v for k, v in sorted(options.get_all_options(drop_default=True).items())}
-    lines = ["pipeline options:"] + [f"  --{k}={v}" for k, v in set_options.items()]
-    lines.append("stages:")
+def stage_names(pipeline: beam.Pipeline) -> list[str]:
+    """The job graph's stages: each top-level transform and, indented, its parts."""
+    names = []
     for transform in pipeline.transforms_stack[0].parts:
-        lines.append(f"  {transform.full_label}")
-        lines.extend(f"    {part.full_label}" for part in transform.parts)
+        names.append(transform.full_label)
+        names.extend(f"  {part.full_label}" for part in transform.parts)
+    return names
+
+
+def describe(pipeline: beam.Pipeline, options: PipelineOptions) -> str:
+    """``--dry-run``: the resolved options and the stage names; nothing runs and nothing is written.
+
+    With ``--runner DataflowRunner`` the runner also builds its job description (the
+    Dataflow ``Job`` and the portable pipeline it submits) offline, with Beam's own
+    ``--dry_run``: no credentials and no upload; the package workers would install is
+    built locally.
+    """
+    lines = ["pipeline options:"]
+    lines += [f"  --{k}={v}" for k, v in sorted(options.get_all_options(drop_default=True).items())]
+    lines += ["stages:"] + [f"  {name}" for name in stage_names(pipeline)]
+    if _is_dataflow(options):
+        job = dataflow_job(pipeline)
+        lines.append(f"Dataflow job {job.proto.name!r} ({job.proto.type_.name}): "
+                     f"{len(job.proto_pipeline.components.transforms)} transforms in its portable pipeline")
     return "\n".join(lines)
+
+
+def _is_dataflow(options: PipelineOptions) -> bool:
+    return "dataflow" in (options.view_as(StandardOptions).runner or "").lower()
+
+
+def dataflow_job(pipeline: beam.Pipeline):
+    """The ``apiclient.Job`` DataflowRunner would submit for ``pipeline``, built offline: the pipeline's
+    options must hold Beam's ``--dry_run`` from its construction on (its validation then skips GCS too)."""
+    if not pipeline.options.view_as(TestOptions).dry_run:
+        raise ValueError("dataflow_job needs a pipeline built with --dry_run")
+    return pipeline.run().job
 
 
 def _counters(result) -> dict[str, int]:
@@ -240,6 +269,8 @@ def run(job: Job, config, options: PipelineOptions | None = None, *, dry_run: bo
         check_free_space(output.output, input_bytes)
     progress.start(input_bytes, input_files)
     start = time.time()
+    if dry_run and _is_dataflow(options):
+        options.view_as(TestOptions).dry_run = True
     pipeline = beam.Pipeline(options=options)
     job.build(pipeline, staged)
     if dry_run:

@@ -29,7 +29,8 @@ class OutputConfig:
     name: str = ""
     """Shard name prefix (empty: the job's name, e.g. books, image_text)."""
     pack_groups: int = 16
-    """Hash groups per bucket packed independently (parallelism of the packing step)."""
+    """Most hash groups per bucket packed independently (parallelism of the packing step); a bucket is split
+    only as far as each group keeps 64 sequences' worth of tokens."""
     shard_mb: int = 256
     """Target shard size in MiB (estimated at 2 bytes per token)."""
     num_shards: int | None = None

@@ -35,7 +35,7 @@ def _subclasses(cls: type) -> Iterable[type]:
 @functools.cache
 def _beam_parser() -> argparse.ArgumentParser:
     """A parser of every option Beam's ``PipelineOptions`` subclasses define (as Beam builds it)."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     for cls in {c.__name__: c for c in _subclasses(PipelineOptions)}.values():
         try:
             cls._add_argparse_args(parser)
@@ -47,7 +47,10 @@ def _beam_parser() -> argparse.ArgumentParser:
 def check_known(beam_args: Sequence[str], known: Iterable[str] = ()) -> None:
     """Refuse an argument that is no Beam option, naming the closest of Beam's and ``known`` (the job's flags)."""
     parser = _beam_parser()
-    _, unknown = parser.parse_known_args(list(beam_args))
+    try:
+        _, unknown = parser.parse_known_args(list(beam_args))
+    except argparse.ArgumentError as error:
+        raise ValueError(f"Beam option {error}") from None
     if not unknown:
         return
     word = unknown[0].split("=", 1)[0]

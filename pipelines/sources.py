@@ -4,6 +4,12 @@ match patterns → open each file (any Beam filesystem, still compressed: the
 parser decompresses so corrupt archives raise) → parse with the job's record
 parser → split valid records from dead letters → keep the first record of each id
 (by path, then line or row) and dead-letter the rest as ``duplicate_id``.
+
+Deduplication moves no texts: a first pass over the files sends only (id, path,
+index) through a shuffle, to find the ids seen more than once and where each was
+first seen; that small map is a side input of the filter in the second pass, fused
+with the read, so no text is ever shuffled or held between stages (reading twice
+costs far less than moving every text).
 """
 
 from __future__ import annotations
@@ -42,13 +48,42 @@ class ReadRecords(beam.DoFn):
         progress.add(files=1, input_bytes=readable.metadata.size_in_bytes)
 
 
-def first_of_duplicates(item) -> Iterable[object]:
-    """(id, records) → the first record by (path, index), the others as ``duplicate_id`` dead letters."""
-    record_id, records = item
-    kept, *others = sorted(records, key=lambda r: (r.path, r.index))
-    yield kept
-    for other in others:
-        yield DeadLetter(record_id, "duplicate_id", f"id first seen at {kept.source}", other.source)
+class ReadPositions(beam.DoFn):
+    """A matched file → ``(id, ((path, index, source), 1))`` of each valid record: the first pass of
+    deduplication, which reads the files but keeps nothing of their texts."""
+
+    def __init__(self, parse: Parser):
+        self.parse = parse
+
+    def process(self, readable: fileio.ReadableFile):
+        try:
+            with readable.open(compression_type=CompressionTypes.UNCOMPRESSED) as stream:
+                for record in self.parse(stream, readable.metadata.path):
+                    if not isinstance(record, DeadLetter):
+                        yield _position(record)
+        except Exception:  # the second pass (ReadRecords) reports the file
+            return
+
+
+def _position(record) -> tuple[str, tuple[tuple[str, int, str], int]]:
+    """(id, ((path, index, source), 1)): all a record sends through the dedupe shuffle (never its text)."""
+    return record.id, ((record.path, record.index, record.source), 1)
+
+
+def first_and_count(values: Iterable[tuple[tuple[str, int, str], int]]) -> tuple[tuple[str, int, str], int]:
+    """Combine (position, count) pairs: the first position by (path, index), and the total count."""
+    values = list(values)
+    return min(v[0] for v in values), sum(v[1] for v in values)
+
+
+def keep_first(record, duplicated: dict[str, tuple[str, int, str]]) -> Iterable[object]:
+    """The record, unless its id is ``duplicated`` and it is not the first (by path, index) of that id:
+    then a ``duplicate_id`` dead letter naming where the id was first seen."""
+    first = duplicated.get(record.id)
+    if first is None or (record.path, record.index) == first[:2]:
+        yield record
+    else:
+        yield DeadLetter(record.id, "duplicate_id", f"id first seen at {first[2]}", record.source)
 
 
 def count_dead_letter(letter: DeadLetter) -> DeadLetter:
@@ -74,20 +109,25 @@ class ReadUnique(beam.PTransform):
         self.parse = parse
 
     def expand(self, pipeline):
-        read = (
+        files = (
             pipeline
             | "Patterns" >> beam.Create(self.inputs)
             | "Match" >> fileio.MatchAll()
             | "Open" >> fileio.ReadMatches()
             | "Spread" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(ReadRecords(self.parse))
         )
+        read = files | "Read" >> beam.ParDo(ReadRecords(self.parse))
         valid, rejected = read | "Valid" >> beam.Partition(_is_dead_letter, 2)
+        duplicated = (
+            files
+            | "ReadPositions" >> beam.ParDo(ReadPositions(self.parse))
+            | "FirstById" >> beam.CombinePerKey(first_and_count)
+            | "Duplicated" >> beam.Filter(lambda kv: kv[1][1] > 1)
+            | "FirstPosition" >> beam.MapTuple(lambda record_id, first: (record_id, first[0]))
+        )
         unique, duplicates = (
             valid
-            | "KeyById" >> beam.Map(lambda r: (r.id, r))
-            | "GroupById" >> beam.GroupByKey()
-            | "Dedupe" >> beam.FlatMap(first_of_duplicates)
+            | "Dedupe" >> beam.FlatMap(keep_first, beam.pvalue.AsDict(duplicated))
             | "Unique" >> beam.Partition(_is_dead_letter, 2)
         )
         return {

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from schemas import storage
+
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.safetensors"
 FORMAT_NAME = "lwm-vqgan"
@@ -283,17 +285,6 @@ class VQModel(nn.Module):
         return self.decode(self.encode(x_NxHxWx3))
 
 
-def _read_bytes(path: str) -> bytes:
-    # gs:// and other remote paths go through Beam's FileSystems (present on data workers).
-    if "://" in path:
-        from apache_beam.io.filesystems import FileSystems
-
-        with FileSystems.open(path) as f:
-            return f.read()
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def _check_range(input_range) -> tuple[float, float]:
     low, high = (float(v) for v in input_range)
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
@@ -354,30 +345,36 @@ class VQGAN:
 
     @classmethod
     def load(cls, path: str, **kwargs) -> VQGAN:
-        """Load a directory written by ``save`` (local or any Beam FileSystems path)."""
+        """Load a directory written by ``save`` (local, ``gs://`` or any ``schemas.storage`` path)."""
         from safetensors.numpy import load as load_safetensors
 
-        meta = json.loads(_read_bytes(os.path.join(path, CONFIG_FILE)))
+        path = os.fspath(path)
+        meta = json.loads(storage.read_bytes(storage.join(path, CONFIG_FILE)))
         if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path}: not a {FORMAT_NAME} v{FORMAT_VERSION} directory (format={meta.get('format')!r}, "
                              f"version={meta.get('version')!r})")
         config = VQGANConfig.from_dict(meta["config"])
-        flat = load_safetensors(_read_bytes(os.path.join(path, PARAMS_FILE)))
+        flat = load_safetensors(storage.read_bytes(storage.join(path, PARAMS_FILE)))
         params = traverse_util.unflatten_dict(flat, sep="/")
         check_params(config, params)
         return cls(config, params, meta["input_range"], **kwargs)
 
     def save(self, path: str) -> None:
-        """Write ``config.json`` (architecture, input range) and ``params.safetensors`` to a local directory."""
-        from safetensors.numpy import save_file
+        """Write ``params.safetensors`` and then ``config.json`` (architecture, input range) to a directory.
 
-        os.makedirs(path, exist_ok=True)
+        ``path`` may be local, ``gs://`` or any ``schemas.storage`` path; each file is
+        written whole, ``config.json`` last.
+        """
+        from safetensors.numpy import save as save_safetensors
+
+        path = os.fspath(path)
         flat = traverse_util.flatten_dict(jax.device_get(self.params), sep="/")
-        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()}, os.path.join(path, PARAMS_FILE))
+        storage.write_atomically(storage.join(path, PARAMS_FILE), save_safetensors(
+            {k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()}))
         meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": self.config.to_dict(),
                 "input_range": list(self.input_range)}
-        with open(os.path.join(path, CONFIG_FILE), "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
+        storage.write_atomically(storage.join(path, CONFIG_FILE),
+                                 json.dumps(meta, indent=2, sort_keys=True).encode())
 
     def preprocess(self, frames_NxHxWx3) -> np.ndarray:
         """uint8 RGB frames → float32 in ``input_range`` (0 ↦ low, 255 ↦ high)."""

@@ -54,6 +54,9 @@ class Manifest:
     # modality without tokens is absent): the loader checks them against the
     # model's vocabularies before the first step, at no per-step cost.
     max_ids: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Bytes of the encoded records themselves (schemas.packed), without ArrayRecord's
+    # framing and block padding: the format's own cost per token, beside the shards' size.
+    payload_bytes: int = 0
     format_version: int = FORMAT_VERSION
     created_at: str = ""
 

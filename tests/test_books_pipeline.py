@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 import shutil
 
 import numpy as np
@@ -127,27 +128,21 @@ def test_inspect_shows_summary_and_marked_segments(job, capsys):
     assert cli.main(["data", "inspect", str(job / "seq1024")]) == 0
     out = capsys.readouterr().out
     assert "utilization" in out and "dead      " in out and "segment 1" in out and "[loss 1:" in out
+    disk, payload = (float(x) for x in re.search(r"([\d.]+) bytes/token on disk, ([\d.]+) bytes/token of record", out).groups())
+    assert 0 < payload < disk  # ArrayRecord adds framing and padding around the records
 
 
 def test_read_and_dedupe_steps_in_a_test_pipeline(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"id": "x", "text": "first"}\n{"id": "y", "text": "only"}\n')
     (tmp_path / "b.jsonl").write_text('{"id": "x", "text": "second"}\n')
     with BeamTestPipeline() as pipeline:
-        read = (
-            pipeline
-            | beam.Create([str(tmp_path / "*.jsonl")])
-            | beam.io.fileio.MatchAll()
-            | beam.io.fileio.ReadMatches()
-            | beam.ParDo(sources.ReadRecords(raw.iter_documents))
-            | beam.Map(lambda d: (d.id, d))
-            | beam.GroupByKey()
-            | beam.FlatMap(sources.first_of_duplicates)
-        )
-        summary = read | beam.Map(lambda d: (type(d).__name__, d.id, getattr(d, "text", d.reason if hasattr(d, "reason") else "")))
-        assert_that(
-            summary,
-            equal_to([("Document", "x", "first"), ("Document", "y", "only"), ("DeadLetter", "x", "duplicate_id")]),
-        )
+        read = pipeline | sources.ReadUnique([str(tmp_path / "*.jsonl")], raw.iter_documents)
+        kept = read["records"] | "Kept" >> beam.Map(lambda d: (d.id, d.text))
+        letters = read["dead_letters"] | beam.Map(lambda d: (d.id, d.reason, d.detail, d.source))
+        assert_that(kept, equal_to([("x", "first"), ("y", "only")]), label="kept")
+        assert_that(letters, equal_to([("x", "duplicate_id", f"id first seen at {tmp_path}/a.jsonl:1",
+                                         f"{tmp_path}/b.jsonl:1")]), label="letters")
+        assert_that(read["input_examples"], equal_to([3]), label="count")
 
 
 def test_bucket_assignment_cuts_and_counts():
@@ -205,6 +200,6 @@ def test_readers_refuse_records_whose_length_is_not_the_manifests_seq_len(job, t
     text["seq_len"] = 512
     (copy / "manifest.json").write_text(json.dumps(text))
     assert cli.main(["data", "inspect", str(copy)]) == 2
-    assert "holds 1024 tokens but the manifest says seq_len 512" in capsys.readouterr().err
+    assert "packed record has sequence length 1024, not the expected seq_len 512" in capsys.readouterr().err
     with pytest.raises(ValueError, match="seq_len 512"):
         next(inspection.records(str(copy)))

@@ -86,13 +86,15 @@ def test_flags_follow_types_defaults_and_docs():
     by_flag = {a.option_strings[0]: a for a in parser._actions if a.option_strings and a.dest != "help"}
     assert set(by_flag) == {"--size", "--no-on", "--mode", "--limit", "--names"}
     assert by_flag["--size"].required and by_flag["--size"].help == "How big."
-    assert by_flag["--limit"].help == "at most this many (a continued entry). (default: 2.5)"
+    assert by_flag["--limit"].help == "at most this many (a continued entry). ('none' unsets it) (default: 2.5)"
     assert by_flag["--mode"].choices == ("a", "b")
     args = parser.parse_args(["--size", "3", "--no-on", "--mode", "b", "--limit", "none", "--names", "p", "q"])
     assert flags.from_args(_Outer, args) == _Outer(3, _Inner(False, "b"), None, ("p", "q"))
     assert flags.from_args(_Outer, parser.parse_args(["--size", "1"])) == _Outer(1)
     with pytest.raises(argparse.ArgumentError):
         parser.parse_args(["--size", "1", "--mode", "c"])
+    with pytest.raises(ValueError, match="^--limit much: could not convert"):
+        flags.from_args(_Outer, parser.parse_args(["--size", "1", "--limit", "much"]))
 
 
 def test_two_fields_with_one_flag_name_are_refused():
@@ -140,7 +142,7 @@ def test_data_job_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         cli.main(["data", "books", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--pack-groups PACK_GROUPS Hash groups per bucket packed independently" in out
+    assert "--pack-groups PACK_GROUPS Most hash groups per bucket packed independently" in out
     assert "(default: 16)" in out and "(default: 256)" in out and "--dry-run" in out
 
 
@@ -161,3 +163,39 @@ def test_jobs_show_progress_unless_quiet(verbosity, shown, sample_books, tokeniz
     err = capsys.readouterr().err
     assert ("progress: 1/1 files (100% of input bytes), 60 documents" in err) == shown
     assert ("progress: 0/1 files" in err) == shown
+
+
+def _job_argv(name, tmp_path, sample_books, tokenizer_path, output):
+    argv = ["data", name, "--input", str(sample_books), "--output", output, "--tokenizer", tokenizer_path,
+            "--seq-len", "1024"]
+    if name != "books":
+        vqgan = tmp_path / "vqgan"
+        vqgan.mkdir(exist_ok=True)
+        for file in ("config.json", "params.safetensors"):
+            (vqgan / file).write_text("{}")  # read for its sha256 only: a dry run encodes nothing
+        argv += ["--vqgan", str(vqgan)]
+    return argv
+
+
+def test_a_local_dry_run_prints_options_and_stages_and_writes_nothing(sample_books, tokenizer_path, tmp_path, capsys):
+    from orchestration import cli
+
+    argv = _job_argv("books", tmp_path, sample_books, tokenizer_path, str(tmp_path / "out"))
+    assert cli.main(argv + ["--dry-run", "--direct_num_workers=2"]) == 0
+    out = capsys.readouterr().out
+    assert "  --direct_num_workers=2" in out and "  --runner=FnApiRunner" in out
+    assert "\n  ReadInputs\n" in out and "    WriteDatasets/WriteManifests\n" in out
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", [n if n == "books" else pytest.param(n, marks=pytest.mark.slow) for n in sorted(JOBS)])
+def test_dataflow_builds_each_jobs_description_offline(name, sample_books, tokenizer_path, tmp_path, capsys):
+    from orchestration import cli
+
+    argv = _job_argv(name, tmp_path, sample_books, tokenizer_path, "gs://lwm-test-bucket/out")
+    beam = ["--runner", "DataflowRunner", "--project", "lwm-test", "--region", "us-central1",
+            "--temp_location", "gs://lwm-test-bucket/tmp"]
+    assert cli.main(argv + ["--dry-run"] + beam) == 0
+    out = capsys.readouterr().out
+    assert "  --runner=DataflowRunner" in out and "  --setup_file=" in out and "\n  WriteDatasets\n" in out
+    assert "(JOB_TYPE_BATCH):" in out and "transforms in its portable pipeline" in out

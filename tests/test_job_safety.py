@@ -3,6 +3,7 @@ Ctrl-C and kills leave the old dataset readable, unknown options and unwritable 
 
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -94,9 +95,10 @@ def test_a_job_failing_midway_with_overwrite_leaves_the_old_dataset(old_dataset,
 
 
 def _start(corpus, output, tokenizer):
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
+    # Many shards: the job is still writing them for a while after the first appears.
     argv = [sys.executable, "-m", "orchestration.cli", *_argv(corpus, output, tokenizer, "--overwrite",
-                                                              "--num-shards", "40")]
+                                                              "--num-shards", "200")]
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -99,3 +99,28 @@ def test_the_module_docstring_example_is_what_pack_does():
     assert examples[1]["segment_ids"].tolist() == [1, 1, 1, 1, 1, 2, 2, 2]
     assert examples[1]["positions"].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
     assert examples[1]["loss_weights"].tolist() == [0, 1, 1, 1, 1, 0, 1, 1]
+
+
+def test_pack_groups_split_a_bucket_only_as_far_as_each_group_fills_sequences():
+    assert packing.pack_groups(7_000, 1024, 16) == 1  # the demo's image-text set: one group, not 16 half-empty ones
+    assert packing.pack_groups(1024 * packing.SEQUENCES_PER_GROUP * 3, 1024, 16) == 3
+    assert packing.pack_groups(10**9, 32768, 16) == 16
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 70_000), max_size=300), st.booleans(), st.integers(0, 2**40), st.data())
+def test_segments_survive_their_compact_encoding(tokens, splittable, offset, data):
+    n = len(tokens)
+    mask = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), bool)
+    weights = np.array(data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=n, max_size=n)), np.float32)
+    segment = packing.Segment(("doc é", offset), np.array(tokens, np.int32), mask, weights, splittable)
+    decoded = packing.segment_from_bytes(packing.segment_to_bytes(segment))
+    assert decoded.key == segment.key and decoded.splittable == splittable
+    for field in ("tokens", "vision_mask", "loss_weights"):
+        assert np.array_equal(getattr(decoded, field), getattr(segment, field))
+        assert getattr(decoded, field).dtype == getattr(segment, field).dtype
+
+
+def test_a_text_segment_encodes_in_about_two_bytes_per_token():
+    segment = packing.text_segment("d", np.arange(32768) % 32000)
+    assert len(packing.segment_to_bytes(segment)) < 2.01 * 32768  # 16-bit ids; mask and weights as runs

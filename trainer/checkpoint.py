@@ -13,7 +13,8 @@ only the two base items, whatever else a step holds.
 
 Training checkpoints (``save_train_state`` / ``restore_train_state``) add
 ``opt_state`` (optax state, ``StandardSave``), ``data_iter`` (the Grain iterator's
-position; every process writes its own ``process_<i>-of-<n>.json``) and
+position; every process writes its own ``process_<i>-of-<n>.json``, restorable on
+another number of processes: ``trainer.data_position``) and
 ``train_config`` (the resolved ``trainer.config.TrainConfig`` as JSON). Steps are
 written to a temporary name and renamed when complete, so a run killed mid-save
 resumes from the newest complete step. A step that is complete by name but damaged
@@ -21,6 +22,10 @@ resumes from the newest complete step. A step that is complete by name but damag
 ``RUN_DIR/damaged_checkpoints/<step>`` (nothing is deleted, and the resumed run can
 save that step number again) and the previous step restored instead
 (``restore_newest_train_state``).
+
+With several processes every one of them calls these functions (orbax saves each
+array's shards from the process that holds them; process 0 writes the metadata and
+JSON items). ``ckpt_dir`` may be a ``gs://`` path: orbax reads and writes it itself.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from schemas import storage
+from trainer.data_position import DataPositionError, DataPositionRestore, DataPositionSave
 from trainer.model import ModelConfig, param_shapes
 
 PARAMS = "params"
@@ -58,7 +65,7 @@ def manager(ckpt_dir: str | os.PathLike, *, item_names: tuple[str, ...] = item_n
     it as a context manager) so asynchronous saves finish.
     """
     opts = ocp.CheckpointManagerOptions(**{"create": True, **options})
-    return ocp.CheckpointManager(os.path.abspath(os.fspath(ckpt_dir)), item_names=item_names, options=opts)
+    return ocp.CheckpointManager(storage.absolute(os.fspath(ckpt_dir)), item_names=item_names, options=opts)
 
 
 def save_params(ckpt_dir: str | os.PathLike, params: Any, model_config: ModelConfig, step: int = 0) -> None:
@@ -82,18 +89,22 @@ def _resolve_step(mngr: ocp.CheckpointManager, ckpt_dir, step: int | None) -> in
     return step
 
 
+def _check_exists(ckpt_dir: str | os.PathLike) -> None:
+    # Object stores have no folders: a checkpoint directory there exists when it lists something.
+    if not storage.listdir(os.fspath(ckpt_dir)):
+        raise ValueError(f"checkpoint directory {os.fspath(ckpt_dir)!r} does not exist or is empty")
+
+
 def latest_step(ckpt_dir: str | os.PathLike) -> int:
     """The newest step saved in ``ckpt_dir`` (ValueError if none)."""
-    if not os.path.isdir(ckpt_dir):
-        raise ValueError(f"checkpoint directory {os.fspath(ckpt_dir)!r} does not exist")
+    _check_exists(ckpt_dir)
     with manager(ckpt_dir, create=False, read_only=True) as mngr:
         return _resolve_step(mngr, ckpt_dir, None)
 
 
 def restore_model_config(ckpt_dir: str | os.PathLike, step: int | None = None) -> ModelConfig:
     """The ``ModelConfig`` saved with ``step`` (default: the latest)."""
-    if not os.path.isdir(ckpt_dir):
-        raise ValueError(f"checkpoint directory {os.fspath(ckpt_dir)!r} does not exist")
+    _check_exists(ckpt_dir)
     with manager(ckpt_dir, create=False, read_only=True) as mngr:
         step = _resolve_step(mngr, ckpt_dir, step)
         restored = mngr.restore(step, args=ocp.args.Composite(**{MODEL_CONFIG: ocp.args.JsonRestore()}))
@@ -136,40 +147,47 @@ def save_train_state(mngr: ocp.CheckpointManager, step: int, *, params: Any, opt
         PARAMS: ocp.args.StandardSave(params),
         OPT_STATE: ocp.args.StandardSave(opt_state),
         MODEL_CONFIG: ocp.args.JsonSave(model_config.to_dict()),
-        DATA_ITER: grain.checkpoint.CheckpointSave(data_iter),
+        DATA_ITER: DataPositionSave(data_iter),
         TRAIN_CONFIG: ocp.args.JsonSave(train_config),
     }))
 
 
 def restore_train_state(mngr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: Any,
-                        data_iter: grain.DatasetIterator) -> tuple[Any, Any]:
+                        data_iter: grain.DatasetIterator, data_position: int) -> tuple[Any, Any]:
     """Restores ``step``: returns ``(params, opt_state)`` and moves ``data_iter`` to its saved position.
 
     ``params`` and ``opt_state`` are targets: pytrees of ``jax.ShapeDtypeStruct``
-    carrying the shardings to restore onto.
+    carrying the shardings to restore onto (any mesh: orbax reshards).
+    ``data_position``: micro-batches consumed by ``step``, used where the saved
+    position was written by another topology (``trainer.data_position``).
     """
     restored = mngr.restore(step, args=ocp.args.Composite(**{
         PARAMS: ocp.args.StandardRestore(params),
         OPT_STATE: ocp.args.StandardRestore(opt_state),
-        DATA_ITER: grain.checkpoint.CheckpointRestore(data_iter),
+        DATA_ITER: DataPositionRestore(data_iter, data_position),
     }))
     return restored[PARAMS], restored[OPT_STATE]
 
 
 def restore_newest_train_state(mngr: ocp.CheckpointManager, *, params: Any, opt_state: Any,
-                               data_iter: grain.DatasetIterator, damaged_dir: str,
+                               data_iter: grain.DatasetIterator, micro_batches: int, damaged_dir: str,
                                report: Callable[[str], None]) -> tuple[int, Any, Any] | None:
     """Restores the newest step that restores: ``(step, params, opt_state)``, or None without checkpoints.
 
     A step that fails (any error of the storage layer) is reported through ``report``
     in one line naming its step and path and the next older one tried; once one
     restores, the failed ones are moved into ``damaged_dir``. ValueError when every
-    step fails (nothing moved). Arguments as for ``restore_train_state``.
+    step fails (nothing moved). ``micro_batches`` per step gives each step's data
+    position; the other arguments as for ``restore_train_state``. A data position that
+    cannot be moved to this topology (``DataPositionError``) is no damage: it is raised.
     """
     damaged = []
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
-            restored = restore_train_state(mngr, step, params=params, opt_state=opt_state, data_iter=data_iter)
+            restored = restore_train_state(mngr, step, params=params, opt_state=opt_state, data_iter=data_iter,
+                                           data_position=step * micro_batches)
+        except DataPositionError:
+            raise
         except Exception as error:  # tensorstore, orbax and JSON raise many types; any failure means damaged
             reason = " ".join(str(error).split()).split(". See full")[0][:160] or type(error).__name__
             report(f"checkpoint {step} in {mngr.directory} cannot be restored: {reason}")

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from schemas import storage
 from schemas.typed_config import describe, from_mapping, to_plain
 from trainer.loss import LossConfig
 from trainer.model import PRESETS, ModelConfig
@@ -155,6 +156,24 @@ class LogConfig:
             raise ValueError("log.every must be positive and log.peak_tflops >= 0")
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out loss during training (``trainer.evaluate``): the first ``batches`` batches of each
+    dataset (proportions unused), every ``every`` steps and at the last (0: off). ``batch_size`` 0
+    means the training micro-batch size."""
+
+    datasets: tuple[DatasetConfig, ...] = ()
+    every: int = 0
+    batches: int = 8
+    batch_size: int = 0
+
+    def __post_init__(self):
+        if self.every < 0 or self.batches <= 0 or self.batch_size < 0:
+            raise ValueError("eval.every and eval.batch_size must be >= 0 and eval.batches positive")
+        if self.every and not self.datasets:
+            raise ValueError("eval.every is set but eval.datasets is empty")
+
+
 def _paper_model() -> ModelConfig:
     # 32K stage: Llama-2 7B, RoPE theta 1e6, bf16 compute with fp32 parameters.
     return dataclasses.replace(PRESETS["llama2-7b"], rope_theta=1e6, max_position_embeddings=2**15,
@@ -175,6 +194,7 @@ class TrainConfig:
     mesh: MeshConfig = MeshConfig(dp=1, fsdp=-1, sp=1, tp=4)
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+    eval: EvalConfig = EvalConfig()
 
     def __post_init__(self):
         if not self.run_dir:
@@ -249,10 +269,7 @@ def help_text() -> str:
 
 
 def write_resolved(config: TrainConfig) -> str:
-    """Writes the resolved config to ``RUN_DIR/config.yaml``; returns its path."""
-    os.makedirs(config.run_dir, exist_ok=True)
-    path = os.path.join(config.run_dir, CONFIG_NAME)
-    with open(path + ".tmp", "w") as f:
-        f.write(config.to_yaml())
-    os.replace(path + ".tmp", path)
+    """Writes the resolved config to ``RUN_DIR/config.yaml`` (any filesystem); returns its path."""
+    path = storage.join(config.run_dir, CONFIG_NAME)
+    storage.write_atomically(path, config.to_yaml().encode())
     return path

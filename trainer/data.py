@@ -7,7 +7,9 @@ Pipeline (every step deterministic and stateless given the seed)::
       → shuffle (seeded, per dataset; reshuffled every epoch) → repeat forever
       → mix the datasets with their weights (``MapDataset.mix``: a fixed interleave
         in the configured proportions)
-      → this host's share of the records (strided slice)
+      → this host's block of every global batch (``HostBlocks``: the same records a
+        single process puts in those rows, so the global batch does not depend on
+        the number of processes)
       → decode (``schemas.packed.decode``; a record of another length than the
         manifest's ``seq_len`` is refused) → batch
       → ``NextTokenTargets``: targets in natural order (``trainer.layout.next_token_targets``)
@@ -18,6 +20,9 @@ Pipeline (every step deterministic and stateless given the seed)::
 Every element is a function of its index alone, so the batches do not depend on
 the worker count, and the iterator's state (``Loader.iterator``, a Grain
 ``DatasetIterator``) is a position that a checkpoint saves and restores exactly.
+Batch ``k`` of every process is its block of global batch ``k``: the position is
+the same on every process, which is what lets a run resume on another number of
+processes (``trainer.data_position``).
 
 Batch arrays, all ``[B, S]`` in the ring layout: ``tokens``, ``vision_mask``,
 ``segment_ids``, ``positions`` and the targets ``targets``, ``target_vision_mask``,
@@ -80,6 +85,29 @@ def _dataset_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
+class HostBlocks(grain.MapDataset):
+    """Block ``block`` of ``num_blocks`` equal row blocks of every global batch, in order.
+
+    With ``rows`` records per block, element ``i`` is record
+    ``(i // rows) * rows * num_blocks + block * rows + i % rows`` of the parent:
+    batching this by ``rows`` gives exactly rows ``block * rows ...`` of the batch a
+    single process builds from the parent, and reads no other record.
+    """
+
+    def __init__(self, parent: grain.MapDataset, num_blocks: int, block: int, rows: int):
+        super().__init__(parent)
+        self.num_blocks, self.block, self.rows = num_blocks, block, rows
+
+    def __len__(self) -> int:
+        return len(self._parent) // (self.rows * self.num_blocks) * self.rows
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self.rows)
+        return self._parent[(batch * self.num_blocks + self.block) * self.rows + row]
+
+
 class NextTokenTargets(grain.transforms.Map):
     """Adds ``targets``, ``target_vision_mask`` and ``target_weights`` to a natural-order batch."""
 
@@ -106,9 +134,10 @@ def dataset(config: DataConfig, manifests: list[manifest_lib.Manifest], *, batch
             columns: slice = slice(None)) -> grain.IterDataset:
     """The Grain pipeline of the module docstring, yielding numpy batches ``[batch_size, S]``.
 
-    This host reads records ``shard_index, shard_index + num_shards, ...`` of the
-    mixed stream; ``sp`` is the number of ring shards of the layout and ``block`` the
-    ring kernel's tile size (the ``segments`` layout balances tiles).
+    This host reads row block ``shard_index`` of ``num_shards`` blocks of
+    ``batch_size`` rows of every global batch (``HostBlocks``); ``sp`` is the
+    number of ring shards of the layout and ``block`` the ring kernel's tile size
+    (the ``segments`` layout balances tiles).
     """
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index {shard_index} is not in [0, {num_shards})")
@@ -118,7 +147,8 @@ def dataset(config: DataConfig, manifests: list[manifest_lib.Manifest], *, batch
     ]
     weights = [d.proportion for d in config.datasets]
     mixed = grain.MapDataset.mix(sources, weights) if len(sources) > 1 else sources[0]
-    records = mixed[shard_index::num_shards].map(functools.partial(packed.decode, seq_len=config.seq_len))
+    records = HostBlocks(mixed, num_shards, shard_index, batch_size).map(
+        functools.partial(packed.decode, seq_len=config.seq_len))
     batches = records.batch(batch_size, drop_remainder=True)
     layout.check_layout(config.seq_len, sp, config.layout)
     batches = batches.map(NextTokenTargets()).map(RingLayout(sp, config.layout, block, columns))

@@ -40,7 +40,8 @@ from trainer.ring_attention import dense_attention
 
 
 AttentionFn = Callable[..., jax.Array]
-"""``fn(q_BxSxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxS, positions_BxS) -> out_BxSxHxE``."""
+"""``fn(q_BxSxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxS, positions_BxS) -> out_BxSxHxE``
+(with a key/value cache: ``fn(..., cache) -> (out_BxSxHxE, cache)``, see ``LWM.__call__``)."""
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -221,7 +222,7 @@ class Attention(nn.Module):
     attention_fn: AttentionFn
 
     @nn.compact
-    def __call__(self, x_BxSxD, segment_ids_BxS, positions_BxS):
+    def __call__(self, x_BxSxD, segment_ids_BxS, positions_BxS, cache=None):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         init = _normal(c)
@@ -237,9 +238,13 @@ class Attention(nn.Module):
         v_BxSxKxE = nn.with_logical_constraint(v_BxSxKxE, ("batch", "length", "act_kv_heads", "head_dim"))
         q_BxSxHxE = rope(q_BxSxHxE, positions_BxS, c.rope_theta)
         k_BxSxKxE = rope(k_BxSxKxE, positions_BxS, c.rope_theta)
-        out_BxSxHxE = self.attention_fn(q_BxSxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxS, positions_BxS)
+        args = (q_BxSxHxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxS, positions_BxS)
+        if cache is None:
+            out_BxSxHxE = self.attention_fn(*args)
+        else:
+            out_BxSxHxE, cache = self.attention_fn(*args, cache)
         out_BxSxD = jnp.einsum("bshe,hed->bsd", out_BxSxHxE, wo.astype(dtype))
-        return nn.with_logical_constraint(out_BxSxD, ("batch", "length", "act_embed"))
+        return nn.with_logical_constraint(out_BxSxD, ("batch", "length", "act_embed")), cache
 
 
 class MLP(nn.Module):
@@ -269,15 +274,17 @@ class DecoderLayer(nn.Module):
     attention_fn: AttentionFn
 
     @nn.compact
-    def __call__(self, x_BxSxD, segment_ids_BxS, positions_BxS):
+    def __call__(self, x_BxSxD, segment_ids_BxS, positions_BxS, cache=None):
         # segment_ids and positions are loop-invariant in the layer scan; the ring kernel
         # itself keeps its masks from being hoisted out of the scan (``_tie`` in
         # trainer/ring_attention.py; BENCHMARKS.md, Model).
         h = RMSNorm(self.config, name="attn_norm")(x_BxSxD)
-        x_BxSxD = x_BxSxD + Attention(self.config, self.attention_fn, name="attn")(h, segment_ids_BxS, positions_BxS)
+        attn_BxSxD, cache = Attention(self.config, self.attention_fn, name="attn")(
+            h, segment_ids_BxS, positions_BxS, cache)
+        x_BxSxD = x_BxSxD + attn_BxSxD
         h = RMSNorm(self.config, name="mlp_norm")(x_BxSxD)
         x_BxSxD = x_BxSxD + MLP(self.config, name="mlp")(h)
-        return nn.with_logical_constraint(x_BxSxD, ("batch", "length", "act_embed")), None
+        return nn.with_logical_constraint(x_BxSxD, ("batch", "length", "act_embed")), cache
 
 
 class LWM(nn.Module):
@@ -307,7 +314,7 @@ class LWM(nn.Module):
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, 0),
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.attention_fn)
@@ -327,10 +334,18 @@ class LWM(nn.Module):
             x_BxSxD = jnp.where(vision_mask_BxS[..., None], v_BxSxD, x_BxSxD)
         return nn.with_logical_constraint(x_BxSxD, ("batch", "length", "act_embed"))
 
-    def __call__(self, tokens, vision_mask, segment_ids, positions) -> jax.Array:
+    def __call__(self, tokens, vision_mask, segment_ids, positions, cache=None):
+        """Hidden states ``[B, S, D]``; with ``cache``, ``(hidden, new cache)``.
+
+        ``cache`` (inference, ``trainer.sample``) is a pytree whose leaves have a
+        leading ``layers`` axis; each layer hands its slice to the attention function,
+        called as ``attention_fn(q, k, v, segment_ids, positions, cache) -> (out,
+        cache)``. The model never looks inside it.
+        """
         x_BxSxD = self.embed(tokens, vision_mask)
-        x_BxSxD, _ = self.layers(x_BxSxD, segment_ids, positions)
-        return self.final_norm(x_BxSxD)
+        x_BxSxD, cache = self.layers(x_BxSxD, segment_ids, positions, cache)
+        hidden_BxSxD = self.final_norm(x_BxSxD)
+        return hidden_BxSxD if cache is None else (hidden_BxSxD, cache)
 
     def head_kernels(self) -> tuple[jax.Array, jax.Array | None]:
         """``(text_head [D, V], vision_head [D, W] or None)`` in the compute dtype."""

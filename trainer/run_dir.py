@@ -12,9 +12,9 @@ cannot follow are refused (``ValueError``) before anything is restored:
 - the parameters' shapes and dtype (``model.vocab_size``, ``d_model``, ...): the
   checkpoint does not fit the new model;
 - the data order (``data.datasets``, ``seq_len``, ``batch_size``, ``seed``,
-  ``optimizer.grad_accum_steps``; the mesh too when several processes read the
-  data, since each saves its own position): the saved loader position would
-  point into another stream.
+  ``optimizer.grad_accum_steps``): the saved loader position would point into
+  another stream. The mesh and the number of processes may change: the position is
+  global (``trainer.data_position``).
 
 A new run is a new ``run_dir``; ``checkpoint.init_from`` starts it from the old
 run's weights.
@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from schemas import storage
 from trainer.config import CONFIG_NAME, TrainConfig
 
 SHAPE_KEYS = tuple(f"model.{k}" for k in ("vocab_size", "vision_vocab_size", "d_model", "num_layers", "num_heads",
@@ -54,12 +55,11 @@ def check_writable(run_dir: str, needed_bytes: int = 0) -> None:
 
 
 def saved_config(run_dir: str) -> dict[str, Any] | None:
-    """The mapping in ``RUN_DIR/config.yaml``, or None when the run has none."""
-    path = os.path.join(run_dir, CONFIG_NAME)
-    if not os.path.exists(path):
+    """The mapping in ``RUN_DIR/config.yaml`` (any filesystem), or None when the run has none."""
+    path = storage.join(run_dir, CONFIG_NAME)
+    if not storage.exists(path):
         return None
-    with open(path) as f:
-        return yaml.safe_load(f)
+    return yaml.safe_load(storage.read_bytes(path))
 
 
 def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -78,19 +78,18 @@ def config_changes(saved: Mapping[str, Any], config: TrainConfig) -> dict[str, t
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 
-def refused_changes(changes: Mapping[str, Any], processes: int = 1) -> list[str]:
+def refused_changes(changes: Mapping[str, Any]) -> list[str]:
     """The keys of ``changes`` that a resume cannot honour (module docstring)."""
-    refused = SHAPE_KEYS + DATA_ORDER_KEYS + (("mesh.",) if processes > 1 else ())
-    return [k for k in changes if k.startswith(refused)]
+    return [k for k in changes if k.startswith(SHAPE_KEYS + DATA_ORDER_KEYS)]
 
 
-def check_resume(config: TrainConfig, processes: int, report: Callable[[str], None]) -> None:
+def check_resume(config: TrainConfig, report: Callable[[str], None]) -> None:
     """Reports the settings changed since ``config.yaml``; ValueError for those a resume cannot honour."""
     saved = saved_config(config.run_dir)
     if saved is None:
         return
     changes = config_changes(saved, config)
-    refused = refused_changes(changes, processes)
+    refused = refused_changes(changes)
 
     def listed(keys):
         return ", ".join(f"{k} {changes[k][0]!r} -> {changes[k][1]!r}" for k in keys)

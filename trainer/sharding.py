@@ -10,6 +10,11 @@ Mesh axes (as in the paper's tables, LWM_FACTS "Training recipe"):
 The model names logical axes only (``trainer.model``); ``LOGICAL_RULES`` maps them
 to mesh axes. Activations: batch over (dp, fsdp), length over sp, heads/mlp/vocab
 over tp. Parameters: the ``embed`` axis over (fsdp, sp), heads/mlp/vocab over tp.
+
+Over several hosts (or TPU slices) each axis has an inner part, within a host's
+fast interconnect (ICI), and an outer part across the data-center network
+(``MeshConfig.dcn``, as MaxText's ``dcn_*_parallelism``). By default ``dp`` then
+``fsdp`` take the hosts, so that the ring (``sp``) and ``tp`` stay inside one host.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any, Iterator, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from trainer.model import AttentionFn, ModelConfig
@@ -52,13 +58,37 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 
 
 @dataclasses.dataclass(frozen=True)
+class DcnConfig:
+    """How many ways each mesh axis is split across hosts (slices on TPU), out of its total size.
+
+    All 1 (the default) leaves the split to ``dcn_shape``: ``dp``, then ``fsdp``.
+    """
+
+    dp: int = 1
+    fsdp: int = 1
+    sp: int = 1
+    tp: int = 1
+
+    def __post_init__(self):
+        if any(s < 1 for s in self.as_tuple()):
+            raise ValueError(f"mesh.dcn sizes must be positive, got {dict(zip(MESH_AXES, self.as_tuple()))}")
+
+    def as_tuple(self) -> tuple[int, int, int, int]:
+        return (self.dp, self.fsdp, self.sp, self.tp)
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh shape; one axis may be -1, meaning "all remaining devices" (paper's tables)."""
+    """Mesh shape; one axis may be -1, meaning "all remaining devices" (paper's tables).
+
+    ``dcn``: the part of each axis that spans hosts (see ``DcnConfig``).
+    """
 
     dp: int = 1
     fsdp: int = -1
     sp: int = 1
     tp: int = 1
+    dcn: DcnConfig = DcnConfig()
 
     def __post_init__(self):
         sizes = self.as_tuple()
@@ -83,12 +113,49 @@ class MeshConfig:
         return sizes
 
 
-def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes ``MESH_AXES`` over ``devices`` (default: all), tp innermost."""
-    devices = list(jax.devices() if devices is None else devices)
+def dcn_shape(config: MeshConfig, shape: Sequence[int], granules: int) -> tuple[int, ...]:
+    """The cross-host part of each axis of a mesh of ``shape`` over ``granules`` hosts (or slices).
+
+    ``config.dcn`` when given, else the hosts go to ``dp`` and then ``fsdp``;
+    ValueError naming the axis or product that does not divide.
+    """
+    named = lambda sizes: dict(zip(MESH_AXES, sizes))  # noqa: E731
+    dcn = config.dcn.as_tuple()
+    if dcn == (1,) * len(MESH_AXES) and granules > 1:
+        dp = math.gcd(shape[0], granules)
+        fsdp = math.gcd(shape[1], granules // dp)
+        dcn = (dp, fsdp, 1, 1)
+        if dp * fsdp != granules:
+            raise ValueError(f"dp * fsdp = {shape[0] * shape[1]} of mesh {named(shape)} cannot be split over "
+                             f"{granules} hosts; set mesh.dcn to place the hosts on other axes")
+    for axis, total, outer in zip(MESH_AXES, shape, dcn):
+        if total % outer:
+            raise ValueError(f"mesh.dcn.{axis} = {outer} does not divide mesh axis {axis} = {total}")
+    if math.prod(dcn) != granules:
+        raise ValueError(f"mesh.dcn {named(dcn)} spans {math.prod(dcn)} hosts, but the job has {granules}")
+    return dcn
+
+
+def device_grid(config: MeshConfig, devices: Sequence[jax.Device]) -> np.ndarray:
+    """Devices arranged in the mesh's shape: each host's devices form the inner (ICI) block.
+
+    Hosts are TPU slices where devices have a ``slice_index``, else processes.
+    """
     shape = config.resolve(len(devices))
+    by_slice = getattr(devices[0], "slice_index", None) is not None
+    granules = len({d.slice_index if by_slice else d.process_index for d in devices})
+    dcn = dcn_shape(config, shape, granules)
+    ici = tuple(total // outer for total, outer in zip(shape, dcn))
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice)
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes ``MESH_AXES`` over ``devices`` (default: all), tp innermost, hosts outermost."""
+    devices = list(jax.devices() if devices is None else devices)
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    if len({d.process_index for d in devices}) == 1 and config.dcn == DcnConfig():
+        return jax.make_mesh(config.resolve(len(devices)), MESH_AXES, axis_types=auto, devices=devices)
+    return Mesh(device_grid(config, devices), MESH_AXES, axis_types=auto)
 
 
 def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:

@@ -26,8 +26,12 @@
 - process 0 prints a start-up summary, a progress line (elapsed time, ETA),
   ``RUN_DIR/metrics.jsonl`` and TensorBoard events (``RUN_DIR/tensorboard``) every
   ``log.every`` updates;
-- on several hosts (detected from the environment) ``jax.distributed.initialize()``
-  runs first and every process saves its own loader position.
+- on several hosts (``trainer.distributed``: cluster detection or ``LWM_*`` variables)
+  the process joins the job first; every process reads its block of each batch and
+  saves its own loader position (restorable on another process count); all of them
+  stop together on a signal and on a non-finite loss (both decided from global
+  values). ``run_dir`` may be shared storage (``gs://``): files go through
+  ``trainer.run_files``, checkpoints through orbax.
 """
 
 from __future__ import annotations
@@ -46,11 +50,13 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from trainer import checkpoint, optimizer, run_dir
+from schemas import storage
+from trainer import checkpoint, distributed, evaluate, optimizer, run_dir
 from trainer.config import TrainConfig, write_resolved
 from trainer.data import Loader
 from trainer.loss import LossConfig, loss_and_metrics
 from trainer.model import LWM, ModelConfig, abstract_params, init_params, param_shapes
+from trainer.run_files import SyncedDir, SyncedFile
 from trainer.sharding import activate, attention_fn, batch_sharding, make_mesh, param_shardings, validate
 
 # Dense bf16 peak per chip, for the MFU estimate (vendor data sheets).
@@ -75,13 +81,6 @@ class TrainResult:
     preempted: bool
     metrics: dict[str, float]
     signum: int = 0
-
-
-def multihost_environment(env: Mapping[str, str]) -> bool:
-    """True when ``env`` says this process is one of several (TPU pod, SLURM, MPI, explicit)."""
-    counts = (env.get("JAX_NUM_PROCESSES"), env.get("SLURM_NTASKS"), env.get("OMPI_COMM_WORLD_SIZE"))
-    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    return len(hosts) > 1 or any(c is not None and c.isdigit() and int(c) > 1 for c in counts)
 
 
 def make_train_step(model: LWM, tx: optax.GradientTransformation, loss_config: LossConfig) -> Callable:
@@ -124,22 +123,31 @@ class MetricsLog:
         """Opens the metrics file and TensorBoard writer (before the loop: importing TensorBoard takes seconds)."""
         if not self.enabled or self.file is not None:
             return
-        self.file = open(os.path.join(self.run_dir, "metrics.jsonl"), "a")
+        self.file = SyncedFile(storage.join(self.run_dir, "metrics.jsonl"))
         if self.tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+            self.events = SyncedDir(storage.join(self.run_dir, "tensorboard"))
+            self.writer = SummaryWriter(self.events.local)
 
-    def write(self, step: int, total: int, metrics: dict[str, float]) -> None:
+    def record(self, step: int, metrics: dict[str, float], tag_prefix: str = "") -> None:
+        """One ``metrics.jsonl`` line and TensorBoard scalars (tags ``tag_prefix + name``)."""
         if not self.enabled:
             return
         self.open()
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
+        self.file.sync()
         if self.writer is not None:
             for name, value in metrics.items():
-                self.writer.add_scalar(f"train/{name}", value, step)
+                self.writer.add_scalar(f"{tag_prefix}{name}", value, step)
             self.writer.flush()
+            self.events.sync()
+
+    def write(self, step: int, total: int, metrics: dict[str, float]) -> None:
+        """A training step's metrics: recorded under ``train/`` and printed as the progress line."""
+        if not self.enabled:
+            return
+        self.record(step, metrics, "train/")
         vision = f"{metrics['vision_loss']:.4f}" if metrics.get("vision_weight") else "-"
         mfu = f"{100 * metrics['mfu']:.1f}%" if "mfu" in metrics else "n/a"
         print(f"step {step}/{total} | loss {metrics['loss']:.4f} (text {metrics['text_loss']:.4f}, "
@@ -156,6 +164,7 @@ class MetricsLog:
             self.file.close()
         if self.writer is not None:
             self.writer.close()
+            self.events.close()
 
 
 class _StopSignals:
@@ -199,8 +208,8 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 def init_from_params(config: TrainConfig, shardings: Any) -> Any:
     """The newest params of ``checkpoint.init_from``, checked to fit this run's model."""
     source = config.checkpoint.init_from
-    nested = os.path.join(source, "checkpoints")
-    ckpt_dir = nested if os.path.isdir(nested) else source
+    nested = storage.join(source, "checkpoints")
+    ckpt_dir = nested if storage.listdir(nested) else source
     saved = checkpoint.restore_model_config(ckpt_dir)
     if param_shapes(saved) != param_shapes(config.model):
         differ = {k: (v, getattr(config.model, k)) for k, v in saved.to_dict().items()
@@ -314,15 +323,14 @@ def startup_summary(config: TrainConfig, mesh, manifests: Sequence[Any], origin:
 
 def train(config: TrainConfig) -> TrainResult:
     """Runs ``config`` from its newest checkpoint (or from scratch) to ``config.steps``."""
-    if multihost_environment(os.environ) and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    distributed.join()
     run_dir.check_writable(config.run_dir, checkpoint_bytes(config.model))
     log = MetricsLog(config.run_dir, jax.process_index() == 0, config.log.tensorboard)
     options = dict(max_to_keep=config.checkpoint.keep, enable_async_checkpointing=config.checkpoint.async_save)
-    with checkpoint.train_manager(os.path.join(config.run_dir, "checkpoints"), **options) as mngr:
+    with checkpoint.train_manager(storage.join(config.run_dir, "checkpoints"), **options) as mngr:
         latest = mngr.latest_step()
         if latest is not None:
-            run_dir.check_resume(config, jax.process_count(), log.message)
+            run_dir.check_resume(config, log.message)
             if latest >= config.steps:
                 log.message(f"{config.run_dir} is complete: checkpoint {latest} of {config.steps} steps, nothing to "
                             f"do (to train further raise steps, e.g. --set steps={2 * config.steps})")
@@ -343,8 +351,9 @@ def train(config: TrainConfig) -> TrainResult:
                 if jax.process_index() == 0:
                     write_resolved(config)
                 log.message(startup_summary(config, mesh, loader.manifests, origin))
+                evaluator = evaluate.Evaluator.for_run(config, mesh, LWM(config.model, attention_fn(mesh, config.model)))
                 log.open()
-                return _loop(config, _Session(state, step_fn, loader, mngr, log, stop), step)
+                return _loop(config, _Session(state, step_fn, loader, mngr, log, stop, evaluator), step)
         finally:
             log.close()
             loader.close()
@@ -372,22 +381,28 @@ class _Session:
     mngr: Any
     log: MetricsLog
     stop: _StopSignals
+    evaluator: Any = None  # trainer.evaluate.Evaluator of the eval: section, if on
 
 
 def _loop(config: TrainConfig, run: _Session, step: int) -> TrainResult:
     """Steps from ``step`` to ``config.steps``: update, check, log, stop on a signal, save on schedule."""
     lr = optimizer.schedule(config.optimizer, config.steps)
+    batches = run.loader
+    if jax.process_count() > 1 and step < config.steps:
+        run.step_fn, batches = distributed.compile_together(run.step_fn, run.state, run.loader)
     throughput, last = _Throughput(config, step), {}
     while step < config.steps:
         micro = []
         for _ in range(config.optimizer.grad_accum_steps):
-            run.state, metrics = run.step_fn(run.state, next(run.loader))
+            run.state, metrics = run.step_fn(run.state, next(batches))
             micro.append(metrics)
         step += 1
         _check_finite(micro, step, run.mngr)
         if step % config.log.every == 0 or step == config.steps:
             last = {**_host_metrics(micro), "learning_rate": float(lr(step - 1)), **throughput(step)}
             run.log.write(step, config.steps, last)
+        if run.evaluator is not None and evaluate.due(config.eval, step, config.steps):
+            evaluate.log_metrics(run.log, step, run.evaluator(run.state.params))
         signum = run.stop.requested()
         if signum and step < config.steps:
             _save(config, run, step)
@@ -425,8 +440,8 @@ def _initial_state(config: TrainConfig, mngr, loader: Loader, tx, state_sh: Trai
     restored = checkpoint.restore_newest_train_state(
         mngr, params=_abstract(param_shapes(config.model), state_sh.params),
         opt_state=_abstract(jax.eval_shape(tx.init, param_shapes(config.model)), state_sh.opt_state),
-        data_iter=loader.iterator, damaged_dir=os.path.join(config.run_dir, "damaged_checkpoints"),
-        report=log.message)
+        data_iter=loader.iterator, micro_batches=config.optimizer.grad_accum_steps,
+        damaged_dir=os.path.join(config.run_dir, "damaged_checkpoints"), report=log.message)
     if restored is not None:
         step, params, opt_state = restored
         log.message(f"resumed from checkpoint {step} in {mngr.directory}")

@@ -35,6 +35,10 @@ def run(args, extra) -> int:
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
+    if args.processes != 1:
+        from orchestration.launch import launch
+
+        return launch(args.config, args.set, args.processes)
     simulate_cpu_devices(config)
     from trainer.train import NonFiniteLossError, train  # JAX starts here, after the device count is set
 
@@ -69,4 +73,7 @@ def register(subparsers) -> None:
                         help="override a config value, e.g. --set optimizer.learning_rate=1e-4 (repeatable)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (YAML, every key) and exit without training")
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="run the job as N local processes joined by jax.distributed (hosts simulated on CPU, "
+                        "each with 1/N of the mesh's devices); logs in RUN_DIR/logs/process-{i}.log (default: 1)")
     parser.set_defaults(func=run)

@@ -1,0 +1,110 @@
+"""`lwm generate`: text, an image or a video from a checkpoint (``trainer.sample``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+
+def run(args, extra) -> int:
+    from pipelines.text_tokenizer import TextTokenizer
+    from trainer import checkpoint
+    from trainer.sample import SampleSettings, Sampler, decode_frames, encode_prompt, frame_codes
+
+    vision_out = args.image or args.video
+    if args.image and args.video:
+        raise ValueError("give --image or --video, not both")
+    if vision_out and not args.vqgan:
+        raise ValueError("--image and --video need --vqgan DIR (the VQGAN that decodes the codes)")
+    if args.frames < 1:
+        raise ValueError(f"--frames must be >= 1, got {args.frames}")
+    tokenizer = TextTokenizer(args.tokenizer)
+    ckpt = _checkpoint_dir(args.ckpt)
+    vocab_size = checkpoint.restore_model_config(ckpt, args.step).vocab_size
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but the checkpoint's text vocabulary "
+                         f"only {vocab_size}: they do not belong together")
+    settings = SampleSettings(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id)
+    sampler = Sampler(ckpt, sp=args.sp, step=args.step)
+    prompt = encode_prompt(tokenizer, _vision_request(args) if vision_out else args.prompt, chat=args.chat,
+                           vision=bool(vision_out))
+    if vision_out:
+        return _vision(args, sampler, prompt, settings, frame_codes, decode_frames)
+    printed = [""]
+    generated: list[int] = []
+
+    def stream(row: int, token: int) -> None:  # print the text's new suffix as tokens arrive
+        generated.append(token)
+        text = tokenizer.decode(generated)
+        sys.stdout.write(text[len(printed[0]):])
+        sys.stdout.flush()
+        printed[0] = text
+
+    sampler.generate([prompt], settings, on_token=stream)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _checkpoint_dir(path: str) -> str:
+    """A checkpoint directory, or a run directory holding ``checkpoints/``."""
+    nested = os.path.join(path, "checkpoints")
+    return nested if os.path.isdir(nested) else path
+
+
+def _vision_request(args) -> str:
+    if not args.chat:
+        return args.prompt  # plain layout: caption, then <vision>
+    kind = "a video" if args.video else "an image"
+    return f"Generate {kind} of {args.prompt}"
+
+
+def _vision(args, sampler, prompt, settings, frame_codes, decode_frames) -> int:
+    from pipelines.vqgan import VQGAN
+
+    frames = args.frames if args.video else 1
+    vqgan = VQGAN.load(args.vqgan)
+    print(f"generating {frames} frame(s) × 257 vision tokens ...", file=sys.stderr, flush=True)
+    (ids,) = sampler.generate_vision([prompt], frames, settings)
+    pixels = decode_frames(frame_codes(ids), vqgan)
+    os.makedirs(os.path.dirname(os.path.abspath(args.image or args.video)), exist_ok=True)
+    if args.image:
+        from PIL import Image
+
+        Image.fromarray(pixels[0]).save(args.image)
+        print(f"wrote {args.image}")
+    else:
+        from orchestration.sample_media import encode_video
+
+        encode_video(args.video, np.asarray(pixels), args.fps)
+        print(f"wrote {args.video} ({frames} frames at {args.fps} fps)")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="sample text, an image or a video from a checkpoint",
+        description="Sample from a checkpoint. The prompt is encoded as text was in training (BOS, then the "
+        "text; no template) unless --chat wraps it in LWM's chat template. Long prompts are prefilled with "
+        "ring attention over --sp devices. Text streams to stdout as it is generated.",
+    )
+    parser.add_argument("--ckpt", required=True, help="checkpoint directory (or a run directory holding checkpoints/)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    parser.add_argument("--tokenizer", required=True, help="the SentencePiece model the checkpoint was trained with")
+    parser.add_argument("--prompt", required=True, help="prompt text (for --image/--video: what to draw)")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap the prompt in LWM's chat template (You are a helpful assistant. USER: ... ASSISTANT:)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="most new text tokens (stops earlier at EOS)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
+    parser.add_argument("--sp", type=int, default=1, help="devices of the ring the prompt and cache are split over")
+    parser.add_argument("--image", metavar="OUT.png", help="generate an image instead of text, written here")
+    parser.add_argument("--video", metavar="OUT.mp4", help="generate a video instead of text, written here")
+    parser.add_argument("--frames", type=int, default=4, help="frames of --video")
+    parser.add_argument("--fps", type=int, default=4, help="frame rate of the --video file")
+    parser.add_argument("--vqgan", metavar="DIR", help="VQGAN directory (lwm convert vqgan-import) decoding vision codes")
+    parser.set_defaults(func=run)

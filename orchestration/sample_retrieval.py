@@ -1,0 +1,33 @@
+"""Synthetic needle-retrieval training documents from the demo's books, so the tiny demo model learns
+to answer ``lwm eval needle``'s question at short lengths.
+
+Each document is a needle prompt exactly as the eval builds it (``trainer.needle``: chat template,
+a window of book sentences, "The special magic {city} number is: {7 digits}." at a random depth,
+the question) followed by the ideal answer. Cities come from ``trainer.needle.TRAIN_CITIES``, never
+the eval's, and numbers from a seed namespace of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from pipelines.text_tokenizer import TextTokenizer
+from trainer import needle
+
+
+def write_retrieval(path: pathlib.Path, books: pathlib.Path, tokenizer_path: str, count: int, *, seed: int = 1,
+                    min_length: int = 128, max_length: int = 960) -> pathlib.Path:
+    """A JSON-lines corpus (``id``, ``text``, ``source``) of ``count`` retrieval exercises of
+    ``min_length``..``max_length`` prompt tokens, haystacks cut from the books in ``books`` (JSON lines)."""
+    with open(books) as f:
+        texts = [json.loads(line)["text"] for line in f if line.strip()]
+    tokenizer = TextTokenizer(tokenizer_path)
+    haystack = needle.Haystack(texts, tokenizer.encode)
+    documents = needle.training_texts(haystack, tokenizer, count, min_length=min_length, max_length=max_length,
+                                      seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as out:
+        for index, text in enumerate(documents):
+            out.write(json.dumps({"id": f"retrieval-{seed}-{index:05d}", "text": text, "source": "synthetic"}) + "\n")
+    return path

@@ -1,0 +1,335 @@
+"""Needle in a haystack and variable tracking: prompts of an exact token length, scoring, the sweep.
+
+Needle (LWM_FACTS "Evaluation"): filler text (the haystack) of sentences from any text,
+with "The special magic {city} number is: {7 digits}." inserted at a sentence boundary
+at the requested depth; LWM's chat template asks "What is the special magic {city}
+number?"; the greedy answer is correct iff the number appears in it. Multi-needle:
+``needles`` needles in the haystack (the first at the requested depth, the others at
+seeded depths), the question asks for ``ask`` of them (all must appear).
+
+Variable tracking (RULER): a chain "VAR ABCDE = 12345." then "VAR FGHIJ = ABCDE." …
+(``hops`` assignments after the first) starts at the requested depth and continues at
+seeded later boundaries; ``needles - 1`` more chains with other values are distractors.
+The question asks which variables hold the first chain's value; correct iff every name
+of that chain appears in the answer.
+
+Prompt layout, every part tokenized on its own (BOS added explicitly)::
+
+    BOS | "You are a helpful assistant. USER:" | haystack with needles | "{question} ASSISTANT:"
+
+Its length in tokens is exactly the requested length: the haystack is a window of
+whole sentences that starts inside a sentence (a fragment, as if opened at a random
+place in a book), so every insertion point is a real sentence boundary. Trials are
+seeded by (seed, task, length, depth, round), so a sweep is deterministic.
+
+Construction and scoring are pure; :func:`run` drives a ``trainer.sample.Sampler``
+over the grid and writes ``results.jsonl``, a table and ``heatmap.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import string
+from typing import Callable, Sequence
+
+import numpy as np
+
+from trainer.sample import SYSTEM_PROMPT
+
+TASKS = ("needle", "variable-tracking")
+# The eval's cities; generators of training data must use others (TRAIN_CITIES).
+EVAL_CITIES = ("Chicago", "Yangon", "Antananarivo", "Colombo", "Almaty", "Sydney", "Mexico City", "Seattle",
+               "Lagos", "Amsterdam", "Belgrade", "Cairo", "Baghdad", "Damascus", "Kigali", "Dakar", "Sofia",
+               "Victoria", "Tashkent", "Mumbai", "Barcelona", "Havana", "Helsinki", "Kampala", "Lima")
+TRAIN_CITIES = ("Oslo", "Lisbon", "Nairobi", "Quito", "Hanoi", "Tunis", "Riga", "Accra", "Bogota", "Manila",
+                "Vienna", "Dublin", "Montreal", "Osaka", "Perth", "Porto", "Santiago", "Tbilisi", "Zagreb",
+                "Muscat", "Dhaka", "Lusaka", "Valencia", "Geneva", "Caracas")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def needle_sentence(city: str, number: str) -> str:
+    return f"The special magic {city} number is: {number}."
+
+
+def needle_question(city: str) -> str:
+    return f"What is the special magic {city} number?"
+
+
+def variable_question(value: str) -> str:
+    return f"Find all variables that are assigned the value {value} in the text above."
+
+
+@dataclasses.dataclass(frozen=True)
+class NeedleConfig:
+    """One sweep. ``lengths`` count whole prompts in tokens; ``depths`` are fractions of the haystack."""
+
+    lengths: tuple[int, ...] = (1024, 2048, 4096)
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    rounds: int = 3
+    needles: int = 1
+    ask: int = 1
+    task: str = "needle"
+    hops: int = 4
+    seed: int = 0
+    max_new_tokens: int = 48
+    cities: tuple[str, ...] = EVAL_CITIES
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if not self.lengths or min(self.lengths) <= 0:
+            raise ValueError(f"lengths must be positive token counts, got {self.lengths}")
+        if not self.depths or not all(0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError(f"depths must lie in [0, 1], got {self.depths}")
+        if self.rounds < 1 or self.hops < 1 or self.max_new_tokens < 1:
+            raise ValueError("rounds, hops and max_new_tokens must be >= 1")
+        if not 1 <= self.ask <= self.needles:
+            raise ValueError(f"need 1 <= ask <= needles, got ask {self.ask}, needles {self.needles}")
+        if self.task == "needle" and self.needles > len(self.cities):
+            raise ValueError(f"{self.needles} needles need as many cities; {len(self.cities)} given")
+        if self.task == "variable-tracking" and self.ask != 1:
+            raise ValueError("variable tracking asks about one chain (ask 1); --needles adds distractor chains")
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One prompt of the sweep and what a correct answer must contain."""
+
+    task: str
+    length: int
+    depth: float
+    round: int
+    prompt: tuple[int, ...]
+    expected: tuple[str, ...]  # strings that must all appear in the answer
+    reference: str  # an ideal answer (the asked needles' sentences; the chain's names)
+    needle_offsets: tuple[int, ...]  # token offset in the prompt of each inserted sentence, in order
+
+
+class Haystack:
+    """Sentences of filler text, tokenized once. ``encode(text) -> ids`` adds no BOS/EOS."""
+
+    def __init__(self, texts: Sequence[str], encode: Callable[[str], Sequence[int]]):
+        sentences = [s.strip() for text in texts for s in _SENTENCE_END.split(text) if s.strip()]
+        if len(sentences) < 2:
+            raise ValueError("the haystack needs text of at least two sentences")
+        self.sentences = [list(map(int, encode(s))) for s in sentences]
+        self.sentences = [s for s in self.sentences if s]
+        self.tokens = sum(len(s) for s in self.sentences)
+
+    def window(self, budget: int, rng: random.Random) -> list[list[int]]:
+        """Pieces of exactly ``budget`` tokens in all: a sentence's tail, then whole sentences, from a
+        random place (wrapping around); every boundary between pieces is a sentence boundary."""
+        start = rng.randrange(len(self.sentences))
+        pieces: list[list[int]] = []
+        total, i = 0, start
+        while total < budget:
+            pieces.append(self.sentences[i % len(self.sentences)])
+            total += len(pieces[-1])
+            i += 1
+        extra = total - budget  # cut at the front: whole sentences, then the first one's head
+        while extra >= len(pieces[0]):
+            extra -= len(pieces.pop(0))
+        pieces[0] = pieces[0][extra:]
+        return pieces
+
+
+def _boundary(pieces: Sequence[Sequence[int]], depth: float) -> int:
+    """Index of the piece boundary (0 = before all, len = after all) whose token offset is closest to
+    ``depth`` of the haystack; whole-sentence boundaries only (never inside the leading fragment)."""
+    offsets = np.cumsum([0] + [len(p) for p in pieces])
+    target = depth * offsets[-1]
+    candidates = [0] + list(range(1, len(pieces) + 1))
+    return min(candidates, key=lambda b: (abs(offsets[b] - target), b))
+
+
+def _number(rng: random.Random, digits: int) -> str:
+    return str(rng.randrange(10 ** (digits - 1), 10**digits))
+
+
+def _name(rng: random.Random) -> str:
+    return "".join(rng.choice(string.ascii_uppercase) for _ in range(5))
+
+
+def _statements(config: NeedleConfig, rng: random.Random) -> tuple[list[str], list[str], str, str]:
+    """The sentences to insert (asked one first), the strings a correct answer contains, the question
+    and an ideal answer."""
+    if config.task == "needle":
+        cities = rng.sample(list(config.cities), config.needles)
+        numbers = [_number(rng, 7) for _ in cities]
+        sentences = [needle_sentence(c, n) for c, n in zip(cities, numbers)]
+        question = " ".join(needle_question(c) for c in cities[:config.ask])
+        return sentences, numbers[:config.ask], question, " ".join(sentences[:config.ask])
+    values = rng.sample(range(10000, 100000), config.needles)
+    chains = []
+    for value in values:
+        names = [_name(rng) for _ in range(config.hops + 1)]
+        chains.append((names, [f"VAR {names[0]} = {value}."] +
+                       [f"VAR {b} = {a}." for a, b in zip(names, names[1:])]))
+    names = chains[0][0]
+    return [s for _, c in chains for s in c], names, variable_question(str(values[0])), ", ".join(names) + "."
+
+
+def build_trial(haystack: Haystack, encode: Callable[[str], Sequence[int]], bos_id: int, config: NeedleConfig,
+                length: int, depth: float, round_index: int) -> Trial:
+    """The prompt of one (length, depth, round) cell: exactly ``length`` tokens (module docstring)."""
+    rng = random.Random(f"{config.seed}/{config.task}/{length}/{depth}/{round_index}")
+    sentences, expected, question, reference = _statements(config, rng)
+    prefix = list(encode(f"{SYSTEM_PROMPT} USER:"))
+    suffix = list(encode(f"{question} ASSISTANT:"))
+    inserts = [list(encode(s)) for s in sentences]
+    budget = length - 1 - len(prefix) - len(suffix) - sum(map(len, inserts))
+    if budget < 1:
+        raise ValueError(f"length {length} is too short: the template, question and needles alone take "
+                         f"{length - budget} tokens")
+    pieces = haystack.window(budget, rng)
+    slots = _insertion_points(config, pieces, depth, len(inserts), rng)
+    body: list[int] = []
+    offsets = []
+    base = 1 + len(prefix)
+    for b in range(len(pieces) + 1):
+        for index in [i for i, slot in enumerate(slots) if slot == b]:
+            offsets.append((index, base + len(body)))
+            body += inserts[index]
+        if b < len(pieces):
+            body += pieces[b]
+    prompt = [bos_id, *prefix, *body, *suffix]
+    assert len(prompt) == length
+    return Trial(config.task, length, depth, round_index, tuple(int(t) for t in prompt), tuple(expected),
+                 reference, tuple(offset for _, offset in sorted(offsets)))
+
+
+def _insertion_points(config: NeedleConfig, pieces, depth: float, count: int, rng: random.Random) -> list[int]:
+    """Boundary index of each inserted sentence, in insertion order (ties keep that order)."""
+    first = _boundary(pieces, depth)
+    if config.task == "needle":
+        return [first] + [_boundary(pieces, rng.random()) for _ in range(count - 1)]
+    chain = config.hops + 1
+    slots = []
+    for c in range(count // chain):
+        start = first if c == 0 else _boundary(pieces, rng.random())
+        later = sorted(rng.randint(start, len(pieces)) for _ in range(chain - 1))
+        slots += [start, *later]
+    return slots
+
+
+def score(answer: str, expected: Sequence[str]) -> bool:
+    """True iff every expected string (a number, a variable name) appears in the answer as a whole token."""
+    return all(re.search(rf"(?<![0-9A-Za-z]){re.escape(e)}(?![0-9A-Za-z])", answer) for e in expected)
+
+
+def trials(haystack: Haystack, encode, bos_id: int, config: NeedleConfig) -> list[Trial]:
+    """Every trial of the sweep: lengths × depths × rounds, in that order."""
+    return [build_trial(haystack, encode, bos_id, config, length, depth, r)
+            for length in config.lengths for depth in config.depths for r in range(config.rounds)]
+
+
+def training_texts(haystack: Haystack, tokenizer, count: int, *, min_length: int = 128, max_length: int = 960,
+                   seed: int = 1, task: str = "needle") -> list[str]:
+    """``count`` retrieval exercises as plain documents (for ``lwm data books``, which adds BOS/EOS):
+    a prompt as the eval builds it (random length in [min_length, max_length] tokens, random depth)
+    followed by the ideal answer. Cities come from ``TRAIN_CITIES`` and numbers from a seed
+    namespace of their own, so no eval needle is ever trained on."""
+    rng = random.Random(f"training/{seed}/{task}")
+    texts = []
+    for index in range(count):
+        length, depth = rng.randint(min_length, max_length), round(rng.random(), 3)
+        config = NeedleConfig(lengths=(length,), depths=(depth,), task=task, cities=TRAIN_CITIES,
+                              seed=seed + 1_000_003)
+        trial = build_trial(haystack, tokenizer.encode, tokenizer.bos_id, config, length, depth, index)
+        texts.append(f"{tokenizer.decode(trial.prompt[1:])} {trial.reference}")
+    return texts
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def accuracy_grid(results: Sequence[dict], config: NeedleConfig) -> np.ndarray:
+    """Mean correctness ``[depths, lengths]`` (NaN where no trial ran)."""
+    grid = np.full((len(config.depths), len(config.lengths)), np.nan)
+    for i, depth in enumerate(config.depths):
+        for j, length in enumerate(config.lengths):
+            cell = [r["correct"] for r in results if r["depth"] == depth and r["length"] == length]
+            if cell:
+                grid[i, j] = float(np.mean(cell))
+    return grid
+
+
+def table(results: Sequence[dict], config: NeedleConfig) -> str:
+    """Accuracy (%) per depth (rows) and context length (columns), with an overall row."""
+    grid = accuracy_grid(results, config)
+    width = max(7, *(len(str(n)) + 1 for n in config.lengths))
+    lines = ["depth \\ length".ljust(15) + "".join(str(n).rjust(width) for n in config.lengths)]
+    for depth, row in zip(config.depths, grid):
+        lines.append(f"{depth:<15g}" + "".join(f"{100 * v:{width}.0f}" for v in row))
+    overall = [np.mean([r["correct"] for r in results if r["length"] == n] or [np.nan]) for n in config.lengths]
+    lines.append("all".ljust(15) + "".join(f"{100 * v:{width}.0f}" for v in overall))
+    return "\n".join(lines)
+
+
+def heatmap(results: Sequence[dict], config: NeedleConfig, path: str, title: str) -> str:
+    """``path``: a PNG of accuracy over context length (x) × depth (y), drawn with matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = accuracy_grid(results, config)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(config.lengths), 1.0 + 0.6 * len(config.depths)))
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(config.lengths)), [str(n) for n in config.lengths])
+    ax.set_yticks(range(len(config.depths)), [f"{d:g}" for d in config.depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("depth")
+    for (i, j), value in np.ndenumerate(grid):
+        if np.isfinite(value):
+            ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(sampler, tokenizer, haystack_texts: Sequence[str], config: NeedleConfig, out_dir: str, *,
+        batch_size: int = 16, progress: Callable[[str], None] = print) -> list[dict]:
+    """The sweep on a loaded ``trainer.sample.Sampler``: greedy answers, ``OUT/results.jsonl`` (one
+    line per trial), ``OUT/table.txt`` and ``OUT/heatmap.png``. Every length is checked against the
+    model's context and the device memory before the first trial runs. Returns the result records."""
+    from trainer.sample import SampleSettings
+
+    for length in config.lengths:
+        sampler.check_fits(min(batch_size, len(config.depths) * config.rounds), length, config.max_new_tokens)
+    haystack = Haystack(haystack_texts, tokenizer.encode)
+    settings = SampleSettings(max_new_tokens=config.max_new_tokens, eos_id=tokenizer.eos_id)
+    os.makedirs(out_dir, exist_ok=True)
+    results = []
+    with open(os.path.join(out_dir, "results.jsonl"), "w") as out:
+        for length in config.lengths:
+            cell = [build_trial(haystack, tokenizer.encode, tokenizer.bos_id, config, length, d, r)
+                    for d in config.depths for r in range(config.rounds)]
+            for start in range(0, len(cell), batch_size):
+                chunk = cell[start:start + batch_size]
+                answers = sampler.generate([t.prompt for t in chunk], settings)
+                for trial, answer_ids in zip(chunk, answers):
+                    answer = tokenizer.decode(answer_ids)
+                    record = {"task": trial.task, "length": trial.length, "depth": trial.depth, "round": trial.round,
+                              "expected": ", ".join(trial.expected), "expected_values": list(trial.expected),
+                              "reference": trial.reference,
+                              "needle_offset": trial.needle_offsets[0], "needle_offsets": list(trial.needle_offsets),
+                              "answer": answer, "correct": score(answer, trial.expected)}
+                    out.write(json.dumps(record) + "\n")
+                    results.append(record)
+            out.flush()
+            accuracy = np.mean([r["correct"] for r in results if r["length"] == length])
+            progress(f"length {length}: {100 * accuracy:.0f}% of {len(cell)} trials correct")
+    text = table(results, config)
+    with open(os.path.join(out_dir, "table.txt"), "w") as f:
+        f.write(text + "\n")
+    heatmap(results, config, os.path.join(out_dir, "heatmap.png"),
+            f"{config.task}: {config.needles} inserted, {config.ask} asked, {config.rounds} rounds")
+    return results

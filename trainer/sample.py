@@ -1,0 +1,527 @@
+"""The sampler: long prompts prefilled with ring attention, then decoding from a sequence-sharded cache.
+
+Use from Python (load once, generate many times)::
+
+    from trainer.sample import Sampler, SampleSettings, encode_prompt
+    sampler = Sampler("runs/tiny/checkpoints", sp=1)          # newest step
+    prompts = [encode_prompt(tokenizer, "Once upon a time"), encode_prompt(tokenizer, "Q?", chat=True)]
+    completions = sampler.generate(prompts, SampleSettings(max_new_tokens=64, temperature=0.7, top_p=0.9))
+    tokenizer.decode(completions[0])                          # text after the prompt, EOS left out
+
+How it works, on a mesh of ``sp`` devices (the ring, as in training):
+
+1. **Prefill.** The batch of prompts (right-padded to a common length P, padding in
+   segment 0 so it attends to nothing and nothing attends to it; each row its own
+   positions 0..len-1) is put in the zigzag ring layout and run through the model with
+   ring attention over ``sp``, exactly as in training. Every layer writes its keys and
+   values into the key/value cache, which stays where ring attention left it: device r
+   keeps the keys of its own prompt tokens.
+2. **Decode.** One token per row per step. The cache of every layer is
+   ``[B, sp * (Lp + Ld), K, E]``, sharded along the sequence over ``sp``: device r holds its
+   ``Lp = P / sp`` prompt slots followed by ``Ld`` decode slots; decode step t writes its
+   key/value to device ``t mod sp`` (so generated tokens spread over the ring too). Each
+   device attends the new query to its own cache slots, and one ``pmax``/``psum`` pair
+   merges the partial softmaxes (the online-softmax merge of ring attention, over one hop).
+   Masks come from the cached segment ids and positions, so slot order does not matter,
+   unfilled slots (segment 0) are invisible and rows of different lengths need no
+   left-padding: row b's generated tokens get positions len_b, len_b + 1, ...
+
+Sampling (host side, numpy, seeded): greedy (``temperature=0``), or temperature with
+optional top-k and top-p (nucleus) filtering. A row stops at EOS (not returned) or
+after ``max_new_tokens``. Greedy results do not depend on how prompts are batched;
+sampled ones depend on the seed and the row's index in the batch.
+
+Vision generation (``generate_vision``): the prompt ends with the text ``<vision>``;
+the sampler then draws only VQGAN codes (0..8191) from the vision head, forces ``<eof>``
+after every 256 codes and ``<eov>`` after the last requested frame; ``frame_codes`` gives
+the codes ``[F, 16, 16]`` and ``decode_frames`` uint8 RGB frames through a VQGAN.
+
+Correctness: ``teacher_forced_logits`` runs this exact path (prefill, then one token at a
+time through the cache) and equals ``trainer.inference.logits`` (tests, fp32, sp 1 and 4).
+
+Shape legend: B batch, P padded prompt length, T cache slots, S sequence, D d_model,
+H query heads, K key/value heads, G = H / K, E head dim, V text vocab, W vision vocab,
+L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from schemas import vocab
+from trainer import checkpoint
+from trainer.model import LWM, ModelConfig, param_shapes
+from trainer.layout import layout_permutation
+from trainer.ring_attention import ring_attention
+from trainer.sharding import MeshConfig, activate, logical_to_spec, make_mesh, validate
+
+SYSTEM_PROMPT = "You are a helpful assistant."  # LWM's chat template (LWM_FACTS "Sequence construction")
+FRAME_TOKENS = vocab.TOKENS_PER_FRAME + 1  # 256 codes, then <eof> or <eov>
+_LAYOUT = "zigzag"
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+    """How tokens are drawn. ``temperature=0`` is greedy; ``top_k=0`` and ``top_p=1`` turn those filters off.
+
+    ``eos_id``: the text id that ends a completion (Llama's and our tokenizers' 2);
+    None generates ``max_new_tokens`` regardless.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    eos_id: int | None = 2
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or self.top_k < 0:
+            raise ValueError(f"temperature and top_k must be >= 0, got {self.temperature}, {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+
+def chat_text(question: str) -> str:
+    """LWM's chat template around a question, up to the answer."""
+    return f"{SYSTEM_PROMPT} USER: {question} ASSISTANT:"
+
+
+def encode_prompt(tokenizer, text: str, *, chat: bool = False, vision: bool = False) -> list[int]:
+    """Token ids of a prompt as the model saw text in training: BOS, then the text (no EOS).
+
+    ``chat`` wraps ``text`` in LWM's chat template; ``vision`` ends the prompt with the
+    ``<vision>`` tag (tokenized on its own, as ``pipelines.vision_layout`` does), so that
+    the model continues with vision tokens.
+    """
+    ids = [tokenizer.bos_id, *tokenizer.encode(chat_text(text) if chat else text)]
+    if vision:
+        ids += list(tokenizer.encode(vocab.VISION_OPEN))
+    return [int(i) for i in ids]
+
+
+# ----------------------------------------------------------------------------- token choice
+
+
+def filter_logits(logits_BxV: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """Logits with everything outside the top-k and the top-p nucleus set to -inf.
+
+    top-k keeps the k highest logits (ties at the k-th value kept); top-p keeps the
+    fewest highest-probability tokens whose probabilities sum to at least ``top_p``
+    (always at least one).
+    """
+    logits = np.asarray(logits_BxV, np.float64).copy()
+    if top_k and top_k < logits.shape[-1]:
+        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k, None]
+        logits[logits < kth] = -np.inf
+    if top_p < 1.0:
+        order = np.argsort(-logits, axis=-1, kind="stable")
+        sorted_logits = np.take_along_axis(logits, order, axis=-1)
+        probs = np.exp(sorted_logits - sorted_logits[:, :1])
+        probs /= probs.sum(axis=-1, keepdims=True)
+        before = np.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
+        drop = np.zeros_like(logits, bool)
+        np.put_along_axis(drop, order, before >= top_p, axis=-1)
+        logits[drop] = -np.inf
+    return logits
+
+
+def choose(logits_BxV: np.ndarray, settings: SampleSettings, rng: np.random.Generator) -> np.ndarray:
+    """One token per row: argmax when ``temperature == 0``, else a draw from the filtered softmax."""
+    logits = np.asarray(logits_BxV, np.float64)
+    if settings.temperature == 0:
+        return np.argmax(logits, axis=-1)
+    logits = filter_logits(logits / settings.temperature, settings.top_k, settings.top_p)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    cdf = np.cumsum(probs, axis=-1)
+    draws = rng.random(len(logits))[:, None] * cdf[:, -1:]
+    return np.minimum(np.sum(cdf < draws, axis=-1), logits.shape[-1] - 1)
+
+
+# ----------------------------------------------------------------------------- cache attention
+
+
+def _cache_specs():
+    kv = logical_to_spec(("batch", "length", "act_kv_heads", "head_dim"))
+    tokens = logical_to_spec(("batch", "length"))
+    return {"k": kv, "v": kv, "segment_ids": tokens, "positions": tokens, "index": PartitionSpec()}
+
+
+def _prefill_attention(mesh, config: ModelConfig):
+    """Ring attention over ``sp`` (as in training) that also writes the prompt's keys/values to the cache."""
+
+    def per_shard(q, k, v, segment_ids, positions, cache):
+        out = ring_attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                             q_positions=positions, kv_positions=positions, axis_name="sp", causal=True,
+                             block_q=config.attention_block_q, block_kv=config.attention_block_kv)
+        new = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], x.astype(cache[name].dtype), 0, axis=1)
+               for name, x in (("k", k), ("v", v), ("segment_ids", segment_ids), ("positions", positions))}
+        return out, {**new, "index": cache["index"]}
+
+    heads = logical_to_spec(("batch", "length", "act_heads", "head_dim"))
+    kv = logical_to_spec(("batch", "length", "act_kv_heads", "head_dim"))
+    tokens = logical_to_spec(("batch", "length"))
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(heads, kv, kv, tokens, tokens, _cache_specs()),
+                         out_specs=(heads, _cache_specs()))
+
+
+def _decode_attention(mesh, prompt_slots: int):
+    """Attention of one new token per row against the sequence-sharded cache (module docstring, step 2)."""
+
+    def per_shard(q_Bx1xHxE, k_Bx1xKxE, v_Bx1xKxE, segment_ids_Bx1, positions_Bx1, cache):
+        step = cache["index"]
+        mine = step % jax.lax.axis_size("sp") == jax.lax.axis_index("sp")
+        slot = prompt_slots + step // jax.lax.axis_size("sp")
+
+        def put(buffer, new):
+            old = jax.lax.dynamic_slice_in_dim(buffer, slot, 1, axis=1)
+            return jax.lax.dynamic_update_slice_in_dim(buffer, jnp.where(mine, new.astype(buffer.dtype), old),
+                                                       slot, axis=1)
+
+        cache = {"k": put(cache["k"], k_Bx1xKxE), "v": put(cache["v"], v_Bx1xKxE),
+                 "segment_ids": put(cache["segment_ids"], segment_ids_Bx1),
+                 "positions": put(cache["positions"], positions_Bx1), "index": step + 1}
+        return _merged_attention(q_Bx1xHxE, segment_ids_Bx1, positions_Bx1, cache), cache
+
+    # The new token is replicated over sp (every device attends it to its own slots).
+    heads = logical_to_spec(("batch", None, "act_heads", "head_dim"))
+    kv = logical_to_spec(("batch", None, "act_kv_heads", "head_dim"))
+    tokens = logical_to_spec(("batch", None))
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(heads, kv, kv, tokens, tokens, _cache_specs()),
+                         out_specs=(heads, _cache_specs()))
+
+
+def _merged_attention(q_Bx1xHxE, segment_ids_Bx1, positions_Bx1, cache):
+    """Exact attention over all devices' cache slots: local partial softmax, merged by pmax/psum over sp."""
+    k_BxTxKxE, v_BxTxKxE = cache["k"], cache["v"]
+    b, _, h, e = q_Bx1xHxE.shape
+    kh = k_BxTxKxE.shape[2]
+    q_BxKxGxE = q_Bx1xHxE.reshape(b, kh, h // kh, e).astype(jnp.float32) * e**-0.5
+    s_BxKxGxT = jnp.einsum("bkge,btke->bkgt", q_BxKxGxE, k_BxTxKxE.astype(jnp.float32))
+    visible_BxT = ((cache["segment_ids"] == segment_ids_Bx1) & (segment_ids_Bx1 > 0)
+                   & (cache["positions"] <= positions_Bx1))
+    s_BxKxGxT = jnp.where(visible_BxT[:, None, None, :], s_BxKxGxT, -jnp.inf)
+    m_BxKxG = jax.lax.pmax(jnp.max(s_BxKxGxT, axis=-1), "sp")
+    m_BxKxG = jnp.where(jnp.isneginf(m_BxKxG), 0.0, m_BxKxG)
+    p_BxKxGxT = jnp.exp(s_BxKxGxT - m_BxKxG[..., None])
+    denom_BxKxG = jax.lax.psum(jnp.sum(p_BxKxGxT, axis=-1), "sp")
+    out_BxKxGxE = jax.lax.psum(jnp.einsum("bkgt,btke->bkge", p_BxKxGxT, v_BxTxKxE.astype(jnp.float32)), "sp")
+    out_BxKxGxE = out_BxKxGxE / jnp.where(denom_BxKxG > 0, denom_BxKxG, 1.0)[..., None]
+    return out_BxKxGxE.reshape(b, 1, h, e).astype(q_Bx1xHxE.dtype)
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+def prefill_length(prompt_len: int, sp: int, config: ModelConfig) -> int:
+    """The padded prompt length: a multiple of 2 sp (zigzag) that ring blocks and MLP chunks divide,
+    and of a sixteenth of the length's power of two (at least 16), so that nearby lengths share
+    compiled programs."""
+    length = max(int(prompt_len), 1)
+    bucket = max(16, 1 << max(length.bit_length() - 4, 0))
+    length = -(-length // bucket) * bucket
+    while True:
+        unit = 2 * sp
+        for block in (config.attention_block_q, config.attention_block_kv):
+            if length // sp > block:
+                unit = math.lcm(unit, sp * block)
+        if length > config.mlp_chunk_size:
+            unit = math.lcm(unit, config.mlp_chunk_size)
+        padded = -(-length // unit) * unit
+        if padded == length:
+            return length
+        length = padded
+
+
+def memory_estimate(config: ModelConfig, batch: int, prompt_len: int, new_tokens: int, sp: int) -> int:
+    """Bytes one device needs to sample (an estimate, on the safe side): replicated parameters, its
+    share of the cache, prefill activations of its share of the prompt, one MLP chunk, the logits."""
+    item = jnp.dtype(config.dtype).itemsize
+    padded = prefill_length(prompt_len, sp, config)
+    slots = padded // sp + -(-max(new_tokens - 1, 1) // sp) + 16
+    params = config.num_params() * jnp.dtype(config.param_dtype).itemsize
+    cache = config.num_layers * batch * slots * (2 * config.num_kv_heads * config.head_dim * item + 8)
+    local = batch * (padded // sp)
+    activations = local * (8 * config.d_model * 4 + 4 * (config.num_heads + 2 * config.num_kv_heads) * config.head_dim)
+    mlp = 3 * batch * min(padded, config.mlp_chunk_size) * config.mlp_dim * 4
+    tiles = 4 * batch * config.num_heads * config.attention_block_q * config.attention_block_kv * 4
+    logits = 2 * batch * (config.vocab_size + config.vision_vocab_size) * 4
+    return int(params + cache + activations + mlp + tiles + logits)
+
+
+def available_memory(device: jax.Device, devices_sharing_host: int = 1) -> int | None:
+    """Free bytes on ``device``: its allocator's limit minus use, or (CPU) the host's free memory
+    divided among the simulated devices sharing it; None if unknown."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return int(free // max(devices_sharing_host, 1))
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+
+class Sampler:
+    """A checkpoint loaded once onto ``sp`` devices (the first ``sp`` of ``jax.devices()``),
+    ready to sample many batches. Parameters are replicated; prompts and caches are split
+    over the ``sp`` ring. Compiled programs are shared per (model, mesh, batch, padded prompt,
+    cache slots), prompt and budget rounded up so that nearby requests share them.
+    """
+
+    def __init__(self, ckpt_dir: str | os.PathLike, *, sp: int = 1, step: int | None = None):
+        if sp < 1 or sp > jax.device_count():
+            raise ValueError(f"sp must lie in [1, {jax.device_count()}] (the devices JAX sees), got {sp}")
+        self.config = checkpoint.restore_model_config(ckpt_dir, step)
+        self.sp = sp
+        self.mesh = make_mesh(MeshConfig(dp=1, fsdp=1, sp=sp, tp=1), jax.devices()[:sp])
+        validate(self.config, self.mesh, 1, sp)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        shapes = param_shapes(self.config)
+        self.params, _ = checkpoint.restore_params(ckpt_dir, step, sharding=jax.tree.map(lambda _: replicated, shapes))
+
+    # -- public API
+
+    def generate(self, prompts: Sequence[Sequence[int]], settings: SampleSettings = SampleSettings(),
+                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+        """Text completions (token ids after each prompt, EOS left out) of a batch of prompts.
+
+        ``prompts``: text token ids (BOS first, see :func:`encode_prompt`), any lengths.
+        ``on_token(row, token)`` is called for every token as soon as it is chosen (streaming).
+        """
+        tokens, _ = self._run(prompts, settings, frames=0, on_token=on_token)
+        return tokens
+
+    def generate_vision(self, prompts: Sequence[Sequence[int]], frames: int,
+                        settings: SampleSettings = SampleSettings()) -> list[list[int]]:
+        """Vision ids (``frames * 257`` per prompt: codes, ``<eof>`` after each frame, ``<eov>`` after
+        the last) continuing prompts that end with the ``<vision>`` tag; :func:`frame_codes` turns
+        them into ``[frames, 16, 16]`` codes. ``settings.max_new_tokens`` and ``eos_id`` are not used.
+        """
+        if frames < 1:
+            raise ValueError(f"frames must be >= 1, got {frames}")
+        if not self.config.vision_vocab_size:
+            raise ValueError("this checkpoint has no vision head (vision_vocab_size 0): it cannot generate images")
+        settings = dataclasses.replace(settings, max_new_tokens=frames * FRAME_TOKENS, eos_id=None)
+        tokens, _ = self._run(prompts, settings, frames=frames)
+        return tokens
+
+    def teacher_forced_logits(self, tokens: np.ndarray, prefill_len: int,
+                              vision_mask: np.ndarray | None = None) -> np.ndarray:
+        """Text-head logits ``[B, S, V]`` (float32) computed by the sampler's own path: prefill of
+        ``tokens[:, :prefill_len]``, then the remaining tokens fed one at a time through the cache."""
+        tokens = np.asarray(tokens)
+        vision_mask = np.zeros(tokens.shape, bool) if vision_mask is None else np.asarray(vision_mask, bool)
+        if tokens.ndim != 2 or vision_mask.shape != tokens.shape or not 1 <= prefill_len <= tokens.shape[1]:
+            raise ValueError(f"need tokens [B, S], a vision mask of the same shape and 1 <= prefill_len <= S; "
+                             f"got {tokens.shape}, {vision_mask.shape}, {prefill_len}")
+        batch, seq = tokens.shape
+        lengths = np.full(batch, prefill_len)
+        state = self._prefill(tokens[:, :prefill_len], vision_mask[:, :prefill_len], lengths,
+                              seq - prefill_len, all_positions=True)
+        logits = [state.text_logits]
+        for step in range(seq - prefill_len):
+            state = self._decode(state, tokens[:, prefill_len + step], vision_mask[:, prefill_len + step])
+            logits.append(state.text_logits)
+        return np.concatenate(logits, axis=1)
+
+    def check_fits(self, batch: int, prompt_len: int, new_tokens: int) -> None:
+        """ValueError, before anything is allocated, if a request is longer than the model's
+        ``max_position_embeddings`` or (by :func:`memory_estimate`) will not fit on a device."""
+        total = prompt_len + new_tokens
+        if total > self.config.max_position_embeddings:
+            raise ValueError(f"{prompt_len} prompt tokens + {new_tokens} new tokens = {total} exceeds the "
+                             f"checkpoint's max_position_embeddings {self.config.max_position_embeddings}")
+        need = memory_estimate(self.config, batch, prompt_len, new_tokens, self.sp)
+        device = jax.devices()[0]
+        free = available_memory(device, jax.local_device_count() if device.platform == "cpu" else 1)
+        if free is not None and need > free:
+            raise ValueError(f"{batch} x {total} tokens need about {need / 2**30:.2f} GiB per device at sp={self.sp}, "
+                             f"but {free / 2**30:.2f} GiB are free; use a larger sp or shorter lengths")
+
+    # -- internals
+
+    def _run(self, prompts, settings: SampleSettings, frames: int, on_token=None):
+        prompts = [np.asarray(p, np.int64) for p in prompts]
+        if not prompts or any(p.ndim != 1 or p.size == 0 for p in prompts):
+            raise ValueError("prompts must be a non-empty list of non-empty token id lists")
+        for p in prompts:
+            if p.min() < 0 or p.max() >= self.config.vocab_size:
+                raise ValueError(f"prompt token ids must lie in [0, {self.config.vocab_size})")
+        lengths = np.array([len(p) for p in prompts])
+        new = settings.max_new_tokens
+        self.check_fits(len(prompts), int(lengths.max()), new)
+        padded = np.zeros((len(prompts), lengths.max()), np.int64)
+        for row, p in enumerate(prompts):
+            padded[row, :len(p)] = p
+        state = self._prefill(padded, np.zeros(padded.shape, bool), lengths, new - 1)
+        rng = np.random.default_rng(settings.seed)
+        out: list[list[int]] = [[] for _ in prompts]
+        done = np.zeros(len(prompts), bool)
+        vision = np.full(len(prompts), frames > 0)
+        for step in range(new):
+            token = self._next(state, step, frames, settings, rng)
+            for row in np.flatnonzero(~done):
+                if not frames and settings.eos_id is not None and token[row] == settings.eos_id:
+                    done[row] = True
+                    continue
+                out[row].append(int(token[row]))
+                if on_token is not None:
+                    on_token(int(row), int(token[row]))
+            if done.all() or step == new - 1:
+                break
+            state = self._decode(state, token, vision)
+        return out, state
+
+    def _next(self, state, step: int, frames: int, settings: SampleSettings, rng) -> np.ndarray:
+        """The tokens of decode step ``step``: text, or vision codes with forced frame markers."""
+        if not frames:
+            return choose(state.text_logits[:, -1], settings, rng)
+        if step % FRAME_TOKENS == FRAME_TOKENS - 1:
+            marker = vocab.EOV_ID if step == frames * FRAME_TOKENS - 1 else vocab.EOF_ID
+            return np.full(state.vision_logits.shape[0], marker)
+        return choose(state.vision_logits[:, -1, :vocab.VISION_CODEBOOK_SIZE], settings, rng)
+
+    def _prefill(self, tokens_BxS, vision_BxS, lengths_B, decode_steps: int, all_positions: bool = False):
+        batch, seq = tokens_BxS.shape
+        padded = prefill_length(seq, self.sp, self.config)
+        decode_slots = -(-max(decode_steps, 1) // self.sp)
+        decode_slots = -(-decode_slots // 16) * 16  # shared programs for nearby budgets
+        columns = np.arange(padded)
+        valid = columns[None, :] < lengths_B[:, None]
+        natural = {
+            "tokens": np.where(valid, np.pad(tokens_BxS, ((0, 0), (0, padded - seq))), 0).astype(np.int32),
+            "vision_mask": valid & np.pad(vision_BxS, ((0, 0), (0, padded - seq))),
+            "segment_ids": valid.astype(np.int32),
+            "positions": np.where(valid, columns[None, :], 0).astype(np.int32),
+        }
+        perm = layout_permutation(padded, self.sp, _LAYOUT)
+        inverse = np.argsort(perm)
+        gather = inverse[None, :seq].repeat(batch, 0) if all_positions else inverse[lengths_B - 1][:, None]
+        fn = _prefill_program(self.config, self.mesh, decode_slots)
+        with activate(self.mesh):
+            sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length")))
+            inputs = {k: jax.device_put(v[:, perm], sharding) for k, v in natural.items()}
+            text, vision, cache = fn(self.params, inputs, jnp.asarray(gather, jnp.int32))
+        return _State(cache, np.asarray(lengths_B), 0, padded // self.sp, np.asarray(text),
+                      None if vision is None else np.asarray(vision))
+
+    def _decode(self, state: "_State", token_B, vision_B) -> "_State":
+        fn = _decode_program(self.config, self.mesh, state.prompt_slots)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        args = [jax.device_put(np.asarray(x, dtype), replicated) for x, dtype in (
+            (token_B, np.int32), (vision_B, bool), (state.lengths + state.steps, np.int32))]
+        text, vision, cache = fn(self.params, state.cache, *args)
+        return _State(cache, state.lengths, state.steps + 1, state.prompt_slots, np.asarray(text),
+                      None if vision is None else np.asarray(vision))
+
+
+def _heads(model: LWM, params, hidden_BxNxD):
+    text_head, vision_head = model.apply({"params": params}, method=LWM.head_kernels)
+    text = jnp.einsum("bnd,dv->bnv", hidden_BxNxD, text_head, preferred_element_type=jnp.float32)
+    vision = None if vision_head is None else jnp.einsum(
+        "bnd,dw->bnw", hidden_BxNxD, vision_head, preferred_element_type=jnp.float32)
+    return text, vision
+
+
+@functools.lru_cache(maxsize=16)
+def _prefill_program(config: ModelConfig, mesh, decode_slots: int) -> Callable:
+    """``prefill(params, inputs, gather) -> (text logits, vision logits, cache)``, jitted; shared by
+    every sampler of this model and mesh, so a checkpoint loaded twice compiles once."""
+    model = LWM(config, _prefill_attention(mesh, config))
+    cache_sharding = {k: NamedSharding(mesh, PartitionSpec(None, *spec)) for k, spec in _cache_specs().items()}
+    sp = mesh.shape["sp"]
+
+    def prefill(params, inputs, gather_BxN):
+        batch, padded = inputs["tokens"].shape
+        slots = padded + sp * decode_slots
+        dtype = jnp.dtype(config.dtype)
+        layers, kv = config.num_layers, (config.num_kv_heads, config.head_dim)
+        empty = {"k": jnp.zeros((layers, batch, slots, *kv), dtype), "v": jnp.zeros((layers, batch, slots, *kv), dtype),
+                 "segment_ids": jnp.zeros((layers, batch, slots), jnp.int32),
+                 "positions": jnp.zeros((layers, batch, slots), jnp.int32),
+                 "index": jnp.zeros((layers,), jnp.int32)}
+        empty = jax.lax.with_sharding_constraint(empty, cache_sharding)
+        hidden_BxPxD, cache = model.apply({"params": params}, inputs["tokens"], inputs["vision_mask"],
+                                          inputs["segment_ids"], inputs["positions"], empty)
+        hidden_BxNxD = jnp.take_along_axis(hidden_BxPxD, gather_BxN[..., None], axis=1)
+        return (*_heads(model, params, hidden_BxNxD), cache)
+
+    return jax.jit(prefill, out_shardings=(None, None, cache_sharding))
+
+
+@functools.lru_cache(maxsize=16)
+def _decode_program(config: ModelConfig, mesh, prompt_slots: int) -> Callable:
+    """``decode(params, cache, token, vision, position) -> (text logits, vision logits, cache)``, jitted."""
+    model = LWM(config, _decode_attention(mesh, prompt_slots))
+
+    def decode(params, cache, token_B, vision_B, position_B):
+        hidden, cache = model.apply({"params": params}, token_B[:, None], vision_B[:, None],
+                                    jnp.ones_like(token_B)[:, None], position_B[:, None], cache)
+        return (*_heads(model, params, hidden), cache)
+
+    return jax.jit(decode, donate_argnums=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _State:
+    """The sampler between steps: cache, prompt lengths, decode steps taken, logits of the last token(s)."""
+
+    cache: Any
+    lengths: np.ndarray
+    steps: int
+    prompt_slots: int
+    text_logits: np.ndarray
+    vision_logits: np.ndarray | None
+
+
+@functools.lru_cache(maxsize=2)
+def _sampler(ckpt_dir: str, step: int, sp: int) -> Sampler:
+    return Sampler(ckpt_dir, sp=sp, step=step)
+
+
+def teacher_forced_logits(ckpt_dir: str | os.PathLike, tokens: np.ndarray, prefill_len: int, *, sp: int = 1,
+                          vision_mask: np.ndarray | None = None) -> np.ndarray:
+    """Text-head logits ``[B, S, V]`` the sampler computes for ``tokens`` (newest step of ``ckpt_dir``):
+    prefill of ``tokens[:, :prefill_len]`` over ``sp`` devices, then one token at a time through
+    its cache. Equal to ``trainer.inference.logits`` on the same tokens (the sampler's test)."""
+    path = os.path.abspath(os.fspath(ckpt_dir))
+    return _sampler(path, checkpoint.latest_step(path), sp).teacher_forced_logits(tokens, prefill_len, vision_mask)
+
+
+def frame_codes(vision_ids: Sequence[int]) -> np.ndarray:
+    """Codes ``[F, 16, 16]`` of a generated vision span (F frames of 256 codes, each closed by
+    ``<eof>``, the last by ``<eov>``); ValueError if the span is not laid out that way."""
+    ids = np.asarray(vision_ids, np.int64)
+    frames = len(ids) // FRAME_TOKENS
+    markers = np.full(frames, vocab.EOF_ID)
+    if frames:
+        markers[-1] = vocab.EOV_ID
+    spans = ids[:frames * FRAME_TOKENS].reshape(frames, FRAME_TOKENS)
+    if (not frames or len(ids) % FRAME_TOKENS or not np.array_equal(spans[:, -1], markers)
+            or spans[:, :-1].max() >= vocab.VISION_CODEBOOK_SIZE or spans.min() < 0):
+        raise ValueError(f"not a vision span of whole frames ({len(ids)} ids; each frame is 256 codes "
+                         f"then <eof> {vocab.EOF_ID}, the last <eov> {vocab.EOV_ID})")
+    side = math.isqrt(vocab.TOKENS_PER_FRAME)
+    return spans[:, :-1].reshape(frames, side, side).astype(np.int32)
+
+
+def decode_frames(codes_Fx16x16: np.ndarray, vqgan) -> np.ndarray:
+    """uint8 RGB frames ``[F, 256, 256, 3]`` of generated codes, through a ``pipelines.vqgan.VQGAN``."""
+    low, high = vqgan.input_range
+    frames = vqgan.decode(np.asarray(codes_Fx16x16, np.int32))
+    return np.round((frames - low) / (high - low) * 255.0).clip(0, 255).astype(np.uint8)
