@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "tokenizer",
     "data",
     "train",
+    "stages",
     "convert",
     "generate",
     "eval",

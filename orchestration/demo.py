@@ -12,7 +12,9 @@ from typing import Callable
 
 from orchestration import cli, sample_data, sample_media
 
-SEQ_LEN = 1024  # the demo's one bucket: short enough for a tiny model on CPU
+SEQ_LEN = 1024  # the vision datasets' bucket: short enough for a tiny model on CPU
+BOOK_LENGTHS = (512, 1024, 2048)  # the books buckets of the stage plan's three stages
+PLAN = pathlib.Path(__file__).resolve().parents[1] / "configs" / "stages" / "demo.yaml"
 
 
 def _banner(title: str) -> None:
@@ -33,7 +35,8 @@ def books(workdir: pathlib.Path) -> None:
     _lwm("tokenizer", "train", "--input", str(corpus), "--vocab-size", "512", "--output", str(workdir / "tokenizer.model"))
     _lwm(
         "data", "books", "--input", str(corpus), "--output", str(workdir / "data" / "books"),
-        "--tokenizer", str(workdir / "tokenizer.model"), "--seq-len", str(SEQ_LEN), "--num-shards", "4", "--overwrite",
+        "--tokenizer", str(workdir / "tokenizer.model"), "--buckets", ",".join(map(str, BOOK_LENGTHS)),
+        "--num-shards", "4", "--overwrite",
     )
     _lwm("data", "inspect", str(workdir / "data" / "books" / f"seq{SEQ_LEN}"))
 
@@ -81,40 +84,38 @@ def chat_qa(workdir: pathlib.Path) -> None:
 
 
 def train(workdir: pathlib.Path) -> None:
-    """``lwm train configs/train_tiny.yaml`` on the demo books mixed with the image-text and
-    video-text sets (vision head on), then a loss summary.
+    """The stage plan ``configs/stages/demo.yaml``: 512 → 1024 (books + image-text + video-text)
+    → 2048 tokens, RoPE theta 1e4 → 2e4 → 5e4, each stage from the previous one's final
+    params; then its status table.
 
-    It runs in a child process with 8 simulated CPU devices (fsdp 2 × sp 4), since
-    JAX in this process may already have started with one device.
+    The plan's paths are relative to the workdir, so the commands run there. Each stage
+    trains in a child process with 8 simulated CPU devices (fsdp 2 × sp 4), since JAX in
+    this process may already have started with one device.
     """
-    import json
+    import contextlib
     import os
     import shutil
-    import subprocess
-    import sys
 
-    _banner("tiny model on books + image-text + video-text: ring attention over sp=4, 8 simulated CPU devices")
-    run_dir = workdir / "runs" / "tiny"
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each demo, not a resume
-    mixture = ", ".join(
-        f"{{path: '{workdir / 'data' / name / f'seq{SEQ_LEN}'}', proportion: {weight}}}"
-        for name, weight in (("books", 0.4), ("retrieval", 0.3), ("image_text", 0.15), ("video_text", 0.15))
-    )
-    argv = ["train", str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "train_tiny.yaml"),
-            "--set", f"run_dir={run_dir}", "--set", f"data.datasets=[{mixture}]",
-            "--set", "model.vision_vocab_size=8448", "--set", "model.max_position_embeddings=4096"]
-    print("$ lwm " + " ".join(argv), flush=True)
+    _banner("stage plan: 512 → 1024 → 2048 tokens, growing RoPE theta, ring attention over sp=4 on 8 CPU devices")
+    shutil.rmtree(workdir / "runs" / "stages", ignore_errors=True)  # a fresh plan each demo, not a resume
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": " ".join(flags + ["--xla_force_host_platform_device_count=8"])}
-    code = subprocess.run([sys.executable, "-m", "orchestration.cli", *argv], env=env).returncode
-    if code:
-        raise SystemExit(f"demo step failed: lwm {' '.join(argv)} exited {code}")
-    with open(run_dir / "metrics.jsonl") as f:
-        logged = [json.loads(line) for line in f]
-    print("loss by step: " + ", ".join(f"{m['step']}: {m['loss']:.3f}" for m in logged))
-    print(f"checkpoint (params, optimizer, loader state, config) in {run_dir / 'checkpoints'}; "
-          f"metrics in {run_dir / 'metrics.jsonl'}, TensorBoard events in {run_dir / 'tensorboard'}")
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags + ["--xla_force_host_platform_device_count=8"])}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with contextlib.chdir(workdir):
+            print(f"$ cd {workdir}")
+            _lwm("stages", "data", str(PLAN))  # the books step made every dataset: all skipped
+            _lwm("stages", "run", str(PLAN))
+            _lwm("stages", "status", str(PLAN))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
+    print(f"each stage's checkpoints, metrics.jsonl, TensorBoard events and lineage.json are in "
+          f"{workdir / 'runs' / 'stages'}/STAGE")
 
 
 RETRIEVAL_EXAMPLES = 6000  # synthetic needle exercises mixed into the demo's training data
@@ -141,7 +142,8 @@ def needle(workdir: pathlib.Path) -> None:
     """``lwm eval needle`` on the demo's final checkpoint at 512–2048 tokens, all depths: the table
     and the heatmap's path."""
     _banner("needle in a haystack: the demo model's retrieval accuracy, context length × depth")
-    _lwm("eval", "needle", "--ckpt", str(workdir / "runs" / "tiny"), "--tokenizer", str(workdir / "tokenizer.model"),
+    _lwm("eval", "needle", "--ckpt", str(workdir / "runs" / "stages" / "text-2048"),
+         "--tokenizer", str(workdir / "tokenizer.model"),
          "--lengths", NEEDLE_LENGTHS, "--depths", "0,0.25,0.5,0.75,1", "--rounds", "2",
          "--out", str(workdir / "needle"))
 

@@ -1,0 +1,326 @@
+"""The stage plan file: training stages in order, how their data is made, where they run.
+
+A plan (``configs/stages/*.yaml``)::
+
+    run_root: runs/lwm-text          # a stage's run_dir defaults to RUN_ROOT/NAME
+    launch: {backend: local}         # LaunchConfig: cluster settings, also CLI flags
+    datasets:                        # optional: how each dataset directory is produced
+      data/books/seq32768: {job: books, options: {input: [raw/*.jsonl], tokenizer: tok.model,
+                                                  buckets: lwm-text}}
+    defaults: {model: {preset: llama2-7b}, ...}   # any `lwm train` sections, merged into every stage
+    stages:
+      - name: text-32k
+        data: {seq_len: 32768, datasets: [{path: data/books/seq32768}]}
+      - name: text-128k
+        parent: text-32k             # start from its final params, fresh optimizer
+        model: {rope_theta: 1.0e+7}
+        eval: {datasets: [...], every: 500}   # the trainer's held-out loss (also at the last step)
+        needle: {lengths: [131072]}    # needle in a haystack after the stage
+        gate: {min_needle_accuracy: 0.5}
+
+One parser: each stage is ``defaults`` deep-merged with the stage's own sections and
+parsed by ``schemas.typed_config.from_mapping(TrainConfig, ...)``, exactly as ``lwm train``
+parses its YAML; the plan's own keys are the small dataclasses below, parsed by the
+same function. Everything is checked on load (``load``); what depends on the machine
+(device count) or on data on disk is checked by ``check_mesh`` and
+``orchestration.stages.datasets.check_plan_data``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+from typing import Any, Iterable, Mapping
+
+import yaml
+from jax.sharding import AbstractMesh
+
+from schemas.typed_config import from_mapping
+from trainer.config import TrainConfig
+from trainer.layout import check_layout
+from trainer.sharding import MESH_AXES, validate
+
+DATA_JOBS = ("books", "image-text", "video-text", "chat-qa")
+BACKENDS = ("local", "tpu-vm", "gke", "slurm")
+STAGE_KEYS = ("name", "parent", "needle", "gate")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """Where and how the stages run; every field is also a ``lwm stages run`` flag (CLI wins)."""
+
+    backend: str = dataclasses.field(default="local", metadata=_help("local | tpu-vm | gke | slurm"))
+    processes: int = dataclasses.field(default=1, metadata=_help("JAX processes per stage on this machine, sharing "
+                                                                 "its devices (local; lwm train --processes)"))
+    devices: int = dataclasses.field(
+        default=0, metadata=_help("devices the meshes are checked against (0: probe locally; "
+                                  "tpu-vm/gke: product of --topology; slurm: --hosts x --gpus-per-node)"))
+    hosts: int = dataclasses.field(default=1, metadata=_help("hosts (TPU VM workers, GKE pods, SLURM nodes)"))
+    tpu: str = dataclasses.field(default="", metadata=_help("TPU VM name (tpu-vm)"))
+    zone: str = dataclasses.field(default="", metadata=_help("GCP zone of the TPU VM (tpu-vm)"))
+    project: str = dataclasses.field(default="", metadata=_help("GCP project (tpu-vm)"))
+    bucket: str = dataclasses.field(default="", metadata=_help("gs:// location the code and plan are staged to "
+                                                               "(tpu-vm)"))
+    accelerator: str = dataclasses.field(default="", metadata=_help("GKE TPU accelerator node label, "
+                                                                    "e.g. tpu-v5p-slice (gke)"))
+    topology: str = dataclasses.field(default="", metadata=_help("TPU slice topology, e.g. 4x4x4 (tpu-vm, gke)"))
+    image: str = dataclasses.field(default="", metadata=_help("container image with lwm installed (gke)"))
+    namespace: str = dataclasses.field(default="default", metadata=_help("Kubernetes namespace (gke)"))
+    partition: str = dataclasses.field(default="", metadata=_help("SLURM partition (slurm)"))
+    account: str = dataclasses.field(default="", metadata=_help("SLURM account (slurm)"))
+    gpus_per_node: int = dataclasses.field(default=8, metadata=_help("GPUs per SLURM node (slurm)"))
+    time_limit: str = dataclasses.field(default="24:00:00", metadata=_help("SLURM time limit (slurm)"))
+    setup: str = dataclasses.field(default="", metadata=_help("shell line run on each host before lwm "
+                                                              "(e.g. activating a venv; slurm, tpu-vm)"))
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"launch.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.processes < 1 or self.hosts < 1 or self.devices < 0 or self.gpus_per_node < 1:
+            raise ValueError("launch: processes, hosts and gpus_per_node must be >= 1 and devices >= 0")
+
+    def cluster_devices(self) -> int:
+        """Devices of the cluster as configured (0 when it must be probed on this machine)."""
+        if self.devices:
+            return self.devices
+        if self.backend in ("tpu-vm", "gke") and self.topology:
+            return math.prod(int(n) for n in self.topology.split("x"))
+        if self.backend == "slurm":
+            return self.hosts * self.gpus_per_node
+        return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSource:
+    """How one dataset directory is produced: ``lwm data JOB --OPTION VALUE ...``.
+
+    ``options`` maps option names without their leading ``--`` (``seq-len``,
+    ``input``, ``tokenizer``, ...) to values: a list gives several values, ``true``
+    a bare flag. ``output`` defaults to the dataset's parent directory and, without
+    ``seq-len`` or ``buckets``, ``seq-len`` to the ``L`` of its name ``seq{L}``.
+    """
+
+    job: str
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.job not in DATA_JOBS:
+            raise ValueError(f"job must be one of {DATA_JOBS}, got {self.job!r}")
+        if not isinstance(self.options, Mapping):
+            raise ValueError(f"options must be a mapping of option names to values, got {self.options!r}")
+        dashed = sorted(k for k in self.options if str(k).startswith("-"))
+        if dashed:
+            raise ValueError(f"option names are given without their leading '--': {dashed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class NeedleEval:
+    """Needle in a haystack after a stage: context ``lengths`` × insertion ``depths`` (0 start .. 1 end),
+    ``rounds`` each."""
+
+    lengths: tuple[int, ...] = ()
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    rounds: int = 3
+
+    @property
+    def empty(self) -> bool:
+        return not self.lengths
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+    """Thresholds a stage's evaluation must meet before the next stage starts (0: no threshold).
+
+    ``needle_length``: the context length whose needle accuracy is gated (0: the stage's seq_len).
+    """
+
+    max_eval_loss: float = 0.0
+    min_needle_accuracy: float = 0.0
+    needle_length: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.max_eval_loss and not self.min_needle_accuracy
+
+
+@dataclasses.dataclass(frozen=True)
+class StageKeys:
+    """A stage entry's own keys (all others are ``lwm train`` sections)."""
+
+    name: str
+    parent: str = ""
+    needle: NeedleEval = NeedleEval()
+    gate: GateConfig = GateConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanFile:
+    """The top level of a plan file."""
+
+    stages: tuple[dict, ...]
+    run_root: str = "runs"
+    launch: LaunchConfig = LaunchConfig()
+    datasets: dict = dataclasses.field(default_factory=dict)
+    defaults: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One resolved stage: its own keys and its ``lwm train`` config."""
+
+    name: str
+    parent: str
+    config: TrainConfig
+    needle: NeedleEval
+    gate: GateConfig
+
+    @property
+    def run_dir(self) -> str:
+        return self.config.run_dir
+
+    @property
+    def evaluates(self) -> bool:
+        return not self.needle.empty or not self.gate.empty
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    path: str
+    sha256: str
+    launch: LaunchConfig
+    stages: tuple[Stage, ...]
+    datasets: dict[str, DatasetSource]
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise ValueError(f"{self.path}: no stage named {name!r}; stages: {[s.name for s in self.stages]}")
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``override`` deep-merged over ``base``: mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {value!r}")
+    return value
+
+
+def _stage(entry: Mapping[str, Any], index: int, top: PlanFile, names: set[str]) -> Stage:
+    where = f"stages[{index}]"
+    entry = _mapping(entry, where)
+    if "name" not in entry:
+        raise ValueError(f"{where}: every stage needs a name")
+    keys = from_mapping(StageKeys, {k: v for k, v in entry.items() if k in STAGE_KEYS}, where)
+    where = f"stages[{keys.name}]"
+    if keys.name in names:
+        raise ValueError(f"{where}: two stages are named {keys.name!r}")
+    if keys.gate.min_needle_accuracy and keys.needle.empty:
+        raise ValueError(f"{where}: gate.min_needle_accuracy needs needle.lengths to measure the accuracy at")
+    sections = merge(top.defaults, {k: v for k, v in entry.items() if k not in STAGE_KEYS})
+    sections.setdefault("run_dir", f"{top.run_root.rstrip('/')}/{keys.name}")
+    if keys.parent:
+        init_from = _mapping(sections.get("checkpoint", {}), f"{where}.checkpoint").get("init_from")
+        if init_from:
+            raise ValueError(f"{where}: give either parent or checkpoint.init_from, not both")
+        # init_from becomes the parent's checkpoints once every stage is parsed (_link_parents).
+    config = from_mapping(TrainConfig, sections, where)
+    if keys.gate.max_eval_loss and not (config.eval.datasets and config.eval.every):
+        raise ValueError(f"{where}: gate.max_eval_loss needs eval.datasets and eval.every > 0 (the trainer "
+                         "then measures the held-out loss at the stage's last step)")
+    return Stage(keys.name, keys.parent, config, keys.needle, keys.gate)
+
+
+def _link_parents(stages: list[Stage]) -> list[Stage]:
+    """Checks parents (known, acyclic, listed earlier) and points each child's init_from at its parent."""
+    by_name = {s.name: s for s in stages}
+    for stage in stages:
+        if stage.parent and stage.parent not in by_name:
+            raise ValueError(f"stages[{stage.name}]: unknown parent {stage.parent!r}; stages: {list(by_name)}")
+    for stage in stages:
+        chain, node = [stage.name], stage
+        while node.parent:
+            node = by_name[node.parent]
+            if node.name in chain:
+                raise ValueError(f"stages[{stage.name}]: cyclic parents {' -> '.join(chain + [node.name])}")
+            chain.append(node.name)
+    order = [s.name for s in stages]
+    linked = []
+    for stage in stages:
+        if stage.parent:
+            if order.index(stage.parent) > order.index(stage.name):
+                raise ValueError(f"stages[{stage.name}]: parent {stage.parent!r} is listed after it; "
+                                 "list stages in the order they run")
+            parent_dir = by_name[stage.parent].run_dir
+            checkpoint = dataclasses.replace(stage.config.checkpoint, init_from=f"{parent_dir}/checkpoints")
+            stage = dataclasses.replace(stage, config=dataclasses.replace(stage.config, checkpoint=checkpoint))
+        linked.append(stage)
+    return linked
+
+
+def _check_run_dirs(stages: list[Stage]) -> None:
+    seen: dict[str, str] = {}
+    for stage in stages:
+        if stage.run_dir in seen:
+            raise ValueError(f"stages[{stage.name}]: run_dir {stage.run_dir} is also stage "
+                             f"{seen[stage.run_dir]!r}'s; give each stage its own")
+        seen[stage.run_dir] = stage.name
+
+
+def parse(mapping: Mapping[str, Any], path: str = "plan", sha256: str = "") -> Plan:
+    """The plan of a parsed YAML mapping; ValueError naming what to fix."""
+    top = from_mapping(PlanFile, _mapping(mapping, path), path)
+    _mapping(top.defaults, "defaults")
+    if "run_dir" in top.defaults:
+        raise ValueError("defaults.run_dir: stages need their own run directories; set run_root instead")
+    if not top.stages:
+        raise ValueError(f"{path}: the plan has no stages")
+    stages: list[Stage] = []
+    for index, entry in enumerate(top.stages):
+        stages.append(_stage(entry, index, top, {s.name for s in stages}))
+    stages = _link_parents(stages)
+    _check_run_dirs(stages)
+    datasets = {str(k).rstrip("/"): from_mapping(DatasetSource, _mapping(v, f"datasets[{k}]"), f"datasets[{k}]")
+                for k, v in _mapping(top.datasets, "datasets").items()}
+    return Plan(path, sha256, top.launch, tuple(stages), datasets)
+
+
+def load(path: str | os.PathLike) -> Plan:
+    """Reads and checks the plan file at ``path``."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    mapping = yaml.safe_load(raw) or {}
+    return parse(mapping, path, hashlib.sha256(raw).hexdigest())
+
+
+def check_mesh(stages: Iterable[Stage], devices: int) -> None:
+    """Each stage's mesh fits ``devices``; its batch and sequence split over it (ring layout included)."""
+    for stage in stages:
+        config = stage.config
+        try:
+            sizes = config.mesh.resolve(devices)
+        except ValueError as error:
+            raise ValueError(f"stages[{stage.name}]: mesh does not divide the {devices} devices: {error}") from None
+        mesh = AbstractMesh(sizes, MESH_AXES)
+        micro_batch = config.data.batch_size // config.optimizer.grad_accum_steps
+        try:
+            validate(config.model, mesh, micro_batch, config.data.seq_len)
+            check_layout(config.data.seq_len, mesh.shape["sp"], config.data.layout)
+        except ValueError as error:
+            raise ValueError(f"stages[{stage.name}] on mesh {dict(mesh.shape)}: {error}") from None
