@@ -17,6 +17,7 @@ chunk's text. Beam metrics count generated, reused, retried and failed pairs.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Iterable, Sequence
 
 import apache_beam as beam
@@ -25,7 +26,7 @@ from apache_beam.ml.inference.base import RunInference
 
 from pipelines import flags, progress, qa_generators
 from pipelines.buckets import Bucket
-from pipelines.dataset import ALL_BUCKETS, DatasetSpec, WritePackedDatasets, route
+from pipelines.dataset import ALL_BUCKETS, DatasetSpec, WritePackedDatasets, count, route
 from pipelines.job import Job, check_inputs, check_tokenizer
 from pipelines.naming import METRICS_NAMESPACE
 from pipelines.output import OutputConfig
@@ -107,6 +108,15 @@ def requests(book: ChunkedBook, count: int) -> Iterable[QARequest]:
             yield QARequest(chunk, number, count, book.source)
 
 
+class QACount(str, enum.Enum):
+    """What the job counts beside :class:`~pipelines.buckets.Count`, in every bucket's manifest."""
+
+    GENERATED = "qa_generated"  # pairs the generator produced in this run
+    REUSED = "qa_reused"  # pairs taken from the cache
+    RETRIED = "qa_retried"  # generator requests repeated (429, 5xx, timeouts, unparseable replies)
+    FAILED = "qa_failed"  # pairs that ended as dead letters (not cached: a rerun tries them again)
+
+
 class LookUpPairs(beam.DoFn):
     """Batches of requests → cached pairs (tagged ``cached``: ``(book id, GeneratedPair)``) and the requests left."""
 
@@ -127,6 +137,7 @@ class LookUpPairs(beam.DoFn):
                 yield request
                 continue
             self.reused.inc()
+            yield count(None, QACount.REUSED)
             generated = GeneratedPair(request.chunk.index, request.number, cached[cache_key])
             yield beam.pvalue.TaggedOutput("cached", (request.chunk.book_id, generated))
 
@@ -161,14 +172,18 @@ class StorePairs(beam.DoFn):
     def process(self, outcome: QAOutcome):
         request = outcome.request
         self.counters["retried"].inc(outcome.retries)
+        if outcome.retries:
+            yield count(None, QACount.RETRIED, outcome.retries)
         if outcome.pair is None:
             self.counters["failed"].inc()
+            yield count(None, QACount.FAILED)
             source = f"{request.source}#{request.name}"
             letter = raw.DeadLetter(request.chunk.book_id, outcome.reason, outcome.detail, source)
             yield beam.pvalue.TaggedOutput("dead_letters", (ALL_BUCKETS, letter))
             return
         self.cache.put(key(request, self.identity), outcome.pair, request, self.identity)
         self.counters["generated"].inc()
+        yield count(None, QACount.GENERATED)
         yield request.chunk.book_id, GeneratedPair(request.chunk.index, request.number, outcome.pair)
 
 
@@ -230,7 +245,7 @@ def build(pipeline: beam.Pipeline, config: ChatQAConfig):
         | "SpreadRequests" >> beam.Reshuffle()
         | "BatchLookUps" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
         | "LookUp" >> beam.ParDo(LookUpPairs(identity, config.cache, config.regenerate)).with_outputs(
-            "cached", main="missing")
+            "cached", "counts", main="missing")
     )
     if handler:
         outcomes = looked_up.missing | "Generate" >> RunInference(handler)
@@ -241,7 +256,7 @@ def build(pipeline: beam.Pipeline, config: ChatQAConfig):
             | "Generate" >> beam.ParDo(Generate(config.generator))
         )
     stored = outcomes | "Store" >> beam.ParDo(StorePairs(identity, config.cache)).with_outputs(
-        "dead_letters", main="pairs")
+        "dead_letters", "counts", main="pairs")
     pairs = (looked_up.cached, stored.pairs) | "Pairs" >> beam.Flatten()
     assembled = (
         {"book": books | "KeyBooks" >> beam.Map(lambda b: (b.id, b)), "pairs": pairs}
@@ -255,11 +270,12 @@ def build(pipeline: beam.Pipeline, config: ChatQAConfig):
         stored.dead_letters,
         assembled.dead_letters,
     ) | "DeadLetters" >> beam.Flatten()
-    spec = DatasetSpec.for_job(JOB.name, config, TextTokenizer(config.tokenizer),
+    counts = (assembled.counts, looked_up.counts, stored.counts) | "Counts" >> beam.Flatten()
+    spec = DatasetSpec.for_job(JOB.name, config, TextTokenizer(config.tokenizer), counts=(QACount,),
                                generator_id=identity.id, prompt_version=identity.prompt_version)
     return {
         "segments": assembled.segments,
-        "counts": assembled.counts,
+        "counts": counts,
         "dead_letters": dead_letters,
         "input_examples": inputs["input_examples"],
     } | "WriteDatasets" >> WritePackedDatasets(spec)

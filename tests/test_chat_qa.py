@@ -330,6 +330,8 @@ def test_manifest_records_generator_and_counts(extractive_job, books, tokenizer)
     chunks = sum(len(c) for c in all_chunks(books, tokenizer).values())
     assert metrics["qa_generated"] == chunks and "qa_failed" not in metrics and "qa_reused" not in metrics
     assert result.counts["documents"] == 8
+    assert {k: result.counts[k] for k in ("qa_generated", "qa_reused", "qa_retried", "qa_failed")} == {
+        "qa_generated": chunks, "qa_reused": 0, "qa_retried": 0, "qa_failed": 0}
 
 
 # --- openai generator in the job: failures, retries, secrecy --------------------------------------------
@@ -393,6 +395,8 @@ def test_rerun_reuses_every_pair_and_a_changed_book_regenerates_only_its_chunks(
     metrics = run_job(books, tmp_path / "second", tokenizer_path, openai(chat.url), cache=cache)
     assert chat.requests == [] and metrics.get("qa_generated", 0) == 0
     assert _shards(tmp_path / "second" / f"seq{SEQ_LEN}") == _shards(tmp_path / "first" / f"seq{SEQ_LEN}")
+    counts = manifest.read(str(tmp_path / "second" / f"seq{SEQ_LEN}")).counts
+    assert counts["qa_generated"] == 0 and counts["qa_reused"] == sum(len(c) for c in chunks.values()) > 0
 
     lines = books.read_text().splitlines()
     changed = json.loads(lines[3])

@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import enum
 import importlib
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import pipelines
 from pipelines import flags, progress
 from pipelines.buckets import Bucket, Count
-from pipelines.dataset import route
+from pipelines.dataset import ALL_BUCKETS, bucket_counts, route
 from pipelines.output import OutputConfig, recorded
 from schemas.raw import DeadLetter
 
@@ -118,6 +119,17 @@ def test_routing_counts_with_typed_names_and_dead_letters():
                           ("counts", ((8, "segments"), 2))]
     assert tagged[3][0] == "dead_letters" and tagged[3][1][0] == 16
     assert {c.value for c in Count} == {"documents", "segments", "too_short", "too_long"}
+
+
+def test_bucket_counts_sum_per_bucket_and_job_wide_and_refuse_undeclared_names():
+    class JobCount(str, enum.Enum):
+        PAIRS = "pairs"
+
+    counts = [((8, "documents"), 2), ((ALL_BUCKETS, "pairs"), 5), ((16, "documents"), 7), ((8, "documents"), 1)]
+    assert bucket_counts(counts, Bucket(8), (Count, JobCount)) == {
+        "documents": 3, "segments": 0, "too_short": 0, "too_long": 0, "pairs": 5}
+    with pytest.raises(ValueError, match=r"\['pairs'\] are not declared"):
+        bucket_counts(counts, Bucket(8), (Count,))
 
 
 def test_the_manifest_records_what_a_dataset_is_not_where_it_lives():
