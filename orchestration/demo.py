@@ -66,10 +66,27 @@ def vision(workdir: pathlib.Path) -> None:
     _lwm("data", "inspect", str(workdir / "data" / "video_text" / f"seq{SEQ_LEN}"))
 
 
+def chat_qa(workdir: pathlib.Path) -> None:
+    """The demo books → long-context chat QA (extractive questions, no model) → ``data/chat_qa/seq1024``.
+
+    Contexts of adjacent ~200-token chunks fill the demo's 1024-token sequences, each
+    followed by one question per chunk, loss on the answers only; pairs are cached in
+    ``data/chat_qa/qa_cache``, so a second demo run generates none.
+    """
+    _banner("demo books → chat QA: contexts of adjacent chunks + extractive questions, loss on answers")
+    _lwm(
+        "data", "chat-qa", "--input", str(workdir / "raw" / "books.jsonl"),
+        "--output", str(workdir / "data" / "chat_qa"), "--tokenizer", str(workdir / "tokenizer.model"),
+        "--seq-len", str(SEQ_LEN), "--generator", "extractive", "--chunk-tokens", "200", "--num-shards", "2",
+        "--overwrite",
+    )
+    _lwm("data", "inspect", str(workdir / "data" / "chat_qa" / f"seq{SEQ_LEN}"))
+
+
 def train(workdir: pathlib.Path) -> None:
-    """The stage plan ``configs/stages/demo.yaml``: 512 → 1024 (books + image-text + video-text)
-    → 2048 tokens, RoPE theta 1e4 → 2e4 → 5e4, each stage from the previous one's final
-    params; then its status table.
+    """The stage plan ``configs/stages/demo.yaml``: 512 → 1024 (books + retrieval + image-text +
+    video-text) → 2048 tokens, RoPE theta 1e4 → 2e4 → 5e4, then a chat stage on book QA, each
+    stage from the previous one's final params; then its status table.
 
     The plan's paths are relative to the workdir, so the commands run there. Each stage
     trains in a child process with 8 simulated CPU devices (fsdp 2 × sp 4), since JAX in
@@ -79,7 +96,7 @@ def train(workdir: pathlib.Path) -> None:
     import os
     import shutil
 
-    _banner("stage plan: 512 → 1024 → 2048 tokens, growing RoPE theta, ring attention over sp=4 on 8 CPU devices")
+    _banner("stage plan: 512 → 1024 → 2048 tokens with growing RoPE theta, then chat QA; ring attention over sp=4")
     shutil.rmtree(workdir / "runs" / "stages", ignore_errors=True)  # a fresh plan each demo, not a resume
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
     env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags + ["--xla_force_host_platform_device_count=8"])}
@@ -125,13 +142,13 @@ def needle(workdir: pathlib.Path) -> None:
     """``lwm eval needle`` on the demo's final checkpoint at 512–2048 tokens, all depths: the table
     and the heatmap's path."""
     _banner("needle in a haystack: the demo model's retrieval accuracy, context length × depth")
-    _lwm("eval", "needle", "--ckpt", str(workdir / "runs" / "stages" / "text-2048"),
+    _lwm("eval", "needle", "--ckpt", str(workdir / "runs" / "stages" / "chat-1024"),
          "--tokenizer", str(workdir / "tokenizer.model"),
          "--lengths", NEEDLE_LENGTHS, "--depths", "0,0.25,0.5,0.75,1", "--rounds", "2",
          "--out", str(workdir / "needle"))
 
 
-STEPS: tuple[Callable[[pathlib.Path], None], ...] = (books, retrieval_data, vision, train, needle)
+STEPS: tuple[Callable[[pathlib.Path], None], ...] = (books, retrieval_data, vision, chat_qa, train, needle)
 
 
 def run(workdir: str) -> None:

@@ -40,4 +40,5 @@ JOBS = {
     "books": "pipelines.books",
     "image-text": "pipelines.image_text",
     "video-text": "pipelines.video_text",
+    "chat-qa": "pipelines.chat_qa",
 }

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import enum
 import logging
 import math
 import os
@@ -58,17 +59,23 @@ class DatasetSpec:
     output: OutputConfig
     tokenizer: dict[str, Any]  # {"path": as given, "uri": absolute, "sha256": ..., "vocab_size": n}
     config: dict[str, Any]  # the job's resolved config, recorded in every manifest
+    # The count names a job may emit (enums of str values; :class:`Count` and the job's own):
+    # each is written to the manifest's ``counts`` (0 when never emitted), any other name fails.
+    counts: tuple[type[enum.Enum], ...] = (Count,)
 
     @classmethod
-    def for_job(cls, job: str, config, tokenizer, **extra_config) -> "DatasetSpec":
+    def for_job(cls, job: str, config, tokenizer, *, counts: tuple[type[enum.Enum], ...] = (),
+                **extra_config) -> "DatasetSpec":
         """The spec of a job whose config has ``output`` (an :class:`OutputConfig`) and ``tokenizer`` (a path);
-        ``tokenizer`` is the job's loaded :class:`~pipelines.text_tokenizer.TextTokenizer`."""
+        ``tokenizer`` is the job's loaded :class:`~pipelines.text_tokenizer.TextTokenizer`; ``counts``
+        the job's own count enums beside :class:`Count`."""
         return cls(
             job=job,
             output=config.output,
             tokenizer={"path": config.tokenizer, "uri": storage.absolute(config.tokenizer),
                        "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size},
             config={**recorded(config), **extra_config},
+            counts=(Count, *counts),
         )
 
     @property
@@ -88,9 +95,9 @@ class DatasetSpec:
         return max(1, min(records, math.ceil(records * seq_len * 2 / self.output.shard_bytes)))
 
 
-def count(bucket: Bucket, what: Count, n: int = 1) -> beam.pvalue.TaggedOutput:
-    """A ``counts`` output of :func:`route`'s kind: ``n`` more ``what`` in ``bucket``."""
-    return beam.pvalue.TaggedOutput("counts", ((bucket.seq_len, what.value), n))
+def count(bucket: Bucket | None, what: enum.Enum, n: int = 1) -> beam.pvalue.TaggedOutput:
+    """A ``counts`` output: ``n`` more ``what`` in ``bucket`` (None: in every bucket, e.g. per-job work)."""
+    return beam.pvalue.TaggedOutput("counts", ((ALL_BUCKETS if bucket is None else bucket.seq_len, what.value), n))
 
 
 def route(length: int, buckets: Sequence[Bucket], fit: Callable[[Bucket], "list[packing.Segment] | DeadLetter"]):
@@ -242,6 +249,21 @@ def _write_shard(item, spec: DatasetSpec) -> Iterable[WrittenShard]:
                        sum(len(r.data) for r in records))
 
 
+def bucket_counts(counts: Iterable[tuple[tuple[int, str], int]], bucket: Bucket,
+                  kinds: Sequence[type[enum.Enum]]) -> dict[str, int]:
+    """Summed ``((seq_len or ALL_BUCKETS, name), n)`` counts of one bucket: every name of ``kinds``
+    (0 when never counted); a name no kind declares is a ValueError, not a silently lost count."""
+    totals: collections.Counter = collections.Counter()
+    for (seq_len, name), n in counts:
+        if seq_len in (ALL_BUCKETS, bucket.seq_len):
+            totals[name] += n
+    known = [c.value for kind in kinds for c in kind]
+    unknown = sorted(set(totals) - set(known))
+    if unknown:
+        raise ValueError(f"counts {unknown} are not declared in the job's count enums ({known})")
+    return {name: totals[name] for name in known}
+
+
 class _WriteManifest(beam.DoFn):
     """Per bucket, after every shard: fill shard gaps, write dead letters, then the manifest."""
 
@@ -265,11 +287,10 @@ class _WriteManifest(beam.DoFn):
         )
         with storage.open(storage.join(directory, manifest_lib.DEAD_LETTER_FILE), "wb") as f:
             f.write("".join(d.to_json() + "\n" for d in letters).encode())
-        bucket_counts = collections.Counter({name: n for (seq_len, name), n in counts if seq_len == bucket.seq_len})
         by_reason = collections.Counter(d.reason for d in letters)
         summary = {
             "input_examples": input_examples,
-            **{c.value: bucket_counts.get(c.value, 0) for c in Count},
+            **bucket_counts(counts, bucket, spec.counts),
             "packed_examples": records,
             "dead_letter": dict(sorted(by_reason.items())),
         }
@@ -297,7 +318,7 @@ class WritePackedDatasets(beam.PTransform):
     Input: a dict of PCollections
       ``segments``: ``(seq_len, Segment)``, each segment at most ``seq_len`` long;
       ``dead_letters``: ``(seq_len or ALL_BUCKETS, DeadLetter)``;
-      ``counts``: ``((seq_len, Count value), n)`` summed per key (:func:`route` makes
+      ``counts``: ``((seq_len or ALL_BUCKETS, name), n)``, names from the spec's count enums, summed per key (:func:`route` makes
       ``segments``, ``counts`` and per-bucket ``dead_letters``);
       ``input_examples``: a single int, the number of records the job read.
     Output: the manifest paths, one per bucket.

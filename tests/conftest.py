@@ -45,3 +45,13 @@ def books_dataset(sample_books, tokenizer_path, tmp_path_factory) -> pathlib.Pat
     )
     books.run(config, pipeline_options([]))
     return output / "seq512"
+
+
+@pytest.fixture(scope="session")
+def vqgan_dir(tmp_path_factory) -> pathlib.Path:
+    """A randomly initialised small VQGAN (the demo's), saved: the vision jobs' ``--vqgan``."""
+    from pipelines.vqgan import SMALL, VQGAN
+
+    path = tmp_path_factory.mktemp("vqgan") / "small"
+    VQGAN.init_random(SMALL, seed=0).save(str(path))
+    return path

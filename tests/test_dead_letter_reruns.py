@@ -15,7 +15,6 @@ from PIL import Image
 
 from orchestration import cli
 from pipelines.media import ffmpeg_tools
-from pipelines.vqgan import SMALL, VQGAN
 from tests.test_media import damaged, image_bytes
 
 
@@ -32,13 +31,6 @@ def _write_examples(root: pathlib.Path, files: dict[str, bytes], extra: list[dic
     names = [*files, "a_directory", "nowhere.bin"]
     examples = [{"id": name, "caption": f"the file {name}", "path": f"media/{name}"} for name in names] + extra
     (root / "examples.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
-
-
-@pytest.fixture(scope="module")
-def vqgan_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vqgan") / "small"
-    VQGAN.init_random(SMALL, seed=0).save(str(path))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from pipelines.buckets import Bucket
 from pipelines.media import ffmpeg_tools
 from pipelines.output import OutputConfig
 from pipelines.video_text import VideoMedia, VideoTextConfig
-from pipelines.vqgan import SMALL, VQGAN
 from schemas import manifest, raw_vision, vocab
 
 
@@ -40,13 +39,6 @@ def _dead_letters(directory):
 
 def _ffmpeg(*args):
     subprocess.run([ffmpeg_tools().ffmpeg, "-hide_banner", "-loglevel", "error", "-y", *args], check=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def vqgan_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vqgan") / "small"
-    VQGAN.init_random(SMALL, seed=0).save(str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
