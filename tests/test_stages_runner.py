@@ -4,6 +4,7 @@ Evaluation between stages: results go into lineage and status; an unmet gate sto
 the plan before the next stage. A runner killed outright leaves its stage interrupted.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import sys
 import pytest
 
 from orchestration.stages import evaluation, lineage, plan as plan_lib, runner, status
+from schemas import manifest as manifest_lib
 
 
 def _plan(tmp_path, gate):
@@ -76,15 +78,42 @@ def test_gate_failures_compare_each_threshold():
         "eval loss nan > gate.max_eval_loss 2.0", "needle accuracy at 512 tokens None < gate.min_needle_accuracy 0.5"]
 
 
-def test_needle_is_refused_before_anything_runs_and_eval_loss_comes_from_the_trainer(tmp_path):
-    plan = _plan(tmp_path, {"max_eval_loss": 3.0})
-    with pytest.raises(ValueError, match=r"stages \['a'\] have a needle: section, but the stage runner does not"):
-        evaluation.evaluator_for(plan.stages)
-    stage = plan.stage("a")
+def test_eval_loss_comes_from_the_trainer(tmp_path):
+    stage = _plan(tmp_path, {"max_eval_loss": 3.0}).stage("a")
     with open(os.path.join(stage.run_dir, "metrics.jsonl"), "w") as f:
         f.write('{"step": 4, "loss": 2.0}\n{"step": 4, "eval/heldout/loss": 2.5, "eval/other/loss": 3.5}\n')
     assert evaluation.trainer_eval_loss(stage) == {"eval/heldout/loss": 2.5, "eval/other/loss": 3.5, "eval_loss": 3.0}
     assert status.last_metrics(stage.run_dir) == {"step": 4, "loss": 2.0}
+
+
+def test_needle_runs_lwm_eval_needle_on_the_final_checkpoint_with_the_datas_tokenizer(tmp_path, monkeypatch):
+    stage = _plan(tmp_path, {}).stage("a")
+    manifest_lib.write(str(tmp_path / "seq512"), manifest_lib.Manifest(
+        job="books", name="books", seq_len=512, tokenizer={"path": "t.model", "uri": "/abs/t.model", "sha256": "x"},
+        shards=(), counts={}, tokens=0, pad_tokens=0, config={}))
+    calls = []
+
+    def fake_run(argv):
+        calls.append(argv)
+        out = argv[argv.index("--out") + 1]
+        os.makedirs(out)
+        trials = [(256, True), (256, False), (512, True), (512, True)]
+        with open(os.path.join(out, "results.jsonl"), "w") as f:
+            f.write("".join(json.dumps({"length": n, "correct": c}) + "\n" for n, c in trials))
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(evaluation.subprocess, "run", fake_run)
+    assert evaluation.needle_accuracy(stage) == {"needle_accuracy/256": 0.5, "needle_accuracy/512": 1.0}
+    (argv,) = calls
+    assert argv[1:5] == ["-m", "orchestration.cli", "eval", "needle"]
+    flags = dict(zip(argv[5::2], argv[6::2]))
+    assert flags == {"--ckpt": stage.run_dir, "--step": "4", "--tokenizer": "/abs/t.model", "--lengths": "256,512",
+                     "--depths": "0.0,0.25,0.5,0.75,1.0", "--rounds": "3",
+                     "--out": os.path.join(stage.run_dir, evaluation.NEEDLE_DIR)}
+
+    monkeypatch.setattr(evaluation.subprocess, "run", lambda argv: subprocess.CompletedProcess(argv, 2))
+    with pytest.raises(ValueError, match="stage a: `lwm eval needle` exited 2"):
+        evaluation.needle_accuracy(stage)
 
 
 def test_a_stage_whose_runner_was_killed_outright_shows_as_interrupted(tmp_path):

@@ -31,7 +31,7 @@ def run(args, extra) -> int:
             plan_lib.check_mesh(unfinished, devices)
         datasets.check_plan(plan)
         return runner.run_plan(plan, only=args.only, start=args.start, processes=launch.processes,
-                               devices=devices, dry_run=args.dry_run, evaluator=evaluation.evaluator_for(selected))
+                               devices=devices, dry_run=args.dry_run, evaluator=evaluation.measure)
     if not devices:
         raise ValueError(f"backend {launch.backend}: give --topology (TPU) or --devices so the meshes can be checked")
     plan_lib.check_mesh(selected, devices)

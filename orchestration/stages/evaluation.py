@@ -10,36 +10,61 @@ saved in ``lineage.json``:
 - ``needle_accuracy/L``: needle-in-a-haystack accuracy at context length ``L``, over
   ``needle.depths`` × ``needle.rounds`` (the stage's ``needle:``).
 
-An ``Evaluator`` computes them for a stage; ``gate_failures`` compares them with
-``gate:``. The evaluator is a parameter of the runner, so the gating logic does not
-depend on how the numbers are measured.
+An ``Evaluator`` computes them for a stage (:func:`measure`: the trainer's logged
+held-out loss, and `lwm eval needle` in a child process); ``gate_failures`` compares
+them with ``gate:``. The evaluator is a parameter of the runner, so the gating logic
+does not depend on how the numbers are measured.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import json
+import subprocess
+import sys
+from typing import Callable
+
+import numpy as np
 
 from orchestration.stages import status
 from orchestration.stages.plan import Stage
+from schemas import manifest as manifest_lib
+from schemas import storage
 
 Evaluator = Callable[[Stage], dict[str, float]]
+NEEDLE_DIR = "needle"  # RUN_DIR/needle/: results.jsonl, table.txt, heatmap.png of the stage's needle test
 
 
 def needle_key(length: int) -> str:
     return f"needle_accuracy/{length}"
 
 
-def evaluator_for(stages: Iterable[Stage]) -> Evaluator:
-    """The evaluator of ``stages``; ValueError, before anything runs, if it cannot measure what they ask.
+def measure(stage: Stage) -> dict[str, float]:
+    """A finished stage's measurements (module docstring)."""
+    results = trainer_eval_loss(stage)
+    if not stage.needle.empty:
+        results.update(needle_accuracy(stage))
+    return results
 
-    The held-out loss comes from the trainer's own ``eval:`` metrics; the runner does not
-    run `lwm eval needle` yet, so a plan with ``needle:`` is refused.
-    """
-    needing = [s.name for s in stages if not s.needle.empty]
-    if needing:
-        raise ValueError(f"stages {needing} have a needle: section, but the stage runner does not run "
-                         "`lwm eval needle` yet; run it on the stage's run directory by hand")
-    return trainer_eval_loss
+
+def needle_accuracy(stage: Stage) -> dict[str, float]:
+    """`lwm eval needle` on the stage's final checkpoint, in a child process (this process never
+    starts JAX); its results stay in ``RUN_DIR/needle/``. The tokenizer is the one the stage's
+    data was built with (its manifests' ``tokenizer.uri``)."""
+    needle = stage.needle
+    out = storage.join(stage.run_dir, NEEDLE_DIR)
+    tokenizer = manifest_lib.read(stage.config.data.datasets[0].path, verify_hashes=False).tokenizer["uri"]
+    argv = [sys.executable, "-m", "orchestration.cli", "eval", "needle", "--ckpt", stage.run_dir,
+            "--step", str(stage.config.steps), "--tokenizer", tokenizer,
+            "--lengths", ",".join(map(str, needle.lengths)), "--depths", ",".join(map(str, needle.depths)),
+            "--rounds", str(needle.rounds), "--out", out]
+    print("$ lwm " + " ".join(argv[3:]), flush=True)
+    code = subprocess.run(argv).returncode
+    if code:
+        raise ValueError(f"stage {stage.name}: `lwm eval needle` exited {code}; its command is printed above")
+    trials = [json.loads(line) for line in storage.read_bytes(storage.join(out, "results.jsonl")).decode().splitlines()
+              if line.strip()]
+    return {needle_key(length): float(np.mean([t["correct"] for t in trials if t["length"] == length]))
+            for length in needle.lengths}
 
 
 def trainer_eval_loss(stage: Stage) -> dict[str, float]:
