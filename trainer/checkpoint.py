@@ -50,6 +50,12 @@ DATA_ITER = "data_iter"
 TRAIN_CONFIG = "train_config"
 
 
+def resolve_dir(path: str) -> str:
+    """A checkpoint directory: ``path`` itself, or ``path/checkpoints`` when ``path`` is a run directory."""
+    nested = storage.join(path, "checkpoints")
+    return nested if storage.listdir(nested) else path
+
+
 def item_names(*extra: str) -> tuple[str, ...]:
     """The base item names plus ``extra`` ones (training state), without duplicates."""
     names = (PARAMS, MODEL_CONFIG)

@@ -98,6 +98,13 @@ def chat_text(question: str) -> str:
     return f"{SYSTEM_PROMPT} USER: {question} ASSISTANT:"
 
 
+def check_tokenizer(tokenizer, config: ModelConfig) -> None:
+    """ValueError unless every piece of ``tokenizer`` has a row in the model's text vocabulary."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but the checkpoint's text vocabulary "
+                         f"only {config.vocab_size}: they do not belong together")
+
+
 def encode_prompt(tokenizer, text: str, *, chat: bool = False, vision: bool = False) -> list[int]:
     """Token ids of a prompt as the model saw text in training: BOS, then the text (no EOS).
 

@@ -208,8 +208,7 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 def init_from_params(config: TrainConfig, shardings: Any) -> Any:
     """The newest params of ``checkpoint.init_from``, checked to fit this run's model."""
     source = config.checkpoint.init_from
-    nested = storage.join(source, "checkpoints")
-    ckpt_dir = nested if storage.listdir(nested) else source
+    ckpt_dir = checkpoint.resolve_dir(source)
     saved = checkpoint.restore_model_config(ckpt_dir)
     if param_shapes(saved) != param_shapes(config.model):
         differ = {k: (v, getattr(config.model, k)) for k, v in saved.to_dict().items()

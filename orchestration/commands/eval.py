@@ -6,16 +6,10 @@ import json
 import os
 
 
-def _checkpoint_dir(path: str) -> str:
-    """A checkpoint directory, or a run directory holding ``checkpoints/``."""
-    nested = os.path.join(path, "checkpoints")
-    return nested if os.path.isdir(nested) else path
-
-
 def run_loss(args, extra) -> int:
-    from trainer import evaluate
+    from trainer import checkpoint, evaluate
 
-    metrics = evaluate.evaluate_checkpoint(_checkpoint_dir(args.ckpt), args.data, batches=args.batches,
+    metrics = evaluate.evaluate_checkpoint(checkpoint.resolve_dir(args.ckpt), args.data, batches=args.batches,
                                            batch_size=args.batch_size, sp=args.sp, step=args.step)
     print(evaluate.format_metrics(metrics))
     if args.out:
@@ -73,18 +67,16 @@ def _numbers(text: str, kind, name: str) -> tuple:
 
 def run_needle(args, extra) -> int:
     from pipelines.text_tokenizer import TextTokenizer
-    from trainer import needle
-    from trainer.sample import Sampler
+    from trainer import checkpoint, needle
+    from trainer.sample import Sampler, check_tokenizer
 
     config = needle.NeedleConfig(
         lengths=_numbers(args.lengths, int, "--lengths"), depths=_numbers(args.depths, float, "--depths"),
         rounds=args.rounds, needles=args.needles, ask=args.ask, task=args.task, hops=args.hops, seed=args.seed,
         max_new_tokens=args.max_tokens)
     tokenizer = TextTokenizer(args.tokenizer)
-    sampler = Sampler(_checkpoint_dir(args.ckpt), sp=args.sp, step=args.step)
-    if tokenizer.vocab_size > sampler.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but the checkpoint's text vocabulary "
-                         f"only {sampler.config.vocab_size}: they do not belong together")
+    sampler = Sampler(checkpoint.resolve_dir(args.ckpt), sp=args.sp, step=args.step)
+    check_tokenizer(tokenizer, sampler.config)
     needle.run(sampler, tokenizer, _haystack_texts(args.haystack), config, args.out, batch_size=args.batch_size)
     with open(os.path.join(args.out, "table.txt")) as f:
         print(f"\n{args.task} accuracy (%), depth × context length:\n{f.read()}")

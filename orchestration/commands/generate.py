@@ -11,7 +11,7 @@ import numpy as np
 def run(args, extra) -> int:
     from pipelines.text_tokenizer import TextTokenizer
     from trainer import checkpoint
-    from trainer.sample import SampleSettings, Sampler, decode_frames, encode_prompt, frame_codes
+    from trainer.sample import SampleSettings, Sampler, check_tokenizer, decode_frames, encode_prompt, frame_codes
 
     vision_out = args.image or args.video
     if args.image and args.video:
@@ -21,11 +21,8 @@ def run(args, extra) -> int:
     if args.frames < 1:
         raise ValueError(f"--frames must be >= 1, got {args.frames}")
     tokenizer = TextTokenizer(args.tokenizer)
-    ckpt = _checkpoint_dir(args.ckpt)
-    vocab_size = checkpoint.restore_model_config(ckpt, args.step).vocab_size
-    if tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but the checkpoint's text vocabulary "
-                         f"only {vocab_size}: they do not belong together")
+    ckpt = checkpoint.resolve_dir(args.ckpt)
+    check_tokenizer(tokenizer, checkpoint.restore_model_config(ckpt, args.step))
     settings = SampleSettings(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id)
     sampler = Sampler(ckpt, sp=args.sp, step=args.step)
@@ -46,12 +43,6 @@ def run(args, extra) -> int:
     sampler.generate([prompt], settings, on_token=stream)
     sys.stdout.write("\n")
     return 0
-
-
-def _checkpoint_dir(path: str) -> str:
-    """A checkpoint directory, or a run directory holding ``checkpoints/``."""
-    nested = os.path.join(path, "checkpoints")
-    return nested if os.path.isdir(nested) else path
 
 
 def _vision_request(args) -> str:
