@@ -147,3 +147,13 @@ def test_generate_cli_draws_an_image_through_the_vqgan(ckpt, tmp_path, tokenizer
     assert code == 0
     with Image.open(tmp_path / "out.png") as image:
         assert image.size == (256, 256) and image.mode == "RGB"
+
+
+def test_a_tokenizer_larger_than_the_text_vocabulary_is_refused_naming_both_sizes():
+    class Tokenizer:
+        vocab_size = CONFIG.vocab_size
+
+    sample.check_tokenizer(Tokenizer(), CONFIG)
+    Tokenizer.vocab_size += 1
+    with pytest.raises(ValueError, match=f"{CONFIG.vocab_size + 1} pieces .* only {CONFIG.vocab_size}"):
+        sample.check_tokenizer(Tokenizer(), CONFIG)
