@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from typing import Iterator
 
 import numpy as np
@@ -11,7 +10,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from pipelines.text_tokenizer import TextTokenizer
 from schemas import manifest as manifest_lib
-from schemas import packed, vocab
+from schemas import packed, storage, vocab
 
 
 def summary(directory: str, manifest: manifest_lib.Manifest) -> str:
@@ -82,9 +81,10 @@ def records(directory: str, *, verify_hashes: bool = True) -> Iterator[dict[str,
     manifest = manifest_lib.read(directory, verify_hashes=verify_hashes)
     for path, shard in zip(manifest_lib.shard_paths(directory, manifest), manifest.shards):
         if shard.records:
-            reader = ArrayRecordReader(_local(path))
-            yield from (packed.decode(r, manifest.seq_len) for r in reader.read_all())
-            reader.close()
+            with storage.local_copy(path) as local:  # array-record reads local files only
+                reader = ArrayRecordReader(local)
+                yield from (packed.decode(r, manifest.seq_len) for r in reader.read_all())
+                reader.close()
 
 
 def _tokenizer(manifest: manifest_lib.Manifest, override: str | None) -> tuple[TextTokenizer | None, str]:
@@ -115,20 +115,10 @@ def inspect(directory: str, *, record: int = 0, tokenizer: str | None = None, ve
         if index < shard.records:
             break
         index -= shard.records
-    reader = ArrayRecordReader(_local(path))
-    example = packed.decode(reader.read([index])[0], manifest.seq_len)
-    reader.close()
+    with storage.local_copy(path) as local:
+        reader = ArrayRecordReader(local)
+        example = packed.decode(reader.read([index])[0], manifest.seq_len)
+        reader.close()
     out.append(f"record {record} (record {index} of {shard.path}):" + (f" {note}" if note else ""))
     out.append(render_record(example, text_tokenizer))
     return "\n".join(out)
-
-
-def _local(path: str) -> str:
-    """array-record reads local files; remote shards are read after a local copy."""
-    if "://" not in path:
-        return path
-    target = tempfile.NamedTemporaryFile(suffix=".array_record", delete=False)
-    with FileSystems.open(path) as source:
-        target.write(source.read())
-    target.close()
-    return target.name

@@ -169,6 +169,9 @@ def test_remote_input_and_output_go_through_beam_filesystems(corpus, tokenizer_p
     assert len(manifest.read("fakegcs://out/seq1024").shards) == 1
     assert sorted(p.name for p in (tmp_path / "out" / "seq1024").iterdir()) == [
         "books.array_record-00000-of-00001", "dead_letter", "manifest.json"]
+    remote = list(inspection.records("fakegcs://out/seq1024"))  # shards read through a local copy
+    assert len(remote) == manifest.read("fakegcs://out/seq1024").records > 0
+    assert "record 0" in inspection.inspect("fakegcs://out/seq1024")
 
 
 def test_inspect_counts_records_over_shards_and_refuses_out_of_range(job, capsys):
