@@ -110,11 +110,8 @@ def check_tokenizer(path: str):
 
 def check_writable(output: str) -> None:
     """The output directory can be created and written (probed with a small file), before any work."""
-    probe = storage.join(output, f".lwm-write-probe-{os.getpid()}")
     try:
-        storage.makedirs(output)
-        storage.write_atomically(probe, b"")
-        storage.remove(probe)
+        storage.probe_writable(output)
     except OSError as error:
         raise ValueError(f"--output {output!r} is not writable ({error.strerror or type(error).__name__})") from None
 

@@ -97,6 +97,14 @@ def makedirs(path: str) -> None:
     fs.makedirs(stripped, exist_ok=True)
 
 
+def probe_writable(directory: str) -> None:
+    """Create ``directory`` and write, then remove, a small file in it; OSError when that fails."""
+    probe = join(directory, f".lwm-write-probe-{os.getpid()}")
+    makedirs(directory)
+    write_atomically(probe, b"")
+    remove(probe)
+
+
 def glob(pattern: str) -> list[str]:
     """Sorted paths (with their protocol) matching ``pattern``."""
     fs, stripped = _fs(pattern)

@@ -22,9 +22,7 @@ run's weights.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from typing import Any, Callable, Mapping
 
 import yaml
@@ -42,9 +40,7 @@ def check_writable(run_dir: str, needed_bytes: int = 0) -> None:
     if "://" in run_dir:
         return
     try:
-        os.makedirs(run_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
-            pass
+        storage.probe_writable(run_dir)
     except OSError as error:
         raise ValueError(f"run_dir {run_dir} is not writable ({error.strerror}): choose another with "
                          f"--set run_dir=DIR or fix its permissions") from None
