@@ -119,23 +119,25 @@ def train(workdir: pathlib.Path) -> None:
 
 
 RETRIEVAL_EXAMPLES = 6000  # synthetic needle exercises mixed into the demo's training data
-RETRIEVAL_LENGTHS = (160, 512)  # prompt tokens of an exercise: short, so answers are a large share of the loss
+RETRIEVAL_LENGTHS = (64, 448)  # haystack tokens of an exercise (needle included): short, several per row
 NEEDLE_LENGTHS = "512,1024,1536,2048"
 
 
 def retrieval_data(workdir: pathlib.Path) -> None:
-    """Needle-retrieval exercises from the demo books (other cities and numbers than the eval's),
-    packed by the books job into ``data/retrieval/seq{SEQ_LEN}`` for the training mixture."""
+    """Needle-retrieval exercises from the demo books (other cities and numbers than the eval's):
+    haystacks with a needle (``orchestration.sample_retrieval``), turned by ``lwm data chat-qa
+    --generator needle`` into the eval's prompt and answer with loss on the answer only, packed into
+    ``data/retrieval/seq{SEQ_LEN}``."""
     from orchestration.sample_retrieval import write_retrieval
 
-    _banner("synthetic needle-retrieval exercises from the books → packed shards")
+    _banner("synthetic needle-retrieval exercises from the books → chat QA in the eval's words, loss on answers")
     corpus = write_retrieval(workdir / "raw" / "retrieval.jsonl", workdir / "raw" / "books.jsonl",
                              str(workdir / "tokenizer.model"), RETRIEVAL_EXAMPLES,
                              min_length=RETRIEVAL_LENGTHS[0], max_length=RETRIEVAL_LENGTHS[1])
-    print(f"wrote {corpus} ({RETRIEVAL_EXAMPLES} needle prompts with their answers)")
-    _lwm("data", "books", "--input", str(corpus), "--output", str(workdir / "data" / "retrieval"),
-         "--tokenizer", str(workdir / "tokenizer.model"), "--seq-len", str(SEQ_LEN), "--num-shards", "2",
-         "--overwrite")
+    print(f"wrote {corpus} ({RETRIEVAL_EXAMPLES} haystacks with a needle each)")
+    _lwm("data", "chat-qa", "--input", str(corpus), "--output", str(workdir / "data" / "retrieval"),
+         "--tokenizer", str(workdir / "tokenizer.model"), "--seq-len", str(SEQ_LEN), "--generator", "needle",
+         "--chunk-tokens", str(RETRIEVAL_LENGTHS[1] + 64), "--num-shards", "2", "--overwrite")
 
 
 def needle(workdir: pathlib.Path) -> None:

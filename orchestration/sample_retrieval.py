@@ -1,10 +1,11 @@
-"""Synthetic needle-retrieval training documents from the demo's books, so the tiny demo model learns
-to answer ``lwm eval needle``'s question at short lengths.
+"""Synthetic needle-retrieval training contexts from the demo's books, so the tiny demo model learns
+to answer ``lwm eval needle``'s question.
 
-Each document is a needle prompt exactly as the eval builds it (``trainer.needle``: chat template,
-a window of book sentences, "The special magic {city} number is: {7 digits}." at a random depth,
-the question) followed by the ideal answer. Cities come from ``trainer.needle.TRAIN_CITIES``, never
-the eval's, and numbers from a seed namespace of their own.
+Each document is a haystack as the eval builds it (``trainer.needle``: a window of book sentences with
+"The special magic {city} number is: {7 digits}." at a random depth). ``lwm data chat-qa --generator
+needle`` turns each into the eval's prompt (LWM's chat template, the haystack, "What is the special
+magic {city} number?") followed by the answer, with loss on the answer only. Cities come from
+``trainer.needle.TRAIN_CITIES``, never the eval's, and numbers from a seed namespace of their own.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from trainer import needle
 
 
 def write_retrieval(path: pathlib.Path, books: pathlib.Path, tokenizer_path: str, count: int, *, seed: int = 1,
-                    min_length: int = 128, max_length: int = 960) -> pathlib.Path:
-    """A JSON-lines corpus (``id``, ``text``, ``source``) of ``count`` retrieval exercises of
-    ``min_length``..``max_length`` prompt tokens, haystacks cut from the books in ``books`` (JSON lines)."""
+                    min_length: int = 64, max_length: int = 512) -> pathlib.Path:
+    """A JSON-lines corpus (``id``, ``text``, ``source``) of ``count`` haystacks of ``min_length``..``max_length``
+    tokens with one needle each, cut from the books in ``books`` (JSON lines)."""
     with open(books) as f:
         texts = [json.loads(line)["text"] for line in f if line.strip()]
     tokenizer = TextTokenizer(tokenizer_path)

@@ -48,7 +48,17 @@ Answer: <the answer>
 Passage:
 {passage}"""
 FOCUS = "\nThis is question {number} of {count} about this passage: ask about part {number} of {count} of it."
+# The needle-in-a-haystack wording (LWM_FACTS "Evaluation"), shared by trainer.needle's eval and Needle below.
+_NEEDLE = re.compile(r"The special magic (?P<city>\S(?:[^.]*?\S)?) number is: (?P<number>[0-9]+)\.")
 _REPLY = re.compile(r"\s*Question:\s*(?P<question>\S[^\n]*?)\s+Answer:\s*(?P<answer>\S.*?)\s*", re.S)
+
+
+def needle_sentence(city: str, number: str) -> str:
+    return f"The special magic {city} number is: {number}."
+
+
+def needle_question(city: str) -> str:
+    return f"What is the special magic {city} number?"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,12 +162,41 @@ class Extractive:
         pass
 
 
+class Needle:
+    """Offline retrieval pairs: pair ``number`` asks about the ``number``-th needle sentence
+    ("The special magic {city} number is: {digits}.") in the chunk, in the eval's words
+    (``trainer.needle``): "What is the special magic {city} number?" → the needle sentence.
+
+    For training data made of haystacks with needles inserted (``orchestration.sample_retrieval``):
+    the answer can only be copied from the context, so the answer-only loss is all about retrieval.
+    """
+
+    identity = Identity("needle", "needle-1")
+
+    def generate(self, requests: Sequence[QARequest]) -> Iterator[QAOutcome]:
+        for request in requests:
+            needles = list(_NEEDLE.finditer(request.chunk.text))
+            if request.number < len(needles):
+                city, number = needles[request.number].group("city", "number")
+                yield QAOutcome(request, QAPair(needle_question(city), needle_sentence(city, number)))
+                continue
+            detail = f"{len(needles)} needle sentence(s) in this chunk; question {request.number + 1} asked"
+            yield QAOutcome(request, None, NO_QUESTION, detail)
+
+    def close(self) -> None:
+        pass
+
+
+OFFLINE = {"extractive": Extractive, "needle": Needle}  # generators that need no model or server
+
+
 @dataclasses.dataclass(frozen=True)
 class GeneratorConfig:
     """Which generator and how it is called; everything but the API key itself, which stays in the environment."""
 
     spec: str = flags.field("extractive", flag="generator", metavar="SPEC")
-    """extractive (offline, deterministic: "What comes after: '<sentence>'?"), openai:MODEL@URL (any
+    """extractive (offline, deterministic: "What comes after: '<sentence>'?"), needle (offline: the
+    needle-in-a-haystack question about each needle sentence in a chunk), openai:MODEL@URL (any
     OpenAI-compatible chat-completions server; URL = its base, e.g. http://host:8000/v1) or lwm:CKPT
     (a checkpoint directory of this project, its newest step, through the sampler)."""
     api_key_env: str | None = flags.field(None, record=False, metavar="NAME")
@@ -179,8 +218,9 @@ class GeneratorConfig:
 
     def __post_init__(self):
         kind, _, rest = self.spec.partition(":")
-        if self.spec != "extractive" and kind not in ("openai", "lwm"):
-            raise ValueError(f"unknown generator {self.spec!r}; expected extractive, openai:MODEL@URL or lwm:CKPT")
+        if self.spec not in OFFLINE and kind not in ("openai", "lwm"):
+            raise ValueError(f"unknown generator {self.spec!r}; expected extractive, needle, openai:MODEL@URL "
+                             "or lwm:CKPT")
         if kind == "lwm" and not rest:
             raise ValueError(f"generator {self.spec!r}: expected lwm:CHECKPOINT_DIR")
         if kind == "openai":
@@ -215,8 +255,8 @@ def check(config: GeneratorConfig) -> None:
 
 def identity(config: GeneratorConfig) -> Identity:
     """The identity of the generator ``config`` names, without building it (``lwm:``: its newest step)."""
-    if config.spec == "extractive":
-        return Extractive.identity
+    if config.spec in OFFLINE:
+        return OFFLINE[config.spec].identity
     if config.spec.startswith("lwm:"):
         from pipelines import qa_lwm
 
@@ -226,10 +266,10 @@ def identity(config: GeneratorConfig) -> Identity:
 
 
 def build(config: GeneratorConfig) -> QAGenerator:
-    """The ``extractive`` or ``openai:`` generator ``config.spec`` names, ready to call (its API key read from
+    """The offline or ``openai:`` generator ``config.spec`` names, ready to call (its API key read from
     the environment now); ``lwm:`` runs through RunInference instead (:mod:`pipelines.qa_lwm`)."""
-    if config.spec == "extractive":
-        return Extractive()
+    if config.spec in OFFLINE:
+        return OFFLINE[config.spec]()
     if config.spec.startswith("lwm:"):
         raise ValueError("lwm: generators run as a RunInference model handler (pipelines.qa_lwm.SamplerHandler)")
     from pipelines.qa_openai import OpenAIChat

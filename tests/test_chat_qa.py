@@ -242,6 +242,18 @@ def test_extractive_asks_for_next_sentences_then_completions_deterministically()
     assert only.pair == qa_generators.QAPair("Complete: 'Just one ...'", "sentence here.")
 
 
+def test_needle_generator_asks_the_eval_question_about_each_needle_in_order():
+    text = ("A walk began. The special magic Mexico City number is: 1234567. Rain fell. "
+            "The special magic Oslo number is: 7654321. It ended.")
+    chunk = Chunk("b", 0, text, np.zeros(3, np.int32), tuple(split_sentences(text)))
+    outcomes = list(qa_generators.Needle().generate([QARequest(chunk, n, 3) for n in range(3)]))
+    assert [(o.pair.question, o.pair.answer) for o in outcomes[:2]] == [
+        ("What is the special magic Mexico City number?", "The special magic Mexico City number is: 1234567."),
+        ("What is the special magic Oslo number?", "The special magic Oslo number is: 7654321.")]
+    assert outcomes[2].pair is None and outcomes[2].reason == qa_generators.NO_QUESTION
+    assert qa_generators.identity(GeneratorConfig(spec="needle")).id == "needle"
+
+
 def test_generator_specs_are_checked():
     for bad in ("gpt", "openai:model", "openai:@http://x", "openai:m@ftp://x", "extractive:x", "lwm:"):
         with pytest.raises(ValueError):
@@ -480,7 +492,7 @@ def test_bad_settings_are_one_line_errors_before_any_output(books, tokenizer_pat
     assert _cli(books, tmp_path, tokenizer_path, "--chunk-tokens", str(SEQ_LEN)) == 2
     assert "leaves no room for QA turns" in capsys.readouterr().err
     assert _cli(books, tmp_path, tokenizer_path, "--generator", "gpt4") == 2
-    assert "unknown generator 'gpt4'; expected extractive, openai:MODEL@URL or lwm:CKPT" in (
+    assert "unknown generator 'gpt4'; expected extractive, needle, openai:MODEL@URL or lwm:CKPT" in (
         capsys.readouterr().err)
     assert _cli(books, tmp_path, tokenizer_path, "--generator", f"lwm:{tmp_path.parent / 'no_such_ckpt'}") == 2
     assert "no checkpoint there" in capsys.readouterr().err

@@ -115,12 +115,11 @@ def test_lwm_eval_needle_writes_results_table_and_heatmap(tmp_path, tokenizer_pa
         capsys.readouterr().err
 
 
-def test_training_exercises_end_with_the_answer_and_never_use_eval_cities(tokenizer, haystack):
-    texts = needle.training_texts(haystack, tokenizer, 6, min_length=100, max_length=300)
+def test_training_haystacks_hold_one_training_city_needle_and_never_an_eval_city(tokenizer, haystack):
+    texts = needle.training_texts(haystack, tokenizer, 6, min_length=60, max_length=300)
     assert len(set(texts)) == 6
     for text in texts:
-        head, answer = text.rsplit("ASSISTANT: ", 1)
-        assert head.startswith(needle.SYSTEM_PROMPT) and answer in head
-        assert any(f"magic {city} number" in answer for city in needle.TRAIN_CITIES)
-        assert not any(f"magic {city} number" in text for city in needle.EVAL_CITIES)
-        assert len(tokenizer.encode(head)) <= 300
+        cities = [c for c in needle.TRAIN_CITIES + needle.EVAL_CITIES if f"magic {c} number is: " in text]
+        assert len(cities) == 1 and cities[0] in needle.TRAIN_CITIES
+        assert 60 - 2 <= len(tokenizer.encode(text)) <= 300 + 2  # decoded and re-encoded: a piece may merge
+        assert "ASSISTANT" not in text and "USER" not in text

@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from pipelines.qa_generators import needle_question, needle_sentence
 from trainer.sample import SYSTEM_PROMPT
 
 TASKS = ("needle", "variable-tracking")
@@ -49,14 +50,6 @@ TRAIN_CITIES = ("Oslo", "Lisbon", "Nairobi", "Quito", "Hanoi", "Tunis", "Riga", 
                 "Vienna", "Dublin", "Montreal", "Osaka", "Perth", "Porto", "Santiago", "Tbilisi", "Zagreb",
                 "Muscat", "Dhaka", "Lusaka", "Valencia", "Geneva", "Caracas")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-def needle_sentence(city: str, number: str) -> str:
-    return f"The special magic {city} number is: {number}."
-
-
-def needle_question(city: str) -> str:
-    return f"What is the special magic {city} number?"
 
 
 def variable_question(value: str) -> str:
@@ -180,26 +173,35 @@ def build_trial(haystack: Haystack, encode: Callable[[str], Sequence[int]], bos_
     sentences, expected, question, reference = _statements(config, rng)
     prefix = list(encode(f"{SYSTEM_PROMPT} USER:"))
     suffix = list(encode(f"{question} ASSISTANT:"))
+    needed = 1 + len(prefix) + len(suffix) + sum(len(encode(s)) for s in sentences)
+    if length <= needed:
+        raise ValueError(f"length {length} is too short: the template, question and needles alone take {needed} tokens")
+    body, offsets = _body(haystack, encode, config, sentences, length - 1 - len(prefix) - len(suffix), depth, rng)
+    prompt = [bos_id, *prefix, *body, *suffix]
+    assert len(prompt) == length
+    return Trial(config.task, length, depth, round_index, tuple(int(t) for t in prompt), tuple(expected),
+                 reference, tuple(1 + len(prefix) + offset for offset in offsets))
+
+
+def _body(haystack: Haystack, encode, config: NeedleConfig, sentences: Sequence[str], size: int, depth: float,
+          rng: random.Random) -> tuple[list[int], list[int]]:
+    """A haystack window with ``sentences`` inserted, ``size`` tokens in all, and each inserted sentence's
+    token offset in it (in order)."""
     inserts = [list(encode(s)) for s in sentences]
-    budget = length - 1 - len(prefix) - len(suffix) - sum(map(len, inserts))
+    budget = size - sum(map(len, inserts))
     if budget < 1:
-        raise ValueError(f"length {length} is too short: the template, question and needles alone take "
-                         f"{length - budget} tokens")
+        raise ValueError(f"{size} tokens leave no room for a haystack: the needles alone take {size - budget}")
     pieces = haystack.window(budget, rng)
     slots = _insertion_points(config, pieces, depth, len(inserts), rng)
     body: list[int] = []
     offsets = []
-    base = 1 + len(prefix)
     for b in range(len(pieces) + 1):
         for index in [i for i, slot in enumerate(slots) if slot == b]:
-            offsets.append((index, base + len(body)))
+            offsets.append((index, len(body)))
             body += inserts[index]
         if b < len(pieces):
             body += pieces[b]
-    prompt = [bos_id, *prefix, *body, *suffix]
-    assert len(prompt) == length
-    return Trial(config.task, length, depth, round_index, tuple(int(t) for t in prompt), tuple(expected),
-                 reference, tuple(offset for _, offset in sorted(offsets)))
+    return body, [offset for _, offset in sorted(offsets)]
 
 
 def _insertion_points(config: NeedleConfig, pieces, depth: float, count: int, rng: random.Random) -> list[int]:
@@ -227,20 +229,21 @@ def trials(haystack: Haystack, encode, bos_id: int, config: NeedleConfig) -> lis
             for length in config.lengths for depth in config.depths for r in range(config.rounds)]
 
 
-def training_texts(haystack: Haystack, tokenizer, count: int, *, min_length: int = 128, max_length: int = 960,
-                   seed: int = 1, task: str = "needle") -> list[str]:
-    """``count`` retrieval exercises as plain documents (for ``lwm data books``, which adds BOS/EOS):
-    a prompt as the eval builds it (random length in [min_length, max_length] tokens, random depth)
-    followed by the ideal answer. Cities come from ``TRAIN_CITIES`` and numbers from a seed
-    namespace of their own, so no eval needle is ever trained on."""
-    rng = random.Random(f"training/{seed}/{task}")
+def training_texts(haystack: Haystack, tokenizer, count: int, *, min_length: int = 64, max_length: int = 512,
+                   seed: int = 1) -> list[str]:
+    """``count`` haystacks with one needle each, as plain text, for retrieval training data: a window of
+    ``min_length``..``max_length`` tokens (needle included) with the needle at a random depth, as the
+    eval builds it. ``lwm data chat-qa --generator needle`` turns each into the eval's prompt (template,
+    question) and answer, loss on the answer only. Cities come from ``TRAIN_CITIES`` and numbers from a
+    seed namespace of their own, so no eval needle is ever trained on."""
+    rng = random.Random(f"training/{seed}")
+    config = NeedleConfig(cities=TRAIN_CITIES)
     texts = []
-    for index in range(count):
-        length, depth = rng.randint(min_length, max_length), round(rng.random(), 3)
-        config = NeedleConfig(lengths=(length,), depths=(depth,), task=task, cities=TRAIN_CITIES,
-                              seed=seed + 1_000_003)
-        trial = build_trial(haystack, tokenizer.encode, tokenizer.bos_id, config, length, depth, index)
-        texts.append(f"{tokenizer.decode(trial.prompt[1:])} {trial.reference}")
+    for _ in range(count):
+        sentences = _statements(config, rng)[0]
+        body, _ = _body(haystack, tokenizer.encode, config, sentences, rng.randint(min_length, max_length),
+                        rng.random(), rng)
+        texts.append(tokenizer.decode(body))
     return texts
 
 
