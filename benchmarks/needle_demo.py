@@ -1,9 +1,9 @@
 """Needle accuracy of the tiny demo model trained on the demo books plus the synthetic retrieval set.
 
-Builds the demo's data in WORKDIR (200 synthetic books → tokenizer → packed books; needle-retrieval
-exercises with TRAIN_CITIES → packed by the books job), trains configs/train_tiny.yaml on the
-mixture for --steps CPU steps (one device, dense attention: the same math as the demo's ring over
-sp=4, faster on two cores), then runs `lwm eval needle` at 512–2048 tokens, all depths, and prints
+Builds the demo's data in WORKDIR (200 synthetic books → tokenizer → packed books; haystacks with a
+TRAIN_CITIES needle → `lwm data chat-qa --generator needle`: the eval's prompt and answer, loss on the
+answer only), trains configs/train_tiny.yaml on the mixture for --steps CPU steps (one device, dense
+attention: the same math as the demo's ring over sp=4, faster on two cores), then runs `lwm eval needle` at 512–2048 tokens, all depths, and prints
 the table (and where the heatmap is).
 
     .venv/bin/python benchmarks/needle_demo.py [--workdir /tmp/needle_demo] [--steps 800]
