@@ -48,11 +48,11 @@ Answer: <the answer>
 Passage:
 {passage}"""
 FOCUS = "\nThis is question {number} of {count} about this passage: ask about part {number} of {count} of it."
-# The needle-in-a-haystack wording (LWM_FACTS "Evaluation"), shared by trainer.needle's eval and Needle below.
 _NEEDLE = re.compile(r"The special magic (?P<city>\S(?:[^.]*?\S)?) number is: (?P<number>[0-9]+)\.")
 _REPLY = re.compile(r"\s*Question:\s*(?P<question>\S[^\n]*?)\s+Answer:\s*(?P<answer>\S.*?)\s*", re.S)
 
 
+# The needle-in-a-haystack wording (LWM_FACTS "Evaluation"): one source for trainer.needle's eval and Needle.
 def needle_sentence(city: str, number: str) -> str:
     return f"The special magic {city} number is: {number}."
 
