@@ -102,6 +102,9 @@ def efficiency(workdir: pathlib.Path, corpus: pathlib.Path, tokenizer_path: str,
         "efficiency": round(pipeline / baseline, 3),
         "job_seconds": job_seconds,
         "efficiency_job_only": round(result.tokens / job_seconds / workers / baseline, 3),
+        # SentencePiece's CPU seconds for the corpus over all the job's CPU seconds: the efficiency the job
+        # would reach with its cores to itself (on a shared machine wall time also counts others' work).
+        "cpu_efficiency": round(result.tokens / baseline / (float(own_cpu) + float(workers_cpu)), 3),
         "runner_cpu_s": round(float(own_cpu), 1),  # the job's main process (with 1 worker: everything)
         "workers_cpu_s": round(float(workers_cpu), 1),  # its worker processes (multi_processing)
         "load_average_1min": os.getloadavg()[0],
