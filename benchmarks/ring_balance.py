@@ -9,7 +9,8 @@ computed in all, and the spread between devices at the worst hop (in tiles); for
 causal document and for a row of packed documents (segment masks skip most tiles).
 Then, over ``--rows`` rows from the real packer (`pipelines.packing.pack` on a corpus of
 log-uniform document lengths, 64 tokens to S), the median and worst of: critical path /
-mean, tiles / contiguous's tiles, and critical path / zigzag's critical path.
+mean, tiles / contiguous's tiles, and critical path / zigzag's critical path; and the time
+the ``segments`` layout takes to choose one row's order (what the loader pays per row).
 
     .venv/bin/python benchmarks/ring_balance.py [--devices 8 --seq-len 32768 --block 512 --rows 100]
 """
@@ -17,7 +18,9 @@ mean, tiles / contiguous's tiles, and critical path / zigzag's critical path.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +66,15 @@ def packer_rows(seq_len, rows, seed=0):
 
 
 def row_figures(segment_ids_S, num_shards, block):
-    """Per layout: (critical path, total tiles) of one row, from the numpy tile replay."""
+    """Per layout: (critical path, total tiles, seconds to choose the order) of one row, from the
+    numpy tile replay."""
     out = {}
     for name in ring_layout.LAYOUTS:
+        start = time.perf_counter()
         perm = ring_layout.batch_permutation(segment_ids_S[None], num_shards, name, block)[0]
+        seconds = time.perf_counter() - start
         work = ring_layout.ring_work(segment_ids_S[perm], perm, num_shards, block)
-        out[name] = (int(work.max(axis=1).sum()), int(work.sum()))
+        out[name] = (int(work.max(axis=1).sum()), int(work.sum()), seconds)
     return out
 
 
@@ -101,6 +107,9 @@ def main(argv=None):
         print(f"{name:10s} critical/mean {np.median(ratio):5.3f} / {max(ratio):5.3f}   "
               f"tiles/contiguous {np.median(tiles):5.3f} / {max(tiles):5.3f}   "
               f"critical/zigzag's {np.median(speed):5.3f} / {max(speed):5.3f}")
+    seconds = [f["segments"][2] * 1e3 for f in figures]
+    print(f"segments: time to choose one row's order {np.median(seconds):.1f} ms median, "
+          f"{max(seconds):.1f} ms worst (load average {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":
