@@ -77,6 +77,17 @@ def test_segments_moves_whole_blocks_and_computes_contiguous_tiles(lengths, num_
     assert _block_tile_set(row, positions, perm, 8) == _block_tile_set(row, positions, natural, 8)
 
 
+def test_long_rows_move_runs_of_blocks_and_keep_contiguous_tiles():
+    """1024 blocks: runs of consecutive blocks move together (one descent step stays cheap);
+    the tiles are still contiguous's and the ring no longer than contiguous's or zigzag's."""
+    row = _log_uniform_row(8192, seed=1)
+    perm = layout.segment_permutation(row, 4, 8)
+    natural = np.arange(8192)
+    assert _block_tile_set(row, natural, perm, 8) == _block_tile_set(row, natural, natural, 8)
+    for name in ("contiguous", "zigzag"):
+        assert _critical_path(row, perm, 4, 8) <= _critical_path(row, layout.layout_permutation(8192, 4, name), 4, 8)
+
+
 def test_segments_order_is_a_pure_function_of_the_row():
     row = _log_uniform_row(4096, seed=3)
     first = layout.segment_permutation(row, 8, 64)

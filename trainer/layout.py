@@ -171,10 +171,13 @@ def balanced_blocks(tiles_NxN: np.ndarray, num_shards: int, max_swaps: int = 64)
     device work (it keeps the descent moving where the critical path is flat), for at
     most ``max_swaps`` swaps or until the path is as short as the mean device's work.
     Deterministic: the same tiles give the same placement. Where N is large, runs of
-    consecutive blocks move together so that one step stays cheap.
+    consecutive blocks move together so that one step stays cheap (about 2^19 numbers;
+    on rings so large that even one run per device exceeds that, no swaps are made).
     """
     n = len(tiles_NxN)
     unit = _unit_blocks(n, num_shards)
+    if unit is None:  # one step would cost too much: the striped start alone
+        unit, max_swaps = n // num_shards, 0
     units = n // unit
     tiles_UxU = tiles_NxN.reshape(units, unit, units, unit).sum(axis=(1, 3))
     return np.repeat(_swap_descent(tiles_UxU, np.arange(units) % num_shards, num_shards, max_swaps), unit)
@@ -213,30 +216,31 @@ def _swap_descent(tiles_UxU, device_U, num_shards, max_swaps):
             m_new[row] = v[row] * y + c[row] * v + m_PxP[row, :, None]
         work_new = m_new.reshape(p * p, -1)[hop_index]
         critical = work_new.reshape(p, p, -1).max(axis=0).sum(axis=0)
-        squares = np.einsum("kn,kn->n", *(work_new.astype(np.float64),) * 2)
-        best = critical.min()
-        k = int(np.argmin(np.where(critical == best, squares, np.inf)))
-        if (best, squares[k]) >= current:
+        shortest = np.flatnonzero(critical == critical.min())
+        squares = np.square(work_new[:, shortest].astype(np.float64)).sum(axis=0)
+        k = shortest[np.argmin(squares)]
+        if (critical[k], squares.min()) >= current:
             break
         device_U[i[k]], device_U[j[k]] = device_U[j[k]], device_U[i[k]]
     return device_U
 
 
-def _unit_blocks(num_blocks, num_shards, budget=1 << 21):
+def _unit_blocks(num_blocks, num_shards, budget=1 << 19):
     """Blocks that move together: the fewest, dividing each device's blocks, that keep one
-    descent step (pairs × P² numbers) within ``budget``."""
+    descent step (pairs × P² numbers) within ``budget``; None if even one unit per device
+    does not (rings of several dozen devices)."""
     per_device = num_blocks // num_shards
-    for unit in range(1, per_device):
+    for unit in range(1, per_device + 1):
         units = num_blocks // unit
         if per_device % unit == 0 and units * (units - 1) // 2 * num_shards ** 2 <= budget:
             return unit
-    return per_device
+    return None
 
 
 def _device_tiles(tiles_NxN, device_N, num_shards):
     """``[P, P]``: tiles whose query block is on device d and key block on device e."""
-    a_NxP = np.eye(num_shards, dtype=tiles_NxN.dtype)[device_N]
-    return a_NxP.T @ tiles_NxN @ a_NxP
+    a_NxP = np.eye(num_shards)[device_N]  # float64: BLAS, and exact for any tile count here
+    return np.rint(a_NxP.T @ (tiles_NxN @ a_NxP)).astype(np.int64)
 
 
 def _hop_index(num_shards):
