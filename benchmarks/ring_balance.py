@@ -6,7 +6,8 @@ All devices wait for each other at every hop, so the ring's critical path is the
 hops of the busiest device's tile count. Printed per layout: that critical path in tiles,
 divided by the average device's total tile count (1.0 = perfectly balanced), the tiles
 computed in all, and the spread between devices at the worst hop (in tiles); for one
-causal document and for a row of packed documents (segment masks skip most tiles).
+causal document and for a row of packed documents (segment masks skip most tiles), with
+the time taken to compute the order.
 Then, over ``--rows`` rows from the real packer (`pipelines.packing.pack` on a corpus of
 log-uniform document lengths, 64 tokens to S), the median and worst of: critical path /
 mean, tiles / contiguous's tiles, and critical path / zigzag's critical path; and the time
@@ -91,9 +92,11 @@ def main(argv=None):
     for name, segment_ids in batches.items():
         for layout in ring_layout.LAYOUTS:
             critical, ratio, total, spread = balance(segment_ids, args.devices, layout, args.block)
+            start = time.perf_counter()
+            ring_layout.batch_permutation(segment_ids, args.devices, layout, args.block)
             print(f"{name:17s} {layout:10s} critical path {critical:4d} tiles, /mean "
                   f"{ratio:5.3f}  all tiles {total:5d}  "
-                  f"worst-hop spread {spread} tiles")
+                  f"worst-hop spread {spread} tiles  order in {(time.perf_counter() - start) * 1e3:.0f} ms")
     if not args.rows:
         return
     rows = packer_rows(args.seq_len, args.rows)
