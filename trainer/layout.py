@@ -96,10 +96,9 @@ def segment_permutation(segment_ids_S: np.ndarray, num_shards: int, block: int =
     to the earlier. One causal document therefore keeps zigzag, and no row is slower
     than under contiguous or zigzag.
 
-    Token-striped and per-document placements (long documents zigzagged or striped on
-    their own) were candidates before; they cut blocks across documents and compute up to
-    3-4x the tiles, and on the rows measured (BENCHMARKS.md) they never had the shortest
-    critical path once whole blocks are balanced.
+    Token-striped and per-document orders are not candidates: they mix documents within
+    blocks, compute up to 3-4x the tiles, and on the rows measured (BENCHMARKS.md) never
+    had the shortest critical path once whole blocks are balanced.
     """
     segment_ids_S = np.asarray(segment_ids_S)
     seq_len = segment_ids_S.shape[0]
@@ -124,7 +123,8 @@ def segment_permutation(segment_ids_S: np.ndarray, num_shards: int, block: int =
     device_N = min(placements, key=critical_path)
     if critical_path(device_N) > _lower_bound(tiles_NxN, num_shards):
         device_N = min([device_N, balanced_blocks(tiles_NxN, num_shards)], key=critical_path)
-    return _by_device(np.repeat(device_N, block))
+    blocks = np.argsort(device_N, kind="stable")  # by device, natural order within each
+    return (blocks[:, None] * block + np.arange(block)).reshape(-1)
 
 
 def block_tiles(segment_ids_S: np.ndarray, positions_S: np.ndarray, block: int) -> np.ndarray:
@@ -261,11 +261,6 @@ def _lower_bound(tiles, num_shards):
 
 def _critical_path(work):
     return int(work.max(axis=1).sum())
-
-
-def _by_device(device_S):
-    """Token order putting each device's tokens together, in natural order within each."""
-    return np.argsort(device_S, kind="stable")
 
 
 def apply_layout(batch: Mapping[str, np.ndarray], keys: Sequence[str], num_shards: int, layout: str,
