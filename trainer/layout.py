@@ -10,9 +10,9 @@ work falls on the devices at each hop of the ring, and in how many tiles the ker
 can skip. Static layouts (``zigzag``, ``contiguous``, ``striped``) use one order for
 every row; ``segments`` chooses, per packed row from its segment ids and positions, a
 placement of whole kernel blocks that keeps contiguous's tiles and balances them over
-the hops (:func:`segment_permutation`). The kernel skips a tile only if it is invisible in every
-row a device holds, so with several rows per device it computes the union of the
-rows' tiles, and each row's balance holds only approximately. Next-token targets are a
+the hops (:func:`segment_permutation`). The kernel skips a tile only if it is invisible
+in every row a device holds, so with several rows per device it computes the union of
+the rows' tiles, and each row's balance holds only approximately. Next-token targets are a
 function of the natural order (the token after ``t`` in its segment), so they are
 computed before the layout is applied.
 """
