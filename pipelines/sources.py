@@ -90,6 +90,8 @@ class SplitFiles(beam.DoFn):
 
     def process(self, metadata) -> Iterable[FileRange]:
         path, size = metadata.path, metadata.size_in_bytes
+        if path.endswith(("/", "\\")):  # a directory a pattern matched (skipped, as Beam's ReadMatches does)
+            return
         if size <= self.range_bytes or not _splittable(path):
             yield FileRange(path, size)
             return
