@@ -4,7 +4,9 @@ Efficiency = (tokens/s per core of ``lwm data books`` on the local runner) /
 (tokens/s of plain SentencePiece encoding of the same text in one process, one thread:
 SentencePiece's batch encode would otherwise use every core).
 Per core: the pipeline's tokens/s over wall time divided by its worker count
-(CPU time would hide idle time).
+(CPU time would hide idle time): over the whole command (interpreter, imports and the
+job), and over the job alone (the "done in" time the job reports: from its start to its
+end, worker processes' start-up included).
 
 Utilization = non-pad tokens / all tokens, packed as the pipeline packs (pack groups
 chosen from the data, beside the former fixed 16 groups and the naive one example per
@@ -12,10 +14,13 @@ sequence), for three mixes of realistic sizes: text documents of 10K–100K toke
 L = 32768 (the paper's 32K-stage filter), images (256 codes + caption) at L = 1024,
 videos (4–31 frames) at L = 8192.
 
-    .venv/bin/python benchmarks/books_pipeline.py [--books 40] [--workers 1 2] [--src CHECKOUT]
+    .venv/bin/python benchmarks/books_pipeline.py [--books 120 480] [--workers 1 2] [--src CHECKOUT]
 
 Also printed: bytes moved through the job's shuffles per input token (before and
-after shuffling only what must move), and each run's peak RSS.
+after shuffling only what must move); for each run the CPU seconds of the job's own
+process (the runner; with one worker everything) and of its worker processes, and
+its peak RSS; with two or more corpus sizes, the peak RSS per added input token
+between the smallest and the largest (one worker: the whole job in one process).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -43,23 +49,30 @@ from pipelines.text_tokenizer import SpecialTokens, TextTokenizer
 from schemas import manifest, packed, raw
 
 
-def _corpus(workdir: pathlib.Path, books: int) -> tuple[pathlib.Path, str]:
-    corpus = sample_data.write_books(workdir / "books.jsonl", books, min_sentences=2000, max_sentences=6000, seed=1)
+def _corpus(workdir: pathlib.Path, books: int) -> pathlib.Path:
+    return sample_data.write_books(workdir / f"books{books}.jsonl", books, min_sentences=2000, max_sentences=6000,
+                                   seed=1)
+
+
+def _tokenizer(workdir: pathlib.Path, corpus: pathlib.Path) -> str:
     tokenizer_path = str(workdir / "tok.model")
     cli.main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "2000", "--output", tokenizer_path])
-    return corpus, tokenizer_path
+    return tokenizer_path
 
 
 # The job in a fresh interpreter that reports its own peak RSS (VmHWM: ru_maxrss would also count the
-# benchmark process it was forked from).
-_JOB_WITH_PEAK_MEMORY = (
-    "import sys; from orchestration import cli; code = cli.main(sys.argv[1:]); "
-    "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0], file=sys.stderr); sys.exit(code)"
+# benchmark process it was forked from) and the CPU time of itself and of its (finished) worker processes.
+_JOB_WITH_USAGE = (
+    "import resource, sys; from orchestration import cli; code = cli.main(sys.argv[1:]); "
+    "own, workers = (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)); "
+    "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].strip(), "
+    "'cpu', own.ru_utime + own.ru_stime, workers.ru_utime + workers.ru_stime, file=sys.stderr); sys.exit(code)"
 )
 
 
 def efficiency(workdir: pathlib.Path, corpus: pathlib.Path, tokenizer_path: str, workers: int, src: str) -> dict:
-    """The job (``src``'s code) in its own process: tokens/s per core against plain SentencePiece, peak RSS."""
+    """The job (``src``'s code) in its own process: tokens/s per core against plain SentencePiece, CPU
+    seconds of the runner and of its workers, peak RSS."""
     texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
     plain = sentencepiece.SentencePieceProcessor(model_file=tokenizer_path)
     start = time.perf_counter()
@@ -72,13 +85,14 @@ def efficiency(workdir: pathlib.Path, corpus: pathlib.Path, tokenizer_path: str,
     if workers > 1:
         args += ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", _JOB_WITH_PEAK_MEMORY, *args], env={**os.environ, "PYTHONPATH": src},
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run([sys.executable, "-c", _JOB_WITH_USAGE, *args], env={**os.environ, "PYTHONPATH": src},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - start
     assert done.returncode == 0, done.stderr
-    peak_kib = int(done.stderr.rsplit("VmHWM:", 1)[1].split()[0])
+    peak_kib, _, _, own_cpu, workers_cpu = done.stderr.rsplit("VmHWM:", 1)[1].split()[:5]
     result = manifest.read(str(workdir / "out" / "seq32768"), verify_hashes=False)
     pipeline = result.tokens / seconds / workers
+    job_seconds = float(re.search(r"done in ([\d.]+)s", done.stdout).group(1))
     return {
         "corpus_tokens": result.tokens,
         "sentencepiece_tokens_per_s_per_core": round(baseline),
@@ -86,7 +100,15 @@ def efficiency(workdir: pathlib.Path, corpus: pathlib.Path, tokenizer_path: str,
         "pipeline_seconds": round(seconds, 1),
         "workers": workers,
         "efficiency": round(pipeline / baseline, 3),
-        "peak_rss_mb": round(peak_kib / 1024),  # the job's main process (the runner, and with 1 worker everything)
+        "job_seconds": job_seconds,
+        "efficiency_job_only": round(result.tokens / job_seconds / workers / baseline, 3),
+        # SentencePiece's CPU seconds for the corpus over all the job's CPU seconds: the efficiency the job
+        # would reach with its cores to itself (on a shared machine wall time also counts others' work).
+        "cpu_efficiency": round(result.tokens / baseline / (float(own_cpu) + float(workers_cpu)), 3),
+        "runner_cpu_s": round(float(own_cpu), 1),  # the job's main process (with 1 worker: everything)
+        "workers_cpu_s": round(float(workers_cpu), 1),  # its worker processes (multi_processing)
+        "load_average_1min": os.getloadavg()[0],
+        "peak_rss_mb": round(int(peak_kib) / 1024),  # the job's main process (the runner, and with 1 worker everything)
         "bytes_per_token_on_disk": round(sum(s.bytes for s in result.shards) / (result.tokens + result.pad_tokens), 3),
     }
 
@@ -94,17 +116,19 @@ def efficiency(workdir: pathlib.Path, corpus: pathlib.Path, tokenizer_path: str,
 def shuffle_bytes(corpus: pathlib.Path, tokenizer_path: str, seq_len: int = 32768, groups: int = 16) -> dict:
     """Bytes per input token through each shuffle of the books job, encoded with the coders Beam uses there.
 
-    Untyped elements go through Beam's ``FastPrimitivesCoder`` (pickling objects);
-    the packing shuffle's elements are typed, so :class:`~pipelines.dataset.SegmentCoder`
-    encodes them. "before" is the job as it was: whole documents through the dedupe
-    shuffle and pickled segments through the packing shuffle.
+    Untyped elements go through Beam's ``FastPrimitivesCoder`` (pickling objects).
+    "before" is the job as it was: whole documents through the dedupe shuffle, pickled
+    segments through the packing shuffle, pickled records through a second shuffle to
+    their shards. "after": (id, path, index) through the dedupe shuffle, segments as
+    bytes (:func:`~pipelines.packing.segment_to_bytes`) through the packing shuffle, and
+    no records shuffle (each pack group writes its own shards).
     """
     pickled = coders.registry.get_coder(typing.Any)
-    typed = coders.registry.get_coder(dataset._GROUPED_SEGMENT)
+    grouped = coders.registry.get_coder(dataset._GROUPED_SEGMENT)
     tokenizer = TextTokenizer(tokenizer_path)
     with open(corpus, "rb") as stream:
         documents = list(raw.iter_documents(stream, str(corpus)))
-    moved = dict.fromkeys(["dedupe_before", "dedupe_after", "pack_before", "pack_after", "shards"], 0)
+    moved = dict.fromkeys(["dedupe_before", "dedupe_after", "pack_before", "pack_after", "shards_before"], 0)
     tokens = 0
     per_group: dict[int, list[packing.Segment]] = {}
     for document in documents:
@@ -115,15 +139,15 @@ def shuffle_bytes(corpus: pathlib.Path, tokenizer_path: str, seq_len: int = 3276
         for piece in packing.cut(packing.text_segment(document.id, framed), seq_len):
             key = (seq_len, stable_hash(document.id) % groups)
             moved["pack_before"] += len(pickled.encode((key, piece)))
-            moved["pack_after"] += len(typed.encode((key, piece)))
+            moved["pack_after"] += len(grouped.encode((key, packing.segment_to_bytes(piece))))
             per_group.setdefault(key[1], []).append(piece)
     for group, segments in per_group.items():
         for index, sequence in enumerate(packing.pack(segments, seq_len)):
-            record = dataset.PackedRecord(seq_len, group, index, packed.encode(**packing.to_example(sequence, seq_len)),
-                                          sum(map(len, sequence)), {"text": 0})
-            moved["shards"] += len(pickled.encode(((seq_len, 0, 1), record)))
-    before = moved["dedupe_before"] + moved["pack_before"] + moved["shards"]
-    after = moved["dedupe_after"] + moved["pack_after"] + moved["shards"]
+            data = packed.encode(**packing.to_example(sequence, seq_len))
+            record = (seq_len, group, index, data, sum(map(len, sequence)), {"text": 0})  # the former PackedRecord
+            moved["shards_before"] += len(pickled.encode(((seq_len, 0, 1), record)))
+    before = moved["dedupe_before"] + moved["pack_before"] + moved["shards_before"]
+    after = moved["dedupe_after"] + moved["pack_after"]
     return {"input_tokens": tokens, **{f"{k}_bytes_per_token": round(v / tokens, 3) for k, v in moved.items()},
             "total_before_bytes_per_token": round(before / tokens, 3),
             "total_after_bytes_per_token": round(after / tokens, 3)}
@@ -167,23 +191,45 @@ def utilization(kind: str, max_groups: int = 16, seed: int = 0) -> dict:
     return result
 
 
+def memory_slope(runs: list[dict]) -> dict:
+    """Peak RSS per added input token between the smallest and the largest corpus (runs of one worker count)."""
+    small, large = min(runs, key=lambda r: r["corpus_tokens"]), max(runs, key=lambda r: r["corpus_tokens"])
+    added = (large["peak_rss_mb"] - small["peak_rss_mb"]) * 2**20 / (large["corpus_tokens"] - small["corpus_tokens"])
+    return {"workers": small["workers"], "tokens": [small["corpus_tokens"], large["corpus_tokens"]],
+            "peak_rss_mb": [small["peak_rss_mb"], large["peak_rss_mb"]], "peak_rss_bytes_per_added_token": round(added, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--books", type=int, default=40)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1])
+    parser.add_argument("--books", type=int, nargs="+", default=[40],
+                        help="corpus sizes in books (about 54K tokens each); two or more also give the memory slope")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1],
+                        help="worker counts; more than 1 runs --direct_running_mode=multi_processing")
     parser.add_argument("--src", default=str(pathlib.Path(__file__).resolve().parents[1]),
                         help="the project checkout whose job is measured (e.g. an older commit, for before/after)")
-    parser.add_argument("--skip-utilization", action="store_true")
+    parser.add_argument("--skip-utilization", action="store_true", help="skip the packing-utilization mixes")
+    parser.add_argument("--skip-shuffle", action="store_true", help="skip the bytes-shuffled estimate")
     args = parser.parse_args()
     print(json.dumps({"cpu_count": os.cpu_count(), "src": args.src}))
     if not args.skip_utilization:
         for kind in MIXES:
             print(json.dumps(utilization(kind)))
     with tempfile.TemporaryDirectory() as workdir:
-        corpus, tokenizer_path = _corpus(pathlib.Path(workdir), args.books)
-        print(json.dumps(shuffle_bytes(corpus, tokenizer_path)))
-        for workers in args.workers:
-            print(json.dumps(efficiency(pathlib.Path(workdir), corpus, tokenizer_path, workers, args.src)))
+        workdir = pathlib.Path(workdir)
+        runs: dict[int, list[dict]] = {w: [] for w in args.workers}
+        tokenizer_path = ""
+        for books in sorted(args.books):
+            corpus = _corpus(workdir, books)
+            tokenizer_path = tokenizer_path or _tokenizer(workdir, corpus)  # trained on the smallest corpus
+            if not args.skip_shuffle and books == min(args.books):
+                print(json.dumps(shuffle_bytes(corpus, tokenizer_path)))
+            for workers in args.workers:
+                runs[workers].append(efficiency(workdir, corpus, tokenizer_path, workers, args.src))
+                print(json.dumps(runs[workers][-1]))
+            corpus.unlink()
+        if len(args.books) > 1:
+            for workers_runs in runs.values():
+                print(json.dumps(memory_slope(workers_runs)))
 
 
 if __name__ == "__main__":

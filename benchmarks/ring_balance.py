@@ -6,10 +6,12 @@ All devices wait for each other at every hop, so the ring's critical path is the
 hops of the busiest device's tile count. Printed per layout: that critical path in tiles,
 divided by the average device's total tile count (1.0 = perfectly balanced), the tiles
 computed in all, and the spread between devices at the worst hop (in tiles); for one
-causal document and for a row of packed documents (segment masks skip most tiles).
+causal document and for a row of packed documents (segment masks skip most tiles), with
+the time taken to compute the order.
 Then, over ``--rows`` rows from the real packer (`pipelines.packing.pack` on a corpus of
 log-uniform document lengths, 64 tokens to S), the median and worst of: critical path /
-mean, tiles / contiguous's tiles, and critical path / zigzag's critical path.
+mean, tiles / contiguous's tiles, and critical path / zigzag's critical path; and the time
+the ``segments`` layout takes to choose one row's order (what the loader pays per row).
 
     .venv/bin/python benchmarks/ring_balance.py [--devices 8 --seq-len 32768 --block 512 --rows 100]
 """
@@ -17,7 +19,9 @@ mean, tiles / contiguous's tiles, and critical path / zigzag's critical path.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +67,15 @@ def packer_rows(seq_len, rows, seed=0):
 
 
 def row_figures(segment_ids_S, num_shards, block):
-    """Per layout: (critical path, total tiles) of one row, from the numpy tile replay."""
+    """Per layout: (critical path, total tiles, seconds to choose the order) of one row, from the
+    numpy tile replay."""
     out = {}
     for name in ring_layout.LAYOUTS:
+        start = time.perf_counter()
         perm = ring_layout.batch_permutation(segment_ids_S[None], num_shards, name, block)[0]
+        seconds = time.perf_counter() - start
         work = ring_layout.ring_work(segment_ids_S[perm], perm, num_shards, block)
-        out[name] = (int(work.max(axis=1).sum()), int(work.sum()))
+        out[name] = (int(work.max(axis=1).sum()), int(work.sum()), seconds)
     return out
 
 
@@ -85,9 +92,11 @@ def main(argv=None):
     for name, segment_ids in batches.items():
         for layout in ring_layout.LAYOUTS:
             critical, ratio, total, spread = balance(segment_ids, args.devices, layout, args.block)
+            start = time.perf_counter()
+            ring_layout.batch_permutation(segment_ids, args.devices, layout, args.block)
             print(f"{name:17s} {layout:10s} critical path {critical:4d} tiles, /mean "
                   f"{ratio:5.3f}  all tiles {total:5d}  "
-                  f"worst-hop spread {spread} tiles")
+                  f"worst-hop spread {spread} tiles  order in {(time.perf_counter() - start) * 1e3:.0f} ms")
     if not args.rows:
         return
     rows = packer_rows(args.seq_len, args.rows)
@@ -101,6 +110,9 @@ def main(argv=None):
         print(f"{name:10s} critical/mean {np.median(ratio):5.3f} / {max(ratio):5.3f}   "
               f"tiles/contiguous {np.median(tiles):5.3f} / {max(tiles):5.3f}   "
               f"critical/zigzag's {np.median(speed):5.3f} / {max(speed):5.3f}")
+    seconds = [f["segments"][2] * 1e3 for f in figures]
+    print(f"segments: time to choose one row's order {np.median(seconds):.1f} ms median, "
+          f"{max(seconds):.1f} ms worst (load average {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from typing import Callable
 
 from orchestration import cli, sample_data, sample_media
 
-SEQ_LEN = 1024  # the vision datasets' bucket: short enough for a tiny model on CPU
+SEQ_LEN = 1024  # the image-text, chat and retrieval bucket: short enough for a tiny model on CPU
+VIDEO_SEQ_LEN = 2048  # videos of 1-4 frames (257 tokens each) pack well in 2048, as LWM trains video at its longer stages
 BOOK_LENGTHS = (512, 1024, 2048)  # the books buckets of the stage plan's three stages
 PLAN = pathlib.Path(__file__).resolve().parents[1] / "configs" / "stages" / "demo.yaml"
 
@@ -52,18 +53,20 @@ def vision(workdir: pathlib.Path) -> None:
 
     _banner("generated images and videos → small random VQGAN → vision-language packed shards")
     images = sample_media.write_image_text(workdir / "raw" / "image_text", 24)
-    videos = sample_media.write_video_text(workdir / "raw" / "video_text", 8)
-    print(f"wrote {images} (24 captioned shapes) and {videos} (8 captioned moving shapes)")
+    videos = sample_media.write_video_text(workdir / "raw" / "video_text", 16, frames=(4, 16))
+    print(f"wrote {images} (24 captioned shapes) and {videos} (16 captioned moving shapes, 0.5-2 s)")
     vqgan = workdir / "vqgan_small_random"
     VQGAN.init_random(SMALL, seed=0).save(str(vqgan))
     print(f"saved a randomly initialised small VQGAN to {vqgan}")
-    common = ("--tokenizer", str(workdir / "tokenizer.model"), "--vqgan", str(vqgan), "--seq-len", str(SEQ_LEN),
-              "--num-shards", "2", "--overwrite")
-    _lwm("data", "image-text", "--input", str(images), "--output", str(workdir / "data" / "image_text"), *common)
-    # 3 frames × 257 tokens + the caption fit the demo's 1024-token sequences.
+    common = ("--tokenizer", str(workdir / "tokenizer.model"), "--vqgan", str(vqgan), "--num-shards", "2",
+              "--overwrite")
+    _lwm("data", "image-text", "--input", str(images), "--output", str(workdir / "data" / "image_text"),
+         "--seq-len", str(SEQ_LEN), *common)
+    # Sampled at 2 fps, the clips have 1-4 frames (257 tokens each, plus the caption): mixed
+    # sizes that fill 2048-token sequences (~0.93), where 3-frame clips alone filled 1024 to 0.80.
     _lwm("data", "video-text", "--input", str(videos), "--output", str(workdir / "data" / "video_text"),
-         "--max-frames", "3", *common)
-    _lwm("data", "inspect", str(workdir / "data" / "video_text" / f"seq{SEQ_LEN}"))
+         "--seq-len", str(VIDEO_SEQ_LEN), "--fps", "2", "--max-frames", "4", *common)
+    _lwm("data", "inspect", str(workdir / "data" / "video_text" / f"seq{VIDEO_SEQ_LEN}"))
 
 
 def chat_qa(workdir: pathlib.Path) -> None:
@@ -84,8 +87,8 @@ def chat_qa(workdir: pathlib.Path) -> None:
 
 
 def train(workdir: pathlib.Path) -> None:
-    """The stage plan ``configs/stages/demo.yaml``: 512 → 1024 (books + retrieval + image-text +
-    video-text) → 2048 tokens, RoPE theta 1e4 → 2e4 → 5e4, then a chat stage on book QA, each
+    """The stage plan ``configs/stages/demo.yaml``: 512 → 1024 (books + retrieval + image-text)
+    → 2048 tokens (books + video-text), RoPE theta 1e4 → 2e4 → 5e4, then a chat stage on book QA, each
     stage from the previous one's final params; then its status table.
 
     The plan's paths are relative to the workdir, so the commands run there. Each stage

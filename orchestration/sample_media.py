@@ -104,15 +104,19 @@ def encode_video(path: pathlib.Path, frames: np.ndarray, fps: int, timeout_s: fl
     return path
 
 
-def write_video_text(directory: pathlib.Path, count: int, *, seed: int = 0, frames: int = 8, fps: int = 8) -> pathlib.Path:
-    """``count`` captioned videos of ``frames`` frames at ``fps`` under ``directory/videos/``, named
-    by relative ``path``. Returns the JSON-lines file."""
+def write_video_text(directory: pathlib.Path, count: int, *, seed: int = 0, frames: int | tuple[int, int] = 8,
+                     fps: int = 8) -> pathlib.Path:
+    """``count`` captioned videos of ``frames`` frames (or, for a ``(low, high)`` pair, a random
+    count in that closed range per video) at ``fps`` under ``directory/videos/``, named by
+    relative ``path``. Returns the JSON-lines file."""
     rng = random.Random(seed)
+    low, high = (frames, frames) if isinstance(frames, int) else frames
     (directory / "videos").mkdir(parents=True, exist_ok=True)
     path = directory / "video_text.jsonl"
     width, height = VIDEO_SIZE
     with path.open("w") as out:
         for index in range(count):
+            frames = rng.randint(low, high) if low < high else low
             shape, colour, background = _scene(rng)
             motion = rng.choice(sorted(MOTIONS))
             dx, dy = MOTIONS[motion]

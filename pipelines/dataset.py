@@ -4,19 +4,29 @@
 image-text or video-text alike) and writes one dataset per length bucket into
 ``OUTPUT/seq{L}/``:
 
-1. segments are grouped by (bucket, hash of their document id) so no key is hot,
-   in as many groups as the bucket's size allows without costing utilization
-   (:func:`pipelines.packing.pack_groups`, at most ``pack_groups``), each group
-   sorted (GroupByKey order is not deterministic) and packed with best-fit-decreasing;
-2. packed examples are encoded (:mod:`schemas.packed`) and spread over shards,
-   each group's bins round-robin from a hashed offset;
-3. each shard is sorted, written with ``group_size:1`` to a temporary name (a
-   local file first where the output is remote) and renamed when complete;
+1. each bucket's token total (summed where the segments are made) fixes its
+   :class:`BucketPlan`: how many pack groups (as many as the bucket's size allows
+   without costing utilization, :func:`pipelines.packing.pack_groups`, at most
+   ``pack_groups``) and how many shards, each shard owned by one group;
+2. segments cross the one shuffle as bytes (:func:`pipelines.packing.segment_to_bytes`,
+   about 2 bytes per token), keyed by (bucket, hash of their document id % groups)
+   so no key is hot;
+3. each group is sorted (GroupByKey order is not deterministic), packed with
+   best-fit-decreasing, and its sequences dealt round-robin over the group's own
+   shards, each encoded (:mod:`schemas.packed`) and written with ``group_size:1``
+   to a temporary name (a local file first where the output is remote) and
+   renamed when complete; so packed records are never shuffled or held beyond
+   one shard;
 4. once every shard exists, each bucket's dead letters and then its
-   ``manifest.json`` are written (:mod:`schemas.manifest`).
+   ``manifest.json`` are written (:mod:`schemas.manifest`), with an empty shard
+   for any group the hash left without segments.
 
 Every choice is a function of the data (stable hashes, sorted groups), so the
 same inputs and config give byte-identical shards in every running mode.
+
+Memory on the local runner: ``FnApiRunner`` holds a stage's output until the next
+stage has read it, and a GroupByKey's input as decoded values; so what crosses
+stages here is bytes (segments), or small (token totals, shard summaries).
 """
 
 from __future__ import annotations
@@ -89,10 +99,28 @@ class DatasetSpec:
     def bucket_dir(self, bucket: Bucket) -> str:
         return bucket_dir(self.output.output, bucket.name)
 
-    def shard_count(self, seq_len: int, records: int) -> int:
+    def plan(self, seq_len: int, tokens: int) -> "BucketPlan":
+        """The plan of a bucket of ``tokens`` tokens: groups from the data; ``num_shards`` shards (then at
+        most that many groups) or shards of about ``shard_mb`` (estimated at 2 bytes per token, full
+        sequences), at least one per group."""
+        groups = packing.pack_groups(tokens, seq_len, self.output.pack_groups)
         if self.output.num_shards:
-            return self.output.num_shards
-        return max(1, min(records, math.ceil(records * seq_len * 2 / self.output.shard_bytes)))
+            return BucketPlan(min(groups, self.output.num_shards), self.output.num_shards)
+        sequences = math.ceil(tokens / seq_len)
+        by_size = max(1, min(sequences, math.ceil(sequences * seq_len * 2 / self.output.shard_bytes)))
+        return BucketPlan(groups, max(groups, by_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketPlan:
+    """How one bucket is packed and written: ``groups`` pack groups, ``shards`` shards, each group
+    writing its own consecutive run of shards (so no second shuffle brings records to their shard)."""
+
+    groups: int
+    shards: int
+
+    def shards_of(self, group: int) -> range:
+        return range(group * self.shards // self.groups, (group + 1) * self.shards // self.groups)
 
 
 def count(bucket: Bucket | None, what: enum.Enum, n: int = 1) -> beam.pvalue.TaggedOutput:
@@ -122,16 +150,6 @@ def route(length: int, buckets: Sequence[Bucket], fit: Callable[[Bucket], "list[
         yield count(bucket, Count.SEGMENTS, len(result))
         for segment in result:
             yield bucket.seq_len, segment
-
-
-@dataclasses.dataclass(frozen=True)
-class PackedRecord:
-    seq_len: int
-    group: int
-    index: int  # bin index inside its group
-    data: bytes
-    tokens: int
-    max_ids: dict[str, int]  # largest id per modality present ({"text": n, "vision": m})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,58 +213,50 @@ def write_shard(path: str, records: list[bytes]) -> manifest_lib.ShardInfo:
     return manifest_lib.ShardInfo(os.path.basename(path), len(records), size, sha256)
 
 
-class SegmentCoder(beam.coders.Coder):
-    """Beam's coder for :class:`~pipelines.packing.Segment` (:func:`~pipelines.packing.segment_to_bytes`):
-    the packing shuffle moves about 2 bytes per token instead of a pickle of three arrays."""
-
-    def encode(self, segment: packing.Segment) -> bytes:
-        return packing.segment_to_bytes(segment)
-
-    def decode(self, data: bytes) -> packing.Segment:
-        return packing.segment_from_bytes(data)
-
-    def is_deterministic(self) -> bool:
-        return True
+_KEYED_SEGMENT = beam.typehints.Tuple[int, int, bytes]  # (seq_len, hash of the document id, encoded segment)
+_GROUPED_SEGMENT = beam.typehints.Tuple[beam.typehints.Tuple[int, int], bytes]  # ((seq_len, group), segment)
 
 
-beam.coders.registry.register_coder(packing.Segment, SegmentCoder)
-_ROUTED_SEGMENT = beam.typehints.Tuple[int, packing.Segment]
-_GROUPED_SEGMENT = beam.typehints.Tuple[beam.typehints.Tuple[int, int], packing.Segment]
-
-
-def _key_by_group(item, groups: dict[int, int]):
-    """(seq_len, Segment) → ((seq_len, group), Segment), the group a stable hash of the document id."""
+def _encode_segment(item) -> tuple[int, int, bytes]:
+    """(seq_len, Segment) → (seq_len, stable hash of its document id, its bytes): what is held and shuffled
+    (the hash in 63 bits: Beam's ``VarIntCoder`` holds signed 64-bit ints)."""
     seq_len, segment = item
-    return (seq_len, stable_hash(segment.key[0]) % groups[seq_len]), segment
+    return seq_len, stable_hash(segment.key[0]) >> 1, packing.segment_to_bytes(segment)
 
 
-def _pack_group(item) -> Iterable[PackedRecord]:
-    (seq_len, group), segments = item
-    sequences = packing.pack(list(segments), seq_len)
+def _key_by_group(item, plans: dict[int, BucketPlan]):
+    """(seq_len, id hash, bytes) → ((seq_len, group), bytes)."""
+    seq_len, id_hash, data = item
+    return (seq_len, id_hash % plans[seq_len].groups), data
+
+
+def _pack_and_write(item, spec: DatasetSpec, plans: dict[int, BucketPlan]) -> Iterable[WrittenShard]:
+    """One pack group → its packed sequences, dealt round-robin over the group's own shards, written."""
+    (seq_len, group), encoded = item
+    sequences = packing.pack([packing.segment_from_bytes(data) for data in encoded], seq_len)
     Metrics.counter(METRICS_NAMESPACE, "packed_examples").inc(len(sequences))
-    for index, sequence in enumerate(sequences):
+    plan = plans[seq_len]
+    shards = plan.shards_of(group)
+    for offset, shard in enumerate(shards):
+        yield _write_shard(spec, seq_len, shard, plan.shards, sequences[offset::len(shards)])
+
+
+def _write_shard(spec: DatasetSpec, seq_len: int, shard: int, shards: int,
+                 sequences: list[list[packing.Segment]]) -> WrittenShard:
+    """Encode one shard's sequences (one at a time: a decoded example is L long) and write them."""
+    records, ids, tokens = [], [], 0
+    for sequence in sequences:
         example = packing.to_example(sequence, seq_len)
-        ids = max_ids(example["tokens"], example["vision_mask"], example["segment_ids"] > 0)
-        yield PackedRecord(seq_len, group, index, packed.encode(**example), sum(len(s) for s in sequence), ids)
-
-
-def _assign_shard(record: PackedRecord, record_counts: dict[int, int], spec: DatasetSpec):
-    shards = spec.shard_count(record.seq_len, record_counts[record.seq_len])
-    shard = (stable_hash(f"{record.seq_len}/{record.group}") + record.index) % shards
-    return (record.seq_len, shard, shards), record
-
-
-def _write_shard(item, spec: DatasetSpec) -> Iterable[WrittenShard]:
-    (seq_len, shard, shards), records = item
-    records = sorted(records, key=lambda r: (r.group, r.index))
+        ids.append(max_ids(example["tokens"], example["vision_mask"], example["segment_ids"] > 0))
+        records.append(packed.encode(**example))
+        tokens += sum(len(s) for s in sequence)
     bucket = next(b for b in spec.buckets if b.seq_len == seq_len)
     path = FileSystems.join(spec.bucket_dir(bucket), manifest_lib.shard_name(spec.name, shard, shards))
-    info = write_shard(path, [r.data for r in records])
-    tokens = sum(r.tokens for r in records)
+    info = write_shard(path, records)
     Metrics.counter(METRICS_NAMESPACE, "shards_written").inc()
     log.debug("wrote %s (%d records)", path, info.records)
-    yield WrittenShard(seq_len, info, tokens, len(records) * seq_len - tokens, merge_max_ids(r.max_ids for r in records),
-                       sum(len(r.data) for r in records))
+    return WrittenShard(seq_len, info, tokens, len(records) * seq_len - tokens, merge_max_ids(ids),
+                        sum(len(r) for r in records))
 
 
 def bucket_counts(counts: Iterable[tuple[tuple[int, str], int]], bucket: Bucket,
@@ -270,16 +280,16 @@ class _WriteManifest(beam.DoFn):
     def __init__(self, spec: DatasetSpec):
         self.spec = spec
 
-    def process(self, bucket: Bucket, written, counts, dead_letters, input_examples):
+    def process(self, bucket: Bucket, written, plans, counts, dead_letters, input_examples):
         spec = self.spec
         directory = spec.bucket_dir(bucket)
         shards = sorted((w for w in written if w.seq_len == bucket.seq_len), key=lambda w: w.info.path)
         infos = {w.info.path: w.info for w in shards}
         records = sum(info.records for info in infos.values())
-        total = spec.shard_count(bucket.seq_len, records) if records else 0
+        total = plans[bucket.seq_len].shards if bucket.seq_len in plans else 0
         for index in range(total):
             name = manifest_lib.shard_name(spec.name, index, total)
-            if name not in infos:  # a shard the hash left empty still exists, with 0 records
+            if name not in infos:  # the shards of a group the hash left empty still exist, with 0 records
                 infos[name] = write_shard(FileSystems.join(directory, name), [])
         letters = sorted(
             (letter for key, letter in dead_letters if key in (ALL_BUCKETS, bucket.seq_len)),
@@ -331,32 +341,20 @@ class WritePackedDatasets(beam.PTransform):
     def expand(self, inputs):
         spec = self.spec
         pipeline = inputs["segments"].pipeline
-        # Typed here, inside the producer's fused stage: every later copy of the segments (held for the
-        # group-count side input, then shuffled) is in SegmentCoder's compact form, whatever the job.
-        segments = inputs["segments"] | "Typed" >> beam.Map(lambda kv: kv).with_output_types(_ROUTED_SEGMENT)
-        groups = (
+        segments = inputs["segments"]
+        plans = (
             segments
-            | "SegmentTokens" >> beam.Map(lambda kv: (kv[0], len(kv[1])))
+            | "SegmentTokens" >> beam.MapTuple(lambda seq_len, segment: (seq_len, len(segment)))
             | "BucketTokens" >> beam.CombinePerKey(sum)
-            | "PackGroups" >> beam.MapTuple(
-                lambda seq_len, tokens: (seq_len, packing.pack_groups(tokens, seq_len, spec.output.pack_groups)))
+            | "Plan" >> beam.MapTuple(lambda seq_len, tokens: (seq_len, spec.plan(seq_len, tokens)))
         )
-        records = (
-            segments
-            | "KeyByGroup" >> beam.Map(_key_by_group, beam.pvalue.AsDict(groups)).with_output_types(_GROUPED_SEGMENT)
-            | "GroupForPacking" >> beam.GroupByKey()
-            | "Pack" >> beam.FlatMap(_pack_group)
-        )
-        record_counts = (
-            records
-            | "RecordSeqLen" >> beam.Map(lambda r: (r.seq_len, 1))
-            | "CountRecords" >> beam.CombinePerKey(sum)
-        )
+        # Encoded inside the producer's stage: the segments wait for their plan, then cross the shuffle, as bytes.
         written = (
-            records
-            | "AssignShard" >> beam.Map(_assign_shard, beam.pvalue.AsDict(record_counts), spec)
-            | "GroupShards" >> beam.GroupByKey()
-            | "WriteShards" >> beam.FlatMap(_write_shard, spec)
+            segments
+            | "Encode" >> beam.Map(_encode_segment).with_output_types(_KEYED_SEGMENT)
+            | "KeyByGroup" >> beam.Map(_key_by_group, beam.pvalue.AsDict(plans)).with_output_types(_GROUPED_SEGMENT)
+            | "GroupForPacking" >> beam.GroupByKey()
+            | "PackAndWrite" >> beam.FlatMap(_pack_and_write, spec, beam.pvalue.AsDict(plans))
         )
         counts = inputs["counts"] | "SumCounts" >> beam.CombinePerKey(sum)
         return (
@@ -366,6 +364,7 @@ class WritePackedDatasets(beam.PTransform):
             >> beam.ParDo(
                 _WriteManifest(spec),
                 beam.pvalue.AsList(written),
+                beam.pvalue.AsDict(plans),
                 beam.pvalue.AsList(counts),
                 beam.pvalue.AsList(inputs["dead_letters"]),
                 beam.pvalue.AsSingleton(inputs["input_examples"]),

@@ -32,9 +32,11 @@ class OutputConfig:
     """Most hash groups per bucket packed independently (parallelism of the packing step); a bucket is split
     only as far as each group keeps 64 sequences' worth of tokens."""
     shard_mb: int = 256
-    """Target shard size in MiB (estimated at 2 bytes per token)."""
+    """Target shard size in MiB (estimated at 2 bytes per token); each pack group writes its own shards, so a
+    bucket has at least as many shards as pack groups, smaller ones where it is small."""
     num_shards: int | None = None
-    """Fixed number of shards per bucket (overrides --shard-mb)."""
+    """Fixed number of shards per bucket (overrides --shard-mb); fewer shards than pack groups means fewer
+    pack groups (each group writes its own shards)."""
     overwrite: bool = flags.field(False, record=False)
     """Replace existing datasets; the new ones are built beside them and swapped in only once complete."""
 

@@ -179,8 +179,12 @@ def iter_records(
     *,
     text_file: Callable[[bytes, str], Any] | None = None,
     parquet_batch: int = 256,
+    first_line: int = 1,
 ) -> Iterator[Any]:
     """Every record of one input file (raw binary stream, still compressed if ``.gz``), whatever its format.
+
+    ``first_line``: the line number of the stream's first line, where the stream is a
+    range of a JSON-lines file that starts at a line (see :mod:`pipelines.sources`).
 
     JSON lines and Parquet rows go through ``from_fields``; ``.txt`` files through
     ``text_file`` where the job reads them. Decompression happens here with Python's
@@ -190,7 +194,7 @@ def iter_records(
     """
     read = 0
     try:
-        for record in _parse_records(stream, path, from_fields, required, text_file, parquet_batch):
+        for record in _parse_records(stream, path, from_fields, required, text_file, parquet_batch, first_line):
             read += 1
             yield record
     except _READ_ERRORS as error:
@@ -199,12 +203,12 @@ def iter_records(
 
 
 def _parse_records(stream, path: str, from_fields: RecordParser, required: tuple[str, ...],
-                   text_file: Callable[[bytes, str], Any] | None, parquet_batch: int) -> Iterator[Any]:
+                   text_file: Callable[[bytes, str], Any] | None, parquet_batch: int, first_line: int) -> Iterator[Any]:
     if path.lower().endswith(".gz"):
         stream = gzip.GzipFile(fileobj=stream, mode="rb")
     kind = input_format(path)
     if kind == "jsonl":
-        for number, line in enumerate(iter(stream.readline, b""), start=1):  # Beam's gzip streams only readline
+        for number, line in enumerate(iter(stream.readline, b""), start=first_line):  # Beam's gzip streams only readline
             if line.strip():
                 fields = decode_json_line(line, source_of(path, number))
                 yield fields if isinstance(fields, DeadLetter) else from_fields(fields, path=path, index=number)
@@ -218,7 +222,8 @@ def _parse_records(stream, path: str, from_fields: RecordParser, required: tuple
         yield DeadLetter("", "unsupported_format", f"expected {accepted} (optionally .gz)", path)
 
 
-def iter_documents(stream, path: str) -> Iterator[Document | DeadLetter]:
-    """Every book of one input file (see :func:`iter_records`)."""
-    return iter_records(stream, path, book_from_fields, ("id", "text"), text_file=parse_text_file)
+def iter_documents(stream, path: str, first_line: int = 1) -> Iterator[Document | DeadLetter]:
+    """Every book of one input file, or of a range of lines of one (see :func:`iter_records`)."""
+    return iter_records(stream, path, book_from_fields, ("id", "text"), text_file=parse_text_file,
+                        first_line=first_line)
 

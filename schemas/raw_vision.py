@@ -109,7 +109,8 @@ def from_fields(fields: Any, media_field: str, path: str, index: int) -> VisionE
     return DeadLetter(example_id, "missing_media", f"none of '{media_field}', 'path', 'url'", source)
 
 
-def iter_examples(stream, path: str, media_field: str) -> Iterator[VisionExample | DeadLetter]:
-    """Every record of one input file (see :func:`schemas.raw.iter_records`: JSON lines or Parquet)."""
+def iter_examples(stream, path: str, media_field: str, first_line: int = 1) -> Iterator[VisionExample | DeadLetter]:
+    """Every record of one input file, or of a range of lines of one (see :func:`schemas.raw.iter_records`:
+    JSON lines or Parquet)."""
     return iter_records(stream, path, functools.partial(from_fields, media_field=media_field), ("id", "caption"),
-                        parquet_batch=64)  # rows carry inline images
+                        parquet_batch=64, first_line=first_line)  # rows carry inline images

@@ -47,14 +47,64 @@ def test_one_causal_document_keeps_zigzag():
     np.testing.assert_array_equal(layout.segment_permutation(row, 8, 16), layout.layout_permutation(1024, 8, "zigzag"))
 
 
-def test_per_document_order_wins_where_whole_documents_balance_the_ring():
-    """Three documents of one device's length, then short ones: whole documents on their own
-    devices keep every hop balanced, where contiguous and zigzag leave devices idle."""
-    row = _row([64, 64, 64] + [8] * 8, 256)
+def _log_uniform_row(seq_len, seed):
+    """Documents of log-uniform length (64 tokens to seq_len / 4) packed in order, then padding."""
+    rng = np.random.default_rng(seed)
+    lengths = np.exp(rng.uniform(np.log(64), np.log(seq_len / 4), 64)).astype(int)
+    return _row(lengths[np.cumsum(lengths) <= seq_len - seq_len // 16], seq_len)
+
+
+def _block_tile_set(row, positions, perm, block):
+    """The kernel's tiles of the laid-out row, as pairs of the natural-order blocks they join."""
+    blocks = perm[::block] // block
+    tiles = layout.block_tiles(row[perm], positions[perm], block)
+    return {(blocks[q], blocks[k]) for q, k in zip(*np.nonzero(tiles))}
+
+
+@settings(max_examples=25, deadline=None)
+@given(packings, st.sampled_from([2, 4, 8]), st.booleans())
+def test_segments_moves_whole_blocks_and_computes_contiguous_tiles(lengths, num_shards, restart_positions):
+    """Blocks of the kernel's size move whole, so the ring computes exactly contiguous's tiles,
+    with natural positions or positions restarting in each segment (as the loader's)."""
+    row = _row(lengths, 256)
+    starts = np.r_[0, np.flatnonzero(np.diff(row)) + 1]
+    positions = np.arange(256) - np.repeat(starts, np.diff(np.r_[starts, 256])) if restart_positions else np.arange(256)
+    perm = layout.segment_permutation(row, num_shards, 8, positions)
+    chunks = perm.reshape(-1, 8)
+    np.testing.assert_array_equal(chunks, chunks[:, :1] + np.arange(8))
+    assert np.all(chunks[:, 0] % 8 == 0)
+    natural = np.arange(256)
+    assert _block_tile_set(row, positions, perm, 8) == _block_tile_set(row, positions, natural, 8)
+
+
+def test_long_rows_move_runs_of_blocks_and_keep_contiguous_tiles():
+    """1024 blocks: runs of consecutive blocks move together (one descent step stays cheap);
+    the tiles are still contiguous's and the ring no longer than contiguous's or zigzag's."""
+    row = _log_uniform_row(8192, seed=1)
     perm = layout.segment_permutation(row, 4, 8)
-    chosen = _critical_path(row, perm, 4, 8)
-    for name in ("zigzag", "contiguous"):
-        assert chosen < _critical_path(row, layout.layout_permutation(256, 4, name), 4, 8), name
+    natural = np.arange(8192)
+    assert _block_tile_set(row, natural, perm, 8) == _block_tile_set(row, natural, natural, 8)
+    for name in ("contiguous", "zigzag"):
+        assert _critical_path(row, perm, 4, 8) <= _critical_path(row, layout.layout_permutation(8192, 4, name), 4, 8)
+
+
+def test_segments_order_is_a_pure_function_of_the_row():
+    row = _log_uniform_row(4096, seed=3)
+    first = layout.segment_permutation(row, 8, 64)
+    np.testing.assert_array_equal(layout.segment_permutation(row.copy(), 8, 64), first)
+    np.testing.assert_array_equal(layout.batch_permutation(np.stack([row, row]), 8, "segments", 64), [first, first])
+
+
+def test_packed_row_is_balanced_at_contiguous_tile_count():
+    """The issue's goal at full size (P = 8, S = 32K, blocks of 512): critical path within 10%
+    of the mean device's work, and no more tiles than contiguous."""
+    row = _log_uniform_row(32768, seed=0)
+    perm = layout.segment_permutation(row, 8, 512)
+    work = layout.ring_work(row[perm], perm, 8, 512)
+    contiguous = layout.ring_work(row, np.arange(32768), 8, 512)
+    assert work.sum() == contiguous.sum()
+    assert work.max(axis=1).sum() <= 1.1 * work.sum() / 8
+    assert work.max(axis=1).sum() < contiguous.max(axis=1).sum()
 
 
 @settings(max_examples=10, deadline=None)

@@ -135,7 +135,8 @@ def test_ring_equals_dense_full_grid(num_shards, layout, causal, gqa):
 
 
 def test_segments_layout_places_rows_differently_and_equals_dense():
-    """Per row: SEGMENTS' rows get zigzag and per-document orders on 2 and 4 devices."""
+    """Per row: some of SEGMENTS' rows get a balanced placement of whole blocks (neither zigzag
+    nor contiguous) on 2 and 4 devices, and the ring still equals dense attention."""
     for num_shards in (2, 4):
         perms = ring_layout.batch_permutation(SEGMENTS, num_shards, "segments", 4)
         static = [ring_layout.layout_permutation(SEQ, num_shards, name) for name in ("zigzag", "contiguous")]
