@@ -43,7 +43,9 @@ def version() -> str:
         return "unknown (not installed: pip install -e .)"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command group, or of ``command``'s alone: a command imports only
+    its own libraries (a data job need not load JAX or torch before it starts)."""
     parser = argparse.ArgumentParser(
         prog="lwm",
         description="Large World Model workflow: data jobs (Beam), training (JAX, RingAttention) and the tools "
@@ -52,8 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lwm {version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        importlib.import_module(f"orchestration.commands.{name}").register(subparsers)
+        if command in (None, name):
+            importlib.import_module(f"orchestration.commands.{name}").register(subparsers)
     return parser
+
+
+def command_group(argv: list[str]) -> str | None:
+    """The command group ``argv`` names (its first word, when it is one), else None."""
+    words = [a for a in argv if not a.startswith("-")]
+    return words[0] if words and words[0] in COMMAND_MODULES else None
 
 
 def os_error_message(error: OSError) -> str:
@@ -73,7 +82,8 @@ def os_error_message(error: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(command_group(argv))
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

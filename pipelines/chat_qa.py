@@ -22,7 +22,6 @@ from typing import Iterable, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import RunInference
 
 from pipelines import flags, progress, qa_generators
 from pipelines.buckets import Bucket
@@ -33,7 +32,6 @@ from pipelines.output import OutputConfig
 from pipelines.qa_cache import QACache, key
 from pipelines.qa_contexts import Chunk, ChatTemplate, QATokens, assemble, chunk_book
 from pipelines.qa_generators import GeneratorConfig, Identity, QAOutcome, QAPair, QARequest
-from pipelines.qa_lwm import SamplerHandler
 from pipelines.sources import ReadUnique
 from pipelines.text_tokenizer import TextTokenizer
 from schemas import raw, storage
@@ -236,7 +234,13 @@ def build(pipeline: beam.Pipeline, config: ChatQAConfig):
         | "BatchBooks" >> beam.BatchElements(min_batch_size=1, max_batch_size=config.chunk_batch)
         | "Chunk" >> beam.ParDo(ChunkBooks(config.tokenizer, config.chunk_tokens))
     )
-    handler = SamplerHandler(config.generator, config.tokenizer) if config.generator.spec.startswith("lwm:") else None
+    handler = None
+    if config.generator.spec.startswith("lwm:"):
+        # Imported here: Beam's inference module loads torch, which no other generator needs.
+        from apache_beam.ml.inference.base import RunInference
+        from pipelines.qa_lwm import SamplerHandler
+
+        handler = SamplerHandler(config.generator, config.tokenizer)
     identity = handler.identity if handler else qa_generators.identity(config.generator)
     size = config.generator.batch
     looked_up = (

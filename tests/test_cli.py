@@ -2,6 +2,8 @@
 
 import argparse
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -118,3 +120,16 @@ def test_convert_reads_model_fields_through_the_typed_config(tmp_path, capsys):
     argv[-1] = "gpt-2"
     assert cli.main(argv) == 2
     assert capsys.readouterr().err.startswith("lwm: error: model.preset: unknown model preset 'gpt-2'; choose from")
+
+
+def test_a_data_command_starts_without_loading_jax_or_torch():
+    code = ("import sys; from orchestration import cli; cli.build_parser(cli.command_group(['data', 'books']));"
+            "print(sorted(m for m in ('jax', 'torch', 'trainer') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_command_group_is_the_first_word_when_it_names_one():
+    assert cli.command_group(["data", "books", "--input", "x"]) == "data"
+    assert cli.command_group(["--version"]) is None
+    assert cli.command_group(["datta", "books"]) is None
