@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from orchestration.commands import add_checkpoint_arguments, open_sampler
+
 
 def run_loss(args, extra) -> int:
     from trainer import checkpoint, evaluate
@@ -28,8 +30,7 @@ def register(subparsers) -> None:
         description="Loss of a checkpoint on the first --batches batches of each packed dataset, in manifest "
         "order (the same batches every time; the same numbers as a training run's eval: section).",
     )
-    loss.add_argument("--ckpt", required=True, help="checkpoint directory (or a run directory holding checkpoints/)")
-    loss.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    add_checkpoint_arguments(loss)
     loss.add_argument("--data", required=True, action="append",
                       help="packed dataset directory holding manifest.json (repeatable)")
     loss.add_argument("--batches", type=int, default=8, help="batches per dataset")
@@ -66,17 +67,13 @@ def _numbers(text: str, kind, name: str) -> tuple:
 
 
 def run_needle(args, extra) -> int:
-    from pipelines.text_tokenizer import TextTokenizer
-    from trainer import checkpoint, needle
-    from trainer.sample import Sampler, check_tokenizer
+    from trainer import needle
 
     config = needle.NeedleConfig(
         lengths=_numbers(args.lengths, int, "--lengths"), depths=_numbers(args.depths, float, "--depths"),
         rounds=args.rounds, needles=args.needles, ask=args.ask, task=args.task, hops=args.hops, seed=args.seed,
         max_new_tokens=args.max_tokens)
-    tokenizer = TextTokenizer(args.tokenizer)
-    sampler = Sampler(checkpoint.resolve_dir(args.ckpt), sp=args.sp, step=args.step)
-    check_tokenizer(tokenizer, sampler.config)
+    tokenizer, sampler = open_sampler(args)
     needle.run(sampler, tokenizer, _haystack_texts(args.haystack), config, args.out, batch_size=args.batch_size)
     with open(os.path.join(args.out, "table.txt")) as f:
         print(f"\n{args.task} accuracy (%), depth × context length:\n{f.read()}")
@@ -92,9 +89,7 @@ def register_needle(commands) -> None:
         "number appears). --lengths count whole prompts in tokens. Writes OUT/results.jsonl, OUT/table.txt "
         "and OUT/heatmap.png. Deterministic for a --seed.",
     )
-    parser.add_argument("--ckpt", required=True, help="checkpoint directory (or a run directory holding checkpoints/)")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
-    parser.add_argument("--tokenizer", required=True, help="the SentencePiece model the checkpoint was trained with")
+    add_checkpoint_arguments(parser, tokenizer=True)
     parser.add_argument("--haystack", nargs="+", metavar="FILE",
                         help="filler text files (.jsonl: each line's 'text'); default: the demo's synthetic books")
     parser.add_argument("--lengths", default="1024,2048,4096", help="prompt lengths in tokens, comma-separated")

@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 
+from orchestration.commands import add_checkpoint_arguments, open_sampler
+
 
 def run(args, extra) -> int:
-    from pipelines.text_tokenizer import TextTokenizer
-    from trainer import checkpoint
-    from trainer.sample import SampleSettings, Sampler, check_tokenizer, decode_frames, encode_prompt, frame_codes
+    from trainer.sample import SampleSettings, decode_frames, encode_prompt, frame_codes
 
     vision_out = args.image or args.video
     if args.image and args.video:
@@ -20,12 +20,9 @@ def run(args, extra) -> int:
         raise ValueError("--image and --video need --vqgan DIR (the VQGAN that decodes the codes)")
     if args.frames < 1:
         raise ValueError(f"--frames must be >= 1, got {args.frames}")
-    tokenizer = TextTokenizer(args.tokenizer)
-    ckpt = checkpoint.resolve_dir(args.ckpt)
-    check_tokenizer(tokenizer, checkpoint.restore_model_config(ckpt, args.step))
+    tokenizer, sampler = open_sampler(args)
     settings = SampleSettings(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id)
-    sampler = Sampler(ckpt, sp=args.sp, step=args.step)
     prompt = encode_prompt(tokenizer, _vision_request(args) if vision_out else args.prompt, chat=args.chat,
                            vision=bool(vision_out))
     if vision_out:
@@ -81,9 +78,7 @@ def register(subparsers) -> None:
         "text; no template) unless --chat wraps it in LWM's chat template. Long prompts are prefilled with "
         "ring attention over --sp devices. Text streams to stdout as it is generated.",
     )
-    parser.add_argument("--ckpt", required=True, help="checkpoint directory (or a run directory holding checkpoints/)")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
-    parser.add_argument("--tokenizer", required=True, help="the SentencePiece model the checkpoint was trained with")
+    add_checkpoint_arguments(parser, tokenizer=True)
     parser.add_argument("--prompt", required=True, help="prompt text (for --image/--video: what to draw)")
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt in LWM's chat template (You are a helpful assistant. USER: ... ASSISTANT:)")
