@@ -173,21 +173,21 @@ def build_trial(haystack: Haystack, encode: Callable[[str], Sequence[int]], bos_
     sentences, expected, question, reference = _statements(config, rng)
     prefix = list(encode(f"{SYSTEM_PROMPT} USER:"))
     suffix = list(encode(f"{question} ASSISTANT:"))
-    needed = 1 + len(prefix) + len(suffix) + sum(len(encode(s)) for s in sentences)
+    inserts = [list(encode(s)) for s in sentences]
+    needed = 1 + len(prefix) + len(suffix) + sum(map(len, inserts))
     if length <= needed:
         raise ValueError(f"length {length} is too short: the template, question and needles alone take {needed} tokens")
-    body, offsets = _body(haystack, encode, config, sentences, length - 1 - len(prefix) - len(suffix), depth, rng)
+    body, offsets = _body(haystack, config, inserts, length - 1 - len(prefix) - len(suffix), depth, rng)
     prompt = [bos_id, *prefix, *body, *suffix]
     assert len(prompt) == length
     return Trial(config.task, length, depth, round_index, tuple(int(t) for t in prompt), tuple(expected),
                  reference, tuple(1 + len(prefix) + offset for offset in offsets))
 
 
-def _body(haystack: Haystack, encode, config: NeedleConfig, sentences: Sequence[str], size: int, depth: float,
+def _body(haystack: Haystack, config: NeedleConfig, inserts: Sequence[list[int]], size: int, depth: float,
           rng: random.Random) -> tuple[list[int], list[int]]:
-    """A haystack window with ``sentences`` inserted, ``size`` tokens in all, and each inserted sentence's
-    token offset in it (in order)."""
-    inserts = [list(encode(s)) for s in sentences]
+    """A haystack window with the encoded sentences ``inserts`` inserted, ``size`` tokens in all, and each
+    inserted sentence's token offset in it (in order)."""
     budget = size - sum(map(len, inserts))
     if budget < 1:
         raise ValueError(f"{size} tokens leave no room for a haystack: the needles alone take {size - budget}")
@@ -240,9 +240,8 @@ def training_texts(haystack: Haystack, tokenizer, count: int, *, min_length: int
     config = NeedleConfig(cities=TRAIN_CITIES)
     texts = []
     for _ in range(count):
-        sentences = _statements(config, rng)[0]
-        body, _ = _body(haystack, tokenizer.encode, config, sentences, rng.randint(min_length, max_length),
-                        rng.random(), rng)
+        inserts = [list(tokenizer.encode(s)) for s in _statements(config, rng)[0]]
+        body, _ = _body(haystack, config, inserts, rng.randint(min_length, max_length), rng.random(), rng)
         texts.append(tokenizer.decode(body))
     return texts
 
