@@ -123,3 +123,13 @@ def test_training_haystacks_hold_one_training_city_needle_and_never_an_eval_city
         assert len(cities) == 1 and cities[0] in needle.TRAIN_CITIES
         assert 60 - 2 <= len(tokenizer.encode(text)) <= 300 + 2  # decoded and re-encoded: a piece may merge
         assert "ASSISTANT" not in text and "USER" not in text
+
+
+@pytest.mark.parametrize("line, reason", [("{not json", "invalid_json"), ('{"id": "a"}', "missing_text")])
+def test_a_bad_haystack_line_is_a_one_line_error_naming_it(tmp_path, tokenizer_path, capsys, line, reason):
+    haystack = tmp_path / "hay.jsonl"
+    haystack.write_text(json.dumps({"id": "ok", "text": "A sentence."}) + "\n" + line + "\n")
+    argv = ["eval", "needle", "--ckpt", str(tmp_path / "no_ckpt"), "--tokenizer", tokenizer_path,
+            "--haystack", str(haystack), "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    assert f"lwm: error: haystack {haystack}:2: {reason}" in capsys.readouterr().err

@@ -42,20 +42,27 @@ def register(subparsers) -> None:
 
 
 def _haystack_texts(paths: list[str] | None) -> list[str]:
-    """Text of the haystack files (``.jsonl``: each line's ``text``), or the demo's synthetic books."""
+    """Text of the haystack files (``.jsonl``, optionally ``.gz``: each line's ``text``, read as the data jobs
+    read books, so a bad line is an error naming it), or the demo's synthetic books."""
     if not paths:
         import random
 
         from orchestration.sample_data import book
 
         return [book(random.Random(10_000 + i), 200) for i in range(20)]
+    from schemas import raw
+
     texts = []
     for path in paths:
-        with open(path) as f:
-            if path.endswith(".jsonl"):
-                texts += [json.loads(line)["text"] for line in f if line.strip()]
-            else:
+        if not path.endswith((".jsonl", ".jsonl.gz")):
+            with open(path) as f:
                 texts.append(f.read())
+            continue
+        with open(path, "rb") as f:
+            for record in raw.iter_documents(f, path):
+                if isinstance(record, raw.DeadLetter):
+                    raise ValueError(f"haystack {record.source or path}: {record.reason} ({record.detail})")
+                texts.append(record.text)
     return texts
 
 
@@ -73,8 +80,9 @@ def run_needle(args, extra) -> int:
         lengths=_numbers(args.lengths, int, "--lengths"), depths=_numbers(args.depths, float, "--depths"),
         rounds=args.rounds, needles=args.needles, ask=args.ask, task=args.task, hops=args.hops, seed=args.seed,
         max_new_tokens=args.max_tokens)
+    texts = _haystack_texts(args.haystack)  # bad input refused before the weights load
     tokenizer, sampler = open_sampler(args)
-    needle.run(sampler, tokenizer, _haystack_texts(args.haystack), config, args.out, batch_size=args.batch_size)
+    needle.run(sampler, tokenizer, texts, config, args.out, batch_size=args.batch_size)
     with open(os.path.join(args.out, "table.txt")) as f:
         print(f"\n{args.task} accuracy (%), depth × context length:\n{f.read()}")
     print(f"results: {os.path.join(args.out, 'results.jsonl')}\nheatmap: {os.path.join(args.out, 'heatmap.png')}")
