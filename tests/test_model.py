@@ -177,11 +177,16 @@ def test_next_token_targets_reject_mismatched_shapes():
                                  "loss_weights": np.zeros(4)})
 
 
-def test_chunked_token_losses_equal_full_logits_cross_entropy():
+@pytest.mark.parametrize("vision_share", [0.4, 0.0, "one chunk"])
+def test_chunked_token_losses_equal_full_logits_cross_entropy(vision_share):
     rng = np.random.default_rng(0)
     hidden = rng.normal(size=(2, 16, 8)).astype(np.float32)
     text_head, vision_head = rng.normal(size=(8, 11)).astype(np.float32), rng.normal(size=(8, 7)).astype(np.float32)
-    vision = rng.random((2, 16)) < 0.4
+    if vision_share == "one chunk":  # chunks are strided: chunk 1 holds tokens 1, 5, 9, 13; the rest skip the head
+        vision = np.zeros((2, 16), bool)
+        vision[:, 1::4] = True
+    else:
+        vision = rng.random((2, 16)) < vision_share
     targets = np.where(vision, rng.integers(0, 7, (2, 16)), rng.integers(0, 11, (2, 16)))
     ce, correct = loss.token_losses(jnp.asarray(hidden), text_head, vision_head, targets, vision, chunk_size=4)
     for mask, head in ((~vision, text_head), (vision, vision_head)):

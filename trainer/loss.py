@@ -101,15 +101,21 @@ def token_losses(hidden_BxSxD, text_head_DxV, vision_head_DxW, targets_BxS, targ
 
     Logits are made ``chunk_size`` tokens at a time and rematerialised in the
     backward pass, so memory stays linear in S. ``vision_head_DxW`` may be None.
+    A chunk with no vision target skips the vision head (``lax.cond``): in text
+    batches of a model with a vision head, that head's logits (8448 wide, beside
+    a 32K text head; 16x the text head's in the tiny preset) would be wasted work.
     """
 
     def chunk(h_BxCxD, targets_BxC, vision_BxC):
         ce, correct = _head_scores(h_BxCxD, text_head_DxV, targets_BxC)
-        if vision_head_DxW is not None:
+        if vision_head_DxW is None:
+            return ce, correct
+
+        def with_vision():
             vce, vcorrect = _head_scores(h_BxCxD, vision_head_DxW, targets_BxC)
-            ce = jnp.where(vision_BxC, vce, ce)
-            correct = jnp.where(vision_BxC, vcorrect, correct)
-        return ce, correct
+            return jnp.where(vision_BxC, vce, ce), jnp.where(vision_BxC, vcorrect, correct)
+
+        return jax.lax.cond(jnp.any(vision_BxC), with_vision, lambda: (ce, correct))
 
     return sequence_chunked_map(chunk, (hidden_BxSxD, targets_BxS, target_vision_mask_BxS), chunk_size)
 
