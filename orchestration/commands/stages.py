@@ -26,12 +26,13 @@ def run(args, extra) -> int:
     if launch.backend == "local":
         # Finished stages are not run again, so only the others must fit this machine.
         unfinished = [s for s in selected if status.stage_status(s).state != status.FINISHED]
-        if unfinished:
-            devices = devices or local.devices_for(unfinished)
-            plan_lib.check_mesh(unfinished, devices)
+        given = local.Devices({s.name: devices for s in unfinished})
+        per_stage = given if devices or not unfinished else local.devices_for(unfinished)
+        for stage in unfinished:
+            plan_lib.check_mesh([stage], per_stage.counts[stage.name])
         datasets.check_plan(plan)
         return runner.run_plan(plan, only=args.only, start=args.start, processes=launch.processes,
-                               devices=devices, dry_run=args.dry_run, evaluator=evaluation.measure)
+                               devices=per_stage, dry_run=args.dry_run, evaluator=evaluation.measure)
     if not devices:
         raise ValueError(f"backend {launch.backend}: give --topology (TPU) or --devices so the meshes can be checked")
     plan_lib.check_mesh(selected, devices)

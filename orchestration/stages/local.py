@@ -9,6 +9,7 @@ is forwarded to the child as SIGTERM, which saves a checkpoint and exits 143
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -31,25 +32,42 @@ def train_argv(config_path: str, processes: int) -> list[str]:
     return argv
 
 
-def devices_for(stages: Sequence[Stage]) -> int:
+@dataclasses.dataclass(frozen=True)
+class Devices:
+    """The devices each stage's training process gets (``counts``, by stage name). ``simulated``: on
+    CPU with no device count in ``XLA_FLAGS``, each stage's process simulates its own count."""
+
+    counts: dict[str, int]
+    simulated: bool = False
+
+    def env(self, stage: str) -> dict[str, str] | None:
+        """The environment of ``stage``'s process: this one's, with its simulated device count (None: as is)."""
+        if not self.simulated:
+            return None
+        flags = os.environ.get("XLA_FLAGS", "")
+        return {**os.environ, "XLA_FLAGS": f"{flags} {DEVICE_COUNT_FLAG}={self.counts[stage]}".strip()}
+
+
+def devices_for(stages: Sequence[Stage]) -> Devices:
     """Devices the stages' training processes get on this machine.
 
     Counted in a short child process. On CPU without a simulated device count in
-    ``XLA_FLAGS`` (where `lwm train` alone would simulate its mesh's), the largest
-    fixed mesh of ``stages`` is simulated for all of them: the flag is set here and the
-    stages' processes inherit it.
+    ``XLA_FLAGS`` (where `lwm train` alone would simulate its mesh's), each stage
+    simulates the devices of its own mesh, as `lwm train` would: a one-device stage
+    is not slowed by seven idle peers. A mesh with a ``-1`` axis gets the largest
+    fixed mesh of ``stages``. Otherwise every stage gets the devices counted.
     """
     code = "import jax; print(jax.default_backend(), jax.device_count())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode:
         raise ValueError(f"could not count this machine's JAX devices: {out.stderr.strip().splitlines()[-1:]}")
     platform, count = out.stdout.split()[-2:]
-    flags = os.environ.get("XLA_FLAGS", "")
-    if platform != "cpu" or DEVICE_COUNT_FLAG in flags:
-        return int(count)
-    needed = max(math.prod(n for n in s.config.mesh.as_tuple() if n != -1) for s in stages)
-    os.environ["XLA_FLAGS"] = f"{flags} {DEVICE_COUNT_FLAG}={needed}".strip()
-    return needed
+    if platform != "cpu" or DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", ""):
+        return Devices({s.name: int(count) for s in stages})
+    fixed = {s.name: math.prod(n for n in s.config.mesh.as_tuple() if n != -1) for s in stages}
+    largest = max(fixed.values())
+    return Devices({s.name: largest if -1 in s.config.mesh.as_tuple() else fixed[s.name] for s in stages},
+                   simulated=True)
 
 
 class Signals:
@@ -72,12 +90,13 @@ class Signals:
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signal.SIGTERM)
 
-    def run(self, argv: list[str]) -> int:
-        """Runs ``argv`` to its end (in its own session, so terminal signals reach it only through us).
+    def run(self, argv: list[str], env: dict[str, str] | None = None) -> int:
+        """Runs ``argv`` (in ``env``, default this process's) to its end, in its own session so terminal
+        signals reach it only through us.
 
         Returns its exit status, ``128 + N`` when signal N killed it (as a shell reports it).
         """
-        self.child = subprocess.Popen(argv, start_new_session=True)
+        self.child = subprocess.Popen(argv, start_new_session=True, env=env)
         if self.received:
             self.child.send_signal(signal.SIGTERM)
         try:

@@ -88,7 +88,7 @@ def _record_finish(stage: Stage) -> None:
     lineage.end(stage.run_dir, status.FINISHED, final_metrics=status.last_metrics(stage.run_dir) or None)
 
 
-def _run_stage(plan: Plan, stage: Stage, processes: int, devices: int, signals: local.Signals) -> int:
+def _run_stage(plan: Plan, stage: Stage, processes: int, devices: local.Devices, signals: local.Signals) -> int:
     parent = _parent_record(plan, stage)
     used = datasets.check_stage(plan, stage)
     config_path = storage.join(stage.run_dir, STAGE_CONFIG)
@@ -96,11 +96,11 @@ def _run_stage(plan: Plan, stage: Stage, processes: int, devices: int, signals: 
     lineage.start(stage.run_dir, {
         "plan": plan.path, "plan_sha256": plan.sha256, "stage": stage.name, "config": stage.config.to_dict(),
         "parent": parent, "datasets": used, "code_version": lineage.code_version(), "processes": processes,
-        "devices": devices,
+        "devices": devices.counts.get(stage.name, 0),
     })
     argv = local.train_argv(config_path, processes)
     print("$ " + shlex.join(argv), flush=True)
-    code = signals.run(argv)
+    code = signals.run(argv, devices.env(stage.name))
     if status.stage_status(stage).state == status.FINISHED and code in (0, local.PREEMPTED):
         _record_finish(stage)  # a SIGTERM that came with the last step leaves nothing to resume
         return 0
@@ -118,7 +118,7 @@ def _run_stage(plan: Plan, stage: Stage, processes: int, devices: int, signals: 
 
 
 def run_plan(plan: Plan, *, only: str | None = None, start: str | None = None, processes: int = 1,
-             devices: int = 0, dry_run: bool = False, evaluator: Evaluator) -> int:
+             devices: local.Devices = local.Devices({}), dry_run: bool = False, evaluator: Evaluator) -> int:
     """Runs the selected stages in order; returns 0, 143 after a SIGTERM, 1 when a gate stops the plan,
     or the failing exit status. ``evaluator`` measures what the stages' ``eval:`` sections ask for."""
     selected = select(plan, only, start)
