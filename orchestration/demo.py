@@ -87,22 +87,25 @@ def chat_qa(workdir: pathlib.Path) -> None:
 
 
 def train(workdir: pathlib.Path) -> None:
-    """The stage plan ``configs/stages/demo.yaml``: 512 → 1024 (books + retrieval + image-text)
-    → 2048 tokens (books + video-text), RoPE theta 1e4 → 2e4 → 5e4, then a chat stage on book QA, each
-    stage from the previous one's final params; then its status table.
+    """The stage plan ``configs/stages/demo.yaml``: copying and retrieval on needle exercises, then
+    512 → 1024 (books + retrieval + image-text) → 2048 tokens (books + video-text), RoPE theta 1e4 →
+    2e4 → 5e4, then a chat stage on book QA, each stage from the previous one's final params; then its
+    status table.
 
     The plan's paths are relative to the workdir, so the commands run there. Each stage
-    trains in a child process with 8 simulated CPU devices (fsdp 2 × sp 4), since JAX in
-    this process may already have started with one device.
+    trains in a child process that simulates the CPU devices of its own mesh (8 for fsdp 2 ×
+    sp 4, 1 for the copying warm-up): any device count in ``XLA_FLAGS`` is dropped, since a
+    count there would be every stage's.
     """
     import contextlib
     import os
     import shutil
 
-    _banner("stage plan: 512 → 1024 → 2048 tokens with growing RoPE theta, then chat QA; ring attention over sp=4")
+    _banner("stage plan: a copying warm-up on needle exercises (1 device), then 512 → 1024 → 2048 tokens with growing "
+            "RoPE theta (ring attention over sp=4), then chat QA")
     shutil.rmtree(workdir / "runs" / "stages", ignore_errors=True)  # a fresh plan each demo, not a resume
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
-    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags + ["--xla_force_host_platform_device_count=8"])}
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -121,8 +124,11 @@ def train(workdir: pathlib.Path) -> None:
           f"{workdir / 'runs' / 'stages'}/STAGE")
 
 
-RETRIEVAL_EXAMPLES = 6000  # synthetic needle exercises mixed into the demo's training data
-RETRIEVAL_LENGTHS = (64, 448)  # haystack tokens of an exercise (needle included): short, several per row
+RETRIEVAL_EXAMPLES = 3000  # needle exercises of stage retrieval-1024, then mixed into later stages
+RETRIEVAL_LENGTHS = (64, 900)  # haystack tokens of an exercise (needle included): up to a row of 1024
+WARMUP_EXAMPLES = 12000  # exercises of the copying warm-up stage (copy-1024): about one epoch of it
+WARMUP_LENGTHS = (1, 40)  # a needle and a few words of book around it: the number is easy to find
+WARMUP_DIGITS = (1, 7)  # numbers of 1-7 digits: one digit is copied before seven are
 NEEDLE_LENGTHS = "512,1024,1536,2048"
 
 
@@ -130,17 +136,19 @@ def retrieval_data(workdir: pathlib.Path) -> None:
     """Needle-retrieval exercises from the demo books (other cities and numbers than the eval's):
     haystacks with a needle (``orchestration.sample_retrieval``), turned by ``lwm data chat-qa
     --generator needle`` into the eval's prompt and answer with loss on the answer only, packed into
-    ``data/retrieval/seq{SEQ_LEN}``."""
+    ``data/retrieval/seq{SEQ_LEN}``; and the copying warm-up's short ones, ``data/retrieval_warmup``."""
     from orchestration.sample_retrieval import write_retrieval
 
     _banner("synthetic needle-retrieval exercises from the books → chat QA in the eval's words, loss on answers")
-    corpus = write_retrieval(workdir / "raw" / "retrieval.jsonl", workdir / "raw" / "books.jsonl",
-                             str(workdir / "tokenizer.model"), RETRIEVAL_EXAMPLES,
-                             min_length=RETRIEVAL_LENGTHS[0], max_length=RETRIEVAL_LENGTHS[1])
-    print(f"wrote {corpus} ({RETRIEVAL_EXAMPLES} haystacks with a needle each)")
-    _lwm("data", "chat-qa", "--input", str(corpus), "--output", str(workdir / "data" / "retrieval"),
-         "--tokenizer", str(workdir / "tokenizer.model"), "--seq-len", str(SEQ_LEN), "--generator", "needle",
-         "--chunk-tokens", str(RETRIEVAL_LENGTHS[1] + 64), "--num-shards", "2", "--overwrite")
+    for name, count, lengths, digits, seed in (("retrieval", RETRIEVAL_EXAMPLES, RETRIEVAL_LENGTHS, (7, 7), 1),
+                                               ("retrieval_warmup", WARMUP_EXAMPLES, WARMUP_LENGTHS, WARMUP_DIGITS, 2)):
+        corpus = write_retrieval(workdir / "raw" / f"{name}.jsonl", workdir / "raw" / "books.jsonl",
+                                 str(workdir / "tokenizer.model"), count, seed=seed, min_length=lengths[0],
+                                 max_length=lengths[1], digits=digits)
+        print(f"wrote {corpus} ({count} haystacks of up to {lengths[1]} tokens with a needle each)")
+        _lwm("data", "chat-qa", "--input", str(corpus), "--output", str(workdir / "data" / name),
+             "--tokenizer", str(workdir / "tokenizer.model"), "--seq-len", str(SEQ_LEN), "--generator", "needle",
+             "--chunk-tokens", str(lengths[1] + 64), "--num-shards", "2", "--overwrite")
 
 
 def needle(workdir: pathlib.Path) -> None:

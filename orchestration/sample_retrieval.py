@@ -18,15 +18,16 @@ from trainer import needle
 
 
 def write_retrieval(path: pathlib.Path, books: pathlib.Path, tokenizer_path: str, count: int, *, seed: int = 1,
-                    min_length: int = 64, max_length: int = 512) -> pathlib.Path:
+                    min_length: int = 64, max_length: int = 512, digits: tuple[int, int] = (7, 7)) -> pathlib.Path:
     """A JSON-lines corpus (``id``, ``text``, ``source``) of ``count`` haystacks of ``min_length``..``max_length``
-    tokens with one needle each, cut from the books in ``books`` (JSON lines)."""
+    tokens with one needle each (numbers of ``digits[0]``..``digits[1]`` digits), cut from the books in
+    ``books`` (JSON lines)."""
     with open(books) as f:
         texts = [json.loads(line)["text"] for line in f if line.strip()]
     tokenizer = TextTokenizer(tokenizer_path)
     haystack = needle.Haystack(texts, tokenizer.encode)
     documents = needle.training_texts(haystack, tokenizer, count, min_length=min_length, max_length=max_length,
-                                      seed=seed)
+                                      digits=digits, seed=seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as out:
         for index, text in enumerate(documents):

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import random
+import re
 
 import jax
 import pytest
@@ -123,6 +124,16 @@ def test_training_haystacks_hold_one_training_city_needle_and_never_an_eval_city
         assert len(cities) == 1 and cities[0] in needle.TRAIN_CITIES
         assert 60 - 2 <= len(tokenizer.encode(text)) <= 300 + 2  # decoded and re-encoded: a piece may merge
         assert "ASSISTANT" not in text and "USER" not in text
+
+
+def test_warmup_haystacks_are_a_needle_and_a_few_words_with_numbers_of_the_asked_digits(tokenizer, haystack):
+    texts = needle.training_texts(haystack, tokenizer, 40, min_length=1, max_length=40, digits=(1, 3), seed=5)
+    numbers = [re.search(r"number is: (\d+)\.", text).group(1) for text in texts]
+    assert {len(n) for n in numbers} == {1, 2, 3}
+    sentences = [needle.needle_sentence(c, n) for c, n in
+                 ((re.search(r"magic (.+?) number", t).group(1), n) for t, n in zip(texts, numbers))]
+    assert all(len(tokenizer.encode(t)) > len(tokenizer.encode(s)) for t, s in zip(texts, sentences))  # never bare
+    assert max(len(tokenizer.encode(t)) for t in texts) <= max(40, *map(len, map(tokenizer.encode, sentences))) + 3
 
 
 @pytest.mark.parametrize("line, reason", [("{not json", "invalid_json"), ('{"id": "a"}', "missing_text")])

@@ -1,11 +1,12 @@
 """Stage plans: parsing through trainer.config, and every check on load with the message it gives."""
 
 import dataclasses
+import math
 
 import pytest
 import yaml
 
-from orchestration.stages import datasets, plan as plan_lib
+from orchestration.stages import datasets, local, plan as plan_lib
 from schemas import manifest as manifest_lib
 
 TINY = {"preset": "tiny", "dtype": "float32", "param_dtype": "float32"}
@@ -40,11 +41,30 @@ def test_defaults_merge_into_each_stage_and_parent_sets_init_from():
 
 
 def test_the_shipped_plans_load_and_fit_their_devices():
-    for name, devices in (("demo", 8), ("lwm_text", 256), ("lwm_vision", 256)):
+    for name, devices in (("lwm_text", 256), ("lwm_vision", 256)):
         plan = plan_lib.load(f"configs/stages/{name}.yaml")
         assert plan.launch.cluster_devices() in (0, devices)
         plan_lib.check_mesh(plan.stages, devices)
         assert all(s.config.checkpoint.init_from for s in plan.stages[1:])
+    demo = plan_lib.load("configs/stages/demo.yaml")  # CPU: each stage simulates its own mesh's devices
+    for stage in demo.stages:
+        plan_lib.check_mesh([stage], math.prod(stage.config.mesh.as_tuple()))
+    assert all(s.config.checkpoint.init_from for s in demo.stages[1:])
+
+
+def test_on_cpu_without_a_device_count_each_stage_simulates_its_own_mesh(monkeypatch):
+    one = {"dp": 1, "fsdp": 1, "sp": 1, "tp": 1}
+    plan = plan_lib.parse(_plan([_stage("ring"), _stage("one", mesh=one), _stage("any", mesh={**one, "dp": -1})]))
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    devices = local.devices_for(plan.stages)
+    assert devices.simulated and devices.counts == {"ring": 8, "one": 1, "any": 8}
+    assert devices.env("one")["XLA_FLAGS"] == "--xla_force_host_platform_device_count=1"
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")  # the user's count: every stage's
+    devices = local.devices_for(plan.stages)
+    assert not devices.simulated and devices.counts == {"ring": 4, "one": 4, "any": 4}
+    assert devices.env("one") is None
     text = plan_lib.load("configs/stages/lwm_text.yaml").stages
     assert [s.config.data.seq_len for s in text] == [2**15, 2**17, 2**18, 2**19, 2**20]
     assert [s.config.model.rope_theta for s in text] == [1e6, 1e7, 1e7, 2.5e7, 5e7]
@@ -146,4 +166,4 @@ def test_data_job_argv_from_options():
     assert jobs[0].argv(overwrite=True)[-1] == "--overwrite"
     assert len(jobs) == 3
     shared = plan_lib.parse(yaml.safe_load(open("configs/stages/demo.yaml")))
-    assert [len(j.outputs) for j in datasets.data_jobs(shared)] == [3, 1, 1, 1, 1]  # one books run for three buckets
+    assert [len(j.outputs) for j in datasets.data_jobs(shared)] == [3, 1, 1, 1, 1, 1]  # one books run for three buckets

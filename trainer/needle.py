@@ -70,6 +70,7 @@ class NeedleConfig:
     seed: int = 0
     max_new_tokens: int = 48
     cities: tuple[str, ...] = EVAL_CITIES
+    digits: int = 7  # of each needle's number (the eval's 7; training exercises vary it)
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -78,8 +79,8 @@ class NeedleConfig:
             raise ValueError(f"lengths must be positive token counts, got {self.lengths}")
         if not self.depths or not all(0.0 <= d <= 1.0 for d in self.depths):
             raise ValueError(f"depths must lie in [0, 1], got {self.depths}")
-        if self.rounds < 1 or self.hops < 1 or self.max_new_tokens < 1:
-            raise ValueError("rounds, hops and max_new_tokens must be >= 1")
+        if self.rounds < 1 or self.hops < 1 or self.max_new_tokens < 1 or self.digits < 1:
+            raise ValueError("rounds, hops, max_new_tokens and digits must be >= 1")
         if not 1 <= self.ask <= self.needles:
             raise ValueError(f"need 1 <= ask <= needles, got ask {self.ask}, needles {self.needles}")
         if self.task == "needle" and self.needles > len(self.cities):
@@ -140,7 +141,7 @@ def _boundary(pieces: Sequence[Sequence[int]], depth: float) -> int:
 
 
 def _number(rng: random.Random, digits: int) -> str:
-    return str(rng.randrange(10 ** (digits - 1), 10**digits))
+    return str(rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits))
 
 
 def _name(rng: random.Random) -> str:
@@ -152,7 +153,7 @@ def _statements(config: NeedleConfig, rng: random.Random) -> tuple[list[str], li
     and an ideal answer."""
     if config.task == "needle":
         cities = rng.sample(list(config.cities), config.needles)
-        numbers = [_number(rng, 7) for _ in cities]
+        numbers = [_number(rng, config.digits) for _ in cities]
         sentences = [needle_sentence(c, n) for c, n in zip(cities, numbers)]
         question = " ".join(needle_question(c) for c in cities[:config.ask])
         return sentences, numbers[:config.ask], question, " ".join(sentences[:config.ask])
@@ -230,18 +231,24 @@ def trials(haystack: Haystack, encode, bos_id: int, config: NeedleConfig) -> lis
 
 
 def training_texts(haystack: Haystack, tokenizer, count: int, *, min_length: int = 64, max_length: int = 512,
-                   seed: int = 1) -> list[str]:
+                   digits: tuple[int, int] = (7, 7), seed: int = 1) -> list[str]:
     """``count`` haystacks with one needle each, as plain text, for retrieval training data: a window of
-    ``min_length``..``max_length`` tokens (needle included) with the needle at a random depth, as the
-    eval builds it. ``lwm data chat-qa --generator needle`` turns each into the eval's prompt (template,
-    question) and answer, loss on the answer only. Cities come from ``TRAIN_CITIES`` and numbers from a
-    seed namespace of their own, so no eval needle is ever trained on."""
+    ``min_length``..``max_length`` tokens (needle included; at least one token besides it) with the needle
+    at a random depth, as the eval builds it, its number ``digits[0]``..``digits[1]`` digits long.
+    ``lwm data chat-qa --generator needle`` turns each into the eval's prompt (template, question) and
+    answer, loss on the answer only. Cities come from ``TRAIN_CITIES`` and numbers from a seed namespace
+    of their own, so no eval needle is ever trained on.
+
+    Short haystacks with short numbers are how the tiny demo model starts to retrieve at all (BENCHMARKS
+    "Needle in a haystack"): attending to the one number in a few dozen tokens is learned first, then
+    copying it digit by digit."""
     rng = random.Random(f"training/{seed}")
-    config = NeedleConfig(cities=TRAIN_CITIES)
     texts = []
     for _ in range(count):
+        config = NeedleConfig(cities=TRAIN_CITIES, digits=rng.randint(*digits))
         inserts = [list(tokenizer.encode(s)) for s in _statements(config, rng)[0]]
-        body, _ = _body(haystack, config, inserts, rng.randint(min_length, max_length), rng.random(), rng)
+        size = max(rng.randint(min_length, max_length), sum(map(len, inserts)) + 1)
+        body, _ = _body(haystack, config, inserts, size, rng.random(), rng)
         texts.append(tokenizer.decode(body))
     return texts
 
