@@ -50,6 +50,11 @@ def test_the_shipped_plans_load_and_fit_their_devices():
     for stage in demo.stages:
         plan_lib.check_mesh([stage], math.prod(stage.config.mesh.as_tuple()))
     assert all(s.config.checkpoint.init_from for s in demo.stages[1:])
+    text = plan_lib.load("configs/stages/lwm_text.yaml").stages
+    assert [s.config.data.seq_len for s in text] == [2**15, 2**17, 2**18, 2**19, 2**20]
+    assert [s.config.model.rope_theta for s in text] == [1e6, 1e7, 1e7, 2.5e7, 5e7]
+    assert [s.config.steps for s in text] == [1200, 3000, 3000, 720, 450]
+    assert {s.config.data.seq_len * s.config.data.batch_size for s in text} == {2**22}
 
 
 def test_on_cpu_without_a_device_count_each_stage_simulates_its_own_mesh(monkeypatch):
@@ -65,11 +70,6 @@ def test_on_cpu_without_a_device_count_each_stage_simulates_its_own_mesh(monkeyp
     devices = local.devices_for(plan.stages)
     assert not devices.simulated and devices.counts == {"ring": 4, "one": 4, "any": 4}
     assert devices.env("one") is None
-    text = plan_lib.load("configs/stages/lwm_text.yaml").stages
-    assert [s.config.data.seq_len for s in text] == [2**15, 2**17, 2**18, 2**19, 2**20]
-    assert [s.config.model.rope_theta for s in text] == [1e6, 1e7, 1e7, 2.5e7, 5e7]
-    assert [s.config.steps for s in text] == [1200, 3000, 3000, 720, 450]
-    assert {s.config.data.seq_len * s.config.data.batch_size for s in text} == {2**22}
 
 
 def test_unknown_keys_name_the_stage_and_section():
