@@ -26,8 +26,10 @@ def run(args, extra) -> int:
     if launch.backend == "local":
         # Finished stages are not run again, so only the others must fit this machine.
         unfinished = [s for s in selected if status.stage_status(s).state != status.FINISHED]
-        given = local.Devices({s.name: devices for s in unfinished})
-        per_stage = given if devices or not unfinished else local.devices_for(unfinished)
+        if devices or not unfinished:
+            per_stage = local.Devices({s.name: devices for s in unfinished})
+        else:
+            per_stage = local.devices_for(unfinished)
         for stage in unfinished:
             plan_lib.check_mesh([stage], per_stage.counts[stage.name])
         datasets.check_plan(plan)
