@@ -9,7 +9,9 @@ each phase's answer accuracy (``text_accuracy``, logged every 50 steps) first re
 `lwm eval needle` (eval cities and numbers, never trained on) at --lengths, all depths.
 
     .venv/bin/python benchmarks/needle_demo.py [--workdir /tmp/needle_recipe] [--seed 2]
-        [--warmup-steps 1800] [--long-steps 600] [--lengths 512,1024,1536,2048]
+        [--warmup-steps N] [--long-steps N] [--lengths 512,1024,1536,2048]
+
+Steps and learning rates default to the demo plan's (copy-1024: 1800 at 5e-3, retrieval-1024: 400 at 3e-3).
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import time
 
 from orchestration import cli, demo
 from orchestration.sample_retrieval import write_retrieval
+from orchestration.stages import plan as plan_lib
 
-PHASES = (  # name, haystack tokens, exercises, digits, learning rate: as the demo's stages copy-1024, retrieval-1024
-    ("warmup", demo.WARMUP_LENGTHS, demo.WARMUP_EXAMPLES, demo.WARMUP_DIGITS, 5.0e-3),
-    ("long", demo.RETRIEVAL_LENGTHS, demo.RETRIEVAL_EXAMPLES, (7, 7), 3.0e-3),
+PHASES = (  # name, the demo's stage (its steps and learning rate), haystack tokens, exercises, digits
+    ("warmup", "copy-1024", demo.WARMUP_LENGTHS, demo.WARMUP_EXAMPLES, demo.WARMUP_DIGITS),
+    ("long", "retrieval-1024", demo.RETRIEVAL_LENGTHS, demo.RETRIEVAL_EXAMPLES, (7, 7)),
 )
 
 
@@ -71,19 +74,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/needle_recipe")
     parser.add_argument("--seed", type=int, default=2, help="the exercises' data seed (the demo's warm-up uses 2)")
-    parser.add_argument("--warmup-steps", type=int, default=1800)
-    parser.add_argument("--long-steps", type=int, default=600)
+    parser.add_argument("--warmup-steps", type=int, help="default: the demo's copy-1024 steps")
+    parser.add_argument("--long-steps", type=int, help="default: the demo's retrieval-1024 steps")
     parser.add_argument("--lengths", default="512,1024,1536,2048", help="needle prompt lengths to evaluate")
     args = parser.parse_args()
     work = pathlib.Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "data" / "books" / f"seq{demo.SEQ_LEN}" / "manifest.json").exists():
         demo.books(work)
+    stages = {stage.name: stage.config for stage in plan_lib.load(str(demo.PLAN)).stages}
     init_from = ""
-    for (name, lengths, count, digits, learning_rate), steps in zip(PHASES, (args.warmup_steps, args.long_steps)):
+    for (name, stage, lengths, count, digits), steps in zip(PHASES, (args.warmup_steps, args.long_steps)):
         data = exercises(work, name, lengths, count, digits, args.seed)
         run_dir = work / "runs" / f"{name}_{args.seed}"
-        train(run_dir, data, steps, learning_rate, init_from)
+        train(run_dir, data, steps or stages[stage].steps, stages[stage].optimizer.learning_rate, init_from)
         init_from = str(run_dir)
     code = cli.main(["eval", "needle", "--ckpt", init_from, "--tokenizer", str(work / "tokenizer.model"),
                      "--lengths", args.lengths, "--depths", "0,0.25,0.5,0.75,1", "--rounds", "2",
