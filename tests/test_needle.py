@@ -136,6 +136,13 @@ def test_warmup_haystacks_are_a_needle_and_a_few_words_with_numbers_of_the_asked
     assert max(len(tokenizer.encode(t)) for t in texts) <= max(40, *map(len, map(tokenizer.encode, sentences))) + 3
 
 
+@pytest.mark.parametrize("lengths, digits", [((40, 1), (1, 7)), ((0, 40), (1, 7)), ((1, 40), (7, 1)), ((1, 40), (0, 3))])
+def test_training_haystacks_refuse_an_empty_or_nonpositive_range_naming_it(tokenizer, haystack, lengths, digits):
+    (low, high), (fewest, most) = lengths, digits
+    with pytest.raises(ValueError, match=rf"got lengths {low}\.\.{high}, digits {fewest}\.\.{most}"):
+        needle.training_texts(haystack, tokenizer, 1, min_length=low, max_length=high, digits=digits)
+
+
 @pytest.mark.parametrize("line, reason", [("{not json", "invalid_json"), ('{"id": "a"}', "missing_text")])
 def test_a_bad_haystack_line_is_a_one_line_error_naming_it(tmp_path, tokenizer_path, capsys, line, reason):
     haystack = tmp_path / "hay.jsonl"

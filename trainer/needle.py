@@ -242,6 +242,9 @@ def training_texts(haystack: Haystack, tokenizer, count: int, *, min_length: int
     Short haystacks with short numbers are how the tiny demo model starts to retrieve at all (BENCHMARKS
     "Needle in a haystack"): attending to the one number in a few dozen tokens is learned first, then
     copying it digit by digit."""
+    if not 1 <= min_length <= max_length or not 1 <= digits[0] <= digits[1]:
+        raise ValueError(f"need 1 <= min_length <= max_length and 1 <= digits[0] <= digits[1], got lengths "
+                         f"{min_length}..{max_length}, digits {digits[0]}..{digits[1]}")
     rng = random.Random(f"training/{seed}")
     texts = []
     for _ in range(count):
