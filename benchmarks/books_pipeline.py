@@ -8,11 +8,12 @@ Per core: the pipeline's tokens/s over wall time divided by its worker count
 job), and over the job alone (the "done in" time the job reports: from its start to its
 end, worker processes' start-up included).
 
-Utilization = non-pad tokens / all tokens, packed as the pipeline packs (pack groups
-chosen from the data, beside the former fixed 16 groups and the naive one example per
-sequence), for three mixes of realistic sizes: text documents of 10K–100K tokens at
-L = 32768 (the paper's 32K-stage filter), images (256 codes + caption) at L = 1024,
-videos (4–31 frames) at L = 8192.
+Utilization = non-pad tokens / all tokens, packed as the pipeline packs (16 hash groups,
+each packed alone where the bucket is large, their least full sequences repacked
+together), beside the 16 groups each packed alone, everything packed as one group, and
+the naive one example per sequence, for three mixes of realistic sizes: text documents
+of 10K–100K tokens at L = 32768 (the paper's 32K-stage filter), images (256 codes +
+caption) at L = 1024, videos (4–31 frames) at L = 8192.
 
     .venv/bin/python benchmarks/books_pipeline.py [--books 120 480] [--workers 1 2] [--src CHECKOUT]
 
@@ -20,7 +21,7 @@ Also printed: bytes moved through the job's shuffles per input token (before and
 after shuffling only what must move); for each run the CPU seconds of the job's own
 process (the runner; with one worker everything) and of its worker processes, and
 its peak RSS; with two or more corpus sizes, the peak RSS per added input token
-between the smallest and the largest (one worker: the whole job in one process).
+(least-squares over the sizes; one worker: the whole job in one process).
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ def shuffle_bytes(corpus: pathlib.Path, tokenizer_path: str, seq_len: int = 3276
     segments through the packing shuffle, pickled records through a second shuffle to
     their shards. "after": (id, path, index) through the dedupe shuffle, segments as
     bytes (:func:`~pipelines.packing.segment_to_bytes`) through the packing shuffle, and
-    no records shuffle (each pack group writes its own shards).
+    no records shuffle (each pack group writes its own shards); not counted: the
+    leftovers' shuffle, at most one sequence per group (16 × 64 KiB here).
     """
     pickled = coders.registry.get_coder(typing.Any)
     grouped = coders.registry.get_coder(dataset._GROUPED_SEGMENT)
@@ -180,30 +182,35 @@ def _segments(kind: str, count: int, rng: random.Random) -> list[packing.Segment
 MIXES = {"text": (3000, 32768), "image-text": (2000, 1024), "video-text": (500, 8192)}  # examples, L
 
 
-def utilization(kind: str, max_groups: int = 16, seed: int = 0) -> dict:
-    """Packing utilization of one mix as the pipeline packs it: groups chosen from the data
-    (``packing.pack_groups``) beside the former fixed ``max_groups`` hash groups."""
+def utilization(kind: str, hash_groups: int = 16, seed: int = 0) -> dict:
+    """Packing utilization of one mix as the pipeline packs it (``packing.pack_hash_groups``: groups packed
+    alone where the bucket is large, their least full sequences repacked together), beside ``hash_groups``
+    groups each packed alone (the first writer) and everything packed as one group (the ceiling)."""
     count, seq_len = MIXES[kind]
     segments = _segments(kind, count, random.Random(seed))
     tokens = sum(len(s) for s in segments)
-    result = {"mix": kind, "examples": count, "seq_len": seq_len, "tokens": tokens}
-    for label, groups in (("fixed", max_groups), ("from_data", packing.pack_groups(tokens, seq_len, max_groups))):
-        per_group: dict[int, list[packing.Segment]] = {}
-        for segment in segments:
-            per_group.setdefault(stable_hash(segment.key[0]) % groups, []).append(segment)
-        sequences = sum(len(packing.pack(group, seq_len)) for group in per_group.values())
-        result[f"groups_{label}"] = groups
-        result[f"utilization_{label}"] = round(tokens / (sequences * seq_len), 4)
-    result["utilization_one_example_per_sequence"] = round(tokens / (len(segments) * seq_len), 4)
-    return result
+    groups: dict[int, list[packing.Segment]] = {}
+    for segment in segments:
+        groups.setdefault(stable_hash(segment.key[0]) % hash_groups, []).append(segment)
+    sequences = {
+        "pipeline": len(packing.pack_hash_groups(groups, seq_len, hash_groups)),
+        "groups_alone": sum(len(packing.pack(group, seq_len)) for group in groups.values()),
+        "one_group": len(packing.pack(segments, seq_len)),
+        "one_example_per_sequence": len(segments),
+    }
+    return {"mix": kind, "examples": count, "seq_len": seq_len, "tokens": tokens, "hash_groups": hash_groups,
+            **{f"utilization_{label}": round(tokens / (n * seq_len), 4) for label, n in sequences.items()}}
 
 
 def memory_slope(runs: list[dict]) -> dict:
-    """Peak RSS per added input token between the smallest and the largest corpus (runs of one worker count)."""
-    small, large = min(runs, key=lambda r: r["corpus_tokens"]), max(runs, key=lambda r: r["corpus_tokens"])
-    added = (large["peak_rss_mb"] - small["peak_rss_mb"]) * 2**20 / (large["corpus_tokens"] - small["corpus_tokens"])
-    return {"workers": small["workers"], "tokens": [small["corpus_tokens"], large["corpus_tokens"]],
-            "peak_rss_mb": [small["peak_rss_mb"], large["peak_rss_mb"]], "peak_rss_bytes_per_added_token": round(added, 1)}
+    """Peak RSS per added input token over the corpus sizes (runs of one worker count): the least-squares
+    slope (with two sizes, the slope between them) and the intercept, the memory before any token."""
+    tokens = np.array([r["corpus_tokens"] for r in runs], float)
+    peaks = np.array([r["peak_rss_mb"] for r in runs], float) * 2**20
+    slope, intercept = np.polyfit(tokens, peaks, 1)
+    return {"workers": runs[0]["workers"], "tokens": tokens.astype(int).tolist(),
+            "peak_rss_mb": [r["peak_rss_mb"] for r in runs], "peak_rss_bytes_per_added_token": round(slope, 1),
+            "intercept_mb": round(intercept / 2**20)}
 
 
 def main() -> None:

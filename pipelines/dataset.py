@@ -4,29 +4,36 @@
 image-text or video-text alike) and writes one dataset per length bucket into
 ``OUTPUT/seq{L}/``:
 
-1. each bucket's token total (summed where the segments are made) fixes its
-   :class:`BucketPlan`: how many pack groups (as many as the bucket's size allows
-   without costing utilization, :func:`pipelines.packing.pack_groups`, at most
-   ``pack_groups``) and how many shards, each shard owned by one group;
-2. segments cross the one shuffle as bytes (:func:`pipelines.packing.segment_to_bytes`,
-   about 2 bytes per token), keyed by (bucket, hash of their document id % groups)
-   so no key is hot;
-3. each group is sorted (GroupByKey order is not deterministic), packed with
-   best-fit-decreasing, and its sequences dealt round-robin over the group's own
-   shards, each encoded (:mod:`schemas.packed`) and written with ``group_size:1``
-   to a temporary name (a local file first where the output is remote) and
-   renamed when complete; so packed records are never shuffled or held beyond
-   one shard;
+1. segments are hashed into ``hash_groups`` groups by their document id, as
+   bytes (:func:`pipelines.packing.segment_to_bytes`, about 2 bytes per token),
+   where they are made: the key needs nothing computed later, so they go from
+   the producer straight into the shuffle;
+2. the groups' token totals fix their bucket's :class:`BucketPlan`: whether the
+   bucket is large enough for its groups to pack on their own
+   (:func:`pipelines.packing.packed_in_place`) and the run of shards each packing
+   unit writes;
+3. each such group is sorted (GroupByKey order is not deterministic), packed with
+   best-fit-decreasing and written; its least full sequence (or, in a small
+   bucket, every segment) goes through a second, small shuffle (under
+   ``groups × 16`` sequences' worth) to be packed with the others as the
+   bucket's leftovers; each unit deals its sequences
+   round-robin over its own shards, each encoded (:mod:`schemas.packed`) and
+   written with ``group_size:1`` to a temporary name (a local file first where
+   the output is remote) and renamed when complete; so packed records are never
+   shuffled or held beyond one shard;
 4. once every shard exists, each bucket's dead letters and then its
    ``manifest.json`` are written (:mod:`schemas.manifest`), with an empty shard
-   for any group the hash left without segments.
+   for any run that got no sequences.
 
 Every choice is a function of the data (stable hashes, sorted groups), so the
 same inputs and config give byte-identical shards in every running mode.
 
 Memory on the local runner: ``FnApiRunner`` holds a stage's output until the next
 stage has read it, and a GroupByKey's input as decoded values; so what crosses
-stages here is bytes (segments), or small (token totals, shard summaries).
+stages here is bytes (segments), or small (token totals, shard summaries), and the
+segments cross one stage boundary, the shuffle. (Keying them by a group count
+chosen from the bucket's total, as before, made them wait for that total in a
+stage of their own: 12.5 bytes of peak memory per token instead of …)
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -99,28 +106,65 @@ class DatasetSpec:
     def bucket_dir(self, bucket: Bucket) -> str:
         return bucket_dir(self.output.output, bucket.name)
 
-    def plan(self, seq_len: int, tokens: int) -> "BucketPlan":
-        """The plan of a bucket of ``tokens`` tokens: groups from the data; ``num_shards`` shards (then at
-        most that many groups) or shards of about ``shard_mb`` (estimated at 2 bytes per token, full
-        sequences), at least one per group."""
-        groups = packing.pack_groups(tokens, seq_len, self.output.pack_groups)
+    @property
+    def hash_groups(self) -> int:
+        """The groups each bucket's segments are hashed into: ``pack_groups``, fewer where ``num_shards``
+        leaves no shard for the leftovers' group."""
+        num_shards = self.output.num_shards
+        return self.output.pack_groups if num_shards is None else max(1, min(self.output.pack_groups, num_shards - 1))
+
+    def plan(self, seq_len: int, group_tokens: Mapping[int, int]) -> "BucketPlan":
+        """The plan of a bucket from its hash groups' token totals: which groups are packed in place
+        (:func:`pipelines.packing.packed_in_place`) and the shards each packing unit (those groups, then
+        the leftovers) writes: ``num_shards`` shared by their tokens, at least one each, or shards of about
+        ``shard_mb`` (estimated at 2 bytes per token, full sequences)."""
+        groups = self.hash_groups
+        in_place = packing.packed_in_place(group_tokens, seq_len, groups)
+        units = {group: group_tokens[group] for group in in_place}
+        if groups > 1:  # the leftovers: a small bucket whole, or at most one sequence from each group
+            units[LEFTOVERS] = seq_len * len(in_place) if in_place else sum(group_tokens.values())
         if self.output.num_shards:
-            return BucketPlan(min(groups, self.output.num_shards), self.output.num_shards)
-        sequences = math.ceil(tokens / seq_len)
-        by_size = max(1, min(sequences, math.ceil(sequences * seq_len * 2 / self.output.shard_bytes)))
-        return BucketPlan(groups, max(groups, by_size))
+            counts = _share(self.output.num_shards, units)
+        else:
+            counts = {unit: _shards_by_size(tokens, seq_len, self.output.shard_bytes) for unit, tokens in units.items()}
+        runs, first = {}, 0
+        for unit, n in counts.items():
+            runs[unit] = range(first, first + n)
+            first += n
+        return BucketPlan(groups, runs)
+
+
+LEFTOVERS = -1  # the packing unit of a small bucket, or of each in-place group's least full sequence
+
+
+def _shards_by_size(tokens: int, seq_len: int, shard_bytes: int) -> int:
+    sequences = math.ceil(tokens / seq_len)
+    return max(1, min(sequences, math.ceil(sequences * seq_len * 2 / shard_bytes)))
+
+
+def _share(shards: int, units: dict[int, int]) -> dict[int, int]:
+    """``shards`` over the units: one each, the rest in proportion to their tokens (largest remainders
+    first, then unit order: integers only, so every worker computes the same)."""
+    extra, total = shards - len(units), max(1, sum(units.values()))
+    counts = {unit: 1 + extra * tokens // total for unit, tokens in units.items()}
+    by_remainder = sorted(units, key=lambda unit: (-(extra * units[unit] % total), list(units).index(unit)))
+    for unit in by_remainder[:shards - sum(counts.values())]:
+        counts[unit] += 1
+    return counts
 
 
 @dataclasses.dataclass(frozen=True)
 class BucketPlan:
-    """How one bucket is packed and written: ``groups`` pack groups, ``shards`` shards, each group
-    writing its own consecutive run of shards (so no second shuffle brings records to their shard)."""
+    """How one bucket is packed and written: segments hashed into ``groups`` groups; ``runs`` the consecutive
+    shards each packing unit writes (a group packed in place, or :data:`LEFTOVERS`), in shard order; groups
+    without a run (a small bucket's) are packed as the leftovers. No second shuffle brings records to their shards."""
 
     groups: int
-    shards: int
+    runs: dict[int, range]
 
-    def shards_of(self, group: int) -> range:
-        return range(group * self.shards // self.groups, (group + 1) * self.shards // self.groups)
+    @property
+    def shards(self) -> int:
+        return sum(len(run) for run in self.runs.values())
 
 
 def count(bucket: Bucket | None, what: enum.Enum, n: int = 1) -> beam.pvalue.TaggedOutput:
@@ -213,30 +257,43 @@ def write_shard(path: str, records: list[bytes]) -> manifest_lib.ShardInfo:
     return manifest_lib.ShardInfo(os.path.basename(path), len(records), size, sha256)
 
 
-_KEYED_SEGMENT = beam.typehints.Tuple[int, int, bytes]  # (seq_len, hash of the document id, encoded segment)
 _GROUPED_SEGMENT = beam.typehints.Tuple[beam.typehints.Tuple[int, int], bytes]  # ((seq_len, group), segment)
 
 
-def _encode_segment(item) -> tuple[int, int, bytes]:
-    """(seq_len, Segment) → (seq_len, stable hash of its document id, its bytes): what is held and shuffled
-    (the hash in 63 bits: Beam's ``VarIntCoder`` holds signed 64-bit ints)."""
+def _hash_to_group(item, groups: int) -> tuple[tuple[int, int], bytes]:
+    """(seq_len, Segment) → ((seq_len, hash group of its document id), its bytes): what crosses the shuffle."""
     seq_len, segment = item
-    return seq_len, stable_hash(segment.key[0]) >> 1, packing.segment_to_bytes(segment)
+    return (seq_len, stable_hash(segment.key[0]) % groups), packing.segment_to_bytes(segment)
 
 
-def _key_by_group(item, plans: dict[int, BucketPlan]):
-    """(seq_len, id hash, bytes) → ((seq_len, group), bytes)."""
-    seq_len, id_hash, data = item
-    return (seq_len, id_hash % plans[seq_len].groups), data
-
-
-def _pack_and_write(item, spec: DatasetSpec, plans: dict[int, BucketPlan]) -> Iterable[WrittenShard]:
-    """One pack group → its packed sequences, dealt round-robin over the group's own shards, written."""
+def _pack_group(item, spec: DatasetSpec, plans: dict[int, BucketPlan]):
+    """One hash group → its shards, less its least full sequence; or, in a small bucket, all its segments:
+    those go on (tagged ``leftovers``) to be packed with the bucket's leftovers."""
     (seq_len, group), encoded = item
-    sequences = packing.pack([packing.segment_from_bytes(data) for data in encoded], seq_len)
-    Metrics.counter(METRICS_NAMESPACE, "packed_examples").inc(len(sequences))
     plan = plans[seq_len]
-    shards = plan.shards_of(group)
+    if group not in plan.runs:
+        for data in encoded:
+            yield beam.pvalue.TaggedOutput("leftovers", (seq_len, data))
+        return
+    sequences = packing.pack([packing.segment_from_bytes(data) for data in encoded], seq_len)
+    if LEFTOVERS in plan.runs:
+        sequences, leftover = packing.split_leftover(sequences, seq_len)
+        for segment in leftover:
+            yield beam.pvalue.TaggedOutput("leftovers", (seq_len, packing.segment_to_bytes(segment)))
+    yield from _write_run(spec, seq_len, plan, group, sequences)
+
+
+def _pack_leftovers(item, spec: DatasetSpec, plans: dict[int, BucketPlan]) -> Iterable[WrittenShard]:
+    seq_len, encoded = item
+    sequences = packing.pack([packing.segment_from_bytes(data) for data in encoded], seq_len)
+    yield from _write_run(spec, seq_len, plans[seq_len], LEFTOVERS, sequences)
+
+
+def _write_run(spec: DatasetSpec, seq_len: int, plan: BucketPlan, unit: int,
+               sequences: list[list[packing.Segment]]) -> Iterable[WrittenShard]:
+    """A packing unit's sequences, dealt round-robin over its own run of shards, written."""
+    Metrics.counter(METRICS_NAMESPACE, "packed_examples").inc(len(sequences))
+    shards = plan.runs[unit]
     for offset, shard in enumerate(shards):
         yield _write_shard(spec, seq_len, shard, plan.shards, sequences[offset::len(shards)])
 
@@ -342,20 +399,29 @@ class WritePackedDatasets(beam.PTransform):
         spec = self.spec
         pipeline = inputs["segments"].pipeline
         segments = inputs["segments"]
+        # Keyed where the segments are made (no side input to wait for), so they go straight into the shuffle.
+        keyed = segments | "HashToGroups" >> beam.Map(_hash_to_group, spec.hash_groups).with_output_types(
+            _GROUPED_SEGMENT)
         plans = (
-            segments
-            | "SegmentTokens" >> beam.MapTuple(lambda seq_len, segment: (seq_len, len(segment)))
-            | "BucketTokens" >> beam.CombinePerKey(sum)
-            | "Plan" >> beam.MapTuple(lambda seq_len, tokens: (seq_len, spec.plan(seq_len, tokens)))
+            keyed
+            | "GroupTokens" >> beam.MapTuple(lambda key, data: (key, packing.segment_length(data)))
+            | "SumGroupTokens" >> beam.CombinePerKey(sum)
+            | "ByBucket" >> beam.MapTuple(lambda key, tokens: (key[0], (key[1], tokens)))
+            | "GroupsOfBucket" >> beam.GroupByKey()
+            | "Plan" >> beam.MapTuple(lambda seq_len, totals: (seq_len, spec.plan(seq_len, dict(totals))))
         )
-        # Encoded inside the producer's stage: the segments wait for their plan, then cross the shuffle, as bytes.
-        written = (
-            segments
-            | "Encode" >> beam.Map(_encode_segment).with_output_types(_KEYED_SEGMENT)
-            | "KeyByGroup" >> beam.Map(_key_by_group, beam.pvalue.AsDict(plans)).with_output_types(_GROUPED_SEGMENT)
+        packed_groups = (
+            keyed
             | "GroupForPacking" >> beam.GroupByKey()
-            | "PackAndWrite" >> beam.FlatMap(_pack_and_write, spec, beam.pvalue.AsDict(plans))
+            | "PackGroups" >> beam.FlatMap(_pack_group, spec, beam.pvalue.AsDict(plans)).with_outputs(
+                "leftovers", main="written")
         )
+        leftovers = (
+            packed_groups.leftovers
+            | "GroupLeftovers" >> beam.GroupByKey()
+            | "PackLeftovers" >> beam.FlatMap(_pack_leftovers, spec, beam.pvalue.AsDict(plans))
+        )
+        written = (packed_groups.written, leftovers) | "AllShards" >> beam.Flatten()
         counts = inputs["counts"] | "SumCounts" >> beam.CombinePerKey(sum)
         return (
             pipeline

@@ -29,14 +29,15 @@ class OutputConfig:
     name: str = ""
     """Shard name prefix (empty: the job's name, e.g. books, image_text)."""
     pack_groups: int = 16
-    """Most hash groups per bucket packed independently (parallelism of the packing step); a bucket is split
-    only as far as each group keeps 64 sequences' worth of tokens."""
+    """Hash groups per bucket, each packed on its own (parallelism of the packing step), once the bucket
+    holds 16 sequences' worth of tokens per group; a smaller bucket is packed as one group. Each group's least
+    full sequence is repacked with the others', so groups cost no utilization."""
     shard_mb: int = 256
-    """Target shard size in MiB (estimated at 2 bytes per token); each pack group writes its own shards, so a
-    bucket has at least as many shards as pack groups, smaller ones where it is small."""
+    """Target shard size in MiB (estimated at 2 bytes per token); each group packed on its own writes its own
+    shards, and the leftovers theirs, so a large bucket has at least --pack-groups + 1 shards."""
     num_shards: int | None = None
-    """Fixed number of shards per bucket (overrides --shard-mb); fewer shards than pack groups means fewer
-    pack groups (each group writes its own shards)."""
+    """Fixed number of shards per bucket (overrides --shard-mb), shared out by tokens; at most
+    --num-shards - 1 pack groups then (each writes its own shards, and the leftovers one at least)."""
     overwrite: bool = flags.field(False, record=False)
     """Replace existing datasets; the new ones are built beside them and swapped in only once complete."""
 

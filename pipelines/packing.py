@@ -32,7 +32,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import struct
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -98,6 +98,11 @@ def segment_to_bytes(segment: Segment) -> bytes:
     ])
 
 
+def segment_length(data: bytes) -> int:
+    """The token count of an encoded segment (:func:`segment_to_bytes`), read from its header."""
+    return _SEGMENT_HEADER.unpack_from(data)[2]
+
+
 def segment_from_bytes(data: bytes) -> Segment:
     """The inverse of :func:`segment_to_bytes`."""
     key_length, offset, length, flags = _SEGMENT_HEADER.unpack_from(data)
@@ -147,20 +152,47 @@ def cut(segment: Segment, seq_len: int) -> list[Segment]:
     return [_piece(segment, start, min(start + seq_len, len(segment)), start + seq_len >= len(segment)) for start in starts]
 
 
-SEQUENCES_PER_GROUP = 64  # sequences' worth of tokens a pack group needs before the data is split further
+SEQUENCES_PER_GROUP = 16  # sequences' worth of tokens per hash group a bucket needs for its groups to pack alone
 
 
-def pack_groups(tokens: int, seq_len: int, max_groups: int) -> int:
-    """How many groups to pack a bucket of ``tokens`` tokens in, each packed on its own.
+def packed_in_place(group_tokens: Mapping[int, int], seq_len: int, groups: int) -> list[int]:
+    """The hash groups of a bucket packed on their own (sorted), from each group's token total.
 
-    Groups exist for parallelism but cost utilization when each holds only a
-    handful of examples (every group leaves its own partly filled sequences).
-    So a bucket is split only as far as every group keeps
-    :data:`SEQUENCES_PER_GROUP` sequences' worth of tokens, and never into more
-    than ``max_groups``: small and vision datasets pack as one group, large text
-    buckets in ``max_groups``.
+    A bucket's segments are hashed into ``groups`` groups (its packing parallelism).
+    Where the bucket holds at least :data:`SEQUENCES_PER_GROUP` sequences' worth of
+    tokens per group, each group is packed on its own and gives up its least full
+    sequence (:func:`split_leftover`); those few sequences' segments are packed
+    together as one more group, the leftovers, so no group's partly filled
+    sequence costs utilization. A smaller bucket is all leftovers: one group, and
+    one shard. So the leftovers never exceed ``groups × SEQUENCES_PER_GROUP``
+    sequences' worth. With one group, it is packed whole.
     """
-    return max(1, min(max_groups, tokens // (seq_len * SEQUENCES_PER_GROUP)))
+    if groups == 1 or sum(group_tokens.values()) >= groups * SEQUENCES_PER_GROUP * seq_len:
+        return sorted(group_tokens)
+    return []
+
+
+def split_leftover(sequences: list[list[Segment]], seq_len: int) -> tuple[list[list[Segment]], list[Segment]]:
+    """An in-place group's sequences without their least full one, and that one's segments (none when
+    every sequence is full): what the group adds to the leftovers (:func:`packed_in_place`)."""
+    fill = [sum(len(s) for s in sequence) for sequence in sequences]
+    if not sequences or min(fill) == seq_len:
+        return sequences, []
+    least = min(range(len(sequences)), key=lambda i: (fill[i], i))
+    return sequences[:least] + sequences[least + 1:], sequences[least]
+
+
+def pack_hash_groups(groups: Mapping[int, Sequence[Segment]], seq_len: int, hash_groups: int) -> list[list[Segment]]:
+    """A bucket's sequences from its ``hash_groups`` groups of segments, in one process: what the packed-dataset
+    writer does in two steps (:func:`packed_in_place`); the in-place groups' sequences first, then the leftovers'."""
+    in_place = packed_in_place({g: sum(map(len, s)) for g, s in groups.items() if s}, seq_len, hash_groups)
+    sequences, leftovers = [], [s for g, segments in groups.items() if g not in in_place for s in segments]
+    for group in in_place:
+        packed_group = pack(groups[group], seq_len)
+        kept, leftover = split_leftover(packed_group, seq_len) if hash_groups > 1 else (packed_group, [])
+        sequences += kept
+        leftovers += leftover
+    return sequences + (pack(leftovers, seq_len) if leftovers else [])
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines import packing
+from pipelines.naming import stable_hash
 from schemas import packed
 
 
@@ -101,10 +102,42 @@ def test_the_module_docstring_example_is_what_pack_does():
     assert examples[1]["loss_weights"].tolist() == [0, 1, 1, 1, 1, 0, 1, 1]
 
 
-def test_pack_groups_split_a_bucket_only_as_far_as_each_group_fills_sequences():
-    assert packing.pack_groups(7_000, 1024, 16) == 1  # the demo's image-text set: one group, not 16 half-empty ones
-    assert packing.pack_groups(1024 * packing.SEQUENCES_PER_GROUP * 3, 1024, 16) == 3
-    assert packing.pack_groups(10**9, 32768, 16) == 16
+def test_groups_pack_alone_only_where_the_bucket_gives_each_16_sequences():
+    per_group = 1024 * packing.SEQUENCES_PER_GROUP
+    assert packing.packed_in_place({0: 3_000, 5: 4_000}, 1024, 16) == []  # the demo's image-text set: all leftovers
+    assert packing.packed_in_place({g: per_group - 1 for g in range(16)}, 1024, 16) == []
+    assert packing.packed_in_place({3: 16 * per_group, 1: 10}, 1024, 16) == [1, 3]  # by the bucket, not the group
+    assert packing.packed_in_place({0: 10}, 1024, 1) == [0]  # one group: always packed whole
+
+
+def test_a_group_gives_up_its_least_full_sequence_unless_every_one_is_full():
+    text = lambda key, n: packing.text_segment(key, np.ones(n, np.int32))
+    full, half, third = [text("a", 8)], [text("b", 4)], [text("c", 3), text("d", 1)]
+    assert packing.split_leftover([full, third, half], 8) == ([full, half], third)
+    assert packing.split_leftover([full, full], 8) == ([full, full], [])
+    assert packing.split_leftover([], 8) == ([], [])
+
+
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=60), st.integers(1, 4), st.integers(16, 64), st.randoms())
+@settings(max_examples=100, deadline=None)
+def test_hash_group_packing_packs_every_token_once_whatever_the_order(lengths, hash_groups, seq_len, rng):
+    documents = _documents(lengths)
+    segments = [p for d, t in documents.items() for p in packing.cut(packing.text_segment(d, t), seq_len)]
+    groups: dict[int, list[packing.Segment]] = {}
+    for segment in segments:
+        groups.setdefault(stable_hash(segment.key[0]) % hash_groups, []).append(segment)
+    layout = lambda sequences: [[(s.key, s.tokens.tolist()) for s in sequence] for sequence in sequences]
+    sequences = packing.pack_hash_groups(groups, seq_len, hash_groups)
+    for members in groups.values():
+        rng.shuffle(members)
+    assert layout(packing.pack_hash_groups(groups, seq_len, hash_groups)) == layout(sequences)
+    assert all(sum(map(len, sequence)) <= seq_len for sequence in sequences)
+    packed_tokens: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for segment in (s for sequence in sequences for s in sequence):
+        packed_tokens.setdefault(segment.key[0], []).append((segment.key[1], segment.tokens))
+    for doc_id, tokens in documents.items():
+        np.testing.assert_array_equal(np.concatenate([t for _, t in sorted(packed_tokens[doc_id], key=lambda p: p[0])]),
+                                      tokens)
 
 
 @settings(max_examples=50, deadline=None)
