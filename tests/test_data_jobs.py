@@ -154,7 +154,7 @@ def test_data_job_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         cli.main(["data", "books", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--pack-groups PACK_GROUPS Most hash groups per bucket packed independently" in out
+    assert "--pack-groups PACK_GROUPS Hash groups per bucket, each packed on its own" in out
     assert "(default: 16)" in out and "(default: 256)" in out and "--dry-run" in out
 
 
