@@ -12,15 +12,15 @@ image-text or video-text alike) and writes one dataset per length bucket into
    bucket is large enough for its groups to pack on their own
    (:func:`pipelines.packing.packed_in_place`) and the run of shards each packing
    unit writes;
-3. each such group is sorted (GroupByKey order is not deterministic), packed with
-   best-fit-decreasing and written; its least full sequence (or, in a small
-   bucket, every segment) goes through a second, small shuffle (under
-   ``groups × 16`` sequences' worth) to be packed with the others as the
-   bucket's leftovers; each unit deals its sequences
-   round-robin over its own shards, each encoded (:mod:`schemas.packed`) and
-   written with ``group_size:1`` to a temporary name (a local file first where
-   the output is remote) and renamed when complete; so packed records are never
-   shuffled or held beyond one shard;
+3. in a large bucket each group is sorted (GroupByKey order is not
+   deterministic), packed with best-fit-decreasing and written, less its least
+   full sequence; those sequences' segments (in a small bucket, every segment)
+   go through a second, small shuffle (under ``groups × 16`` sequences' worth)
+   to be packed together as the bucket's leftovers; each unit deals its
+   sequences round-robin over its own shards, each encoded
+   (:mod:`schemas.packed`) and written with ``group_size:1`` to a temporary name
+   (a local file first where the output is remote) and renamed when complete;
+   so packed records are never shuffled or held beyond one shard;
 4. once every shard exists, each bucket's dead letters and then its
    ``manifest.json`` are written (:mod:`schemas.manifest`), with an empty shard
    for any run that got no sequences.
@@ -149,7 +149,8 @@ def _share(shards: int, units: dict[int, int]) -> dict[int, int]:
     first, then unit order: integers only, so every worker computes the same)."""
     extra, total = shards - len(units), max(1, sum(units.values()))
     counts = {unit: 1 + extra * tokens // total for unit, tokens in units.items()}
-    by_remainder = sorted(units, key=lambda unit: (-(extra * units[unit] % total), list(units).index(unit)))
+    order = {unit: index for index, unit in enumerate(units)}
+    by_remainder = sorted(units, key=lambda unit: (-(extra * units[unit] % total), order[unit]))
     for unit in by_remainder[:shards - sum(counts.values())]:
         counts[unit] += 1
     return counts
@@ -159,7 +160,7 @@ def _share(shards: int, units: dict[int, int]) -> dict[int, int]:
 class BucketPlan:
     """How one bucket is packed and written: segments hashed into ``groups`` groups; ``runs`` the consecutive
     shards each packing unit writes (a group packed in place, or :data:`LEFTOVERS`), in shard order; groups
-    without a run (a small bucket's) are packed as the leftovers. No second shuffle brings records to their shards."""
+    without a run (a small bucket's) are packed as the leftovers. No shuffle brings records to their shards."""
 
     groups: int
     runs: dict[int, range]
