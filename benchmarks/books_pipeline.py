@@ -6,7 +6,9 @@ SentencePiece's batch encode would otherwise use every core).
 Per core: the pipeline's tokens/s over wall time divided by its worker count
 (CPU time would hide idle time): over the whole command (interpreter, imports and the
 job), and over the job alone (the "done in" time the job reports: from its start to its
-end, worker processes' start-up included).
+end, worker processes' start-up included). Also against the SentencePiece speed the
+job's own workers had (its ``tokenize_cpu_ms`` counter), which plain SentencePiece's
+run-to-run spread on a shared machine does not move.
 
 Utilization = non-pad tokens / all tokens, packed as the pipeline packs (16 hash groups,
 each packed alone where the bucket is large, their least full sequences repacked
@@ -101,6 +103,9 @@ def efficiency(workdir: pathlib.Path, corpus: pathlib.Path, tokenizer_path: str,
     result = manifest.read(str(workdir / "out" / "seq32768"), verify_hashes=False)
     pipeline = result.tokens / seconds / workers
     job_seconds = float(re.search(r"done in ([\d.]+)s", done.stdout).group(1))
+    job_cpu = float(own_cpu) + float(workers_cpu)
+    counted = re.search(r"tokenize_cpu_ms (\d+)", done.stdout)  # absent from a --src older than the counter
+    tokenize_cpu = int(counted.group(1)) / 1000 if counted else float("nan")
     return {
         "corpus_tokens": result.tokens,
         "sentencepiece_tokens_per_s_per_core": round(baseline),
@@ -112,7 +117,13 @@ def efficiency(workdir: pathlib.Path, corpus: pathlib.Path, tokenizer_path: str,
         "efficiency_job_only": round(result.tokens / job_seconds / workers / baseline, 3),
         # SentencePiece's CPU seconds for the corpus over all the job's CPU seconds: the efficiency the job
         # would reach with its cores to itself (on a shared machine wall time also counts others' work).
-        "cpu_efficiency": round(result.tokens / baseline / (float(own_cpu) + float(workers_cpu)), 3),
+        "cpu_efficiency": round(result.tokens / baseline / job_cpu, 3),
+        # The same two figures against the SentencePiece speed of the job's own workers (its tokenize_cpu_ms
+        # counter) instead of the separate baseline: what the job's own work costs, whatever the machine's
+        # speed in that minute (plain SentencePiece varies by 20% between passes on a shared VM).
+        "tokenize_cpu_s": round(tokenize_cpu, 1),
+        "cpu_share_tokenizing": round(tokenize_cpu / job_cpu, 3),
+        "efficiency_at_job_tokenizer_speed": round(pipeline * tokenize_cpu / result.tokens, 3),
         "runner_cpu_s": round(float(own_cpu), 1),  # the job's main process (with 1 worker: everything)
         "workers_cpu_s": round(float(workers_cpu), 1),  # its worker processes (multi_processing)
         "load_average_1min": os.getloadavg()[0],
