@@ -17,6 +17,7 @@ Steps and learning rates default to the demo plan's (copy-1024: 1800 at 5e-3, re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -25,26 +26,18 @@ import sys
 import time
 
 from orchestration import cli, demo
-from orchestration.sample_retrieval import write_retrieval
 from orchestration.stages import plan as plan_lib
 
-PHASES = (  # name, the demo's stage (its steps and learning rate), haystack tokens, exercises, digits
-    ("warmup", "copy-1024", demo.WARMUP_LENGTHS, demo.WARMUP_EXAMPLES, demo.WARMUP_DIGITS),
-    ("long", "retrieval-1024", demo.RETRIEVAL_LENGTHS, demo.RETRIEVAL_EXAMPLES, (7, 7)),
+PHASES = (  # name, the demo's stage (its steps and learning rate), the demo's exercise set
+    ("warmup", "copy-1024", "retrieval_warmup"),
+    ("long", "retrieval-1024", "retrieval"),
 )
 
 
-def exercises(work: pathlib.Path, name: str, lengths, count: int, digits, seed: int) -> pathlib.Path:
+def exercises(work: pathlib.Path, name: str, exercise_set: str, seed: int) -> pathlib.Path:
     data = work / "data" / f"{name}_{seed}"
     if not (data / "seq1024" / "manifest.json").exists():
-        corpus = write_retrieval(work / "raw" / f"{name}_{seed}.jsonl", work / "raw" / "books.jsonl",
-                                 str(work / "tokenizer.model"), count, seed=seed, min_length=lengths[0],
-                                 max_length=lengths[1], digits=digits)
-        code = cli.main(["data", "chat-qa", "--input", str(corpus), "--output", str(data), "--tokenizer",
-                         str(work / "tokenizer.model"), "--seq-len", "1024", "--generator", "needle",
-                         "--chunk-tokens", str(lengths[1] + 64), "--num-shards", "2", "--overwrite"])
-        if code:
-            raise SystemExit(f"lwm data chat-qa exited {code}")
+        demo.write_exercises(work, dataclasses.replace(demo.EXERCISES[exercise_set], seed=seed), data)
     return data / "seq1024"
 
 
@@ -84,8 +77,8 @@ def main() -> None:
         demo.books(work)
     stages = {stage.name: stage.config for stage in plan_lib.load(str(demo.PLAN)).stages}
     init_from = ""
-    for (name, stage, lengths, count, digits), steps in zip(PHASES, (args.warmup_steps, args.long_steps)):
-        data = exercises(work, name, lengths, count, digits, args.seed)
+    for (name, stage, exercise_set), steps in zip(PHASES, (args.warmup_steps, args.long_steps)):
+        data = exercises(work, name, exercise_set, args.seed)
         run_dir = work / "runs" / f"{name}_{args.seed}"
         train(run_dir, data, steps or stages[stage].steps, stages[stage].optimizer.learning_rate, init_from)
         init_from = str(run_dir)

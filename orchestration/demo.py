@@ -6,6 +6,7 @@ library code (or CLI) a user would; later steps read what earlier ones wrote.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import time
 from typing import Callable
@@ -124,31 +125,47 @@ def train(workdir: pathlib.Path) -> None:
           f"{workdir / 'runs' / 'stages'}/STAGE")
 
 
-RETRIEVAL_EXAMPLES = 3000  # needle exercises of stage retrieval-1024, then mixed into later stages
-RETRIEVAL_LENGTHS = (64, 900)  # haystack tokens of an exercise (needle included): up to a row of 1024
-WARMUP_EXAMPLES = 12000  # exercises of the copying warm-up stage (copy-1024): about one epoch of it
-WARMUP_LENGTHS = (1, 40)  # a needle and a few words of book around it: the number is easy to find
-WARMUP_DIGITS = (1, 7)  # numbers of 1-7 digits: one digit is copied before seven are
+@dataclasses.dataclass(frozen=True)
+class Exercises:
+    """A set of needle exercises: how many, haystack tokens (needle included), digits of the numbers, data seed."""
+
+    count: int
+    lengths: tuple[int, int]
+    digits: tuple[int, int]
+    seed: int
+
+
+EXERCISES = {  # the demo's sets, by dataset name under data/
+    # stage retrieval-1024, then mixed into later stages: haystacks up to a row of 1024, the eval's 7 digits
+    "retrieval": Exercises(3000, (64, 900), (7, 7), seed=1),
+    # the copying warm-up (copy-1024, about one epoch): a needle and a few words of book around it, numbers
+    # of 1-7 digits (one digit is copied before seven are)
+    "retrieval_warmup": Exercises(12000, (1, 40), (1, 7), seed=2),
+}
 NEEDLE_LENGTHS = "512,1024,1536,2048"
 
 
-def retrieval_data(workdir: pathlib.Path) -> None:
-    """Needle-retrieval exercises from the demo books (other cities and numbers than the eval's):
-    haystacks with a needle (``orchestration.sample_retrieval``), turned by ``lwm data chat-qa
-    --generator needle`` into the eval's prompt and answer with loss on the answer only, packed into
-    ``data/retrieval/seq{SEQ_LEN}``; and the copying warm-up's short ones, ``data/retrieval_warmup``."""
+def write_exercises(workdir: pathlib.Path, exercises: Exercises, output: pathlib.Path) -> None:
+    """Needle exercises from the demo books in ``workdir`` (other cities and numbers than the eval's):
+    haystacks with a needle (``orchestration.sample_retrieval``, written to ``raw/{output's name}.jsonl``),
+    turned by ``lwm data chat-qa --generator needle`` into the eval's prompt and answer with loss on the
+    answer only, packed into ``output/seq{SEQ_LEN}``."""
     from orchestration.sample_retrieval import write_retrieval
 
+    corpus = write_retrieval(workdir / "raw" / f"{output.name}.jsonl", workdir / "raw" / "books.jsonl",
+                             str(workdir / "tokenizer.model"), exercises.count, seed=exercises.seed,
+                             min_length=exercises.lengths[0], max_length=exercises.lengths[1], digits=exercises.digits)
+    print(f"wrote {corpus} ({exercises.count} haystacks of up to {exercises.lengths[1]} tokens with a needle each)")
+    _lwm("data", "chat-qa", "--input", str(corpus), "--output", str(output),
+         "--tokenizer", str(workdir / "tokenizer.model"), "--seq-len", str(SEQ_LEN), "--generator", "needle",
+         "--chunk-tokens", str(exercises.lengths[1] + 64), "--num-shards", "2", "--overwrite")
+
+
+def retrieval_data(workdir: pathlib.Path) -> None:
+    """The demo's needle exercises (:data:`EXERCISES`), each set into ``data/{name}/seq{SEQ_LEN}``."""
     _banner("synthetic needle-retrieval exercises from the books → chat QA in the eval's words, loss on answers")
-    for name, count, lengths, digits, seed in (("retrieval", RETRIEVAL_EXAMPLES, RETRIEVAL_LENGTHS, (7, 7), 1),
-                                               ("retrieval_warmup", WARMUP_EXAMPLES, WARMUP_LENGTHS, WARMUP_DIGITS, 2)):
-        corpus = write_retrieval(workdir / "raw" / f"{name}.jsonl", workdir / "raw" / "books.jsonl",
-                                 str(workdir / "tokenizer.model"), count, seed=seed, min_length=lengths[0],
-                                 max_length=lengths[1], digits=digits)
-        print(f"wrote {corpus} ({count} haystacks of up to {lengths[1]} tokens with a needle each)")
-        _lwm("data", "chat-qa", "--input", str(corpus), "--output", str(workdir / "data" / name),
-             "--tokenizer", str(workdir / "tokenizer.model"), "--seq-len", str(SEQ_LEN), "--generator", "needle",
-             "--chunk-tokens", str(lengths[1] + 64), "--num-shards", "2", "--overwrite")
+    for name, exercises in EXERCISES.items():
+        write_exercises(workdir, exercises, workdir / "data" / name)
 
 
 def needle(workdir: pathlib.Path) -> None:
