@@ -47,7 +47,6 @@ from apache_beam import coders
 
 from orchestration import cli, sample_data
 from pipelines import dataset, packing, sources
-from pipelines.naming import stable_hash
 from pipelines.text_tokenizer import SpecialTokens, TextTokenizer
 from schemas import manifest, packed, raw
 
@@ -157,10 +156,10 @@ def shuffle_bytes(corpus: pathlib.Path, tokenizer_path: str, seq_len: int = 3276
         framed = tokenizer.frame(tokenizer.encode(document.text), SpecialTokens())
         tokens += len(framed)
         for piece in packing.cut(packing.text_segment(document.id, framed), seq_len):
-            key = (seq_len, stable_hash(document.id) % groups)
-            moved["pack_before"] += len(pickled.encode((key, piece)))
-            moved["pack_after"] += len(grouped.encode((key, packing.segment_to_bytes(piece))))
-            per_group.setdefault(key[1], []).append(piece)
+            keyed = dataset._hash_to_group((seq_len, piece), groups)  # what the job sends through its shuffle
+            moved["pack_before"] += len(pickled.encode((keyed[0], piece)))
+            moved["pack_after"] += len(grouped.encode(keyed))
+            per_group.setdefault(keyed[0][1], []).append(piece)
     for group, segments in per_group.items():
         for index, sequence in enumerate(packing.pack(segments, seq_len)):
             data = packed.encode(**packing.to_example(sequence, seq_len))
@@ -202,7 +201,7 @@ def utilization(kind: str, hash_groups: int = 16, seed: int = 0) -> dict:
     tokens = sum(len(s) for s in segments)
     groups: dict[int, list[packing.Segment]] = {}
     for segment in segments:
-        groups.setdefault(stable_hash(segment.key[0]) % hash_groups, []).append(segment)
+        groups.setdefault(packing.hash_group(segment, hash_groups), []).append(segment)
     sequences = {
         "pipeline": len(packing.pack_hash_groups(groups, seq_len, hash_groups)),
         "groups_alone": sum(len(packing.pack(group, seq_len)) for group in groups.values()),

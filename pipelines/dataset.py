@@ -59,7 +59,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from pipelines import packing
 from pipelines.buckets import Bucket, Count
-from pipelines.naming import METRICS_NAMESPACE, bucket_dir, stable_hash
+from pipelines.naming import METRICS_NAMESPACE, bucket_dir
 from pipelines.output import OutputConfig, recorded
 from schemas import packed
 from schemas import manifest as manifest_lib
@@ -266,7 +266,7 @@ _GROUPED_SEGMENT = beam.typehints.Tuple[beam.typehints.Tuple[int, int], bytes]  
 def _hash_to_group(item, groups: int) -> tuple[tuple[int, int], bytes]:
     """(seq_len, Segment) → ((seq_len, hash group of its document id), its bytes): what crosses the shuffle."""
     seq_len, segment = item
-    return (seq_len, stable_hash(segment.key[0]) % groups), packing.segment_to_bytes(segment)
+    return (seq_len, packing.hash_group(segment, groups)), packing.segment_to_bytes(segment)
 
 
 def _pack_group(item, spec: DatasetSpec, plans: dict[int, BucketPlan]):

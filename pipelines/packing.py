@@ -36,6 +36,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from pipelines.naming import stable_hash
 from schemas import packed
 
 
@@ -153,6 +154,11 @@ def cut(segment: Segment, seq_len: int) -> list[Segment]:
 
 
 SEQUENCES_PER_GROUP = 16  # sequences' worth of tokens per hash group a bucket needs for its groups to pack alone
+
+
+def hash_group(segment: Segment, groups: int) -> int:
+    """The hash group of a segment: by its document id, so a document's pieces pack together."""
+    return stable_hash(segment.key[0]) % groups
 
 
 def packed_in_place(group_tokens: Mapping[int, int], seq_len: int, groups: int) -> list[int]:

@@ -6,7 +6,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines import packing
-from pipelines.naming import stable_hash
 from schemas import packed
 
 
@@ -125,7 +124,7 @@ def test_hash_group_packing_packs_every_token_once_whatever_the_order(lengths, h
     segments = [p for d, t in documents.items() for p in packing.cut(packing.text_segment(d, t), seq_len)]
     groups: dict[int, list[packing.Segment]] = {}
     for segment in segments:
-        groups.setdefault(stable_hash(segment.key[0]) % hash_groups, []).append(segment)
+        groups.setdefault(packing.hash_group(segment, hash_groups), []).append(segment)
     layout = lambda sequences: [[(s.key, s.tokens.tolist()) for s in sequence] for sequence in sequences]
     sequences = packing.pack_hash_groups(groups, seq_len, hash_groups)
     for members in groups.values():
