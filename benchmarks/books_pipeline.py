@@ -1,8 +1,9 @@
 """Books pipeline figures: efficiency against plain SentencePiece, and packing utilization.
 
 Efficiency = (tokens/s per core of ``lwm data books`` on the local runner) /
-(tokens/s of plain SentencePiece encoding of the same text in one process, one thread:
-SentencePiece's batch encode would otherwise use every core).
+(tokens/s of plain SentencePiece encoding the corpus's first texts in one process, one
+thread: SentencePiece's batch encode would otherwise use every core; the mean of a pass
+right before the job and one right after, so a drift in the machine's speed cancels).
 Per core: the pipeline's tokens/s over wall time divided by its worker count
 (CPU time would hide idle time): over the whole command (interpreter, imports and the
 job), and over the job alone (the "done in" time the job reports: from its start to its
@@ -23,7 +24,9 @@ Also printed: bytes moved through the job's shuffles per input token (before and
 after shuffling only what must move); for each run the CPU seconds of the job's own
 process (the runner; with one worker everything) and of its worker processes, and
 its peak RSS; with two or more corpus sizes, the peak RSS per added input token
-(least-squares over the sizes; one worker: the whole job in one process).
+(least-squares over the sizes; one worker: the whole job in one process), and the
+job's time split into fixed seconds (start-up, stage hand-offs, shutdown) and seconds
+per token: the efficiency a large corpus tends to and the size at which it reaches 0.8.
 """
 
 from __future__ import annotations
@@ -72,23 +75,29 @@ _JOB_WITH_USAGE = (
 )
 
 
+BASELINE_TEXTS = 120  # the corpus's first texts (about 6.5M tokens) that plain SentencePiece encodes
+
+
+def sentencepiece_rate(texts: list[str], tokenizer_path: str) -> float:
+    """Tokens/s of plain SentencePiece in one process, one thread, in the job's batches of 32 texts (one call
+    over a whole corpus would hold every id as a Python int at once: slower than the job's batches)."""
+    plain = sentencepiece.SentencePieceProcessor(model_file=tokenizer_path)
+    start = time.perf_counter()
+    tokens = sum(len(ids) for i in range(0, len(texts), 32) for ids in plain.encode(texts[i:i + 32], num_threads=1))
+    return tokens / (time.perf_counter() - start)
+
+
 def efficiency(workdir: pathlib.Path, corpus: pathlib.Path, tokenizer_path: str, workers: int, src: str) -> dict:
     """The job (``src``'s code) in its own process: tokens/s per core against plain SentencePiece, CPU
-    seconds of the runner and of its workers, peak RSS."""
-    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
-    plain = sentencepiece.SentencePieceProcessor(model_file=tokenizer_path)
-    # One process, one thread, in the job's batches of 32 texts: one call over the whole corpus would
-    # hold every id as a Python int at once (25M tokens: allocation and GC make it slower than the job).
-    # The faster of two passes: a process's first pass ran up to 30% slower than its second.
-    rates = []
-    for _ in range(2):
-        start = time.perf_counter()
-        tokens = sum(len(ids) for i in range(0, len(texts), 32)
-                     for ids in plain.encode(texts[i:i + 32], num_threads=1))
-        rates.append(tokens / (time.perf_counter() - start))
-    baseline = max(rates)
-    del texts
+    seconds of the runner and of its workers, peak RSS.
 
+    The baseline is the mean of a pass over the corpus's first texts right before the job and one right
+    after (after a discarded warm-up pass: a process's first pass ran up to 30% slower): on this shared
+    VM SentencePiece's speed drifts by up to 20% within minutes, and bracketing the job cancels a drift."""
+    with open(corpus) as lines:
+        texts = [json.loads(line)["text"] for line, _ in zip(lines, range(BASELINE_TEXTS))]
+    sentencepiece_rate(texts[:BASELINE_TEXTS // 4], tokenizer_path)
+    before = sentencepiece_rate(texts, tokenizer_path)
     args = ["data", "books", "--input", str(corpus), "--output", str(workdir / "out"), "--tokenizer", tokenizer_path,
             "--seq-len", "32768", "--overwrite"]
     if workers > 1:
@@ -98,6 +107,8 @@ def efficiency(workdir: pathlib.Path, corpus: pathlib.Path, tokenizer_path: str,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - start
     assert done.returncode == 0, done.stderr
+    after = sentencepiece_rate(texts, tokenizer_path)
+    baseline = (before + after) / 2
     peak_kib, _, _, own_cpu, workers_cpu = done.stderr.rsplit("VmHWM:", 1)[1].split()[:5]
     result = manifest.read(str(workdir / "out" / "seq32768"), verify_hashes=False)
     pipeline = result.tokens / seconds / workers
@@ -108,6 +119,7 @@ def efficiency(workdir: pathlib.Path, corpus: pathlib.Path, tokenizer_path: str,
     return {
         "corpus_tokens": result.tokens,
         "sentencepiece_tokens_per_s_per_core": round(baseline),
+        "sentencepiece_before_after": [round(before), round(after)],
         "pipeline_tokens_per_s_per_core": round(pipeline),
         "pipeline_seconds": round(seconds, 1),
         "workers": workers,
@@ -223,10 +235,33 @@ def memory_slope(runs: list[dict]) -> dict:
             "intercept_mb": round(intercept / 2**20)}
 
 
+def size_fit(runs: list[dict], goal: float = 0.8) -> dict:
+    """The job's wall time over the corpus sizes (runs of one worker count) as fixed seconds + k × its ideal
+    time (least squares), the ideal being the corpus's tokenizing time spread over the workers: at each run's
+    plain SentencePiece baseline, and at the job's own SentencePiece speed (its ``tokenize_cpu_ms``, which
+    the machine's drift does not move). 1/k is the efficiency a large corpus tends to; also the corpus size
+    at which the efficiency, ideal / (fixed + k × ideal), reaches ``goal``."""
+    workers = runs[0]["workers"]
+    seconds = np.array([r["pipeline_seconds"] for r in runs])
+    tokens = np.array([r["corpus_tokens"] for r in runs], float)
+    fit = {"workers": workers, "tokens": tokens.astype(int).tolist(), "seconds": seconds.tolist()}
+    ideals = {"": tokens / workers / np.array([r["sentencepiece_tokens_per_s_per_core"] for r in runs]),
+              "_at_job_tokenizer_speed": np.array([r["tokenize_cpu_s"] for r in runs]) / workers}
+    for label, ideal in ideals.items():
+        k, fixed = np.polyfit(ideal, seconds, 1)
+        tokens_per_ideal_second = float(np.mean(tokens / ideal))
+        fit[f"fixed_seconds{label}"] = round(fixed, 1)
+        fit[f"efficiency_limit{label}"] = round(1 / k, 3)
+        fit[f"tokens_for_efficiency_{goal}{label}"] = (
+            round(goal * fixed / (1 - goal * k) * tokens_per_ideal_second) if 1 / k > goal else None)
+    return fit
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--books", type=int, nargs="+", default=[40],
-                        help="corpus sizes in books (about 54K tokens each); two or more also give the memory slope")
+                        help="corpus sizes in books (about 54K tokens each); two or more also give the memory slope "
+                             "and the fixed and per-token parts of the job's time")
     parser.add_argument("--workers", type=int, nargs="+", default=[1],
                         help="worker counts; more than 1 runs --direct_running_mode=multi_processing")
     parser.add_argument("--src", default=str(pathlib.Path(__file__).resolve().parents[1]),
@@ -254,6 +289,7 @@ def main() -> None:
         if len(args.books) > 1:
             for workers_runs in runs.values():
                 print(json.dumps(memory_slope(workers_runs)))
+                print(json.dumps(size_fit(workers_runs)))
 
 
 if __name__ == "__main__":
