@@ -248,6 +248,8 @@ def size_fit(runs: list[dict], goal: float = 0.8) -> dict:
     ideals = {"": tokens / workers / np.array([r["sentencepiece_tokens_per_s_per_core"] for r in runs]),
               "_at_job_tokenizer_speed": np.array([r["tokenize_cpu_s"] for r in runs]) / workers}
     for label, ideal in ideals.items():
+        if np.isnan(ideal).any():  # a --src older than the tokenize_cpu_ms counter
+            continue
         k, fixed = np.polyfit(ideal, seconds, 1)
         tokens_per_ideal_second = float(np.mean(tokens / ideal))
         fit[f"fixed_seconds{label}"] = round(fixed, 1)
