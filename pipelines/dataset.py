@@ -278,11 +278,10 @@ def _pack_group(item, spec: DatasetSpec, plans: dict[int, BucketPlan]):
         for data in encoded:
             yield beam.pvalue.TaggedOutput("leftovers", (seq_len, data))
         return
-    sequences = packing.pack([packing.segment_from_bytes(data) for data in encoded], seq_len)
-    if LEFTOVERS in plan.runs:
-        sequences, leftover = packing.split_leftover(sequences, seq_len)
-        for segment in leftover:
-            yield beam.pvalue.TaggedOutput("leftovers", (seq_len, packing.segment_to_bytes(segment)))
+    sequences, leftover = packing.pack_in_place([packing.segment_from_bytes(data) for data in encoded], seq_len,
+                                                plan.groups)
+    for segment in leftover:
+        yield beam.pvalue.TaggedOutput("leftovers", (seq_len, packing.segment_to_bytes(segment)))
     yield from _write_run(spec, seq_len, plan, group, sequences)
 
 

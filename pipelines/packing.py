@@ -188,14 +188,20 @@ def split_leftover(sequences: list[list[Segment]], seq_len: int) -> tuple[list[l
     return sequences[:least] + sequences[least + 1:], sequences[least]
 
 
+def pack_in_place(segments: Sequence[Segment], seq_len: int, groups: int) -> tuple[list[list[Segment]], list[Segment]]:
+    """One in-place group (:func:`packed_in_place`) packed: its sequences, less its least full one where other
+    groups share the leftovers (:func:`split_leftover`; one group keeps all), and that one's segments."""
+    sequences = pack(segments, seq_len)
+    return split_leftover(sequences, seq_len) if groups > 1 else (sequences, [])
+
+
 def pack_hash_groups(groups: Mapping[int, Sequence[Segment]], seq_len: int, hash_groups: int) -> list[list[Segment]]:
     """A bucket's sequences from its ``hash_groups`` groups of segments, in one process: what the packed-dataset
     writer does in two steps (:func:`packed_in_place`); the in-place groups' sequences first, then the leftovers'."""
     in_place = packed_in_place({g: sum(map(len, s)) for g, s in groups.items() if s}, seq_len, hash_groups)
     sequences, leftovers = [], [s for g, segments in groups.items() if g not in in_place for s in segments]
     for group in in_place:
-        packed_group = pack(groups[group], seq_len)
-        kept, leftover = split_leftover(packed_group, seq_len) if hash_groups > 1 else (packed_group, [])
+        kept, leftover = pack_in_place(groups[group], seq_len, hash_groups)
         sequences += kept
         leftovers += leftover
     return sequences + (pack(leftovers, seq_len) if leftovers else [])
