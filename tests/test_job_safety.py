@@ -73,6 +73,15 @@ def test_a_bad_input_with_overwrite_is_refused_before_the_old_dataset_is_touched
     assert not (output / ".staging").exists()
 
 
+@pytest.mark.parametrize("option", ["--pack-groups", "--num-shards", "--shard-mb"])
+def test_a_packing_option_below_one_is_a_one_line_error_before_any_output(option, corpus, tokenizer_path, tmp_path,
+                                                                        capsys):
+    assert cli.main(_argv(corpus, tmp_path / "new", tokenizer_path, option, "0")) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "pack_groups, shard_mb and num_shards must be >= 1" in error, error
+    assert not (tmp_path / "new").exists()
+
+
 def test_bad_inputs_create_no_output_directory(corpus, tmp_path):
     assert cli.main(_argv(corpus, tmp_path / "new", tmp_path / "missing.model")) == 2
     assert not (tmp_path / "new").exists()
