@@ -48,9 +48,12 @@ import sentencepiece
 
 from apache_beam import coders
 
-from orchestration import cli, sample_data
-from pipelines import dataset, packing, sources
-from pipelines.text_tokenizer import SpecialTokens, TextTokenizer
+from orchestration import cli
+from orchestration.demo import sample_books as sample_data
+from pipelines.kit import packed_writer as dataset
+from pipelines.kit import packing
+from pipelines.kit import sources
+from pipelines.tokens.text_tokenizer import SpecialTokens, TextTokenizer
 from schemas import manifest, packed, raw
 
 
@@ -150,7 +153,7 @@ def shuffle_bytes(corpus: pathlib.Path, tokenizer_path: str, seq_len: int = 3276
     "before" is the job as it was: whole documents through the dedupe shuffle, pickled
     segments through the packing shuffle, pickled records through a second shuffle to
     their shards. "after": (id, path, index) through the dedupe shuffle, segments as
-    bytes (:func:`~pipelines.packing.segment_to_bytes`) through the packing shuffle, and
+    bytes (:func:`~pipelines.kit.packing.segment_to_bytes`) through the packing shuffle, and
     no records shuffle (each pack group writes its own shards); not counted: the
     leftovers' shuffle, at most one sequence per group (16 × 64 KiB here).
     """

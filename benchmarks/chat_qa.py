@@ -22,12 +22,18 @@ import sys
 import tempfile
 import time
 
-from orchestration import sample_data
-from pipelines import chat_qa, qa_generators, text_tokenizer
-from pipelines.buckets import Bucket
-from pipelines.qa_contexts import ChatTemplate, QATokens, assemble, chunk_book
-from pipelines.qa_generators import GeneratorConfig, QARequest
-from pipelines.output import OutputConfig
+from orchestration.demo import sample_books as sample_data
+from pipelines.chat_qa import pipeline as chat_qa
+from pipelines.chat_qa import generators
+from pipelines.chat_qa.generators import interface
+from pipelines.chat_qa.generators.extractive import Extractive
+from pipelines.chat_qa.generators.needle_questions import Needle
+from pipelines.tokens import text_tokenizer
+from pipelines.kit.buckets import Bucket
+from pipelines.chat_qa.contexts import ChatTemplate, QATokens, assemble, chunk_book
+from pipelines.chat_qa.generators import GeneratorConfig
+from pipelines.chat_qa.generators.interface import QARequest
+from pipelines.kit.output import OutputConfig
 
 SEQ_LEN = 4096
 CHUNK_TOKENS = 1000
@@ -74,7 +80,7 @@ def extractive(workdir: pathlib.Path, books: int) -> tuple[dict, pathlib.Path, s
     tokenizer_path = text_tokenizer.train([t["text"] for t in texts], 2000, str(workdir / "tok.model"))
     tokenizer = text_tokenizer.TextTokenizer(tokenizer_path)
     template = ChatTemplate.from_encoder(tokenizer.encode_batch, tokenizer.bos_id, tokenizer.eos_id)
-    generator = qa_generators.Extractive()
+    generator = Extractive()
     start = time.perf_counter()
     chunks_total = 0
     for book in texts:
@@ -100,7 +106,7 @@ def generator_alone(corpus, tokenizer_path: str, config: GeneratorConfig) -> tup
     tokenizer = text_tokenizer.TextTokenizer(tokenizer_path)
     requests = [QARequest(c, 0, 1) for line in corpus.read_text().splitlines()
                 for c in chunk_book("b", json.loads(line)["text"], tokenizer.encode_batch, CHUNK_TOKENS)]
-    generator = qa_generators.build(config)
+    generator = generators.build(config)
     start = time.perf_counter()
     for at in range(0, len(requests), config.batch):
         list(generator.generate(requests[at : at + config.batch]))

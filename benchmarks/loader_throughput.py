@@ -24,9 +24,9 @@ import time
 import jax
 import numpy as np
 
-from pipelines.dataset import write_shard
+from pipelines.kit.packed_writer import write_shard
 from schemas import manifest, packed
-from trainer import data
+from trainer.training import loader as data
 from trainer.config import DataConfig, DatasetConfig
 from trainer.sharding import MeshConfig, make_mesh
 
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--read-threads", type=int, default=4)
-    parser.add_argument("--layout", default="segments", help="ring layout (trainer.layout.LAYOUTS)")
+    parser.add_argument("--layout", default="segments", help="ring layout (trainer.ring_layout.LAYOUTS)")
     args = parser.parse_args()
     tokens = args.batch_size * args.seq_len
     with tempfile.TemporaryDirectory() as root:

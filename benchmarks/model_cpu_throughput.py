@@ -21,8 +21,9 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import jax  # noqa: E402
 
-from trainer import layout, loss, model, sharding  # noqa: E402
-from trainer.layout import layout_permutation  # noqa: E402
+from trainer import loss, model, sharding
+from trainer import ring_layout as layout
+from trainer.ring_layout import layout_permutation  # noqa: E402
 
 CONFIG = model.get_preset("tiny")
 LOSS = loss.LossConfig(chunk_size=256)

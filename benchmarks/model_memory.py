@@ -22,7 +22,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from trainer import layout, loss, model, sharding  # noqa: E402
+from trainer import loss, model, sharding
+from trainer import ring_layout as layout
 
 CONFIG = dataclasses.replace(model.get_preset("tiny"), d_model=128, num_heads=4, num_kv_heads=2, mlp_dim=512,
                              mlp_chunk_size=512, attention_block_q=256, attention_block_kv=256)

@@ -28,11 +28,12 @@ CONFIG = str(ROOT / "configs" / "train_tiny.yaml")
 
 
 def build_dataset(workdir: Path, seq_len: int) -> Path:
-    from orchestration.sample_data import write_books
-    from pipelines import books, text_tokenizer
-    from pipelines.buckets import Bucket
-    from pipelines.output import OutputConfig
-    from pipelines.runner import pipeline_options
+    from orchestration.demo.sample_books import write_books
+    from pipelines import books
+    from pipelines.tokens import text_tokenizer
+    from pipelines.kit.buckets import Bucket
+    from pipelines.kit.output import OutputConfig
+    from pipelines.kit.beam_runner import pipeline_options
     from schemas import raw
 
     source = write_books(workdir / "books.jsonl", 60)
@@ -68,11 +69,12 @@ def save_job(ckpt_dir: str, dataset: str, seq_len: int) -> None:
     """One process's part of the save benchmark (run under ``orchestration.launch.run_processes``)."""
     import jax
 
-    from trainer import checkpoint, config as config_lib, distributed, optimizer
-    from trainer.data import Loader
+    from trainer import checkpoint, config as config_lib, distributed
+    from trainer.training import optimizer
+    from trainer.training.loader import Loader
     from trainer.model import init_params
     from trainer.sharding import activate, make_mesh
-    from trainer.train import _state_shardings
+    from trainer.training.loop import _state_shardings
 
     distributed.join()
     config = config_lib.load(CONFIG, [f"data.datasets=[{{path: '{dataset}'}}]", f"data.seq_len={seq_len}"])

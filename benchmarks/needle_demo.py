@@ -3,7 +3,7 @@
 The two retrieval stages of `configs/stages/demo.yaml`, run standalone on one CPU device (batch 1 x 1024,
 text-only `configs/train_tiny.yaml`): a copying warm-up on short exercises (a needle and a few words of book,
 numbers of 1-7 digits; the copying circuit forms there, abruptly) and then longer haystacks (64-900 tokens,
-7 digits). Exercises come from `orchestration.sample_retrieval` through `lwm data chat-qa --generator needle`
+7 digits). Exercises come from `orchestration.demo.sample_retrieval` through `lwm data chat-qa --generator needle`
 (the eval's prompt and answer, loss on the answer only), their data seed is --seed. Prints the step at which
 each phase's answer accuracy (``text_accuracy``, logged every 50 steps) first reaches 0.95, then runs
 `lwm eval needle` (eval cities and numbers, never trained on) at --lengths, all depths.
@@ -25,7 +25,8 @@ import subprocess
 import sys
 import time
 
-from orchestration import cli, demo
+from orchestration import cli
+from orchestration.demo import workflow as demo
 from orchestration.stages import plan as plan_lib
 
 PHASES = (  # name, the demo's stage (its steps and learning rate), the demo's exercise set

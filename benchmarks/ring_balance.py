@@ -8,7 +8,7 @@ divided by the average device's total tile count (1.0 = perfectly balanced), the
 computed in all, and the spread between devices at the worst hop (in tiles); for one
 causal document and for a row of packed documents (segment masks skip most tiles), with
 the time taken to compute the order.
-Then, over ``--rows`` rows from the real packer (`pipelines.packing.pack` on a corpus of
+Then, over ``--rows`` rows from the real packer (`pipelines.kit.packing.pack` on a corpus of
 log-uniform document lengths, 64 tokens to S), the median and worst of: critical path /
 mean, tiles / contiguous's tiles, and critical path / zigzag's critical path; and the time
 the ``segments`` layout takes to choose one row's order (what the loader pays per row).
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipelines import packing  # noqa: E402
-from trainer import layout as ring_layout  # noqa: E402
+from pipelines.kit import packing
+from trainer import ring_layout
 from trainer import ring_testing  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def packed_documents(seq_len, seed=0):
 
 
 def packer_rows(seq_len, rows, seed=0):
-    """``rows`` segment-id rows [rows, S] packed by ``pipelines.packing.pack`` from documents of
+    """``rows`` segment-id rows [rows, S] packed by ``pipelines.kit.packing.pack`` from documents of
     log-uniform length (64 tokens to seq_len), as many as fill ``rows`` sequences."""
     rng = np.random.default_rng(seed)
     lengths, total = [], 0
@@ -101,7 +101,7 @@ def main(argv=None):
         return
     rows = packer_rows(args.seq_len, args.rows)
     figures = [row_figures(row, args.devices, args.block) for row in rows]
-    print(f"\n{len(rows)} rows from pipelines.packing.pack (log-uniform documents, 64 to {args.seq_len} "
+    print(f"\n{len(rows)} rows from pipelines.kit.packing.pack (log-uniform documents, 64 to {args.seq_len} "
           f"tokens): median / worst")
     for name in ring_layout.LAYOUTS:
         ratio = [f[name][0] / (f[name][1] / args.devices) for f in figures]

@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer import ring_attention as ra  # noqa: E402
-from trainer.layout import layout_permutation  # noqa: E402
+from trainer.ring_layout import layout_permutation  # noqa: E402
 
 
 def load_reference():

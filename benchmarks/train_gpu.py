@@ -30,8 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from trainer import layout, loss, model, sharding  # noqa: E402
-from trainer.layout import layout_permutation  # noqa: E402
+from trainer import loss, model, sharding
+from trainer import ring_layout as layout
+from trainer.ring_layout import layout_permutation  # noqa: E402
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets, SXM parts, no sparsity).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}

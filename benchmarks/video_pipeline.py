@@ -6,7 +6,7 @@ time including the VQGAN load and compilation. Per core = divided by the cores t
 process may use (JAX's CPU convolutions use all of them).
 
 Decode vs encode = the two stages timed alone in this process over the same clips:
-ffmpeg decoding (``pipelines.media.decode_video``) and VQGAN encoding of the decoded
+ffmpeg decoding (``pipelines.tokens.media.decode_video``) and VQGAN encoding of the decoded
 frames in batches of ``--encode-batch`` after one warm-up call (compilation reported
 apart). Their shares are of (decode + encode).
 
@@ -25,9 +25,12 @@ import time
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
-from orchestration import cli, sample_data, sample_media
-from pipelines import media, vision_layout
-from pipelines.vqgan import PRESETS, VQGAN
+from orchestration import cli
+from orchestration.demo import sample_books as sample_data
+from orchestration.demo import sample_media
+from pipelines.tokens import media
+from pipelines.tokens import vision_layout
+from pipelines.tokens.vqgan import PRESETS, VQGAN
 from schemas import manifest, packed
 
 

@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from pipelines.media import VideoConfig, decode_video, ffmpeg_tools  # noqa: E402
-from pipelines.vqgan import PRESETS, VQGAN  # noqa: E402
+from pipelines.tokens.media import VideoConfig, decode_video, ffmpeg_tools  # noqa: E402
+from pipelines.tokens.vqgan import PRESETS, VQGAN  # noqa: E402
 
 
 def encoder_seconds_per_frame(name: str, frames: int, batch: int) -> float:

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipelines.vqgan import PRESETS, VQGAN, VQModel  # noqa: E402
+from pipelines.tokens.vqgan import PRESETS, VQGAN, VQModel  # noqa: E402
 
 
 def frames_per_second(fn, batch: int, iters: int) -> float:

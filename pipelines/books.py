@@ -1,10 +1,10 @@
 """``lwm data books``: raw books → tokenized, length-bucketed, packed ArrayRecord datasets.
 
-read, validate and drop duplicate ids (:mod:`pipelines.sources`, with the JSON
+read, validate and drop duplicate ids (:mod:`pipelines.kit.sources`, with the JSON
 lines / Parquet / text parser of :mod:`schemas.raw`) → tokenize in batches
 (one tokenizer per worker, loaded in ``setup``) with explicit BOS/EOS → for every
 bucket holding the document's length: cut into pieces of at most L → the shared
-packed-dataset writer (:mod:`pipelines.dataset`).
+packed-dataset writer (:mod:`pipelines.kit.packed_writer`).
 
 Runs on any Beam runner; :func:`run` picks an offline local runner by default.
 """
@@ -19,14 +19,16 @@ from typing import Sequence
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipelines import flags, packing, progress
-from pipelines.buckets import Bucket
-from pipelines.dataset import ALL_BUCKETS, DatasetSpec, WritePackedDatasets, route
-from pipelines.job import Job, check_inputs, check_tokenizer
-from pipelines.naming import METRICS_NAMESPACE
-from pipelines.output import OutputConfig
-from pipelines.sources import ReadUnique
-from pipelines.text_tokenizer import SpecialTokens, TextTokenizer
+from schemas import flags
+from pipelines.kit import packing
+from pipelines.kit import progress
+from pipelines.kit.buckets import Bucket
+from pipelines.kit.packed_writer import ALL_BUCKETS, DatasetSpec, WritePackedDatasets, route
+from pipelines.kit.job import Job, check_inputs, check_tokenizer
+from pipelines.kit.naming import METRICS_NAMESPACE
+from pipelines.kit.output import OutputConfig
+from pipelines.kit.sources import ReadUnique
+from pipelines.tokens.text_tokenizer import SpecialTokens, TextTokenizer
 from schemas import raw
 
 log = logging.getLogger(__name__)

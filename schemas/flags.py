@@ -47,7 +47,7 @@ _ENTRY = re.compile(r"^(?:``)?(\w+)(?:``)?:\s+(.*)$")
 def field(default: Any = dataclasses.MISSING, *, flag: str | None = None, parse: Callable[[str], Any] | None = None,
           metavar: str | None = None, aliases: tuple[str, ...] = (), hidden: bool = False, record: bool = True) -> Any:
     """A dataclass field with command-line metadata (see the module docstring); ``hidden`` keeps it off the CLI,
-    ``record=False`` out of the manifests (:func:`pipelines.output.recorded`)."""
+    ``record=False`` out of the manifests (:func:`pipelines.kit.output.recorded`)."""
     metadata = {"flag": flag, "parse": parse, "metavar": metavar, "aliases": aliases, "hidden": hidden,
                 "record": record}
     return dataclasses.field(default=default, metadata=metadata)
@@ -163,9 +163,11 @@ def _default(leaf: _Leaf) -> Any:
     return dataclasses.MISSING
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, *, renames: Mapping[str, str | None] | None = None) -> None:
+def add_flags(parser: argparse.ArgumentParser, cls: type, *, renames: Mapping[str, str | None] | None = None,
+              given_only: bool = False) -> None:
     """Add one option per leaf field of ``cls``; ``renames`` maps a dotted field path to a flag name
-    (None: keep the field off the command line, at its default)."""
+    (None: keep the field off the command line, at its default). With ``given_only`` an option left out
+    sets nothing, so :func:`from_args` with a ``base`` config changes only what was typed."""
     renames = dict(renames or {})
     seen: dict[str, str] = {}
     for leaf in _leaves(cls):
@@ -179,12 +181,13 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, renames: Mapping[st
         seen[name] = leaf.dest
         default = _default(leaf)
         doc = leaf.doc or leaf.path[-1].replace("_", " ")
+        unset = {"default": argparse.SUPPRESS} if given_only else {}
         if leaf.type is bool:
             if default is True:
                 parser.add_argument(f"--no-{name}", dest=leaf.dest, action="store_false",
-                                    help=f"{doc} (on by default; this flag turns it off)")
+                                    help=f"{doc} (on by default; this flag turns it off)", **unset)
             else:
-                parser.add_argument(f"--{name}", dest=leaf.dest, action="store_true", help=doc)
+                parser.add_argument(f"--{name}", dest=leaf.dest, action="store_true", help=doc, **unset)
             continue
         _converter(leaf)  # a field without a command-line form fails here, when the CLI is built
         kwargs: dict[str, Any] = {"dest": leaf.dest, "help": doc, "type": functools.partial(_Given, flag=name)}
@@ -200,21 +203,72 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, renames: Mapping[st
         if default is dataclasses.MISSING:
             kwargs["required"] = True
         else:
-            kwargs["default"] = default
+            kwargs["default"] = argparse.SUPPRESS if given_only else default
             kwargs["help"] = f"{doc} (default: {_shown(default)})"
         parser.add_argument(f"--{name}", *meta.get("aliases", ()), **kwargs)
     if renames:
         raise TypeError(f"{cls.__name__} has no fields {sorted(renames)} to rename")
 
 
+def to_argv(config: Any, *, renames: Mapping[str, str | None] | None = None) -> list[str]:
+    """The options that :func:`add_flags` (with the same ``renames``) and :func:`from_args` turn back into
+    ``config``: one per leaf field whose value is not its default, and every required one."""
+    renames = dict(renames or {})
+    argv: list[str] = []
+    for leaf in _leaves(type(config)):
+        meta = leaf.field.metadata
+        if meta.get("hidden") or renames.get(leaf.dest, "") is None:
+            continue
+        value = functools.reduce(getattr, leaf.path, config)
+        default = _default(leaf)
+        if default is not dataclasses.MISSING and value == default:
+            continue
+        name = renames.get(leaf.dest) or meta.get("flag") or leaf.path[-1].replace("_", "-")
+        inner, optional = _optional(leaf.type)
+        if leaf.type is bool:
+            argv.append(f"--{name}" if value else f"--no-{name}")
+        elif value is None and optional:
+            argv += [f"--{name}", "none"]
+        elif typing.get_origin(inner) is tuple and not meta.get("parse"):
+            argv += [f"--{name}", *map(str, value)]
+        else:
+            argv += [f"--{name}", shown(value)]
+    return argv
+
+
+def to_mapping(config: Any) -> dict[str, Any]:
+    """``config`` as plain data that :func:`schemas.typed_config.from_mapping` turns back into it: nested
+    configs as mappings, tuples as lists, fields with a ``parse`` function as the text their flag takes."""
+    mapping = {}
+    for f in dataclasses.fields(config):
+        if not f.init:
+            continue
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            mapping[f.name] = to_mapping(value)
+        elif f.metadata.get("parse"):
+            mapping[f.name] = shown(value)
+        else:
+            mapping[f.name] = list(value) if isinstance(value, tuple) else value
+    return mapping
+
+
+def shown(value: Any) -> str:
+    """A value as its flag takes it (tuples of buckets as their specs, comma-separated)."""
+    if isinstance(value, tuple):
+        return ",".join(getattr(v, "spec", lambda v=v: str(v))() for v in value)
+    return str(value)
+
+
 def _shown(value: Any) -> str:
     if isinstance(value, tuple):
-        return ",".join(getattr(v, "spec", lambda v=v: str(v))() for v in value) or "none"
+        return shown(value) or "none"
     return "none" if value is None else repr(value) if value == "" else str(value)
 
 
-def from_args(cls: type, args: argparse.Namespace, prefix: tuple[str, ...] = ()) -> Any:
-    """The config ``cls`` from options added by :func:`add_flags` (fields kept off the CLI keep their defaults)."""
+def from_args(cls: type, args: argparse.Namespace, prefix: tuple[str, ...] = (), base: Any = None) -> Any:
+    """The config ``cls`` from options added by :func:`add_flags`; fields not on the command line keep
+    ``base``'s values (a config of ``cls``), or their defaults."""
     hints = typing.get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
@@ -222,10 +276,12 @@ def from_args(cls: type, args: argparse.Namespace, prefix: tuple[str, ...] = ())
             continue
         kind = hints[f.name]
         if dataclasses.is_dataclass(kind):
-            values[f.name] = from_args(kind, args, (*prefix, f.name))
+            values[f.name] = from_args(kind, args, (*prefix, f.name), getattr(base, f.name, None))
             continue
         dest = ".".join((*prefix, f.name))
         if not hasattr(args, dest):
+            if base is not None:
+                values[f.name] = getattr(base, f.name)
             continue
         value = getattr(args, dest)
         if isinstance(value, (_Given, list)):

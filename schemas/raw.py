@@ -184,7 +184,7 @@ def iter_records(
     """Every record of one input file (raw binary stream, still compressed if ``.gz``), whatever its format.
 
     ``first_line``: the line number of the stream's first line, where the stream is a
-    range of a JSON-lines file that starts at a line (see :mod:`pipelines.sources`).
+    range of a JSON-lines file that starts at a line (see :mod:`pipelines.kit.sources`).
 
     JSON lines and Parquet rows go through ``from_fields``; ``.txt`` files through
     ``text_file`` where the job reads them. Decompression happens here with Python's

@@ -16,7 +16,7 @@ allowed on top; columns as :data:`IMAGE_TEXT_SCHEMA` / :data:`VIDEO_TEXT_SCHEMA`
 
 Parsing is pure (bytes in, :class:`VisionExample` or :class:`~schemas.raw.DeadLetter`
 out): bad input never raises, it becomes a dead letter with a reason from
-:data:`REASONS` (the media stage adds its own, see ``pipelines.media``).
+:data:`REASONS` (the media stage adds its own, see ``pipelines.tokens.media``).
 """
 
 from __future__ import annotations

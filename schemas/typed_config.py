@@ -12,7 +12,9 @@ mappings; ``from_mapping(cls, mapping)`` turns one into dataclass ``cls``:
 - a nested section overrides the field's *default value*, not its class's
   defaults: ``mesh: {fsdp: 2}`` keeps the other axes of the enclosing default;
 - a class with a ``from_preset(name)`` classmethod accepts a ``preset`` key: the
-  preset is the base and the other keys override it (``model: {preset: tiny}``).
+  preset is the base and the other keys override it (``model: {preset: tiny}``);
+- a field with a ``parse`` function in its metadata (:func:`schemas.flags.field`)
+  takes the same text its flag takes (``buckets: "512,1024"``).
 
 Errors are ``ValueError`` naming the dotted key (``config.optimizer.warmup_steps``).
 ``describe(cls)`` lists every key with its default, for ``--help`` texts.
@@ -77,13 +79,22 @@ def from_mapping(cls: type, mapping: Mapping[str, Any], where: str = "config", b
     values = {}
     for name, field in fields.items():
         default = getattr(base, name) if base is not None else _field_default(field)
-        if name in mapping:
+        if name in mapping and field.metadata.get("parse") and isinstance(mapping[name], (str, int)):
+            values[name] = _parsed(field.metadata["parse"], mapping[name], f"{where}.{name}")
+        elif name in mapping:
             values[name] = _convert(hints[name], mapping[name], f"{where}.{name}", default)
         elif default is not dataclasses.MISSING:
             values[name] = default
         else:
             raise ValueError(f"{where}: {name} must be set")
     return cls(**values)
+
+
+def _parsed(parse, value: Any, where: str) -> Any:
+    try:
+        return parse(str(value))
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
 
 
 def _convert(tp: Any, value: Any, where: str, default: Any = dataclasses.MISSING) -> Any:

@@ -15,7 +15,7 @@ os.environ["XLA_FLAGS"] = (
 @pytest.fixture(scope="session")
 def sample_books(tmp_path_factory) -> pathlib.Path:
     """A JSON-lines file of 60 synthetic books (the demo's generator)."""
-    from orchestration.sample_data import write_books
+    from orchestration.demo.sample_books import write_books
 
     return write_books(tmp_path_factory.mktemp("books") / "books.jsonl", 60)
 
@@ -23,7 +23,7 @@ def sample_books(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tokenizer_path(sample_books, tmp_path_factory) -> str:
     """A 512-piece SentencePiece model trained on ``sample_books``."""
-    from pipelines import text_tokenizer
+    from pipelines.tokens import text_tokenizer
     from schemas import raw
 
     with open(sample_books, "rb") as stream:
@@ -35,9 +35,9 @@ def tokenizer_path(sample_books, tmp_path_factory) -> str:
 def books_dataset(sample_books, tokenizer_path, tmp_path_factory) -> pathlib.Path:
     """``lwm data books`` output for ``sample_books`` at seq_len 512: the dataset directory."""
     from pipelines import books
-    from pipelines.buckets import Bucket
-    from pipelines.output import OutputConfig
-    from pipelines.runner import pipeline_options
+    from pipelines.kit.buckets import Bucket
+    from pipelines.kit.output import OutputConfig
+    from pipelines.kit.beam_runner import pipeline_options
 
     output = tmp_path_factory.mktemp("dataset")
     config = books.BooksConfig(
@@ -50,7 +50,7 @@ def books_dataset(sample_books, tokenizer_path, tmp_path_factory) -> pathlib.Pat
 @pytest.fixture(scope="session")
 def vqgan_dir(tmp_path_factory) -> pathlib.Path:
     """A randomly initialised small VQGAN (the demo's), saved: the vision jobs' ``--vqgan``."""
-    from pipelines.vqgan import SMALL, VQGAN
+    from pipelines.tokens.vqgan import SMALL, VQGAN
 
     path = tmp_path_factory.mktemp("vqgan") / "small"
     VQGAN.init_random(SMALL, seed=0).save(str(path))

@@ -3,7 +3,7 @@
     python tests/multihost_loader_job.py OUT.npz BATCHES [--restore CKPT] [--save CKPT] [--set KEY=VALUE ...]
 
 Joins the job from the ``LWM_*`` variables (``trainer.distributed``), builds the
-``trainer.data.Loader`` of ``configs/train_tiny.yaml`` with the overrides, optionally
+``trainer.training.loader.Loader`` of ``configs/train_tiny.yaml`` with the overrides, optionally
 moves it to the data position saved in ``CKPT`` (an orbax manager whose one step is the
 position in batches), gathers
 ``BATCHES`` global batches onto every process, and process 0 writes them to OUT.npz.
@@ -20,8 +20,8 @@ from jax.experimental import multihost_utils
 
 from trainer import config as config_lib
 from trainer import distributed
-from trainer.data import BATCH_KEYS, Loader
-from trainer.data_position import DataPositionRestore, DataPositionSave
+from trainer.training.loader import BATCH_KEYS, Loader
+from trainer.training.data_position import DataPositionRestore, DataPositionSave
 from trainer.sharding import make_mesh
 
 

@@ -14,9 +14,11 @@ from apache_beam.testing.util import assert_that, equal_to
 import apache_beam as beam
 
 from orchestration import cli
-from pipelines import books, inspection, sources
-from pipelines.buckets import Bucket
-from pipelines.text_tokenizer import TextTokenizer
+from pipelines import books
+from pipelines.kit import inspection
+from pipelines.kit import sources
+from pipelines.kit.buckets import Bucket
+from pipelines.tokens.text_tokenizer import TextTokenizer
 from schemas import manifest, raw
 
 SEQ_LENS = (256, 1024)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipelines.buckets import PRESETS, Bucket, Count, parse
+from pipelines.kit.buckets import PRESETS, Bucket, Count, parse
 
 
 def test_spec_parses_ranges_open_ends_and_bare_lengths():

@@ -19,12 +19,18 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from orchestration import cli
-from pipelines import chat_qa, inspection, qa_generators
-from pipelines.buckets import Bucket
-from pipelines.qa_contexts import ChatTemplate, Chunk, QATokens, assemble, chunk_book, split_sentences
-from pipelines.qa_generators import GeneratorConfig, QARequest, parse_reply
-from pipelines.output import OutputConfig
-from pipelines.text_tokenizer import TextTokenizer
+from pipelines.chat_qa import pipeline as chat_qa
+from pipelines.kit import inspection
+from pipelines.chat_qa import generators
+from pipelines.chat_qa.generators import interface
+from pipelines.chat_qa.generators.extractive import Extractive
+from pipelines.chat_qa.generators.needle_questions import Needle
+from pipelines.kit.buckets import Bucket
+from pipelines.chat_qa.contexts import ChatTemplate, Chunk, QATokens, assemble, chunk_book, split_sentences
+from pipelines.chat_qa.generators import GeneratorConfig
+from pipelines.chat_qa.generators.interface import QARequest, parse_reply
+from pipelines.kit.output import OutputConfig
+from pipelines.tokens.text_tokenizer import TextTokenizer
 from schemas import manifest, raw
 
 SEQ_LEN = 1024
@@ -216,10 +222,10 @@ def test_contexts_are_adjacent_chunks_with_their_pairs_within_seq_len(lengths, p
 # --- generators -----------------------------------------------------------------------------------------
 
 def test_reply_parser_is_strict():
-    assert parse_reply("Question: Who left?\nAnswer: She did.\n") == qa_generators.QAPair("Who left?", "She did.")
+    assert parse_reply("Question: Who left?\nAnswer: She did.\n") == interface.QAPair("Who left?", "She did.")
     spread = parse_reply("  Question: Who?\n  Answer: the old\n sailor ")
-    assert spread == qa_generators.QAPair("Who?", "the old sailor")
-    assert parse_reply("Question: Who? Answer: Nobody.") == qa_generators.QAPair("Who?", "Nobody.")  # newline lost
+    assert spread == interface.QAPair("Who?", "the old sailor")
+    assert parse_reply("Question: Who? Answer: Nobody.") == interface.QAPair("Who?", "Nobody.")  # newline lost
     for bad in ("", "  ", "Who left? She did.", "Question: Who left?", "Answer: x\nQuestion: y",
                 "Question: a\nAnswer:  ", "Question: \nAnswer: x", "Question: a\nAnswer: b\nQuestion: c\nAnswer: d",
                 "Sure! Question: a\nAnswer: b", "Question: a Answer: b Answer: c"):
@@ -230,28 +236,28 @@ def test_reply_parser_is_strict():
 def test_extractive_asks_for_next_sentences_then_completions_deterministically():
     chunk = Chunk("b", 0, "A one. B two. C three.", np.zeros(3, np.int32), ("A one.", "B two.", "C three."))
     requests = [QARequest(chunk, n, 7) for n in range(7)]
-    outcomes = list(qa_generators.Extractive().generate(requests))
-    assert outcomes == list(qa_generators.Extractive().generate(requests))
+    outcomes = list(Extractive().generate(requests))
+    assert outcomes == list(Extractive().generate(requests))
     asked = [(o.pair.question, o.pair.answer) for o in outcomes[:5]]
     assert set(asked[:2]) == {("What comes after: 'A one.'?", "B two."), ("What comes after: 'B two.'?", "C three.")}
     completions = {("Complete: 'A ...'", "one."), ("Complete: 'B ...'", "two."), ("Complete: 'C ...'", "three.")}
     assert set(asked[2:5]) == completions
-    assert outcomes[5].pair is None and outcomes[5].reason == qa_generators.NO_QUESTION
+    assert outcomes[5].pair is None and outcomes[5].reason == interface.NO_QUESTION
     lone = Chunk("b", 1, "Just one sentence here.", np.zeros(1, np.int32), ("Just one sentence here.",))
-    (only,) = qa_generators.Extractive().generate([QARequest(lone, 0, 1)])
-    assert only.pair == qa_generators.QAPair("Complete: 'Just one ...'", "sentence here.")
+    (only,) = Extractive().generate([QARequest(lone, 0, 1)])
+    assert only.pair == interface.QAPair("Complete: 'Just one ...'", "sentence here.")
 
 
 def test_needle_generator_asks_the_eval_question_about_each_needle_in_order():
     text = ("A walk began. The special magic Mexico City number is: 1234567. Rain fell. "
             "The special magic Oslo number is: 7654321. It ended.")
     chunk = Chunk("b", 0, text, np.zeros(3, np.int32), tuple(split_sentences(text)))
-    outcomes = list(qa_generators.Needle().generate([QARequest(chunk, n, 3) for n in range(3)]))
+    outcomes = list(Needle().generate([QARequest(chunk, n, 3) for n in range(3)]))
     assert [(o.pair.question, o.pair.answer) for o in outcomes[:2]] == [
         ("What is the special magic Mexico City number?", "The special magic Mexico City number is: 1234567."),
         ("What is the special magic Oslo number?", "The special magic Oslo number is: 7654321.")]
-    assert outcomes[2].pair is None and outcomes[2].reason == qa_generators.NO_QUESTION
-    assert qa_generators.identity(GeneratorConfig(spec="needle")).id == "needle"
+    assert outcomes[2].pair is None and outcomes[2].reason == interface.NO_QUESTION
+    assert generators.identity(GeneratorConfig(spec="needle")).id == "needle"
 
 
 def test_generator_specs_are_checked():
@@ -259,13 +265,13 @@ def test_generator_specs_are_checked():
         with pytest.raises(ValueError):
             GeneratorConfig(spec=bad)
     with pytest.raises(ValueError, match="LWM_MISSING_KEY"):
-        qa_generators.build(GeneratorConfig(spec="openai:m@http://127.0.0.1:9/v1", api_key_env="LWM_MISSING_KEY"))
+        generators.build(GeneratorConfig(spec="openai:m@http://127.0.0.1:9/v1", api_key_env="LWM_MISSING_KEY"))
 
 
 def test_openai_client_keeps_its_concurrency_window_full(server, monkeypatch):
     monkeypatch.setenv("LWM_TEST_KEY", API_KEY)
     chat = server(latency=0.2)
-    generator = qa_generators.build(openai(chat.url, concurrency=8))
+    generator = generators.build(openai(chat.url, concurrency=8))
     chunks = [Chunk("b", i, f"Sentence number {i} is here.", np.zeros(1, np.int32), ()) for i in range(16)]
     start = time.perf_counter()
     outcomes = list(generator.generate([QARequest(c, 0, 1) for c in chunks]))
@@ -278,7 +284,7 @@ def test_openai_client_keeps_its_concurrency_window_full(server, monkeypatch):
 
 def test_fatal_status_stops_with_a_clear_error(server, monkeypatch):
     monkeypatch.setenv("LWM_TEST_KEY", "wrong-key")
-    generator = qa_generators.build(openai(server().url))
+    generator = generators.build(openai(server().url))
     chunk = Chunk("b", 0, "One. Two.", np.zeros(1, np.int32), ())
     with pytest.raises(ValueError, match="HTTP 401"):
         list(generator.generate([QARequest(chunk, 0, 1)]))

@@ -5,16 +5,17 @@ import json
 import jax
 import pytest
 
-from pipelines import chat_qa
-from pipelines.buckets import Bucket
-from pipelines.output import OutputConfig
-from pipelines.qa_generators import GeneratorConfig
-from pipelines.text_tokenizer import TextTokenizer
+from pipelines.chat_qa import pipeline as chat_qa
+from pipelines.kit.buckets import Bucket
+from pipelines.kit.output import OutputConfig
+from pipelines.chat_qa.generators import GeneratorConfig
+
+from pipelines.tokens.text_tokenizer import TextTokenizer
 from schemas import manifest
 from trainer import checkpoint
 from trainer.model import PRESETS, init_params
 
-sample = pytest.importorskip("trainer.sample", reason="the sampler (trainer/sample.py) is not merged yet")
+sample = pytest.importorskip("trainer.inference.sampler", reason="the sampler (trainer/inference/sampler.py) is not merged yet")
 
 
 @pytest.fixture(scope="module")

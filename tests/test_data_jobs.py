@@ -11,10 +11,11 @@ from typing import Literal
 import pytest
 
 import pipelines
-from pipelines import flags, progress
-from pipelines.buckets import Bucket, Count
-from pipelines.dataset import ALL_BUCKETS, bucket_counts, route
-from pipelines.output import OutputConfig, recorded
+from schemas import flags
+from pipelines.kit import progress
+from pipelines.kit.buckets import Bucket, Count
+from pipelines.kit.packed_writer import ALL_BUCKETS, bucket_counts, route
+from pipelines.kit.output import OutputConfig, recorded
 from schemas.raw import DeadLetter
 
 JOBS = {name: importlib.import_module(module).JOB for name, module in pipelines.JOBS.items()}
@@ -139,8 +140,8 @@ def test_the_manifest_records_what_a_dataset_is_not_where_it_lives():
 
 
 def test_pure_modules_import_no_beam_and_no_array_record():
-    modules = ["pipelines", "pipelines.naming", "pipelines.output", "pipelines.flags", "pipelines.buckets",
-               "pipelines.packing", "pipelines.vision_layout", "pipelines.progress", "schemas.manifest",
+    modules = ["pipelines", "pipelines.kit.naming", "pipelines.kit.output", "schemas.flags", "pipelines.kit.buckets",
+               "pipelines.kit.packing", "pipelines.tokens.vision_layout", "pipelines.kit.progress", "schemas.manifest",
                "schemas.storage", "schemas.packed"]
     code = (f"import sys; import {', '.join(modules)}; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('apache_beam', 'array_record')); print(bad)")

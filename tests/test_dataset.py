@@ -4,10 +4,10 @@ by the groups' token totals before packing."""
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipelines import packing
-from pipelines.buckets import Bucket
-from pipelines.dataset import LEFTOVERS, BucketPlan, DatasetSpec
-from pipelines.output import OutputConfig
+from pipelines.kit import packing
+from pipelines.kit.buckets import Bucket
+from pipelines.kit.packed_writer import LEFTOVERS, BucketPlan, DatasetSpec
+from pipelines.kit.output import OutputConfig
 
 LARGE = 1024 * packing.SEQUENCES_PER_GROUP * 16  # tokens for 16 groups to pack alone at L = 1024
 

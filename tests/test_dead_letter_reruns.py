@@ -2,7 +2,7 @@
 
 ffmpeg's multi-threaded decoder used to report a damaged video's errors, and conceal
 its damage, differently from run to run; these jobs run twice over media broken in
-every way ``pipelines.media`` names, and compare everything they write.
+every way ``pipelines.tokens.media`` names, and compare everything they write.
 """
 
 import json
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from orchestration import cli
-from pipelines.media import ffmpeg_tools
+from pipelines.tokens.media import ffmpeg_tools
 from tests.test_media import damaged, image_bytes
 
 

@@ -7,10 +7,11 @@ import jax
 import pytest
 
 from orchestration import cli
-from trainer import checkpoint, config as config_lib, evaluate
+from trainer import checkpoint, config as config_lib
+from trainer.evaluation import heldout_loss as evaluate
 from trainer.model import PRESETS, init_params
 from trainer.loss import LossConfig
-from trainer.train import train
+from trainer.training.loop import train
 
 
 def test_modality_means_are_weighted_over_batches_and_combined_as_the_loss_config_says():

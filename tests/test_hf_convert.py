@@ -10,7 +10,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from orchestration import cli  # noqa: E402
-from trainer import checkpoint, hf_convert, inference  # noqa: E402
+from trainer import checkpoint
+from trainer.convert import hf_llama as hf_convert
+from trainer.inference import predictor as inference
 from trainer.model import get_preset  # noqa: E402
 
 ROPE_THETA = 50000.0

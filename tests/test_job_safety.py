@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from orchestration import cli, sample_data
-from pipelines import packing
+from orchestration import cli
+from orchestration.demo import sample_books as sample_data
+from pipelines.kit import packing
 from schemas import manifest
 
 SEQ = "seq512"

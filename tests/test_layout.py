@@ -1,10 +1,11 @@
-"""Ring layouts (trainer/layout.py): permutations, the per-row ``segments`` choice and its work model."""
+"""Ring layouts (trainer/ring_layout.py): permutations, the per-row ``segments`` choice and its work model."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from trainer import layout, ring_testing
+from trainer import ring_testing
+from trainer import ring_layout as layout
 
 
 def _row(lengths, seq_len):

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pipelines.dataset import write_shard
+from pipelines.kit.packed_writer import write_shard
 from schemas import manifest, packed
-from trainer import data
-from trainer import layout
+from trainer.training import loader as data
+from trainer import ring_layout as layout
 from trainer.config import DataConfig, DatasetConfig
 from trainer.sharding import MeshConfig, make_mesh
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipelines.media import FFmpegTools, MediaError, VideoConfig, decode_image, decode_video, ffmpeg_tools
+from pipelines.tokens.media import FFmpegTools, MediaError, VideoConfig, decode_image, decode_video, ffmpeg_tools
 
 
 def image_bytes(img: Image.Image, fmt: str) -> bytes:

@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer import checkpoint, inference, layout, loss, model
+from trainer import checkpoint, loss, model
+from trainer.inference import predictor as inference
+from trainer import ring_layout as layout
 
 CONFIG = dataclasses.replace(model.get_preset("tiny"), mlp_chunk_size=16)
 SEQ = 64

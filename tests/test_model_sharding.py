@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from trainer import layout, loss, model, sharding
-from trainer.layout import layout_permutation
+from trainer import loss, model, sharding
+from trainer import ring_layout as layout
+from trainer.ring_layout import layout_permutation
 
 CONFIG = dataclasses.replace(model.get_preset("tiny"), mlp_chunk_size=32, attention_block_q=4, attention_block_kv=4)
 LOSS = loss.LossConfig(chunk_size=32)

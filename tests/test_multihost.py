@@ -19,7 +19,7 @@ import pytest
 from orchestration import launch
 from trainer import config as config_lib
 from trainer import distributed
-from trainer.data import BATCH_KEYS, Loader
+from trainer.training.loader import BATCH_KEYS, Loader
 from trainer.sharding import DcnConfig, MeshConfig, dcn_shape, device_grid, make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,7 +142,7 @@ def remote(tmp_path, monkeypatch):
 
 
 def test_metrics_config_and_tensorboard_go_to_a_remote_run_dir_and_continue_on_resume(remote):
-    from trainer.train import MetricsLog
+    from trainer.training.loop import MetricsLog
 
     config = config_lib.load(os.path.join(ROOT, "configs/train_tiny.yaml"), ["run_dir=fakegcs://runs/tiny"])
     assert config_lib.write_resolved(config) == "fakegcs://runs/tiny/config.yaml"
@@ -159,7 +159,7 @@ def test_metrics_config_and_tensorboard_go_to_a_remote_run_dir_and_continue_on_r
 
 
 def test_vqgan_saves_to_and_loads_from_remote_storage(remote):
-    from pipelines.vqgan import SMALL, VQGAN
+    from pipelines.tokens.vqgan import SMALL, VQGAN
 
     saved = VQGAN.init_random(SMALL, seed=0)
     saved.save("fakegcs://models/vq")
@@ -177,7 +177,7 @@ def test_a_saved_position_moves_to_zero_prefetch_workers_and_is_refused_for_anot
 
     import orbax.checkpoint as ocp
 
-    from trainer.data_position import DataPositionError, DataPositionRestore, DataPositionSave
+    from trainer.training.data_position import DataPositionError, DataPositionRestore, DataPositionSave
 
     config = config_lib.load(os.path.join(ROOT, "configs/train_tiny.yaml"), _sets(books_dataset))
     mesh = make_mesh(config.mesh)

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from pipelines.dataset import write_shard
+from pipelines.kit.packed_writer import write_shard
 from schemas import manifest, packed
 
 pytestmark = pytest.mark.slow
@@ -35,9 +35,9 @@ RTOL = 1e-6
 def books256(sample_books, tokenizer_path, tmp_path_factory):
     """The books fixture packed at seq_len 256."""
     from pipelines import books
-    from pipelines.buckets import Bucket
-    from pipelines.output import OutputConfig
-    from pipelines.runner import pipeline_options
+    from pipelines.kit.buckets import Bucket
+    from pipelines.kit.output import OutputConfig
+    from pipelines.kit.beam_runner import pipeline_options
 
     output = tmp_path_factory.mktemp("books256")
     books.run(books.BooksConfig(inputs=(str(sample_books),), tokenizer=tokenizer_path,

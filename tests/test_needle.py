@@ -10,9 +10,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from orchestration import cli
-from orchestration.sample_data import book
-from pipelines.text_tokenizer import TextTokenizer
-from trainer import checkpoint, needle
+from orchestration.demo.sample_books import book
+from pipelines.tokens import prompts
+from pipelines.tokens.text_tokenizer import TextTokenizer
+from trainer import checkpoint
+from trainer.evaluation import needle
 from trainer.model import PRESETS, init_params
 
 
@@ -37,9 +39,9 @@ def test_needle_sits_at_the_requested_depth_on_a_sentence_boundary_in_a_prompt_o
         tokenizer, haystack, length, depth):
     trial = _trial(tokenizer, haystack, length, depth)
     assert len(trial.prompt) == length and trial.prompt[0] == tokenizer.bos_id
-    start = 1 + len(tokenizer.encode(f"{needle.SYSTEM_PROMPT} USER:"))
-    inserted = list(tokenizer.encode(needle.needle_sentence("X", trial.expected[0])))
-    suffix = len(tokenizer.encode(f"{needle.needle_question('X')} ASSISTANT:"))
+    start = 1 + len(tokenizer.encode(prompts.OPENING))
+    inserted = list(tokenizer.encode(prompts.needle_sentence("X", trial.expected[0])))
+    suffix = len(tokenizer.encode(prompts.question_closing(prompts.needle_question('X'))))
     offset = trial.needle_offsets[0]
     city_and_number = tokenizer.decode(trial.prompt[offset:offset + len(inserted) + 8])
     assert city_and_number.startswith("The special magic ") and trial.expected[0] in city_and_number
@@ -130,7 +132,7 @@ def test_warmup_haystacks_are_a_needle_and_a_few_words_with_numbers_of_the_asked
     texts = needle.training_texts(haystack, tokenizer, 40, min_length=1, max_length=40, digits=(1, 3), seed=5)
     numbers = [re.search(r"number is: (\d+)\.", text).group(1) for text in texts]
     assert {len(n) for n in numbers} == {1, 2, 3}
-    sentences = [needle.needle_sentence(c, n) for c, n in
+    sentences = [prompts.needle_sentence(c, n) for c, n in
                  ((re.search(r"magic (.+?) number", t).group(1), n) for t, n in zip(texts, numbers))]
     assert all(len(tokenizer.encode(t)) > len(tokenizer.encode(s)) for t, s in zip(texts, sentences))  # never bare
     assert max(len(tokenizer.encode(t)) for t in texts) <= max(40, *map(len, map(tokenizer.encode, sentences))) + 3

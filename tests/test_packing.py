@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines import packing
+from pipelines.kit import packing
 from schemas import packed
 
 

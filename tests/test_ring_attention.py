@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import PartitionSpec
 
-from trainer import layout as ring_layout
+from trainer import ring_layout
 from trainer import ring_attention as ra
 from trainer import ring_testing
 

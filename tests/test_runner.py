@@ -6,7 +6,7 @@ import tarfile
 
 from apache_beam.options.pipeline_options import SetupOptions, StandardOptions
 
-from pipelines.runner import LOCAL_RUNNER, PROJECT_ROOT, pipeline_options
+from pipelines.kit.beam_runner import LOCAL_RUNNER, PROJECT_ROOT, pipeline_options
 
 
 def test_local_runs_use_the_offline_runner_and_keep_beam_options():
@@ -28,4 +28,4 @@ def test_the_package_dataflow_workers_install_holds_every_layer(tmp_path):
                    check=True, capture_output=True)
     (sdist,) = tmp_path.glob("*.tar.gz")
     names = {name.split("/", 1)[1] for name in tarfile.open(sdist).getnames() if "/" in name}
-    assert {"schemas/packed.py", "pipelines/books.py", "pipelines/dataset.py", "orchestration/cli.py"} <= names
+    assert {"schemas/packed.py", "pipelines/books.py", "pipelines/kit/packed_writer.py", "orchestration/cli.py"} <= names

@@ -8,7 +8,9 @@ import pytest
 
 from orchestration import cli
 from schemas import vocab
-from trainer import checkpoint, inference, sample
+from trainer import checkpoint
+from trainer.inference import predictor as inference
+from trainer.inference import sampler as sample
 from trainer.model import PRESETS, init_params
 
 # Small ring blocks and MLP chunks so that a 48-token prompt spans several of each on 4 devices;
@@ -138,7 +140,7 @@ def test_generate_cli_streams_a_completion(ckpt, tmp_path, tokenizer_path, capsy
 def test_generate_cli_draws_an_image_through_the_vqgan(ckpt, tmp_path, tokenizer_path):
     from PIL import Image
 
-    from pipelines.vqgan import SMALL, VQGAN
+    from pipelines.tokens.vqgan import SMALL, VQGAN
 
     VQGAN.init_random(SMALL, seed=0).save(str(tmp_path / "vqgan"))
     code = cli.main(["generate", "--ckpt", str(ckpt), "--tokenizer", tokenizer_path, "--prompt", "a red circle",

@@ -9,7 +9,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines import sources
+from pipelines.kit import sources
 from schemas import raw
 
 

@@ -6,6 +6,7 @@ import math
 import pytest
 import yaml
 
+from orchestration import cli
 from orchestration.stages import datasets, local, plan as plan_lib
 from schemas import manifest as manifest_lib
 
@@ -77,8 +78,8 @@ def test_unknown_keys_name_the_stage_and_section():
     _error(_plan([_stage("a", optimizer={"lr": 1})]), r"stages\[a\]\.optimizer: unknown key 'lr'")
     _error(_plan([_stage("a", gate={"max_loss": 1})]),
            r"stages\[0\]\.gate: unknown key 'max_loss'; did you mean stages\[0\]\.gate\.max_eval_loss\?")
-    _error(_plan([_stage("a")], datasets={"d/seq512": {"job": "books", "opts": {}}}),
-           r"datasets\[d/seq512\]: unknown key 'opts'; did you mean datasets\[d/seq512\]\.options\?")
+    _error(_plan([_stage("a")], datasets={"d/seq512": {"job": "books", "conf": {}}}),
+           r"datasets\[d/seq512\]: unknown key 'conf'; did you mean datasets\[d/seq512\]\.config\?")
 
 
 def test_unknown_and_cyclic_parents():
@@ -136,32 +137,64 @@ def test_datasets_of_one_stage_must_share_a_tokenizer(tmp_path):
         {"path": str(tmp_path / "one" / "seq512")}, {"path": str(tmp_path / "two" / "seq512")}]}}
     with pytest.raises(ValueError, match=r"stages\[a\]: its datasets were built with different tokenizers"):
         datasets.check_plan(plan_lib.parse(_plan([stage])))
-    declared = {f"d{i}/seq512": {"job": "books", "options": {"tokenizer": f"t{i}.model", "input": ["x"]}}
+    declared = {f"d{i}/seq512": {"job": "books", "config": {"tokenizer": f"t{i}.model", "inputs": ["x"]}}
                 for i in (1, 2)}
     stage = {"name": "a", "steps": 4, "data": {"seq_len": 512, "datasets": [{"path": p} for p in declared]}}
     with pytest.raises(ValueError, match=r"stages\[a\]: its datasets are declared with different tokenizers"):
         datasets.check_plan(plan_lib.parse(_plan([stage], datasets=declared)))
 
 
+BOOKS = {"inputs": ["a.jsonl"], "tokenizer": "t.model"}
+
+
 def test_declared_datasets_must_be_written_by_their_job():
-    mapping = _plan([_stage("a")], datasets={"data/seq512": {"job": "books", "options": {"seq-len": 1024}}})
-    with pytest.raises(ValueError, match=r"datasets\[data/seq512\]: `lwm data books` with these options writes "
-                                         r"\['data/seq1024'\], not data/seq512"):
-        datasets.data_jobs(plan_lib.parse(mapping))
+    mapping = _plan([_stage("a")], datasets={"data/seq512": {"job": "books", "config": {
+        **BOOKS, "output": {"buckets": "1024"}}}})
+    _error(mapping, r"datasets\[data/seq512\]: `lwm data books` with this config writes \['data/seq1024'\], "
+                    r"not data/seq512")
     _error(_plan([_stage("a")], datasets={"d/seq512": {"job": "pdfs"}}), r"job must be one of")
-    _error(_plan([_stage("a")], datasets={"d/seq512": {"job": "books", "options": {"--seq-len": 512}}}),
-           r"without their leading '--'")
 
 
-def test_data_job_argv_from_options():
+def test_dataset_configs_are_the_jobs_typed_config_checked_when_the_plan_loads():
+    def declare(config, job="books"):
+        return _plan([_stage("a")], datasets={"d/seq512": {"job": job, "config": config}})
+
+    _error(declare({**BOOKS, "input": ["x"]}), r"datasets\[d/seq512\]\.config: unknown key 'input'; "
+                                                r"did you mean datasets\[d/seq512\]\.config\.inputs\?")
+    _error(declare({**BOOKS, "output": {"num_shard": 2}}), r"config\.output: unknown key 'num_shard'; did you mean "
+                                                          r"datasets\[d/seq512\]\.config\.output\.num_shards\?")
+    _error(declare({**BOOKS, "text_weight": "heavy"}), r"config\.text_weight: expected float, got 'heavy'")
+    _error(declare({**BOOKS, "output": {"buckets": "512:9-1"}}), r"config\.output\.buckets: ")
+    _error(declare({"tokenizer": "t.model"}), r"config: inputs must be set")
+    _error(declare({**BOOKS, "generator": {"spec": "gpt4"}}, job="chat-qa"), r"unknown generator 'gpt4'")
+    _error(_plan([_stage("a")], datasets={"d/seq512": {"job": "books", "options": {"seq-len": 512}}}),
+           r"datasets\[d/seq512\]\.options was renamed: use datasets\[d/seq512\]\.config")
+
+
+def test_print_config_is_what_a_plan_takes(capsys, tmp_path):
+    argv = ["data", "video-text", "--input", "v.jsonl", "--tokenizer", "t.model", "--vqgan", "vq", "--output",
+            str(tmp_path), "--buckets", "512,2048", "--fps", "2", "--max-frames", "4", "--no-condition-loss"]
+    assert cli.main(argv + ["--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["job"] == "video-text" and printed["config"]["media"]["video"]["max_frames"] == 4
+    assert printed["config"]["output"]["buckets"] == "512,2048" and printed["config"]["layout"]["condition_loss"] is False
+    assert not tmp_path.joinpath("seq512").exists()
+    plan = plan_lib.parse(_plan([_stage("a")], datasets={f"{tmp_path}/seq512": printed}))
+    (job,) = datasets.data_jobs(plan)
+    assert job.argv()[2:] and cli.main(job.argv() + ["--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == printed
+
+
+def test_data_job_argv_from_config():
     plan = plan_lib.parse(_plan([_stage("a")], datasets={
-        "out/seq512": {"job": "books", "options": {"input": ["a.jsonl", "b.jsonl"], "no-bos": True,
-                                                    "no-eos": False, "num-shards": 2}},
-        "out/seq1024": {"job": "books", "options": {"buckets": "512,1024", "input": ["c"]}},
-        "out/seq2048": {"job": "books", "options": {"input": ["c"], "buckets": "512,1024,2048"}}}))
+        "out/seq512": {"job": "books", "config": {"inputs": ["a.jsonl", "b.jsonl"], "tokenizer": "t.model",
+                                                   "special": {"bos": False, "eos": True},
+                                                   "output": {"num_shards": 2}}},
+        "out/seq1024": {"job": "books", "config": {**BOOKS, "output": {"buckets": "512,1024"}}},
+        "out/seq2048": {"job": "books", "config": {**BOOKS, "output": {"buckets": "512,1024,2048"}}}}))
     jobs = datasets.data_jobs(plan)
-    assert jobs[0].argv() == ["data", "books", "--input", "a.jsonl", "b.jsonl", "--no-bos", "--num-shards", "2",
-                              "--output", "out", "--seq-len", "512"]
+    assert jobs[0].argv() == ["data", "books", "--input", "a.jsonl", "b.jsonl", "--tokenizer", "t.model",
+                              "--output", "out", "--buckets", "512", "--num-shards", "2", "--no-bos"]
     assert jobs[1].outputs == ("out/seq512", "out/seq1024")
     assert jobs[0].argv(overwrite=True)[-1] == "--overwrite"
     assert len(jobs) == 3

@@ -28,8 +28,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def plan_path(tmp_path_factory, sample_books, tokenizer_path):
     root = tmp_path_factory.mktemp("plan")
     data = f"{root}/data/books"
-    books = {"job": "books", "options": {"input": [str(sample_books)], "tokenizer": tokenizer_path,
-                                         "buckets": "256,512", "num-shards": 2}}
+    books = {"job": "books", "config": {"inputs": [str(sample_books)], "tokenizer": tokenizer_path,
+                                        "output": {"buckets": "256,512", "num_shards": 2}}}
     plan = {
         "run_root": f"{root}/runs",
         "datasets": {f"{data}/seq256": books, f"{data}/seq512": books},
@@ -91,7 +91,7 @@ def test_missing_data_stops_the_plan_with_the_command_that_makes_it(tmp_path, pl
     assert cli.main(["stages", "run", str(path), "--devices", "8"]) == 2
     err = capsys.readouterr().err
     assert f"stage short: dataset {tmp_path}/nowhere/seq256 is missing" in err
-    assert f"run `lwm stages data {path}` (it runs `lwm data books --buckets 256,512 --input" in err
+    assert f"run `lwm stages data {path}` (it runs `lwm data books --input" in err and "--buckets 256,512" in err
     assert "--overwrite" not in err  # nothing of that job's output exists
 
     assert cli.main(["stages", "run", str(path), "--devices", "8", "--dry-run"]) == 0

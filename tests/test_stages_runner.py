@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from orchestration.stages import evaluation, lineage, plan as plan_lib, runner, status
+from orchestration.stages import gates, lineage, plan as plan_lib, status
+from orchestration.stages import stage_runner as runner
 from schemas import manifest as manifest_lib
 
 
@@ -71,10 +72,10 @@ def test_gate_failures_compare_each_threshold():
         "name": "a", "eval": {"datasets": [{"path": "h"}], "every": 100}, "needle": {"lengths": [512]},
         "gate": {"max_eval_loss": 2.0, "min_needle_accuracy": 0.5}}]})
     stage = plan.stages[0]
-    assert evaluation.gate_failures(stage, {"eval_loss": 2.0, "needle_accuracy/512": 0.5}) == []
-    assert evaluation.gate_failures(stage, {"eval_loss": 2.1, "needle_accuracy/512": 0.7}) == [
+    assert gates.gate_failures(stage, {"eval_loss": 2.0, "needle_accuracy/512": 0.5}) == []
+    assert gates.gate_failures(stage, {"eval_loss": 2.1, "needle_accuracy/512": 0.7}) == [
         "eval loss 2.1 > gate.max_eval_loss 2.0"]
-    assert evaluation.gate_failures(stage, {"eval_loss": float("nan")}) == [
+    assert gates.gate_failures(stage, {"eval_loss": float("nan")}) == [
         "eval loss nan > gate.max_eval_loss 2.0", "needle accuracy at 512 tokens None < gate.min_needle_accuracy 0.5"]
 
 
@@ -82,7 +83,7 @@ def test_eval_loss_comes_from_the_trainer(tmp_path):
     stage = _plan(tmp_path, {"max_eval_loss": 3.0}).stage("a")
     with open(os.path.join(stage.run_dir, "metrics.jsonl"), "w") as f:
         f.write('{"step": 4, "loss": 2.0}\n{"step": 4, "eval/heldout/loss": 2.5, "eval/other/loss": 3.5}\n')
-    assert evaluation.trainer_eval_loss(stage) == {"eval/heldout/loss": 2.5, "eval/other/loss": 3.5, "eval_loss": 3.0}
+    assert gates.trainer_eval_loss(stage) == {"eval/heldout/loss": 2.5, "eval/other/loss": 3.5, "eval_loss": 3.0}
     assert status.last_metrics(stage.run_dir) == {"step": 4, "loss": 2.0}
 
 
@@ -102,18 +103,18 @@ def test_needle_runs_lwm_eval_needle_on_the_final_checkpoint_with_the_datas_toke
             f.write("".join(json.dumps({"length": n, "correct": c}) + "\n" for n, c in trials))
         return subprocess.CompletedProcess(argv, 0)
 
-    monkeypatch.setattr(evaluation.subprocess, "run", fake_run)
-    assert evaluation.needle_accuracy(stage) == {"needle_accuracy/256": 0.5, "needle_accuracy/512": 1.0}
+    monkeypatch.setattr(gates.subprocess, "run", fake_run)
+    assert gates.needle_accuracy(stage) == {"needle_accuracy/256": 0.5, "needle_accuracy/512": 1.0}
     (argv,) = calls
     assert argv[1:5] == ["-m", "orchestration.cli", "eval", "needle"]
     flags = dict(zip(argv[5::2], argv[6::2]))
     assert flags == {"--ckpt": stage.run_dir, "--step": "4", "--tokenizer": "/abs/t.model", "--lengths": "256,512",
                      "--depths": "0.0,0.25,0.5,0.75,1.0", "--rounds": "3",
-                     "--out": os.path.join(stage.run_dir, evaluation.NEEDLE_DIR)}
+                     "--out": os.path.join(stage.run_dir, gates.NEEDLE_DIR)}
 
-    monkeypatch.setattr(evaluation.subprocess, "run", lambda argv: subprocess.CompletedProcess(argv, 2))
+    monkeypatch.setattr(gates.subprocess, "run", lambda argv: subprocess.CompletedProcess(argv, 2))
     with pytest.raises(ValueError, match="stage a: `lwm eval needle` exited 2"):
-        evaluation.needle_accuracy(stage)
+        gates.needle_accuracy(stage)
 
 
 def test_a_stage_whose_runner_was_killed_outright_shows_as_interrupted(tmp_path):

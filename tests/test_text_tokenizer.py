@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestration import cli
-from pipelines import text_tokenizer
-from pipelines.text_tokenizer import SpecialTokens, TextTokenizer
+from pipelines.tokens import text_tokenizer
+from pipelines.tokens.text_tokenizer import SpecialTokens, TextTokenizer
 
 
 def test_encoding_adds_no_bos_or_eos(tokenizer_path):

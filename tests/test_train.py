@@ -21,9 +21,11 @@ import numpy as np
 import pytest
 
 from orchestration import cli
-from pipelines.dataset import write_shard
+from pipelines.kit.packed_writer import write_shard
 from schemas import manifest, packed
-from trainer import checkpoint, config as config_lib, optimizer, run_dir as run_dir_lib, train as train_lib
+from trainer import checkpoint, config as config_lib, run_dir as run_dir_lib
+from trainer.training import optimizer
+from trainer.training import loop as train_lib
 from trainer.config import OptimizerConfig
 from trainer.model import PRESETS, abstract_params, init_params
 from trainer.sharding import make_mesh, param_shardings

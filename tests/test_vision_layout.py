@@ -5,9 +5,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines import packing, vision_layout
-from pipelines.text_tokenizer import SpecialTokens, TextTokenizer
-from pipelines.vision_layout import GENERATION, UNDERSTANDING, LayoutConfig, Markers
+from pipelines.kit import packing
+from pipelines.tokens import vision_layout
+from pipelines.tokens.text_tokenizer import SpecialTokens, TextTokenizer
+from pipelines.tokens import prompts
+from pipelines.tokens.vision_layout import GENERATION, UNDERSTANDING, Markers
+from pipelines.vision import examples
+from pipelines.vision.examples import LayoutConfig
 from schemas import packed, vocab
 
 CAPTION = "a red circle on a white background"
@@ -28,13 +32,13 @@ def _codes(frames: int, seed: int = 0) -> np.ndarray:
 
 
 def _id_with(kind: str, config: LayoutConfig) -> str:
-    return next(f"ex-{i}" for i in range(1000) if vision_layout.direction(f"ex-{i}", config) == kind)
+    return next(f"ex-{i}" for i in range(1000) if examples.direction(f"ex-{i}", config) == kind)
 
 
 def _decoded(tokenizer, markers, config, example_id, codes, modality="image", seq_len=2048):
     """Lay the example out, pack it alone into a record, serialise, decode: its one segment's arrays."""
-    parts = vision_layout.example_parts(example_id, CAPTION, modality, config, tokenizer.encode)
-    segment = vision_layout.assemble((example_id, 0), parts, codes, markers, config)
+    parts = examples.example_parts(example_id, CAPTION, modality, config, tokenizer.encode)
+    segment = examples.assemble((example_id, 0), parts, codes, markers, config)
     record = packed.decode(packed.encode(**packing.to_example([segment], seq_len)))
     used = record["segment_ids"] == 1
     assert used.sum() == len(segment) and not record["vision_mask"][~used].any()
@@ -88,7 +92,7 @@ def test_decoded_example_has_frames_markers_and_an_exact_vision_mask(tokenizer, 
     else:
         assert CAPTION in text_after and CAPTION not in text_before
     if template == "chat":
-        assert text_before.startswith(vision_layout.SYSTEM_PROMPT)
+        assert text_before.startswith(prompts.SYSTEM_PROMPT)
         assert f"{modality} of {CAPTION}" in text_before if kind == GENERATION else f"the {modality}" in text_before
 
 
@@ -111,12 +115,12 @@ def test_loss_weights_per_modality_and_side(tokenizer, markers):
 def test_direction_is_stable_and_follows_the_fraction():
     config = LayoutConfig(generation_fraction=0.3)
     ids = [f"clip-{i}" for i in range(4000)]
-    kinds = [vision_layout.direction(i, config) for i in ids]
-    assert kinds == [vision_layout.direction(i, config) for i in ids]
+    kinds = [examples.direction(i, config) for i in ids]
+    assert kinds == [examples.direction(i, config) for i in ids]
     assert 0.27 < kinds.count(GENERATION) / len(ids) < 0.33
-    assert {vision_layout.direction(i, LayoutConfig(generation_fraction=0.0)) for i in ids} == {UNDERSTANDING}
-    assert {vision_layout.direction(i, LayoutConfig(generation_fraction=1.0)) for i in ids} == {GENERATION}
-    salted = [vision_layout.direction(i, LayoutConfig(generation_fraction=0.3, salt="other")) for i in ids]
+    assert {examples.direction(i, LayoutConfig(generation_fraction=0.0)) for i in ids} == {UNDERSTANDING}
+    assert {examples.direction(i, LayoutConfig(generation_fraction=1.0)) for i in ids} == {GENERATION}
+    salted = [examples.direction(i, LayoutConfig(generation_fraction=0.3, salt="other")) for i in ids]
     assert salted != kinds
 
 

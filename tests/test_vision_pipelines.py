@@ -12,12 +12,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestration import cli, sample_media
-from pipelines import inspection, vision_layout, vision_text
-from pipelines.buckets import Bucket
-from pipelines.media import ffmpeg_tools
-from pipelines.output import OutputConfig
-from pipelines.video_text import VideoMedia, VideoTextConfig
+from orchestration import cli
+from orchestration.demo import sample_media
+from pipelines.kit import inspection
+from pipelines.tokens import vision_layout
+from pipelines.vision import vision_text
+from pipelines.kit.buckets import Bucket
+from pipelines.tokens.media import ffmpeg_tools
+from pipelines.kit.output import OutputConfig
+from pipelines.vision.video_text import VideoMedia, VideoTextConfig
 from schemas import manifest, raw_vision, vocab
 
 

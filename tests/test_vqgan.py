@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestration.commands.convert_vqgan import register_convert
-from pipelines.vqgan import AMUSED, SMALL, VQGAN, VQGANConfig
-from pipelines.vqgan_convert import config_from_diffusers, params_from_diffusers
+from pipelines.tokens.vqgan import AMUSED, SMALL, VQGAN, VQGANConfig
+from trainer.convert.vqgan_diffusers import config_from_diffusers, params_from_diffusers
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

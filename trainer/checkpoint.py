@@ -8,13 +8,13 @@ Layout: ``CKPT/<step>/<item>/`` for each saved step. Items every checkpoint has:
 Training adds its own items to the same steps (e.g. ``opt_state``, ``data_iter``,
 ``train_config``): build the manager with ``manager(ckpt_dir, item_names=
 item_names("opt_state", ...))`` and save them in the same ``ocp.args.Composite``.
-Readers of the model (``restore_params``, ``trainer.inference``, HF export) restore
+Readers of the model (``restore_params``, ``trainer.inference.predictor``, HF export) restore
 only the two base items, whatever else a step holds.
 
 Training checkpoints (``save_train_state`` / ``restore_train_state``) add
 ``opt_state`` (optax state, ``StandardSave``), ``data_iter`` (the Grain iterator's
 position; every process writes its own ``process_<i>-of-<n>.json``, restorable on
-another number of processes: ``trainer.data_position``) and
+another number of processes: ``trainer.training.data_position``) and
 ``train_config`` (the resolved ``trainer.config.TrainConfig`` as JSON). Steps are
 written to a temporary name and renamed when complete, so a run killed mid-save
 resumes from the newest complete step. A step that is complete by name but damaged
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from schemas import storage
-from trainer.data_position import DataPositionError, DataPositionRestore, DataPositionSave
+from trainer.training.data_position import DataPositionError, DataPositionRestore, DataPositionSave
 from trainer.model import ModelConfig, param_shapes
 
 PARAMS = "params"
@@ -165,7 +165,7 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, *, params: Any, 
     ``params`` and ``opt_state`` are targets: pytrees of ``jax.ShapeDtypeStruct``
     carrying the shardings to restore onto (any mesh: orbax reshards).
     ``data_position``: micro-batches consumed by ``step``, used where the saved
-    position was written by another topology (``trainer.data_position``).
+    position was written by another topology (``trainer.training.data_position``).
     """
     restored = mngr.restore(step, args=ocp.args.Composite(**{
         PARAMS: ocp.args.StandardRestore(params),

@@ -30,7 +30,7 @@ from schemas import storage
 from schemas.typed_config import describe, from_mapping, to_plain
 from trainer.loss import LossConfig
 from trainer.model import PRESETS, ModelConfig
-from trainer.layout import LAYOUTS
+from trainer.ring_layout import LAYOUTS
 from trainer.sharding import MeshConfig
 
 SCHEDULES = ("constant", "warmup_constant", "warmup_cosine")
@@ -60,11 +60,11 @@ class DatasetConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """What the loader reads (``trainer.data``).
+    """What the loader reads (``trainer.training.loader``).
 
     ``batch_size`` is global sequences per optimizer step (all hosts together);
     ``worker_count`` Grain prefetch processes per host (0: in the main process);
-    ``layout`` the ring layout of the sequence axis over ``sp`` (``trainer.layout``):
+    ``layout`` the ring layout of the sequence axis over ``sp`` (``trainer.ring_layout``):
     ``segments`` (default) picks per packed row the order with the shortest ring,
     ``zigzag``/``contiguous``/``striped`` use one order for every row.
     """
@@ -91,7 +91,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW with gradient clipping and a learning-rate schedule (``trainer.optimizer``).
+    """AdamW with gradient clipping and a learning-rate schedule (``trainer.training.optimizer``).
 
     ``warmup_constant`` and ``warmup_cosine`` warm up linearly from 0 over
     ``warmup_steps``; cosine then decays to ``end_learning_rate`` at the run's last
@@ -158,7 +158,7 @@ class LogConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Held-out loss during training (``trainer.evaluate``): the first ``batches`` batches of each
+    """Held-out loss during training (``trainer.evaluation.heldout_loss``): the first ``batches`` batches of each
     dataset (proportions unused), every ``every`` steps and at the last (0: off). ``batch_size`` 0
     means the training micro-batch size."""
 

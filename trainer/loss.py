@@ -8,7 +8,7 @@ the sequence in the ring layout (a permutation of the sequence axis, e.g. zigzag
 where the token before ``t`` is not at index ``t - 1``. So targets are computed in
 NATURAL order, before the layout is applied:
 
-1. the loader calls ``trainer.layout.next_token_targets(batch)`` on the natural-order batch,
+1. the loader calls ``trainer.ring_layout.next_token_targets(batch)`` on the natural-order batch,
    which adds, for every position ``t``: ``targets[t]`` (the token that follows ``t``
    in its segment), ``target_vision_mask[t]`` (its vocabulary) and
    ``target_weights[t]`` (its loss weight; 0 where ``t`` is the last token of its
@@ -158,7 +158,7 @@ def loss_and_metrics(model: LWM, params: Any, batch: Mapping[str, jax.Array],
     """Loss and metrics of ``model`` on a batch carrying the targets (``TARGET_KEYS``).
 
     ``batch`` holds ``tokens``, ``vision_mask``, ``segment_ids``, ``positions`` and the
-    outputs of ``trainer.layout.next_token_targets``, all ``[B, S]`` in the same (any) token order.
+    outputs of ``trainer.ring_layout.next_token_targets``, all ``[B, S]`` in the same (any) token order.
     """
 
     def forward(module: LWM):

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from schemas import vocab
 from schemas.typed_config import from_mapping
 from trainer.ring_attention import dense_attention
 
@@ -62,8 +63,8 @@ class ModelConfig:
     itself works at any position.
     """
 
-    vocab_size: int = 32000
-    vision_vocab_size: int = 8448
+    vocab_size: int = vocab.TEXT_VOCAB_SIZE
+    vision_vocab_size: int = vocab.VISION_VOCAB_SIZE
     d_model: int = 4096
     num_layers: int = 32
     num_heads: int = 32
@@ -127,8 +128,8 @@ class ModelConfig:
         d, e = self.d_model, self.head_dim
         attn = d * e * (2 * self.num_heads + 2 * self.num_kv_heads)
         layer = attn + 3 * d * self.mlp_dim + 2 * d
-        vocab = self.vocab_size + self.vision_vocab_size
-        return self.num_layers * layer + d + 2 * vocab * d
+        rows = self.vocab_size + self.vision_vocab_size
+        return self.num_layers * layer + d + 2 * rows * d
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -137,10 +138,10 @@ PRESETS: dict[str, ModelConfig] = {
     "llama2-7b": ModelConfig(vision_vocab_size=0),
     # LWM-7B: Llama-2 7B plus the 8448-entry vision embedding and head; RoPE theta of
     # the paper's vision-language stages (5e7). Stage plans override rope_theta per stage.
-    "lwm-7b": ModelConfig(vision_vocab_size=8448, rope_theta=5e7),
+    "lwm-7b": ModelConfig(vision_vocab_size=vocab.VISION_VOCAB_SIZE, rope_theta=5e7),
     # Tiny model for CPU tests and `lwm demo`: small demo tokenizer, full vision vocabulary
     # so real VQGAN ids fit.
-    "tiny": ModelConfig(vocab_size=512, vision_vocab_size=8448, d_model=64, num_layers=2,
+    "tiny": ModelConfig(vocab_size=512, vision_vocab_size=vocab.VISION_VOCAB_SIZE, d_model=64, num_layers=2,
                         num_heads=4, num_kv_heads=2, mlp_dim=128, max_position_embeddings=2048,
                         mlp_chunk_size=256, attention_block_q=128, attention_block_kv=128),
 }
@@ -337,7 +338,7 @@ class LWM(nn.Module):
     def __call__(self, tokens, vision_mask, segment_ids, positions, cache=None):
         """Hidden states ``[B, S, D]``; with ``cache``, ``(hidden, new cache)``.
 
-        ``cache`` (inference, ``trainer.sample``) is a pytree whose leaves have a
+        ``cache`` (inference, ``trainer.inference.sampler``) is a pytree whose leaves have a
         leading ``layers`` axis; each layer hands its slice to the attention function,
         called as ``attention_fn(q, k, v, segment_ids, positions, cache) -> (out,
         cache)``. The model never looks inside it.

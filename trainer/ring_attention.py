@@ -15,7 +15,7 @@ The whole ring is one ``jax.custom_vjp``: the forward saves q, k, v, the output 
 logsumexp; the backward is a second ring in which dk/dv travel with their key/value
 blocks and probabilities are recomputed tile by tile. Memory per device is linear in
 ``L`` (plus one ``block_q x block_kv`` tile), never in ``S``. Token layouts live in
-``trainer.layout``; the global-array wrapper and tile replay for tests and benchmarks
+``trainer.ring_layout``; the global-array wrapper and tile replay for tests and benchmarks
 in ``trainer.ring_testing``.
 
 Shape legend: B batch, S global length, L local length (S / P), P ring size, Hq query

@@ -1,6 +1,6 @@
 """Where each token of a packed batch sits on the ring, and what it must predict.
 
-Pure numpy, shared by the Grain loader (``trainer.data``), tests and benchmarks.
+Pure numpy, shared by the Grain loader (``trainer.training.loader``), tests and benchmarks.
 
 A ring layout is a permutation of the sequence axis: ``permuted = natural[..., perm]``
 puts tokens ``perm[r * L:(r + 1) * L]`` on ring device ``r`` (``L = S / P``). The

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from trainer.layout import batch_permutation, layout_permutation
+from trainer.ring_layout import batch_permutation, layout_permutation
 from trainer.ring_attention import SKIP, _block, _split, dense_attention, ring_attention, tile_kinds
 
 
@@ -52,7 +52,7 @@ def sharded_attention(q, k, v, segment_ids, *, mesh, axis_name: str = "sp", caus
 
     q [B, S, Hq, D], k and v [B, S, K, D], segment_ids [B, S] (0 = padding); positions
     are the natural token indices. ``layout`` places tokens on devices (see
-    ``trainer.layout``; the ``segments`` order is computed on the host from the segment
+    ``trainer.ring_layout``; the ``segments`` order is computed on the host from the segment
     ids, also under jit); the result comes back in natural order. ``impl="dense"`` is the single-device O(S^2)
     reference on the same inputs (mesh and layout unused).
     """

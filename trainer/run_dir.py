@@ -14,7 +14,7 @@ cannot follow are refused (``ValueError``) before anything is restored:
 - the data order (``data.datasets``, ``seq_len``, ``batch_size``, ``seed``,
   ``optimizer.grad_accum_steps``): the saved loader position would point into
   another stream. The mesh and the number of processes may change: the position is
-  global (``trainer.data_position``).
+  global (``trainer.training.data_position``).
 
 A new run is a new ``run_dir``; ``checkpoint.init_from`` starts it from the old
 run's weights.

@@ -16,9 +16,9 @@ def add_checkpoint_arguments(parser, *, tokenizer: bool = False) -> None:
 def open_sampler(args):
     """``(tokenizer, Sampler)`` from ``--tokenizer``, ``--ckpt``, ``--step`` and ``--sp``; the tokenizer is
     checked against the checkpoint's vocabulary before its weights are loaded."""
-    from pipelines.text_tokenizer import TextTokenizer
+    from pipelines.tokens.text_tokenizer import TextTokenizer
     from trainer import checkpoint
-    from trainer.sample import Sampler, check_tokenizer
+    from trainer.inference.sampler import Sampler, check_tokenizer
 
     tokenizer = TextTokenizer(args.tokenizer)
     ckpt = checkpoint.resolve_dir(args.ckpt)

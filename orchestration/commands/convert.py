@@ -30,7 +30,7 @@ def _base_config(args):
 
 
 def hf_import(args, extra) -> int:
-    from trainer.hf_convert import import_hf
+    from trainer.convert.hf_llama import import_hf
 
     config = import_hf(args.hf_dir, args.out, base=_base_config(args), seed=args.seed)
     print(f"wrote {args.out}: {config.num_params() / 1e6:.1f}M parameters")
@@ -39,7 +39,7 @@ def hf_import(args, extra) -> int:
 
 
 def hf_export(args, extra) -> int:
-    from trainer.hf_convert import export_hf
+    from trainer.convert.hf_llama import export_hf
 
     export_hf(args.ckpt, args.out, step=args.step, dtype=args.dtype)
     print(f"wrote {args.out} (HF Llama, safetensors)")

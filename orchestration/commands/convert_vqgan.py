@@ -20,7 +20,7 @@ def register_convert(convert_subparsers) -> None:
     """Add ``vqgan-import`` to the ``lwm convert`` sub-parsers."""
     p = convert_subparsers.add_parser(
         "vqgan-import",
-        help="convert a diffusers VQModel checkpoint (e.g. amused/amused-256 vqvae/) to pipelines.vqgan weights",
+        help="convert a diffusers VQModel checkpoint (e.g. amused/amused-256 vqvae/) to pipelines.tokens.vqgan weights",
         description="Reads config.json + diffusion_pytorch_model.safetensors from DIR (or DIR/vqvae), checks the "
                     "architecture, writes OUT/config.json and OUT/params.safetensors.",
     )
@@ -32,7 +32,7 @@ def register_convert(convert_subparsers) -> None:
 
 
 def _run(args, extra) -> int:
-    from pipelines.vqgan_convert import convert_diffusers_dir
+    from trainer.convert.vqgan_diffusers import convert_diffusers_dir
 
     vq = convert_diffusers_dir(args.diffusers_dir, args.out, input_range=args.input_range)
     print(f"wrote {args.out}: block_out_channels={list(vq.config.block_out_channels)} "

@@ -17,8 +17,14 @@ import os
 import signal
 import sys
 
+import yaml
+
 import pipelines
-from pipelines import flags, inspection, job as job_lib, progress, runner
+from schemas import flags
+from pipelines.kit import inspection
+from pipelines.kit import job as job_lib
+from pipelines.kit import progress
+from pipelines.kit import beam_runner as runner
 
 
 class _JobLog(logging.StreamHandler):
@@ -74,6 +80,9 @@ def _on_interrupt(job: job_lib.Job, output: str):
 
 def run_job(job: job_lib.Job, parser: argparse.ArgumentParser, args, extra) -> int:
     config = flags.from_args(job.config, args)
+    if args.print_config:
+        print(yaml.safe_dump({"job": job.name, "config": flags.to_mapping(config)}, sort_keys=False), end="")
+        return 0
     options = runner.pipeline_options(extra, known=[o for a in parser._actions for o in a.option_strings])
     _configure_logging(args.verbose - args.quiet)
     progress.enable(not args.quiet)
@@ -104,6 +113,9 @@ def register(subparsers) -> None:
         flags.add_flags(parser, job.config, renames=job.renames)
         parser.add_argument("--dry-run", action="store_true",
                             help="print the resolved pipeline options and the job graph's stages; run nothing")
+        parser.add_argument("--print-config", action="store_true",
+                            help="print the job's resolved config as a stage plan's datasets: entry takes it "
+                            "({job: ..., config: ...}, YAML); run nothing")
         parser.add_argument("-v", "--verbose", action="count", default=0, help="also log Beam's progress")
         parser.add_argument("-q", "--quiet", action="count", default=0, help="no progress lines, only warnings")
         parser.set_defaults(func=functools.partial(run_job, job, parser), accepts_extra=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestration import demo
+from orchestration.demo import workflow as demo
 
 
 def register(subparsers) -> None:

@@ -1,4 +1,4 @@
-"""`lwm eval loss|needle`: held-out loss (``trainer.evaluate``) and needle in a haystack (``trainer.needle``)."""
+"""`lwm eval loss|needle`: held-out loss (``trainer.evaluation.heldout_loss``) and needle in a haystack (``trainer.evaluation.needle``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from orchestration.commands import add_checkpoint_arguments, open_sampler
 
 
 def run_loss(args, extra) -> int:
-    from trainer import checkpoint, evaluate
+    from trainer import checkpoint
+    from trainer.evaluation import heldout_loss as evaluate
 
     metrics = evaluate.evaluate_checkpoint(checkpoint.resolve_dir(args.ckpt), args.data, batches=args.batches,
                                            batch_size=args.batch_size, sp=args.sp, step=args.step)
@@ -47,7 +48,7 @@ def _haystack_texts(paths: list[str] | None) -> list[str]:
     if not paths:
         import random
 
-        from orchestration.sample_data import book
+        from orchestration.demo.sample_books import book
 
         return [book(random.Random(10_000 + i), 200) for i in range(20)]
     from schemas import raw
@@ -74,7 +75,7 @@ def _numbers(text: str, kind, name: str) -> tuple:
 
 
 def run_needle(args, extra) -> int:
-    from trainer import needle
+    from trainer.evaluation import needle
 
     config = needle.NeedleConfig(
         lengths=_numbers(args.lengths, int, "--lengths"), depths=_numbers(args.depths, float, "--depths"),

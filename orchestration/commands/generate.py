@@ -1,4 +1,4 @@
-"""`lwm generate`: text, an image or a video from a checkpoint (``trainer.sample``)."""
+"""`lwm generate`: text, an image or a video from a checkpoint (``trainer.inference.sampler``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from orchestration.commands import add_checkpoint_arguments, open_sampler
 
 
 def run(args, extra) -> int:
-    from trainer.sample import SampleSettings, decode_frames, encode_prompt, frame_codes
+    from trainer.inference.sampler import SampleSettings, decode_frames, encode_prompt, frame_codes
 
     vision_out = args.image or args.video
     if args.image and args.video:
@@ -50,7 +50,7 @@ def _vision_request(args) -> str:
 
 
 def _vision(args, sampler, prompt, settings, frame_codes, decode_frames) -> int:
-    from pipelines.vqgan import VQGAN
+    from pipelines.tokens.vqgan import VQGAN
 
     frames = args.frames if args.video else 1
     vqgan = VQGAN.load(args.vqgan)
@@ -64,7 +64,7 @@ def _vision(args, sampler, prompt, settings, frame_codes, decode_frames) -> int:
         Image.fromarray(pixels[0]).save(args.image)
         print(f"wrote {args.image}")
     else:
-        from orchestration.sample_media import encode_video
+        from orchestration.demo.sample_media import encode_video
 
         encode_video(args.video, np.asarray(pixels), args.fps)
         print(f"wrote {args.video} ({frames} frames at {args.fps} fps)")

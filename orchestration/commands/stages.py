@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
-from orchestration.stages import datasets, evaluation, gke, local, runner, slurm, status, tpu_vm
+from orchestration.stages import datasets, gates, gke, local, slurm, status, tpu_vm
+from orchestration.stages import stage_runner as runner
 from orchestration.stages import plan as plan_lib
 from orchestration.stages.plan import LaunchConfig
+from schemas import flags
 
 
 def _launch(plan: plan_lib.Plan, args) -> LaunchConfig:
     """The plan's ``launch:`` section with the flags given on the command line over it."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(LaunchConfig)
-             if getattr(args, f.name) is not None}
-    return dataclasses.replace(plan.launch, **given)
+    return flags.from_args(LaunchConfig, args, base=plan.launch)
 
 
 def run(args, extra) -> int:
@@ -34,7 +33,7 @@ def run(args, extra) -> int:
             plan_lib.check_mesh([stage], per_stage.counts[stage.name])
         datasets.check_plan(plan)
         return runner.run_plan(plan, only=args.only, start=args.start, processes=launch.processes,
-                               devices=per_stage, dry_run=args.dry_run, evaluator=evaluation.measure)
+                               devices=per_stage, dry_run=args.dry_run, evaluator=gates.measure)
     if not devices:
         raise ValueError(f"backend {launch.backend}: give --topology (TPU) or --devices so the meshes can be checked")
     plan_lib.check_mesh(selected, devices)
@@ -59,10 +58,6 @@ def show(args, extra) -> int:
     return 0
 
 
-def _flag_type(field: dataclasses.Field):
-    return int if field.type in (int, "int") else str
-
-
 def register(subparsers) -> None:
     stages = subparsers.add_parser(
         "stages", help="run a stage plan (all stages, resumable), its data jobs, its status",
@@ -82,11 +77,7 @@ def register(subparsers) -> None:
     which.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and the ones after it")
     parser.add_argument("--dry-run", action="store_true", help="print what would run; start and submit nothing")
     launch = parser.add_argument_group("launch (override the plan's launch: section)")
-    for field in dataclasses.fields(LaunchConfig):
-        kwargs = dict(type=_flag_type(field), default=None, help=field.metadata["help"])
-        if field.name == "backend":
-            kwargs["choices"] = plan_lib.BACKENDS
-        launch.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, **kwargs)
+    flags.add_flags(launch, LaunchConfig, given_only=True)
     parser.set_defaults(func=run)
 
     parser = group.add_parser(

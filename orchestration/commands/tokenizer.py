@@ -8,8 +8,8 @@ import sys
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import text_tokenizer
-from pipelines.job import check_inputs
+from pipelines.tokens import text_tokenizer
+from pipelines.kit.job import check_inputs
 from schemas import raw
 
 

@@ -1,4 +1,4 @@
-"""`lwm train CONFIG.yaml [--set key=value ...]`: one training stage (``trainer.train``)."""
+"""`lwm train CONFIG.yaml [--set key=value ...]`: one training stage (``trainer.training.loop``)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def run(args, extra) -> int:
 
         return launch(args.config, args.set, args.processes)
     simulate_cpu_devices(config)
-    from trainer.train import NonFiniteLossError, train  # JAX starts here, after the device count is set
+    from trainer.training.loop import NonFiniteLossError, train  # JAX starts here, after the device count is set
 
     try:
         result = train(config)

@@ -20,7 +20,7 @@ import ffmpeg
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipelines.media import ffmpeg_tools
+from pipelines.tokens.media import ffmpeg_tools
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),

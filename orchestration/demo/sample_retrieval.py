@@ -1,11 +1,11 @@
 """Synthetic needle-retrieval training contexts from the demo's books, so the tiny demo model learns
 to answer ``lwm eval needle``'s question.
 
-Each document is a haystack as the eval builds it (``trainer.needle``: a window of book sentences with
+Each document is a haystack as the eval builds it (``trainer.evaluation.needle``: a window of book sentences with
 "The special magic {city} number is: {7 digits}." at a random depth). ``lwm data chat-qa --generator
 needle`` turns each into the eval's prompt (LWM's chat template, the haystack, "What is the special
 magic {city} number?") followed by the answer, with loss on the answer only. Cities come from
-``trainer.needle.TRAIN_CITIES``, never the eval's, and numbers from a seed namespace of their own.
+``trainer.evaluation.needle.TRAIN_CITIES``, never the eval's, and numbers from a seed namespace of their own.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import pathlib
 
-from pipelines.text_tokenizer import TextTokenizer
-from trainer import needle
+from pipelines.tokens.text_tokenizer import TextTokenizer
+from trainer.evaluation import needle
 
 
 def write_retrieval(path: pathlib.Path, books: pathlib.Path, tokenizer_path: str, count: int, *, seed: int = 1,

@@ -11,12 +11,14 @@ import pathlib
 import time
 from typing import Callable
 
-from orchestration import cli, sample_data, sample_media
+from orchestration import cli
+from orchestration.demo import sample_books as sample_data
+from orchestration.demo import sample_media
 
 SEQ_LEN = 1024  # the image-text, chat and retrieval bucket: short enough for a tiny model on CPU
 VIDEO_SEQ_LEN = 2048  # videos of 1-4 frames (257 tokens each) pack well in 2048, as LWM trains video at its longer stages
 BOOK_LENGTHS = (512, 1024, 2048)  # the books buckets of the stage plan's three stages
-PLAN = pathlib.Path(__file__).resolve().parents[1] / "configs" / "stages" / "demo.yaml"
+PLAN = pathlib.Path(__file__).resolve().parents[2] / "configs" / "stages" / "demo.yaml"
 
 
 def _banner(title: str) -> None:
@@ -50,7 +52,7 @@ def vision(workdir: pathlib.Path) -> None:
     are deterministic but meaningless); with real aMUSEd weights from
     ``lwm convert vqgan-import`` the same commands give LWM's vision tokens.
     """
-    from pipelines.vqgan import SMALL, VQGAN
+    from pipelines.tokens.vqgan import SMALL, VQGAN
 
     _banner("generated images and videos → small random VQGAN → vision-language packed shards")
     images = sample_media.write_image_text(workdir / "raw" / "image_text", 24)
@@ -147,10 +149,10 @@ NEEDLE_LENGTHS = "512,1024,1536,2048"
 
 def write_exercises(workdir: pathlib.Path, exercises: Exercises, output: pathlib.Path) -> None:
     """Needle exercises from the demo books in ``workdir`` (other cities and numbers than the eval's):
-    haystacks with a needle (``orchestration.sample_retrieval``, written to ``raw/{output's name}.jsonl``),
+    haystacks with a needle (``orchestration.demo.sample_retrieval``, written to ``raw/{output's name}.jsonl``),
     turned by ``lwm data chat-qa --generator needle`` into the eval's prompt and answer with loss on the
     answer only, packed into ``output/seq{SEQ_LEN}``."""
-    from orchestration.sample_retrieval import write_retrieval
+    from orchestration.demo.sample_retrieval import write_retrieval
 
     corpus = write_retrieval(workdir / "raw" / f"{output.name}.jsonl", workdir / "raw" / "books.jsonl",
                              str(workdir / "tokenizer.model"), exercises.count, seed=exercises.seed,

@@ -5,8 +5,8 @@
 - ``datasets``: each stage's data checked before it starts, and the ``lwm data`` jobs
   that produce missing data;
 - ``lineage``: ``RUN_DIR/lineage.json``, what a stage was made from;
-- ``runner``: runs the stages in order, skipping finished ones and resuming interrupted ones;
-- ``evaluation``: held-out loss and needle checks after a stage, and the gates on them;
+- ``stage_runner``: runs the stages in order, skipping finished ones and resuming interrupted ones;
+- ``gates``: held-out loss and needle checks after a stage, and the gates on them;
 - ``status``: the table of ``lwm stages status``;
 - ``local``, ``tpu_vm``, ``gke``, ``slurm``: the backends.
 """

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import posixpath
-import re
 import shlex
 import subprocess
 import sys
 import threading
 from typing import Any, Callable, Sequence
 
-from orchestration.stages.plan import DatasetSource, Plan, Stage
-from pipelines import buckets as buckets_lib
+from orchestration.stages.plan import Plan, Stage
+import pipelines
+from schemas import flags
 from schemas import manifest as manifest_lib
 from schemas import storage
 
@@ -29,25 +30,18 @@ READY, INCOMPLETE, MISSING = "ready", "incomplete", "missing"
 
 @dataclasses.dataclass(frozen=True)
 class DataJob:
-    """One ``lwm data JOB`` run: its resolved options and the dataset directories it writes."""
+    """One ``lwm data JOB`` run: its typed config and the dataset directories it writes."""
 
     job: str
-    options: tuple[tuple[str, Any], ...]
+    config: Any
     outputs: tuple[str, ...]
 
     def argv(self, overwrite: bool = False) -> list[str]:
-        """``["data", JOB, "--opt", "value", ...]`` for ``orchestration.cli.main``."""
-        argv = ["data", self.job]
-        for name, value in self.options:
-            if value is True:
-                argv.append(f"--{name}")
-            elif value is False or value is None:
-                continue
-            elif isinstance(value, (list, tuple)):
-                argv += [f"--{name}", *(str(v) for v in value)]
-            else:
-                argv += [f"--{name}", str(value)]
-        if overwrite and "overwrite" not in dict(self.options):
+        """``["data", JOB, "--flag", "value", ...]`` for ``orchestration.cli.main``: the flags that give
+        ``config`` (:func:`schemas.flags.to_argv`)."""
+        renames = importlib.import_module(pipelines.JOBS[self.job]).JOB.renames
+        argv = ["data", self.job, *flags.to_argv(self.config, renames=renames)]
+        if overwrite and not self.config.output.overwrite:
             argv.append("--overwrite")
         return argv
 
@@ -55,33 +49,11 @@ class DataJob:
         return "lwm " + shlex.join(self.argv(overwrite))
 
 
-def _outputs(path: str, source: DatasetSource) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """The source's options with ``output`` and the length filled in, and the directories it writes."""
-    options = dict(source.options)
-    options.setdefault("output", posixpath.dirname(path) or ".")
-    if "seq-len" not in options and "buckets" not in options:
-        match = re.fullmatch(r"seq(\d+)", posixpath.basename(path))
-        if not match:
-            raise ValueError(f"datasets[{path}]: give options seq-len or buckets (the name is not seq{{L}})")
-        options["seq-len"] = int(match.group(1))
-    if "buckets" in options:
-        lengths = [b.seq_len for b in buckets_lib.parse(str(options["buckets"]))]
-    else:
-        lengths = [int(options["seq-len"])]
-    outputs = tuple(f"{str(options['output']).rstrip('/')}/seq{n}" for n in lengths)
-    if path not in outputs:
-        raise ValueError(f"datasets[{path}]: `lwm data {source.job}` with these options writes {list(outputs)}, "
-                         f"not {path}")
-    return options, outputs
-
-
 def data_jobs(plan: Plan) -> list[DataJob]:
-    """The plan's declared datasets as ``lwm data`` runs, one per distinct job and options, in plan order."""
+    """The plan's declared datasets as ``lwm data`` runs, one per distinct job and config, in plan order."""
     jobs: dict[tuple, DataJob] = {}
-    for path, source in plan.datasets.items():
-        options, outputs = _outputs(path, source)
-        key = (source.job, tuple(sorted((k, repr(v)) for k, v in options.items())))
-        jobs.setdefault(key, DataJob(source.job, tuple(options.items()), outputs))
+    for source in plan.datasets.values():
+        jobs.setdefault((source.job, repr(source.config)), DataJob(source.job, source.config, source.outputs))
     return list(jobs.values())
 
 
@@ -110,7 +82,7 @@ def how_to_make(plan: Plan, path: str) -> str:
     job = job_for(plan, path)
     if job is None:
         return (f"declare it under datasets: in {plan.path}, or produce it with "
-                f"`lwm data books|image-text|video-text|chat-qa ... --output {posixpath.dirname(path)}`")
+                f"`lwm data {'|'.join(pipelines.JOBS)} ... --output {posixpath.dirname(path)}`")
     overwrite = any(state(p)[0] != MISSING for p in job.outputs)
     return f"run `lwm stages data {plan.path}` (it runs `{job.command(overwrite)}`)"
 
@@ -156,7 +128,7 @@ def check_plan(plan: Plan) -> None:
                     raise ValueError(f"stages[{stage.name}]: dataset {dataset.path} is declared as a seq"
                                      f"{dataset.path.rsplit('seq', 1)[-1]} bucket, the stage's data.seq_len "
                                      f"is {seq_len}")
-                declared_tokenizers.setdefault(str(dict(job.options).get("tokenizer", "")), dataset.path)
+                declared_tokenizers.setdefault(job.config.tokenizer, dataset.path)
             if state(dataset.path)[0] == READY:
                 manifests[dataset.path] = manifest_lib.read(dataset.path, verify_hashes=False)
         if len(declared_tokenizers) > 1:

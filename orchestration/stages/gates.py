@@ -5,7 +5,7 @@ promotion should rest on a measurement. A stage's measurements are a flat mappin
 saved in ``lineage.json``:
 
 - ``eval_loss``: the mean over ``eval.datasets`` of the held-out loss the trainer
-  measures at the stage's last step (its ``eval:`` section, ``trainer.evaluate``),
+  measures at the stage's last step (its ``eval:`` section, ``trainer.evaluation.heldout_loss``),
   with each dataset's ``eval/NAME/loss``;
 - ``needle_accuracy/L``: needle-in-a-haystack accuracy at context length ``L``, over
   ``needle.depths`` × ``needle.rounds`` (the stage's ``needle:``).

@@ -5,8 +5,8 @@ A plan (``configs/stages/*.yaml``)::
     run_root: runs/lwm-text          # a stage's run_dir defaults to RUN_ROOT/NAME
     launch: {backend: local}         # LaunchConfig: cluster settings, also CLI flags
     datasets:                        # optional: how each dataset directory is produced
-      data/books/seq32768: {job: books, options: {input: [raw/*.jsonl], tokenizer: tok.model,
-                                                  buckets: lwm-text}}
+      data/books/seq32768: {job: books, config: {inputs: [raw/*.jsonl], tokenizer: tok.model,
+                                                 output: {buckets: lwm-text}}}
     defaults: {model: {preset: llama2-7b}, ...}   # any `lwm train` sections, merged into every stage
     stages:
       - name: text-32k
@@ -30,54 +30,65 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import math
 import os
-from typing import Any, Iterable, Mapping
+import posixpath
+import re
+import typing
+from typing import Any, Iterable, Literal, Mapping
 
 import yaml
 from jax.sharding import AbstractMesh
 
+import pipelines
 from schemas.typed_config import from_mapping
 from trainer.config import TrainConfig
-from trainer.layout import check_layout
+from trainer.ring_layout import check_layout
 from trainer.sharding import MESH_AXES, validate
 
-DATA_JOBS = ("books", "image-text", "video-text", "chat-qa")
-BACKENDS = ("local", "tpu-vm", "gke", "slurm")
 STAGE_KEYS = ("name", "parent", "needle", "gate")
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
     """Where and how the stages run; every field is also a ``lwm stages run`` flag (CLI wins)."""
 
-    backend: str = dataclasses.field(default="local", metadata=_help("local | tpu-vm | gke | slurm"))
-    processes: int = dataclasses.field(default=1, metadata=_help("JAX processes per stage on this machine, sharing "
-                                                                 "its devices (local; lwm train --processes)"))
-    devices: int = dataclasses.field(
-        default=0, metadata=_help("devices the meshes are checked against (0: probe locally; "
-                                  "tpu-vm/gke: product of --topology; slurm: --hosts x --gpus-per-node)"))
-    hosts: int = dataclasses.field(default=1, metadata=_help("hosts (TPU VM workers, GKE pods, SLURM nodes)"))
-    tpu: str = dataclasses.field(default="", metadata=_help("TPU VM name (tpu-vm)"))
-    zone: str = dataclasses.field(default="", metadata=_help("GCP zone of the TPU VM (tpu-vm)"))
-    project: str = dataclasses.field(default="", metadata=_help("GCP project (tpu-vm)"))
-    bucket: str = dataclasses.field(default="", metadata=_help("gs:// location the code and plan are staged to "
-                                                               "(tpu-vm)"))
-    accelerator: str = dataclasses.field(default="", metadata=_help("GKE TPU accelerator node label, "
-                                                                    "e.g. tpu-v5p-slice (gke)"))
-    topology: str = dataclasses.field(default="", metadata=_help("TPU slice topology, e.g. 4x4x4 (tpu-vm, gke)"))
-    image: str = dataclasses.field(default="", metadata=_help("container image with lwm installed (gke)"))
-    namespace: str = dataclasses.field(default="default", metadata=_help("Kubernetes namespace (gke)"))
-    partition: str = dataclasses.field(default="", metadata=_help("SLURM partition (slurm)"))
-    account: str = dataclasses.field(default="", metadata=_help("SLURM account (slurm)"))
-    gpus_per_node: int = dataclasses.field(default=8, metadata=_help("GPUs per SLURM node (slurm)"))
-    time_limit: str = dataclasses.field(default="24:00:00", metadata=_help("SLURM time limit (slurm)"))
-    setup: str = dataclasses.field(default="", metadata=_help("shell line run on each host before lwm "
-                                                              "(e.g. activating a venv; slurm, tpu-vm)"))
+    backend: Literal["local", "tpu-vm", "gke", "slurm"] = "local"
+    """Where the stages run: this machine, the workers of a TPU VM, a GKE JobSet or a SLURM job."""
+    processes: int = 1
+    """JAX processes per stage on this machine, sharing its devices (local; lwm train --processes)."""
+    devices: int = 0
+    """Devices the meshes are checked against (0: probe locally; tpu-vm/gke: product of --topology; slurm:
+    --hosts x --gpus-per-node)."""
+    hosts: int = 1
+    """Hosts (TPU VM workers, GKE pods, SLURM nodes)."""
+    tpu: str = ""
+    """TPU VM name (tpu-vm)."""
+    zone: str = ""
+    """GCP zone of the TPU VM (tpu-vm)."""
+    project: str = ""
+    """GCP project (tpu-vm)."""
+    bucket: str = ""
+    """A gs:// location the code and plan are staged to (tpu-vm)."""
+    accelerator: str = ""
+    """GKE TPU accelerator node label, e.g. tpu-v5p-slice (gke)."""
+    topology: str = ""
+    """TPU slice topology, e.g. 4x4x4 (tpu-vm, gke)."""
+    image: str = ""
+    """Container image with lwm installed (gke)."""
+    namespace: str = "default"
+    """Kubernetes namespace (gke)."""
+    partition: str = ""
+    """SLURM partition (slurm)."""
+    account: str = ""
+    """SLURM account (slurm)."""
+    gpus_per_node: int = 8
+    """GPUs per SLURM node (slurm)."""
+    time_limit: str = "24:00:00"
+    """SLURM time limit (slurm)."""
+    setup: str = ""
+    """Shell line run on each host before lwm (e.g. activating a venv; slurm, tpu-vm)."""
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -96,34 +107,61 @@ class LaunchConfig:
         return 0
 
 
+BACKENDS = typing.get_args(typing.get_type_hints(LaunchConfig)["backend"])
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetEntry:
+    """A ``datasets:`` entry as written: ``{job: JOB, config: {...}}``, the config by the job's field names."""
+
+    RENAMED = {"options": "config (the job's config by field names; `lwm data JOB ... --print-config` prints it)"}
+
+    job: str
+    config: dict = dataclasses.field(default_factory=dict)
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetSource:
-    """How one dataset directory is produced: ``lwm data JOB --OPTION VALUE ...``.
+    """How one dataset directory is produced: ``lwm data JOB`` with ``config``, the job's typed config.
 
-    ``options`` maps option names without their leading ``--`` (``seq-len``,
-    ``input``, ``tokenizer``, ...) to values: a list gives several values, ``true``
-    a bare flag. ``output`` defaults to the dataset's parent directory and, without
-    ``seq-len`` or ``buckets``, ``seq-len`` to the ``L`` of its name ``seq{L}``.
+    The entry's ``config`` has the job config's field names and nesting, exactly as
+    ``lwm data JOB ... --print-config`` prints them (e.g. ``inputs``, ``tokenizer``,
+    ``output: {buckets: "512,1024", num_shards: 4}``). ``output.output`` defaults to
+    the dataset's parent directory and, without ``output.buckets``, the bucket is the
+    ``L`` of the dataset's name ``seq{L}``. It is parsed when the plan loads, so a
+    misspelled field is refused naming the closest one before any stage runs.
     """
 
     job: str
-    options: dict = dataclasses.field(default_factory=dict)
+    config: Any
+    outputs: tuple[str, ...]  # the dataset directories the job writes
 
-    def __post_init__(self):
-        if self.job not in DATA_JOBS:
-            raise ValueError(f"job must be one of {DATA_JOBS}, got {self.job!r}")
-        if not isinstance(self.options, Mapping):
-            raise ValueError(f"options must be a mapping of option names to values, got {self.options!r}")
-        dashed = sorted(k for k in self.options if str(k).startswith("-"))
-        if dashed:
-            raise ValueError(f"option names are given without their leading '--': {dashed}")
+    @classmethod
+    def parse(cls, path: str, mapping: Any) -> "DatasetSource":
+        where = f"datasets[{path}]"
+        entry = from_mapping(DatasetEntry, _mapping(mapping, where), where)
+        if entry.job not in pipelines.JOBS:
+            raise ValueError(f"{where}.job must be one of {tuple(pipelines.JOBS)}, got {entry.job!r}")
+        fields = dict(_mapping(entry.config, f"{where}.config"))
+        output = dict(_mapping(fields.get("output", {}), f"{where}.config.output"))
+        output.setdefault("output", posixpath.dirname(path) or ".")
+        if "buckets" not in output:
+            match = re.fullmatch(r"seq(\d+)", posixpath.basename(path))
+            if not match:
+                raise ValueError(f"{where}: give config.output.buckets (the name is not seq{{L}})")
+            output["buckets"] = match.group(1)
+        job = importlib.import_module(pipelines.JOBS[entry.job]).JOB
+        config = from_mapping(job.config, {**fields, "output": output}, f"{where}.config")
+        outputs = tuple(f"{config.output.output.rstrip('/')}/{b.name}" for b in config.output.buckets)
+        if path not in outputs:
+            raise ValueError(f"{where}: `lwm data {entry.job}` with this config writes {list(outputs)}, not {path}")
+        return cls(entry.job, config, outputs)
 
 
 @dataclasses.dataclass(frozen=True)
 class NeedleEval:
     """Needle in a haystack after a stage: context ``lengths`` × insertion ``depths`` (0 start .. 1 end),
     ``rounds`` each."""
-
     lengths: tuple[int, ...] = ()
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     rounds: int = 3
@@ -139,7 +177,6 @@ class GateConfig:
 
     ``needle_length``: the context length whose needle accuracy is gated (0: the stage's seq_len).
     """
-
     max_eval_loss: float = 0.0
     min_needle_accuracy: float = 0.0
     needle_length: int = 0
@@ -152,7 +189,6 @@ class GateConfig:
 @dataclasses.dataclass(frozen=True)
 class StageKeys:
     """A stage entry's own keys (all others are ``lwm train`` sections)."""
-
     name: str
     parent: str = ""
     needle: NeedleEval = NeedleEval()
@@ -162,7 +198,6 @@ class StageKeys:
 @dataclasses.dataclass(frozen=True)
 class PlanFile:
     """The top level of a plan file."""
-
     stages: tuple[dict, ...]
     run_root: str = "runs"
     launch: LaunchConfig = LaunchConfig()
@@ -173,7 +208,6 @@ class PlanFile:
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """One resolved stage: its own keys and its ``lwm train`` config."""
-
     name: str
     parent: str
     config: TrainConfig
@@ -295,7 +329,7 @@ def parse(mapping: Mapping[str, Any], path: str = "plan", sha256: str = "") -> P
         stages.append(_stage(entry, index, top, {s.name for s in stages}))
     stages = _link_parents(stages)
     _check_run_dirs(stages)
-    datasets = {str(k).rstrip("/"): from_mapping(DatasetSource, _mapping(v, f"datasets[{k}]"), f"datasets[{k}]")
+    datasets = {str(k).rstrip("/"): DatasetSource.parse(str(k).rstrip("/"), v)
                 for k, v in _mapping(top.datasets, "datasets").items()}
     return Plan(path, sha256, top.launch, tuple(stages), datasets)
 

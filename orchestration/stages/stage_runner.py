@@ -23,7 +23,7 @@ from __future__ import annotations
 import shlex
 
 from orchestration.stages import datasets, lineage, local, status
-from orchestration.stages.evaluation import Evaluator, gate_failures
+from orchestration.stages.gates import Evaluator, gate_failures
 from orchestration.stages.plan import Plan, Stage
 from schemas import storage
 

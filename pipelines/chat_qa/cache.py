@@ -20,7 +20,7 @@ import json
 import logging
 from typing import Iterable
 
-from pipelines.qa_generators import Identity, QAPair, QARequest
+from pipelines.chat_qa.generators.interface import Identity, QAPair, QARequest
 from schemas import storage
 
 log = logging.getLogger(__name__)

@@ -35,8 +35,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from pipelines.packing import Segment
-from pipelines.vision_layout import SYSTEM_PROMPT
+from pipelines.kit.packing import Segment
+from pipelines.tokens import prompts
 
 # A sentence ends at . ! or ? (closing quotes or brackets included), then whitespace.
 _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"'”’)\]]))\s+")
@@ -127,7 +127,7 @@ class ChatTemplate:
 
     @classmethod
     def from_encoder(cls, encode: Encode, bos: int, eos: int) -> "ChatTemplate":
-        system_user, user, assistant = encode([f"{SYSTEM_PROMPT} USER:", "USER:", "ASSISTANT:"])
+        system_user, user, assistant = encode([prompts.OPENING, prompts.USER, prompts.ASSISTANT])
         return cls(bos, eos, *(np.asarray(t, np.int32) for t in (system_user, user, assistant)))
 
 

@@ -1,13 +1,13 @@
 """``lwm data chat-qa``: books → model-generated long-context chat QA, packed like every other dataset.
 
-read, validate and drop duplicate ids (:mod:`pipelines.sources`) → cut each book
+read, validate and drop duplicate ids (:mod:`pipelines.kit.sources`) → cut each book
 into sentence-aligned chunks of about ``chunk_tokens`` tokens
-(:mod:`pipelines.qa_contexts`) → ask the generator (:mod:`pipelines.qa_generators`)
+(:mod:`pipelines.chat_qa.contexts`) → ask the generator (:mod:`pipelines.chat_qa.generators.interface`)
 for ``qa_per_chunk`` pairs per chunk, in batches, reusing every pair the cache
-(:mod:`pipelines.qa_cache`) already holds and storing each new one as soon as it
+(:mod:`pipelines.chat_qa.cache`) already holds and storing each new one as soon as it
 exists → per book and bucket, contexts of adjacent chunks as long as fit L, each
 followed by the QA turns about its chunks in LWM's chat format, loss on the
-answers only → the shared packed-dataset writer (:mod:`pipelines.dataset`).
+answers only → the shared packed-dataset writer (:mod:`pipelines.kit.packed_writer`).
 
 Pairs that could not be generated are dead letters (with the raw reply) and are
 not cached, so a rerun asks for them again; the book's context still holds their
@@ -23,17 +23,20 @@ from typing import Iterable, Sequence
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipelines import flags, progress, qa_generators
-from pipelines.buckets import Bucket
-from pipelines.dataset import ALL_BUCKETS, DatasetSpec, WritePackedDatasets, count, route
-from pipelines.job import Job, check_inputs, check_tokenizer
-from pipelines.naming import METRICS_NAMESPACE
-from pipelines.output import OutputConfig
-from pipelines.qa_cache import QACache, key
-from pipelines.qa_contexts import Chunk, ChatTemplate, QATokens, assemble, chunk_book
-from pipelines.qa_generators import GeneratorConfig, Identity, QAOutcome, QAPair, QARequest
-from pipelines.sources import ReadUnique
-from pipelines.text_tokenizer import TextTokenizer
+from schemas import flags
+from pipelines.kit import progress
+from pipelines.chat_qa import generators
+from pipelines.kit.buckets import Bucket
+from pipelines.kit.packed_writer import ALL_BUCKETS, DatasetSpec, WritePackedDatasets, count, route
+from pipelines.kit.job import Job, check_inputs, check_tokenizer
+from pipelines.kit.naming import METRICS_NAMESPACE
+from pipelines.kit.output import OutputConfig
+from pipelines.chat_qa.cache import QACache, key
+from pipelines.chat_qa.contexts import Chunk, ChatTemplate, QATokens, assemble, chunk_book
+from pipelines.chat_qa.generators import GeneratorConfig
+from pipelines.chat_qa.generators.interface import Identity, QAOutcome, QAPair, QARequest
+from pipelines.kit.sources import ReadUnique
+from pipelines.tokens.text_tokenizer import TextTokenizer
 from schemas import raw, storage
 
 
@@ -107,7 +110,7 @@ def requests(book: ChunkedBook, count: int) -> Iterable[QARequest]:
 
 
 class QACount(str, enum.Enum):
-    """What the job counts beside :class:`~pipelines.buckets.Count`, in every bucket's manifest."""
+    """What the job counts beside :class:`~pipelines.kit.buckets.Count`, in every bucket's manifest."""
 
     GENERATED = "qa_generated"  # pairs the generator produced in this run
     REUSED = "qa_reused"  # pairs taken from the cache
@@ -147,7 +150,7 @@ class Generate(beam.DoFn):
         self.generator_config = generator
 
     def setup(self):
-        self.generator = qa_generators.build(self.generator_config)
+        self.generator = generators.build(self.generator_config)
 
     def process(self, batch: Sequence[QARequest]) -> Iterable[QAOutcome]:
         yield from self.generator.generate(batch)
@@ -234,14 +237,8 @@ def build(pipeline: beam.Pipeline, config: ChatQAConfig):
         | "BatchBooks" >> beam.BatchElements(min_batch_size=1, max_batch_size=config.chunk_batch)
         | "Chunk" >> beam.ParDo(ChunkBooks(config.tokenizer, config.chunk_tokens))
     )
-    handler = None
-    if config.generator.spec.startswith("lwm:"):
-        # Imported here: Beam's inference module loads torch, which no other generator needs.
-        from apache_beam.ml.inference.base import RunInference
-        from pipelines.qa_lwm import SamplerHandler
-
-        handler = SamplerHandler(config.generator, config.tokenizer)
-    identity = handler.identity if handler else qa_generators.identity(config.generator)
+    handler = generators.model_handler(config.generator, config.tokenizer)
+    identity = handler.identity if handler else generators.identity(config.generator)
     size = config.generator.batch
     looked_up = (
         books
@@ -252,6 +249,9 @@ def build(pipeline: beam.Pipeline, config: ChatQAConfig):
             "cached", "counts", main="missing")
     )
     if handler:
+        # Imported here: Beam's inference module loads torch, which the other generators never need.
+        from apache_beam.ml.inference.base import RunInference
+
         outcomes = looked_up.missing | "Generate" >> RunInference(handler)
     else:
         outcomes = (
@@ -291,7 +291,7 @@ def check(config: ChatQAConfig) -> tuple[int, int]:
     if config.chunk_tokens >= shortest:
         raise ValueError(f"--chunk-tokens {config.chunk_tokens} leaves no room for QA turns in sequences of {shortest}")
     check_tokenizer(config.tokenizer)
-    qa_generators.check(config.generator)
+    generators.check(config.generator)
     return check_inputs(config.inputs)
 
 

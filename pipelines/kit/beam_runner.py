@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
 log = logging.getLogger(__name__)
-PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[2]
 LOCAL_RUNNER = "FnApiRunner"
 
 

@@ -8,7 +8,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from array_record.python.array_record_module import ArrayRecordReader
 
-from pipelines.text_tokenizer import TextTokenizer
+from pipelines.tokens.text_tokenizer import TextTokenizer
 from schemas import manifest as manifest_lib
 from schemas import packed, storage, vocab
 

@@ -7,7 +7,7 @@ Beam pipeline. :func:`run` does what every job needs around that, in this order:
 1. check every input (globs, tokenizer, job-specific files) and the output's
    writability, before any output is touched;
 2. refuse existing output unless ``overwrite``; with it, build into a staging
-   directory beside the output (:func:`pipelines.naming.staging_dir`);
+   directory beside the output (:func:`pipelines.kit.naming.staging_dir`);
 3. run the pipeline (or, ``dry_run``, only build it and describe it);
 4. swap each new dataset into place; the old one stays readable until then.
 """
@@ -28,9 +28,11 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
-from pipelines import naming, progress, runner
-from pipelines.buckets import Bucket
-from pipelines.output import OutputConfig
+from pipelines.kit import naming
+from pipelines.kit import progress
+from pipelines.kit import beam_runner as runner
+from pipelines.kit.buckets import Bucket
+from pipelines.kit.output import OutputConfig
 from schemas import manifest as manifest_lib
 from schemas import storage
 
@@ -98,7 +100,7 @@ def check_inputs(patterns: Sequence[str]) -> tuple[int, int]:
 
 def check_tokenizer(path: str):
     """The SentencePiece model at ``path``, loaded; a missing or wrong file is a one-line ValueError."""
-    from pipelines.text_tokenizer import TextTokenizer
+    from pipelines.tokens.text_tokenizer import TextTokenizer
 
     if not FileSystems.exists(path):
         raise ValueError(f"--tokenizer {path!r} does not exist (train one with `lwm tokenizer train`)")

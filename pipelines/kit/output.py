@@ -2,7 +2,7 @@
 
 Embedded in each job's config as ``output`` (its fields become the job's
 ``--output``, ``--buckets``/``--seq-len``, ``--name``, ``--pack-groups``,
-``--shard-mb``, ``--num-shards`` and ``--overwrite`` flags, :mod:`pipelines.flags`).
+``--shard-mb``, ``--num-shards`` and ``--overwrite`` flags, :mod:`schemas.flags`).
 Pure: no Beam.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from pipelines import buckets as buckets_lib
-from pipelines import flags
-from pipelines.buckets import Bucket
+from pipelines.kit import buckets as buckets_lib
+from schemas import flags
+from pipelines.kit.buckets import Bucket
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,12 +5,12 @@ image-text or video-text alike) and writes one dataset per length bucket into
 ``OUTPUT/seq{L}/``:
 
 1. segments are hashed into ``hash_groups`` groups by their document id, as
-   bytes (:func:`pipelines.packing.segment_to_bytes`, about 2 bytes per token),
+   bytes (:func:`pipelines.kit.packing.segment_to_bytes`, about 2 bytes per token),
    where they are made: the key needs nothing computed later, so they go from
    the producer straight into the shuffle;
 2. the groups' token totals fix their bucket's :class:`BucketPlan`: whether the
    bucket is large enough for its groups to pack on their own
-   (:func:`pipelines.packing.packed_in_place`) and the run of shards each packing
+   (:func:`pipelines.kit.packing.packed_in_place`) and the run of shards each packing
    unit writes;
 3. in a large bucket each group is sorted (GroupByKey order is not
    deterministic), packed with best-fit-decreasing and written, less its least
@@ -57,10 +57,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from pipelines import packing
-from pipelines.buckets import Bucket, Count
-from pipelines.naming import METRICS_NAMESPACE, bucket_dir
-from pipelines.output import OutputConfig, recorded
+from pipelines.kit import packing
+from pipelines.kit.buckets import Bucket, Count
+from pipelines.kit.naming import METRICS_NAMESPACE, bucket_dir
+from pipelines.kit.output import OutputConfig, recorded
 from schemas import packed
 from schemas import manifest as manifest_lib
 from schemas import storage
@@ -86,7 +86,7 @@ class DatasetSpec:
     def for_job(cls, job: str, config, tokenizer, *, counts: tuple[type[enum.Enum], ...] = (),
                 **extra_config) -> "DatasetSpec":
         """The spec of a job whose config has ``output`` (an :class:`OutputConfig`) and ``tokenizer`` (a path);
-        ``tokenizer`` is the job's loaded :class:`~pipelines.text_tokenizer.TextTokenizer`; ``counts``
+        ``tokenizer`` is the job's loaded :class:`~pipelines.tokens.text_tokenizer.TextTokenizer`; ``counts``
         the job's own count enums beside :class:`Count`."""
         return cls(
             job=job,
@@ -117,7 +117,7 @@ class DatasetSpec:
 
     def plan(self, seq_len: int, group_tokens: Mapping[int, int]) -> "BucketPlan":
         """The plan of a bucket from its hash groups' token totals: which groups are packed in place
-        (:func:`pipelines.packing.packed_in_place`) and the shards each packing unit (those groups, then
+        (:func:`pipelines.kit.packing.packed_in_place`) and the shards each packing unit (those groups, then
         the leftovers) writes: ``num_shards`` shared by their tokens, at least one each, or shards of about
         ``shard_mb`` (estimated at 2 bytes per token, full sequences)."""
         groups = self.hash_groups

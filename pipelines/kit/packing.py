@@ -36,7 +36,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from pipelines.naming import stable_hash
+from pipelines.kit.naming import stable_hash
 from schemas import packed
 
 

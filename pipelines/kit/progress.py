@@ -2,7 +2,7 @@
 
 Beam's local runner reports metrics only when a job ends, so the job's DoFns report
 here as they work: every :data:`INTERVAL_S` seconds one line through the
-``pipelines.progress`` logger, e.g.::
+``pipelines.kit.progress`` logger, e.g.::
 
     progress: 2/5 files (41% of input bytes), 12,345 documents, 3,456,789 tokens, 0:01:02 elapsed, ETA 0:01:29
 

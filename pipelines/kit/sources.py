@@ -31,8 +31,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipelines import progress
-from pipelines.naming import METRICS_NAMESPACE
+from pipelines.kit import progress
+from pipelines.kit.naming import METRICS_NAMESPACE
 from schemas import raw
 from schemas.raw import DeadLetter
 

@@ -16,7 +16,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
-from apache_beam.io.filesystems import FileSystems
+
+from schemas import storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,11 +31,10 @@ class SpecialTokens:
 
 
 class TextTokenizer:
-    """A SentencePiece model (Llama-2's ``tokenizer.model`` included) read from any Beam filesystem."""
+    """A SentencePiece model (Llama-2's ``tokenizer.model`` included) read from any path (local, ``gs://``)."""
 
     def __init__(self, path: str):
-        with FileSystems.open(path) as f:
-            self.__setstate__({"path": path, "model": f.read()})
+        self.__setstate__({"path": path, "model": storage.read_bytes(path)})
 
     @property
     def vocab_size(self) -> int:
@@ -146,6 +146,5 @@ def train(texts: Iterable[str], vocab_size: int, output: str, *, model_type: str
         if not fed:
             raise ValueError("no text to train the tokenizer on") from None
         raise ValueError(f"SentencePiece could not train on {fed} sentences: {error}") from None
-    with FileSystems.create(output) as f:
-        f.write(model.getvalue())
+    storage.write_atomically(output, model.getvalue())
     return output

@@ -1,43 +1,35 @@
-"""LWM's layout of one vision-language example as one packed segment (LWM_FACTS "Vision tokens",
-"Sequence construction").
+"""LWM's layout of a vision span and of the text around it: the part of it that prompts and data share.
 
-An example (caption + the VQGAN codes of its F frames) goes one of two ways, chosen
-per example id by a stable hash so every run makes the same choice:
+A span of F frames is each frame's 256 VQGAN codes followed by eof (vision id
+8192), except the last, followed by eov (8193), wrapped in the text ``<vision>`` /
+``</vision>`` (ordinary text tokens of the text tokenizer). ``vision_mask`` is 1
+exactly on the codes, eof and eov. BOS and EOS are explicit ids, never added by
+the tokenizer.
+
+Around the span, an example is a list of parts (text or :data:`VISION`, each
+marked as a target or not) in one of two directions:
 
 * generation (text → vision):    ``BOS caption <vision> f1 … fF </vision> EOS``
 * understanding (vision → text): ``BOS <vision> f1 … fF </vision> caption EOS``
 
-where each frame ``f`` is its 256 codes followed by eof (vision id 8192), except the
-last, followed by eov (8193). ``<vision>`` / ``</vision>`` are ordinary text, tokenized
-by the text tokenizer; BOS/EOS are added here, explicitly. ``vision_mask`` is 1 exactly
-on codes, eof and eov.
-
-With ``template="chat"`` the text is LWM's chat format instead:
+or, with ``template="chat"``, LWM's chat format (:mod:`pipelines.tokens.prompts`):
 
 * generation:    ``BOS You are a helpful assistant. USER: Generate an image of {caption} ASSISTANT: <vision> … </vision> EOS``
 * understanding: ``BOS You are a helpful assistant. USER: Describe the image.\\n <vision> … </vision> ASSISTANT: {caption} EOS``
 
-("a video of" / "the video" for videos). Each example is split into conditioning parts
-(the caption in generation, the vision span in understanding, the chat prompt) and
-target parts (the rest, EOS included). Loss weights: ``vision_weight`` on vision ids,
-``text_weight`` on text ids, 0 on the conditioning parts if ``condition_loss`` is off,
-and 0 on the first token (it has no context). The released loss (mean vision loss and
-mean text loss averaged) is the trainer's business: it has ``vision_mask`` to split them.
-
-Everything here is pure (numpy in, :class:`~pipelines.packing.Segment` out); the
-text tokenizer comes in as ids, so Beam, tests and notebooks share it.
+("a video of" / "the video" for videos). :func:`lay_out` turns parts and codes
+into ids, mask and target flags; the vision data jobs add loss weights
+(:mod:`pipelines.vision.examples`) and the sampler feeds the same ids. Pure numpy.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from pipelines import flags
-from pipelines.naming import stable_hash
-from pipelines.packing import Segment
+from pipelines.tokens import prompts
 from schemas import vocab
 
 GENERATION = "generation"
@@ -46,38 +38,6 @@ TEMPLATES = ("plain", "chat")
 MODALITIES = ("image", "video")
 FRAME_TOKENS = vocab.TOKENS_PER_FRAME + 1  # 256 codes + eof/eov
 VISION = None  # marks the vision span in a list of parts
-SYSTEM_PROMPT = "You are a helpful assistant."
-
-
-@dataclasses.dataclass(frozen=True)
-class LayoutConfig:
-    """How examples are laid out; recorded in every manifest.
-
-    ``generation_fraction`` of the examples (by a stable hash of ``salt`` and the id)
-    are generation, the rest understanding. ``condition_loss=False`` puts no loss on the
-    conditioning side (e.g. only the caption is learnt in understanding examples).
-    """
-
-    generation_fraction: float = 0.5
-    """Share of examples laid out caption → vision (generation); the rest vision → caption, chosen by id."""
-    text_weight: float = 1.0
-    """Loss weight of text tokens baked into the records."""
-    vision_weight: float = 1.0
-    """Loss weight of vision tokens baked into the records."""
-    condition_loss: bool = True
-    """Loss on the conditioning side too (the caption in generation, the vision in understanding)."""
-    template: Literal["plain", "chat"] = "plain"
-    """plain: caption and <vision>…</vision> only; chat: LWM's USER/ASSISTANT format."""
-    salt: str = flags.field("", flag="layout-salt")
-    """Changes which examples get which direction."""
-
-    def __post_init__(self):
-        if not 0.0 <= self.generation_fraction <= 1.0:
-            raise ValueError(f"generation_fraction must be in [0, 1], got {self.generation_fraction}")
-        if self.text_weight < 0 or self.vision_weight < 0:
-            raise ValueError(f"loss weights must be non-negative, got text {self.text_weight}, vision {self.vision_weight}")
-        if self.template not in TEMPLATES:
-            raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +51,7 @@ class Markers:
 
     @classmethod
     def from_tokenizer(cls, tokenizer, special) -> "Markers":
-        """From a :class:`~pipelines.text_tokenizer.TextTokenizer` and a ``SpecialTokens`` policy."""
+        """From a :class:`~pipelines.tokens.text_tokenizer.TextTokenizer` and a ``SpecialTokens`` policy."""
         return cls(
             tokenizer.bos_id if special.bos else None,
             tokenizer.eos_id if special.eos else None,
@@ -103,41 +63,24 @@ class Markers:
 Part = tuple[np.ndarray | None, bool]  # (text ids, or VISION for the vision span; is a target)
 
 
-def direction(example_id: str, config: LayoutConfig) -> str:
-    """GENERATION or UNDERSTANDING for this example: the same in every run and worker."""
-    draw = stable_hash(f"{config.salt}\0{example_id}") / 2.0**64
-    return GENERATION if draw < config.generation_fraction else UNDERSTANDING
-
-
 def template_parts(kind: str, caption: str, modality: str, template: str) -> tuple[tuple[str | None, bool], ...]:
     """The example's text around the vision span, as (text or VISION, is a target) parts in order."""
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-    article = "an" if modality == "image" else "a"
     if (kind, template) == (GENERATION, "plain"):
         return ((caption, False), (VISION, True))
     if (kind, template) == (UNDERSTANDING, "plain"):
         return ((VISION, False), (caption, True))
     if (kind, template) == (GENERATION, "chat"):
-        return ((f"{SYSTEM_PROMPT} USER: Generate {article} {modality} of {caption} ASSISTANT:", False), (VISION, True))
+        return ((prompts.chat_prompt(prompts.generation_request(modality, caption)), False), (VISION, True))
     if (kind, template) == (UNDERSTANDING, "chat"):
         return (
-            (f"{SYSTEM_PROMPT} USER: Describe the {modality}.\n", False),
+            (f"{prompts.OPENING} {prompts.description_request(modality)}\n", False),
             (VISION, False),
-            ("ASSISTANT:", False),
+            (prompts.ASSISTANT, False),
             (caption, True),
         )
     raise ValueError(f"unknown direction {kind!r} or template {template!r}")
-
-
-def example_parts(example_id: str, caption: str, modality: str, config: LayoutConfig,
-                  encode: Callable[[str], np.ndarray]) -> list[Part]:
-    """The example's parts in its direction, text tokenized with ``encode`` (no BOS/EOS)."""
-    kind = direction(example_id, config)
-    return [
-        (VISION if text is VISION else np.asarray(encode(text), np.int32), target)
-        for text, target in template_parts(kind, caption, modality, config.template)
-    ]
 
 
 def vision_tokens(codes_Fx16x16: np.ndarray) -> np.ndarray:
@@ -174,9 +117,10 @@ def uniform_frames(num_frames: int, keep: int) -> np.ndarray:
     return ((np.arange(keep) + 0.5) * num_frames / keep).astype(np.int64)
 
 
-def assemble(key: tuple[str, int], parts: Sequence[Part], codes_Fx16x16: np.ndarray, markers: Markers,
-             config: LayoutConfig) -> Segment:
-    """The segment of one example: ``parts`` (see :func:`template_parts`, text tokenized) around its frames."""
+def lay_out(parts: Sequence[Part], codes_Fx16x16: np.ndarray, markers: Markers
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``parts`` (text ids, or :data:`VISION` for the frames) as one sequence framed by the markers' BOS/EOS:
+    (tokens int32[T], vision_mask bool[T], is_target bool[T]); EOS is a target, BOS is not."""
     pieces: list[tuple[np.ndarray, bool, bool]] = []  # (ids, is vision, is target)
     if markers.bos is not None:
         pieces.append((np.array([markers.bos], np.int32), False, False))
@@ -191,7 +135,5 @@ def assemble(key: tuple[str, int], parts: Sequence[Part], codes_Fx16x16: np.ndar
         pieces.append((np.array([markers.eos], np.int32), False, True))
     tokens = np.concatenate([ids for ids, _, _ in pieces])
     vision_mask = np.concatenate([np.full(len(ids), vision) for ids, vision, _ in pieces]).astype(bool)
-    learnt = np.concatenate([np.full(len(ids), target or config.condition_loss) for ids, _, target in pieces])
-    weights = np.where(vision_mask, config.vision_weight, config.text_weight).astype(np.float32) * learnt
-    weights[:1] = 0.0
-    return Segment(key, tokens, vision_mask, weights.astype(np.float32))
+    target = np.concatenate([np.full(len(ids), target) for ids, _, target in pieces]).astype(bool)
+    return tokens, vision_mask, target

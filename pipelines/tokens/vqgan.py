@@ -9,7 +9,7 @@ parity-tested re-implementation of exactly that computation:
     decode: codes  → codebook lookup → post_quant_conv → decoder         → frames
 
 Parameter names mirror the diffusers state dict (``down_blocks.0.resnets.1.conv1`` is
-``down_blocks_0/resnets_1/conv1`` here), so conversion (``pipelines.vqgan_convert``)
+``down_blocks_0/resnets_1/conv1`` here), so conversion (``trainer.convert.vqgan_diffusers``)
 is a key rename plus a kernel transpose.
 
 Input range: aMUSEd/diffusers weights take RGB in [0, 1] (their pipelines use
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from schemas import storage
+from schemas import storage, vocab
 
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.safetensors"
@@ -53,7 +53,7 @@ class VQGANConfig:
     block_out_channels: tuple[int, ...] = (128, 256, 256, 512, 768)
     layers_per_block: int = 2
     latent_channels: int = 64
-    num_vq_embeddings: int = 8192
+    num_vq_embeddings: int = vocab.VISION_CODEBOOK_SIZE
     vq_embed_dim: int = 64
     norm_num_groups: int = 32
     in_channels: int = 3

@@ -1,7 +1,7 @@
 """``lwm data image-text``: image-caption pairs → LWM vision-language packed datasets.
 
-The job is :mod:`pipelines.vision_text` with images as one-frame videos; this module
-holds what is particular to images: decoding with Pillow (``pipelines.media``: short
+The job is :mod:`pipelines.vision.vision_text` with images as one-frame videos; this module
+holds what is particular to images: decoding with Pillow (``pipelines.tokens.media``: short
 side resized to 256, centre crop).
 """
 
@@ -12,8 +12,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from pipelines import flags, media, vision_text
-from pipelines.job import Job
+from schemas import flags
+from pipelines.tokens import media
+from pipelines.vision import vision_text
+from pipelines.kit.job import Job
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +36,7 @@ class ImageMedia:
 
 @dataclasses.dataclass(frozen=True)
 class ImageTextConfig(vision_text.VisionConfig):
-    """An image-text job's config: :class:`~pipelines.vision_text.VisionConfig` with image media."""
+    """An image-text job's config: :class:`~pipelines.vision.vision_text.VisionConfig` with image media."""
 
     media: ImageMedia = ImageMedia()
 

@@ -1,7 +1,7 @@
 """``lwm data video-text``: video-caption pairs → LWM vision-language packed datasets.
 
-The job is :mod:`pipelines.vision_text`; this module holds what is particular to
-videos: decoding with ffmpeg (``pipelines.media``: frames sampled at a rate or a
+The job is :mod:`pipelines.vision.vision_text`; this module holds what is particular to
+videos: decoding with ffmpeg (``pipelines.tokens.media``: frames sampled at a rate or a
 maximum count, scaled and cropped to 256×256 in the filter graph, with a duration cap
 and timeouts). A video too long for a bucket can be resampled to fewer frames there
 (``VisionConfig.resample_to_fit``).
@@ -14,13 +14,14 @@ from typing import ClassVar
 
 import numpy as np
 
-from pipelines import media, vision_text
-from pipelines.job import Job
+from pipelines.tokens import media
+from pipelines.vision import vision_text
+from pipelines.kit.job import Job
 
 
 @dataclasses.dataclass(frozen=True)
 class VideoMedia:
-    """Video decoding options (``pipelines.media.VideoConfig``: fps, max_frames, max_duration_s, timeout_s)."""
+    """Video decoding options (``pipelines.tokens.media.VideoConfig``: fps, max_frames, max_duration_s, timeout_s)."""
 
     video: media.VideoConfig = media.VideoConfig()
     name: ClassVar[str] = "video"
@@ -35,12 +36,12 @@ class VideoMedia:
 
 @dataclasses.dataclass(frozen=True)
 class VideoTextConfig(vision_text.VisionConfig):
-    """A video-text job's config: :class:`~pipelines.vision_text.VisionConfig` with video media."""
+    """A video-text job's config: :class:`~pipelines.vision.vision_text.VisionConfig` with video media."""
 
     media: VideoMedia = VideoMedia()
 
 
-# VideoConfig (pipelines.media) is the decoder's own config: its flags keep the job's established names,
+# VideoConfig (pipelines.tokens.media) is the decoder's own config: its flags keep the job's established names,
 # and the frame size stays the VQGAN's.
 JOB = Job("video-text", VideoTextConfig, vision_text.build, vision_text.check, help=(
     "video-caption pairs → VQGAN codes in LWM's layout → packed ArrayRecord shards per length bucket"),

@@ -2,19 +2,19 @@
 
 read (JSON lines / Parquet, any Beam filesystem; :mod:`schemas.raw_vision`) → validate
 (dead letters) → drop duplicate ids (the first by path and line is kept) → fetch and
-decode the media (inline bytes or a path on any Beam filesystem; ``pipelines.media``,
+decode the media (inline bytes or a path on any Beam filesystem; ``pipelines.tokens.media``,
 whose ``MediaError`` becomes a dead letter with its reason, so a bad file never crashes
 or stalls the job) → batch frames across examples (``BatchElements``, sized in frames)
 → VQGAN encode (loaded once per worker in ``setup``; every device call the same batch
 shape, so there is one compiled program and codes do not depend on how examples were
-batched) → tokenize captions → LWM layout (:mod:`pipelines.vision_layout`) → for every
+batched) → tokenize captions → LWM layout (:mod:`pipelines.tokens.vision_layout`) → for every
 bucket holding the example: the whole segment if it fits, else (``resample_to_fit``)
 the most uniformly spaced frames that fit, else a ``too_long`` dead letter for that
 bucket: a vision span is never cut → the shared packed-dataset writer
-(:mod:`pipelines.dataset`).
+(:mod:`pipelines.kit.packed_writer`).
 
 Images are one-frame videos here; what differs between the two jobs is the media
-(:class:`pipelines.image_text.ImageMedia`, :class:`pipelines.video_text.VideoMedia`).
+(:class:`pipelines.vision.image_text.ImageMedia`, :class:`pipelines.vision.video_text.VideoMedia`).
 """
 
 from __future__ import annotations
@@ -32,21 +32,24 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipelines import flags, vision_layout
-from pipelines.dataset import ALL_BUCKETS, DatasetSpec, WritePackedDatasets, route
-from pipelines.job import check_inputs, check_tokenizer
-from pipelines.media import MediaError
-from pipelines.naming import METRICS_NAMESPACE
-from pipelines.output import OutputConfig
-from pipelines.sources import ReadUnique, count_dead_letter
-from pipelines.text_tokenizer import SpecialTokens, TextTokenizer
-from pipelines.vision_layout import LayoutConfig, Markers
+from schemas import flags
+from pipelines.tokens import vision_layout
+from pipelines.kit.packed_writer import ALL_BUCKETS, DatasetSpec, WritePackedDatasets, route
+from pipelines.kit.job import check_inputs, check_tokenizer
+from pipelines.tokens.media import MediaError
+from pipelines.kit.naming import METRICS_NAMESPACE
+from pipelines.kit.output import OutputConfig
+from pipelines.kit.sources import ReadUnique, count_dead_letter
+from pipelines.tokens.text_tokenizer import SpecialTokens, TextTokenizer
+from pipelines.tokens.vision_layout import Markers
+from pipelines.vision import examples
+from pipelines.vision.examples import LayoutConfig
 from schemas import manifest as manifest_lib
 from schemas import raw_vision
 from schemas.raw import DeadLetter
 
 log = logging.getLogger(__name__)
-# The VQGAN weights directory's files (pipelines.vqgan.CONFIG_FILE, PARAMS_FILE); named here so that
+# The VQGAN weights directory's files (pipelines.tokens.vqgan.CONFIG_FILE, PARAMS_FILE); named here so that
 # building the CLI does not import JAX.
 VQGAN_FILES = ("config.json", "params.safetensors")
 
@@ -68,8 +71,8 @@ class Media(Protocol):
 class VisionConfig:
     """Everything an image-text or video-text job needs; recorded in every manifest it writes.
 
-    The two jobs' configs (:class:`pipelines.image_text.ImageTextConfig`,
-    :class:`pipelines.video_text.VideoTextConfig`) fix ``media`` to their kind.
+    The two jobs' configs (:class:`pipelines.vision.image_text.ImageTextConfig`,
+    :class:`pipelines.vision.video_text.VideoTextConfig`) fix ``media`` to their kind.
     """
 
     inputs: tuple[str, ...] = flags.field(flag="input", metavar="GLOB")
@@ -157,7 +160,7 @@ class EncodeFrames(beam.DoFn):
         self.batch_size = batch_size
 
     def setup(self):
-        from pipelines.vqgan import VQGAN  # JAX: imported where frames are encoded, not to build the CLI
+        from pipelines.tokens.vqgan import VQGAN  # JAX: imported where frames are encoded, not to build the CLI
 
         self.vq = VQGAN.load(self.vqgan_path, batch_size=self.batch_size)
         self.encoded = Metrics.counter(METRICS_NAMESPACE, "frames_encoded")
@@ -195,7 +198,7 @@ def assign_buckets(example_id: str, source: str, parts: Sequence[vision_layout.P
                 return DeadLetter(example_id, "too_long", detail, source)
             Metrics.counter(METRICS_NAMESPACE, "resampled").inc()
         chosen = codes if keep == frames else codes[vision_layout.uniform_frames(frames, keep)]
-        return [vision_layout.assemble((example_id, 0), parts, chosen, markers, config.layout)]
+        return [examples.assemble((example_id, 0), parts, chosen, markers, config.layout)]
 
     return route(length, config.output.buckets, fit)
 
@@ -213,7 +216,7 @@ class LayOut(beam.DoFn):
     def process(self, item):
         example, codes = item
         config = self.config
-        parts = vision_layout.example_parts(example.id, example.caption, config.media.name, config.layout,
+        parts = examples.example_parts(example.id, example.caption, config.media.name, config.layout,
                                             self.tokenizer.encode)
         yield from assign_buckets(example.id, example.source, parts, codes, self.markers, config)
 

@@ -1,8 +1,8 @@
-"""diffusers ``VQModel`` checkpoints (aMUSEd's ``vqvae/``) → ``pipelines.vqgan`` weights.
+"""diffusers ``VQModel`` checkpoints (aMUSEd's ``vqvae/``) → ``pipelines.tokens.vqgan`` weights.
 
 A diffusers checkpoint directory holds ``config.json`` and
 ``diffusion_pytorch_model[.fp16].safetensors``. Conversion checks that the config is
-the architecture ``pipelines.vqgan`` implements (DownEncoderBlock2D/UpDecoderBlock2D
+the architecture ``pipelines.tokens.vqgan`` implements (DownEncoderBlock2D/UpDecoderBlock2D
 blocks, SiLU, group norm, no mid-block attention), renames every tensor
 (``encoder.down_blocks.0.resnets.1.conv1.weight`` → ``encoder/down_blocks_0/resnets_1/conv1/kernel``),
 transposes conv kernels OIHW → HWIO, and fails on any missing, extra or misshapen tensor.
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 from flax import traverse_util
 
-from pipelines.vqgan import VQGAN, VQGANConfig, param_shapes
+from pipelines.tokens.vqgan import VQGAN, VQGANConfig, param_shapes
 
 # diffusers config values this implementation reproduces exactly; anything else is refused.
 _REQUIRED = {

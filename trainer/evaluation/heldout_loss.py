@@ -33,8 +33,8 @@ from schemas import manifest as manifest_lib
 from schemas import packed
 from trainer import checkpoint
 from trainer.config import DatasetConfig, EvalConfig, TrainConfig
-from trainer import layout as layout_lib
-from trainer.data import NextTokenTargets, RingLayout
+from trainer import ring_layout as layout_lib
+from trainer.training.loader import NextTokenTargets, RingLayout
 from trainer.loss import LossConfig, loss_and_metrics
 from trainer.model import LWM, abstract_params
 from trainer.sharding import MeshConfig, activate, attention_fn, batch_sharding, make_mesh, param_shardings, validate

@@ -22,7 +22,7 @@ whole sentences that starts inside a sentence (a fragment, as if opened at a ran
 place in a book), so every insertion point is a real sentence boundary. Trials are
 seeded by (seed, task, length, depth, round), so a sweep is deterministic.
 
-Construction and scoring are pure; :func:`run` drives a ``trainer.sample.Sampler``
+Construction and scoring are pure; :func:`run` drives a ``trainer.inference.sampler.Sampler``
 over the grid and writes ``results.jsonl``, a table and ``heatmap.png``.
 """
 
@@ -38,8 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from pipelines.qa_generators import needle_question, needle_sentence
-from trainer.sample import SYSTEM_PROMPT
+from pipelines.tokens.prompts import OPENING, needle_question, needle_sentence, question_closing, variable_question
 
 TASKS = ("needle", "variable-tracking")
 # The eval's cities; generators of training data must use others (TRAIN_CITIES).
@@ -50,10 +49,6 @@ TRAIN_CITIES = ("Oslo", "Lisbon", "Nairobi", "Quito", "Hanoi", "Tunis", "Riga", 
                 "Vienna", "Dublin", "Montreal", "Osaka", "Perth", "Porto", "Santiago", "Tbilisi", "Zagreb",
                 "Muscat", "Dhaka", "Lusaka", "Valencia", "Geneva", "Caracas")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-def variable_question(value: str) -> str:
-    return f"Find all variables that are assigned the value {value} in the text above."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,8 +167,8 @@ def build_trial(haystack: Haystack, encode: Callable[[str], Sequence[int]], bos_
     """The prompt of one (length, depth, round) cell: exactly ``length`` tokens (module docstring)."""
     rng = random.Random(f"{config.seed}/{config.task}/{length}/{depth}/{round_index}")
     sentences, expected, question, reference = _statements(config, rng)
-    prefix = list(encode(f"{SYSTEM_PROMPT} USER:"))
-    suffix = list(encode(f"{question} ASSISTANT:"))
+    prefix = list(encode(OPENING))
+    suffix = list(encode(question_closing(question)))
     inserts = [list(encode(s)) for s in sentences]
     needed = 1 + len(prefix) + len(suffix) + sum(map(len, inserts))
     if length <= needed:
@@ -309,10 +304,10 @@ def heatmap(results: Sequence[dict], config: NeedleConfig, path: str, title: str
 
 def run(sampler, tokenizer, haystack_texts: Sequence[str], config: NeedleConfig, out_dir: str, *,
         batch_size: int = 16, progress: Callable[[str], None] = print) -> list[dict]:
-    """The sweep on a loaded ``trainer.sample.Sampler``: greedy answers, ``OUT/results.jsonl`` (one
+    """The sweep on a loaded ``trainer.inference.sampler.Sampler``: greedy answers, ``OUT/results.jsonl`` (one
     line per trial), ``OUT/table.txt`` and ``OUT/heatmap.png``. Every length is checked against the
     model's context and the device memory before the first trial runs. Returns the result records."""
-    from trainer.sample import SampleSettings
+    from trainer.inference.sampler import SampleSettings
 
     for length in config.lengths:
         sampler.check_fits(min(batch_size, len(config.depths) * config.rounds), length, config.max_new_tokens)

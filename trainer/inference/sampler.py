@@ -2,7 +2,7 @@
 
 Use from Python (load once, generate many times)::
 
-    from trainer.sample import Sampler, SampleSettings, encode_prompt
+    from trainer.inference.sampler import Sampler, SampleSettings, encode_prompt
     sampler = Sampler("runs/tiny/checkpoints", sp=1)          # newest step
     prompts = [encode_prompt(tokenizer, "Once upon a time"), encode_prompt(tokenizer, "Q?", chat=True)]
     completions = sampler.generate(prompts, SampleSettings(max_new_tokens=64, temperature=0.7, top_p=0.9))
@@ -37,7 +37,7 @@ after every 256 codes and ``<eov>`` after the last requested frame; ``frame_code
 the codes ``[F, 16, 16]`` and ``decode_frames`` uint8 RGB frames through a VQGAN.
 
 Correctness: ``teacher_forced_logits`` runs this exact path (prefill, then one token at a
-time through the cache) and equals ``trainer.inference.logits`` (tests, fp32, sp 1 and 4).
+time through the cache) and equals ``trainer.inference.predictor.logits`` (tests, fp32, sp 1 and 4).
 
 Shape legend: B batch, P padded prompt length, T cache slots, S sequence, D d_model,
 H query heads, K key/value heads, G = H / K, E head dim, V text vocab, W vision vocab,
@@ -57,14 +57,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from pipelines.tokens import prompts
 from schemas import vocab
 from trainer import checkpoint
 from trainer.model import LWM, ModelConfig, param_shapes
-from trainer.layout import layout_permutation
+from trainer.ring_layout import layout_permutation
 from trainer.ring_attention import ring_attention
 from trainer.sharding import MeshConfig, activate, logical_to_spec, make_mesh, validate
 
-SYSTEM_PROMPT = "You are a helpful assistant."  # LWM's chat template (LWM_FACTS "Sequence construction")
 FRAME_TOKENS = vocab.TOKENS_PER_FRAME + 1  # 256 codes, then <eof> or <eov>
 _LAYOUT = "zigzag"
 
@@ -93,11 +93,6 @@ class SampleSettings:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
 
 
-def chat_text(question: str) -> str:
-    """LWM's chat template around a question, up to the answer."""
-    return f"{SYSTEM_PROMPT} USER: {question} ASSISTANT:"
-
-
 def check_tokenizer(tokenizer, config: ModelConfig) -> None:
     """ValueError unless every piece of ``tokenizer`` has a row in the model's text vocabulary."""
     if tokenizer.vocab_size > config.vocab_size:
@@ -109,10 +104,10 @@ def encode_prompt(tokenizer, text: str, *, chat: bool = False, vision: bool = Fa
     """Token ids of a prompt as the model saw text in training: BOS, then the text (no EOS).
 
     ``chat`` wraps ``text`` in LWM's chat template; ``vision`` ends the prompt with the
-    ``<vision>`` tag (tokenized on its own, as ``pipelines.vision_layout`` does), so that
+    ``<vision>`` tag (tokenized on its own, as ``pipelines.tokens.vision_layout`` does), so that
     the model continues with vision tokens.
     """
-    ids = [tokenizer.bos_id, *tokenizer.encode(chat_text(text) if chat else text)]
+    ids = [tokenizer.bos_id, *tokenizer.encode(prompts.chat_prompt(text) if chat else text)]
     if vision:
         ids += list(tokenizer.encode(vocab.VISION_OPEN))
     return [int(i) for i in ids]
@@ -505,7 +500,7 @@ def teacher_forced_logits(ckpt_dir: str | os.PathLike, tokens: np.ndarray, prefi
                           vision_mask: np.ndarray | None = None) -> np.ndarray:
     """Text-head logits ``[B, S, V]`` the sampler computes for ``tokens`` (newest step of ``ckpt_dir``):
     prefill of ``tokens[:, :prefill_len]`` over ``sp`` devices, then one token at a time through
-    its cache. Equal to ``trainer.inference.logits`` on the same tokens (the sampler's test)."""
+    its cache. Equal to ``trainer.inference.predictor.logits`` on the same tokens (the sampler's test)."""
     path = os.path.abspath(os.fspath(ckpt_dir))
     return _sampler(path, checkpoint.latest_step(path), sp).teacher_forced_logits(tokens, prefill_len, vision_mask)
 
@@ -528,7 +523,7 @@ def frame_codes(vision_ids: Sequence[int]) -> np.ndarray:
 
 
 def decode_frames(codes_Fx16x16: np.ndarray, vqgan) -> np.ndarray:
-    """uint8 RGB frames ``[F, 256, 256, 3]`` of generated codes, through a ``pipelines.vqgan.VQGAN``."""
+    """uint8 RGB frames ``[F, 256, 256, 3]`` of generated codes, through a ``pipelines.tokens.vqgan.VQGAN``."""
     low, high = vqgan.input_range
     frames = vqgan.decode(np.asarray(codes_Fx16x16, np.int32))
     return np.round((frames - low) / (high - low) * 255.0).clip(0, 255).astype(np.uint8)

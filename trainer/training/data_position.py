@@ -2,7 +2,7 @@
 
 Every process saves its Grain iterator state as ``process_<i>-of-<n>.json`` in the
 checkpoint's ``data_iter`` item (Grain's own layout). Batch ``k`` of every process is
-its block of global batch ``k`` (``trainer.data.HostBlocks``), so these states are
+its block of global batch ``k`` (``trainer.training.loader.HostBlocks``), so these states are
 equal: the position in the data is one global quantity, ``position`` micro-batches.
 
 Restoring, each process takes, in order:

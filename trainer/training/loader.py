@@ -12,8 +12,8 @@ Pipeline (every step deterministic and stateless given the seed)::
         the number of processes)
       → decode (``schemas.packed.decode``; a record of another length than the
         manifest's ``seq_len`` is refused) → batch
-      → ``NextTokenTargets``: targets in natural order (``trainer.layout.next_token_targets``)
-      → ``RingLayout``: the ring layout of the sequence axis (``trainer.layout.batch_permutation``)
+      → ``NextTokenTargets``: targets in natural order (``trainer.ring_layout.next_token_targets``)
+      → ``RingLayout``: the ring layout of the sequence axis (``trainer.ring_layout.batch_permutation``)
       → to_iter_dataset (+ ``mp_prefetch`` with ``worker_count`` processes)
     then, per step, ``jax.make_array_from_process_local_data`` on the batch sharding.
 
@@ -22,7 +22,7 @@ the worker count, and the iterator's state (``Loader.iterator``, a Grain
 ``DatasetIterator``) is a position that a checkpoint saves and restores exactly.
 Batch ``k`` of every process is its block of global batch ``k``: the position is
 the same on every process, which is what lets a run resume on another number of
-processes (``trainer.data_position``).
+processes (``trainer.training.data_position``).
 
 Batch arrays, all ``[B, S]`` in the ring layout: ``tokens``, ``vision_mask``,
 ``segment_ids``, ``positions`` and the targets ``targets``, ``target_vision_mask``,
@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from schemas import manifest as manifest_lib
 from schemas import packed
-from trainer import layout
+from trainer import ring_layout as layout
 from trainer.config import DataConfig
 from trainer.sharding import batch_sharding
 

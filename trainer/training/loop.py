@@ -7,7 +7,7 @@
   or data order refused); a finished run has nothing to do; the datasets must fit
   the model's vocabularies (``check_vocabulary``) and hold records;
 - the mesh comes from ``config.mesh`` (axes dp, fsdp, sp, tp); attention is ring
-  attention over ``sp`` and the loader (``trainer.data``) puts batches on the mesh
+  attention over ``sp`` and the loader (``trainer.training.loader``) puts batches on the mesh
   already in the ring layout;
 - ``train_step`` = a small loss function (``trainer.loss.loss_and_metrics``) plus an
   optax update, jitted once with the state's shardings and the state donated;
@@ -51,9 +51,11 @@ import optax
 from jax.experimental import multihost_utils
 
 from schemas import storage
-from trainer import checkpoint, distributed, evaluate, optimizer, run_dir
+from trainer import checkpoint, distributed, run_dir
+from trainer.evaluation import heldout_loss as evaluate
+from trainer.training import optimizer
 from trainer.config import TrainConfig, write_resolved
-from trainer.data import Loader
+from trainer.training.loader import Loader
 from trainer.loss import LossConfig, loss_and_metrics
 from trainer.model import LWM, ModelConfig, abstract_params, init_params, param_shapes
 from trainer.run_files import SyncedDir, SyncedFile
@@ -380,7 +382,7 @@ class _Session:
     mngr: Any
     log: MetricsLog
     stop: _StopSignals
-    evaluator: Any = None  # trainer.evaluate.Evaluator of the eval: section, if on
+    evaluator: Any = None  # trainer.evaluation.heldout_loss.Evaluator of the eval: section, if on
 
 
 def _loop(config: TrainConfig, run: _Session, step: int) -> TrainResult:

@@ -1,9 +1,9 @@
 """The ``lwm:CKPT`` generator: a checkpoint of this project, through the sampler, as a Beam RunInference model.
 
 :class:`SamplerHandler` is a RunInference ``ModelHandler``: each worker loads the
-checkpoint once (:class:`trainer.sample.Sampler`, shared by the worker's threads)
+checkpoint once (:class:`trainer.inference.sampler.Sampler`, shared by the worker's threads)
 and answers batches of requests with the versioned prompt of
-:mod:`pipelines.qa_generators` in LWM's chat template. A reply the strict parser
+:mod:`pipelines.chat_qa.generators.interface` in LWM's chat template. A reply the strict parser
 rejects is sampled once more (next seed), then dead-lettered with the raw reply.
 The generator's identity names the checkpoint's absolute path and step, resolved
 when the job is built, so every worker loads the same step and a newer
@@ -16,26 +16,25 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from apache_beam.ml.inference.base import ModelHandler
 
-from pipelines.qa_generators import (
+from pipelines.chat_qa.generators.interface import (
     PROMPT_VERSION,
     UNPARSEABLE,
-    GeneratorConfig,
     Identity,
     QAOutcome,
     QARequest,
     parse_reply,
     prompt,
 )
-from pipelines.text_tokenizer import TextTokenizer
+from pipelines.tokens.text_tokenizer import TextTokenizer
 from schemas import storage
+from trainer import checkpoint
+from trainer.inference.sampler import Sampler, SampleSettings, encode_prompt
 
 DETAIL_CHARS = 2000
 
 
-def resolve(config: GeneratorConfig) -> tuple[str, int]:
+def resolve(config) -> tuple[str, int]:
     """(absolute checkpoint directory, newest step) of an ``lwm:CKPT`` spec; ValueError if there is none."""
-    from trainer import checkpoint
-
     directory = storage.absolute(config.spec[len("lwm:"):])
     try:
         return directory, checkpoint.latest_step(directory)
@@ -43,26 +42,35 @@ def resolve(config: GeneratorConfig) -> tuple[str, int]:
         raise ValueError(f"--generator {config.spec}: no checkpoint there ({error})") from None
 
 
-def identity(config: GeneratorConfig, directory: str, step: int) -> Identity:
+def check(config) -> None:
+    resolve(config)
+
+
+def identity(config) -> Identity:
+    """The checkpoint's absolute path and newest step, and the sampling settings."""
+    return _identity(config, *resolve(config))
+
+
+def model_handler(config, tokenizer_path: str) -> "SamplerHandler":
+    return SamplerHandler(config, tokenizer_path)
+
+
+def _identity(config, directory: str, step: int) -> Identity:
     settings = {"temperature": config.temperature, "max_tokens": config.max_reply_tokens}
     return Identity(f"lwm:{directory}@{step}", PROMPT_VERSION, tuple(sorted(settings.items())))
 
 
 class LWMSampler:
     """Pairs from step ``step`` of the checkpoint in ``directory``, one batched ``Sampler.generate`` per
-    attempt (a QA generator, see :mod:`pipelines.qa_generators`)."""
+    attempt (a QA generator, see :mod:`pipelines.chat_qa.generators.interface`)."""
 
-    def __init__(self, config: GeneratorConfig, tokenizer_path: str, directory: str, step: int):
-        from trainer.sample import Sampler
-
-        self.identity = identity(config, directory, step)
+    def __init__(self, config, tokenizer_path: str, directory: str, step: int):
+        self.identity = _identity(config, directory, step)
         self.tokenizer = TextTokenizer(tokenizer_path)
         self.sampler = Sampler(directory, step=step)
         self.config = config
 
     def _sample(self, requests: Sequence[QARequest], seed: int) -> list[str]:
-        from trainer.sample import SampleSettings, encode_prompt
-
         prompts = [encode_prompt(self.tokenizer, prompt(r), chat=True) for r in requests]
         settings = SampleSettings(max_new_tokens=self.config.max_reply_tokens, temperature=self.config.temperature,
                                   seed=seed, eos_id=self.tokenizer.eos_id)
@@ -92,7 +100,7 @@ class SamplerHandler(ModelHandler[QARequest, QAOutcome, LWMSampler]):
     """RunInference over :class:`LWMSampler`: the checkpoint step resolved at launch loads once per worker;
     batches of ``config.batch`` requests."""
 
-    def __init__(self, config: GeneratorConfig, tokenizer_path: str):
+    def __init__(self, config, tokenizer_path: str):
         super().__init__()
         self.config = config
         self.tokenizer_path = tokenizer_path
@@ -100,7 +108,7 @@ class SamplerHandler(ModelHandler[QARequest, QAOutcome, LWMSampler]):
 
     @property
     def identity(self) -> Identity:
-        return identity(self.config, self.directory, self.step)
+        return _identity(self.config, self.directory, self.step)
 
     def load_model(self) -> LWMSampler:
         return LWMSampler(self.config, self.tokenizer_path, self.directory, self.step)

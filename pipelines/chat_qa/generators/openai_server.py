@@ -26,20 +26,21 @@ import json
 import logging
 import os
 import random
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Iterator, Sequence
 
-from pipelines.qa_generators import (
+from pipelines.chat_qa.generators.interface import (
+    PROMPT_VERSION,
     REJECTED,
     UNAVAILABLE,
     UNPARSEABLE,
-    GeneratorConfig,
+    Identity,
     QAOutcome,
     QARequest,
-    check,
-    identity,
     parse_reply,
     prompt,
 )
@@ -50,10 +51,31 @@ MAX_BACKOFF_S = 60.0
 DETAIL_CHARS = 2000
 
 
+def identity(config) -> Identity:
+    """The server's model, URL and sampling settings (the server's weights are beyond our sight)."""
+    settings = {"temperature": config.temperature, "max_tokens": config.max_reply_tokens}
+    return Identity(config.spec, PROMPT_VERSION, tuple(sorted(settings.items())))
+
+
+def check(config) -> None:
+    """The server accepts connections: a wrong URL would otherwise cost every chunk its full round of retries."""
+    url = urllib.parse.urlsplit(config.spec.partition("@")[2])
+    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    try:
+        socket.create_connection(address, timeout=min(config.timeout_s, 10.0)).close()
+    except OSError as error:
+        where = f"{address[0]}:{address[1]}"
+        raise ValueError(f"--generator {config.spec}: cannot connect to {where} ({error})") from None
+
+
+def build(config) -> "OpenAIChat":
+    return OpenAIChat.from_config(config)
+
+
 class OpenAIChat:
     """Chat completions at ``URL/chat/completions``; see the module docstring."""
 
-    def __init__(self, model: str, url: str, config: GeneratorConfig, api_key: str | None):
+    def __init__(self, model: str, url: str, config, api_key: str | None):
         self.identity = identity(config)
         self._model = model
         self._endpoint = url.rstrip("/") + "/chat/completions"
@@ -62,9 +84,8 @@ class OpenAIChat:
         self._pool = concurrent.futures.ThreadPoolExecutor(config.concurrency, thread_name_prefix="qa-request")
 
     @classmethod
-    def from_config(cls, config: GeneratorConfig) -> "OpenAIChat":
+    def from_config(cls, config) -> "OpenAIChat":
         model, _, url = config.spec[len("openai:"):].partition("@")
-        check(config)
         return cls(model, url, config, os.environ.get(config.api_key_env) if config.api_key_env else None)
 
     def generate(self, requests: Sequence[QARequest]) -> Iterator[QAOutcome]:

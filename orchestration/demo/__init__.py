@@ -1,0 +1,1 @@
+"""``lwm demo`` (``workflow``) and the sample data it generates: books, captioned media, needle exercises."""

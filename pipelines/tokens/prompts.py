@@ -1,0 +1,54 @@
+"""LWM's chat template and the wording of the retrieval tasks: the one owner of these strings.
+
+LWM's chat models were trained on ``You are a helpful assistant. USER: {question}
+ASSISTANT: {answer}``; its vision chat puts the vision span after the question
+(``USER: {question}\\n<vision>…</vision> ASSISTANT:``) and its generation prompt is
+``USER: Generate an image of {caption} ASSISTANT:`` ("a video of" for videos).
+Every prompt this project builds (sampler, vision data jobs, chat-QA contexts,
+needle evaluation) takes its strings from here, so training data and prompts agree
+token for token. The tokenizer adds nothing: BOS and EOS are always explicit ids.
+
+The needle wording follows the LWM paper's needle-in-a-haystack test: "The special
+magic {city} number is: {7 digits}." and "What is the special magic {city}
+number?"; variable tracking follows RULER.
+"""
+
+from __future__ import annotations
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+USER = "USER:"
+ASSISTANT = "ASSISTANT:"
+OPENING = f"{SYSTEM_PROMPT} {USER}"  # what a conversation starts with, before its first question
+
+
+def chat_prompt(question: str) -> str:
+    """One question in the template, up to the answer: ``You are a helpful assistant. USER: {q} ASSISTANT:``."""
+    return f"{OPENING} {question} {ASSISTANT}"
+
+
+def question_closing(question: str) -> str:
+    """The end of a user turn whose opening came before (a haystack, a vision span): ``{q} ASSISTANT:``."""
+    return f"{question} {ASSISTANT}"
+
+
+def generation_request(modality: str, caption: str) -> str:
+    """LWM's request for an image or a video of a caption."""
+    article = "an" if modality == "image" else "a"
+    return f"Generate {article} {modality} of {caption}"
+
+
+def description_request(modality: str) -> str:
+    """The question of an understanding example: describe the image or video."""
+    return f"Describe the {modality}."
+
+
+def needle_sentence(city: str, number: str) -> str:
+    return f"The special magic {city} number is: {number}."
+
+
+def needle_question(city: str) -> str:
+    return f"What is the special magic {city} number?"
+
+
+def variable_question(value: str) -> str:
+    return f"Find all variables that are assigned the value {value} in the text above."
