@@ -49,7 +49,7 @@ import sentencepiece
 from apache_beam import coders
 
 from orchestration import cli
-from orchestration.demo import sample_books as sample_data
+from trainer.evaluation import synthetic_books as sample_data
 from pipelines.kit import packed_writer as dataset
 from pipelines.kit import packing
 from pipelines.kit import sources

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from orchestration.demo import sample_books as sample_data
+from trainer.evaluation import synthetic_books as sample_data
 from pipelines.chat_qa import pipeline as chat_qa
 from pipelines.chat_qa import generators
 from pipelines.chat_qa.generators import interface

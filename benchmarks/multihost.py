@@ -28,7 +28,7 @@ CONFIG = str(ROOT / "configs" / "train_tiny.yaml")
 
 
 def build_dataset(workdir: Path, seq_len: int) -> Path:
-    from orchestration.demo.sample_books import write_books
+    from trainer.evaluation.synthetic_books import write_books
     from pipelines import books
     from pipelines.tokens import text_tokenizer
     from pipelines.kit.buckets import Bucket

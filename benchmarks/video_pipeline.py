@@ -26,7 +26,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
 from orchestration import cli
-from orchestration.demo import sample_books as sample_data
+from trainer.evaluation import synthetic_books as sample_data
 from orchestration.demo import sample_media
 from pipelines.tokens import media
 from pipelines.tokens import vision_layout

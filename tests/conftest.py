@@ -15,7 +15,7 @@ os.environ["XLA_FLAGS"] = (
 @pytest.fixture(scope="session")
 def sample_books(tmp_path_factory) -> pathlib.Path:
     """A JSON-lines file of 60 synthetic books (the demo's generator)."""
-    from orchestration.demo.sample_books import write_books
+    from trainer.evaluation.synthetic_books import write_books
 
     return write_books(tmp_path_factory.mktemp("books") / "books.jsonl", 60)
 

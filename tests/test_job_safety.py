@@ -13,7 +13,7 @@ import time
 import pytest
 
 from orchestration import cli
-from orchestration.demo import sample_books as sample_data
+from trainer.evaluation import synthetic_books as sample_data
 from pipelines.kit import packing
 from schemas import manifest
 

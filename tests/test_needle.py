@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from orchestration import cli
-from orchestration.demo.sample_books import book
+from trainer.evaluation.synthetic_books import book
 from pipelines.tokens import prompts
 from pipelines.tokens.text_tokenizer import TextTokenizer
 from trainer import checkpoint

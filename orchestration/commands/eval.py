@@ -48,7 +48,7 @@ def _haystack_texts(paths: list[str] | None) -> list[str]:
     if not paths:
         import random
 
-        from orchestration.demo.sample_books import book
+        from trainer.evaluation.synthetic_books import book
 
         return [book(random.Random(10_000 + i), 200) for i in range(20)]
     from schemas import raw

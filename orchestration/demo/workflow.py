@@ -12,7 +12,7 @@ import time
 from typing import Callable
 
 from orchestration import cli
-from orchestration.demo import sample_books as sample_data
+from trainer.evaluation import synthetic_books as sample_data
 from orchestration.demo import sample_media
 
 SEQ_LEN = 1024  # the image-text, chat and retrieval bucket: short enough for a tiny model on CPU
