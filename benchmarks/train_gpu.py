@@ -1,7 +1,7 @@
 """Step time and MFU of a 7B-shaped layer stack at 32K tokens on the available GPUs.
 
 LWM-7B's layer shapes (d_model 4096, 32 heads, SwiGLU 11008, text vocab 32000 plus
-vision vocab 8448; LWM_FACTS "Training recipe") with fewer layers so one GPU holds
+vision vocab 8448; docs/LWM.md, "Training recipe") with fewer layers so one GPU holds
 parameters, gradients and activations. Sequence parallel over every device
 (``sp = number of devices``, zigzag ring layout), bf16 compute, fp32 parameters,
 scan over layers with remat, chunked MLP and cross-entropy. One step = loss and

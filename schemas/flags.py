@@ -13,6 +13,8 @@ option, and :func:`from_args` turns the parsed namespace back into the config.
   are converted by :func:`from_args`: a bad one is a ``ValueError`` naming its flag.
 - ``bool``: ``--name`` sets a field that defaults to False; a field that defaults
   to True gets ``--no-name``.
+- :func:`field`'s ``repeat``: a ``tuple`` field given one value per use of its flag
+  (``--data a --data b``) instead of several values after one.
 - help: the field's docstring (a string literal right after it), or its entry
   ``name: text`` in the class docstring, followed by the default.
 - a field without a default is a required option.
@@ -45,11 +47,12 @@ _ENTRY = re.compile(r"^(?:``)?(\w+)(?:``)?:\s+(.*)$")
 
 
 def field(default: Any = dataclasses.MISSING, *, flag: str | None = None, parse: Callable[[str], Any] | None = None,
-          metavar: str | None = None, aliases: tuple[str, ...] = (), hidden: bool = False, record: bool = True) -> Any:
+          metavar: str | None = None, aliases: tuple[str, ...] = (), hidden: bool = False, record: bool = True,
+          repeat: bool = False) -> Any:
     """A dataclass field with command-line metadata (see the module docstring); ``hidden`` keeps it off the CLI,
     ``record=False`` out of the manifests (:func:`pipelines.kit.output.recorded`)."""
     metadata = {"flag": flag, "parse": parse, "metavar": metavar, "aliases": aliases, "hidden": hidden,
-                "record": record}
+                "record": record, "repeat": repeat}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -194,6 +197,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, renames: Mapping[st
         inner, _ = _optional(leaf.type)
         if typing.get_origin(inner) is typing.Literal:
             kwargs["choices"] = typing.get_args(inner)
+        elif typing.get_origin(inner) is tuple and meta.get("repeat"):
+            kwargs["action"] = "append"
         elif typing.get_origin(inner) is tuple and not meta.get("parse"):
             kwargs["nargs"] = "+"
         if "choices" not in kwargs:
@@ -229,6 +234,8 @@ def to_argv(config: Any, *, renames: Mapping[str, str | None] | None = None) -> 
             argv.append(f"--{name}" if value else f"--no-{name}")
         elif value is None and optional:
             argv += [f"--{name}", "none"]
+        elif typing.get_origin(inner) is tuple and meta.get("repeat"):
+            argv += [item for v in value for item in (f"--{name}", str(v))]
         elif typing.get_origin(inner) is tuple and not meta.get("parse"):
             argv += [f"--{name}", *map(str, value)]
         else:

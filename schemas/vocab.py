@@ -1,4 +1,4 @@
-"""Vocabulary layout shared by the pipelines and the model (LWM_FACTS "Vision tokens").
+"""Vocabulary layout shared by the pipelines and the model (docs/LWM.md, "Vision tokens").
 
 Text and vision tokens live in two separate vocabularies; a per-position boolean
 ``vision_mask`` says which one a token id belongs to. Vision ids are VQGAN codes

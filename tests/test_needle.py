@@ -6,6 +6,7 @@ import random
 import re
 
 import jax
+import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -14,7 +15,7 @@ from trainer.evaluation.synthetic_books import book
 from pipelines.tokens import prompts
 from pipelines.tokens.text_tokenizer import TextTokenizer
 from trainer import checkpoint
-from trainer.evaluation import needle
+from trainer.evaluation import haystack as needle
 from trainer.model import PRESETS, init_params
 
 
@@ -153,3 +154,13 @@ def test_a_bad_haystack_line_is_a_one_line_error_naming_it(tmp_path, tokenizer_p
             "--haystack", str(haystack), "--out", str(tmp_path / "out")]
     assert cli.main(argv) == 2
     assert f"lwm: error: haystack {haystack}:2: {reason}" in capsys.readouterr().err
+
+
+def test_the_heatmap_leaves_the_processs_plotting_backend_alone(tmp_path):
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    grid = [[1.0, 0.5], [float("nan"), 0.0]]
+    path = needle.heatmap(np.asarray(grid), (512, 1024), (0.0, 1.0), str(tmp_path / "h.png"), title="t", xlabel="x")
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.get_backend() == before

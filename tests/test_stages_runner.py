@@ -13,6 +13,7 @@ import pytest
 
 from orchestration.stages import gates, lineage, plan as plan_lib, status
 from orchestration.stages import stage_runner as runner
+from schemas import flags
 from schemas import manifest as manifest_lib
 
 
@@ -87,7 +88,7 @@ def test_eval_loss_comes_from_the_trainer(tmp_path):
     assert status.last_metrics(stage.run_dir) == {"step": 4, "loss": 2.0}
 
 
-def test_needle_runs_lwm_eval_needle_on_the_final_checkpoint_with_the_datas_tokenizer(tmp_path, monkeypatch):
+def test_evals_run_lwm_eval_on_the_final_checkpoint_with_the_datas_tokenizer(tmp_path, monkeypatch):
     stage = _plan(tmp_path, {}).stage("a")
     manifest_lib.write(str(tmp_path / "seq512"), manifest_lib.Manifest(
         job="books", name="books", seq_len=512, tokenizer={"path": "t.model", "uri": "/abs/t.model", "sha256": "x"},
@@ -104,17 +105,50 @@ def test_needle_runs_lwm_eval_needle_on_the_final_checkpoint_with_the_datas_toke
         return subprocess.CompletedProcess(argv, 0)
 
     monkeypatch.setattr(gates.subprocess, "run", fake_run)
-    assert gates.needle_accuracy(stage) == {"needle_accuracy/256": 0.5, "needle_accuracy/512": 1.0}
+    assert gates.measure(stage) == {"needle_accuracy/256": 0.5, "needle_accuracy/512": 1.0}
     (argv,) = calls
     assert argv[1:5] == ["-m", "orchestration.cli", "eval", "needle"]
     flags = dict(zip(argv[5::2], argv[6::2]))
     assert flags == {"--ckpt": stage.run_dir, "--step": "4", "--tokenizer": "/abs/t.model", "--lengths": "256,512",
-                     "--depths": "0.0,0.25,0.5,0.75,1.0", "--rounds": "3",
-                     "--out": os.path.join(stage.run_dir, gates.NEEDLE_DIR)}
+                     "--out": os.path.join(stage.run_dir, "needle")}
 
     monkeypatch.setattr(gates.subprocess, "run", lambda argv: subprocess.CompletedProcess(argv, 2))
     with pytest.raises(ValueError, match="stage a: `lwm eval needle` exited 2"):
-        gates.needle_accuracy(stage)
+        gates.measure(stage)
+
+
+def test_a_gate_can_require_any_registered_tasks_measurement(tmp_path):
+    plan = plan_lib.parse({"defaults": {"data": {"seq_len": 512}}, "stages": [{
+        "name": "a", "evals": {"variable-tracking": {"lengths": [512, 1024], "hops": 2}, "multi-needle": {
+            "lengths": [512]}},
+        "gate": {"at_least": {"variable-tracking_accuracy/1024": 0.4}, "at_most": {"multi-needle_accuracy/512": 0.9}}}]})
+    stage = plan.stages[0]
+    assert stage.evals["variable-tracking"].hops == 2 and stage.evals["multi-needle"].needles == 4
+    assert gates.gate_failures(stage, {"variable-tracking_accuracy/1024": 0.5, "multi-needle_accuracy/512": 0.5}) == []
+    assert gates.gate_failures(stage, {"variable-tracking_accuracy/1024": 0.25, "multi-needle_accuracy/512": 1.0}) == [
+        "variable-tracking_accuracy/1024 0.25 < gate.at_least[variable-tracking_accuracy/1024] 0.4",
+        "multi-needle_accuracy/512 1.0 > gate.at_most[multi-needle_accuracy/512] 0.9"]
+    assert flags.to_argv(stage.evals["variable-tracking"]) == ["--lengths", "512,1024", "--hops", "2"]
+
+
+def test_gates_and_evals_are_checked_when_the_plan_loads():
+    def stage(**keys):
+        return {"defaults": {"data": {"seq_len": 512}}, "stages": [{"name": "a", **keys}]}
+
+    with pytest.raises(ValueError, match=r"stages\[a\]\.evals: unknown evaluation task 'haystack'; registered tasks: "
+                                         r"loss, needle, multi-needle, variable-tracking"):
+        plan_lib.parse(stage(evals={"haystack": {}}))
+    with pytest.raises(ValueError, match=r"stages\[a\]\.evals\.needle: unknown key 'length'; did you mean "
+                                         r"stages\[a\]\.evals\.needle\.lengths\?"):
+        plan_lib.parse(stage(evals={"needle": {"length": [512]}}))
+    with pytest.raises(ValueError, match=r"gate.at_least\[needle_accuracy/2048\] needs the measurement "
+                                         r"'needle_accuracy/2048', which this stage does not make; it measures: "
+                                         r"needle_accuracy/512"):
+        plan_lib.parse(stage(evals={"needle": {"lengths": [512]}}, gate={"at_least": {"needle_accuracy/2048": 0.5}}))
+    with pytest.raises(ValueError, match=r"gate.at_most\[eval_loss\]: expected a number"):
+        plan_lib.parse(stage(gate={"at_most": {"eval_loss": "low"}}))
+    with pytest.raises(ValueError, match=r"give needle: or evals.needle, not both"):
+        plan_lib.parse(stage(needle={"lengths": [512]}, evals={"needle": {}}))
 
 
 def test_a_stage_whose_runner_was_killed_outright_shows_as_interrupted(tmp_path):

@@ -1,7 +1,7 @@
 """The training run's config: typed frozen dataclasses, YAML, ``--set`` overrides.
 
 One source of truth: the dataclasses below hold every setting of a run, and their
-defaults are the paper's first text stage (LWM_FACTS "Training recipe", 32K row:
+defaults are the paper's first text stage (docs/LWM.md, "Training recipe", 32K row:
 Llama-2 7B, RoPE theta 1e6, 2^15 tokens per sequence, 4M tokens per batch = 128
 sequences, 1200 steps, 100 warmup steps, constant LR 4e-5, AdamW b1 0.9 b2 0.95,
 weight decay 0.1, grad clip 1.0, mesh dp 1 fsdp -1 tp 4 sp 1). A YAML file and

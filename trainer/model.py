@@ -1,6 +1,6 @@
 """The LWM model: Llama-2 plus LWM's vision vocabulary, in Flax linen.
 
-Architecture (LWM_FACTS "Training recipe", "Vision tokens"): a text embedding and a
+Architecture (docs/LWM.md, "Training recipe", "Vision tokens"): a text embedding and a
 separate vision embedding chosen per position by ``vision_mask``; a stack of
 pre-norm decoder layers (RMSNorm, grouped-query attention with RoPE, SwiGLU MLP);
 a final RMSNorm; separate text and vision output heads.
@@ -134,7 +134,7 @@ class ModelConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     # Llama-2 7B (Touvron et al. 2023, Table 1; HF meta-llama/Llama-2-7b-hf config.json),
-    # the base model of LWM's text stages (LWM_FACTS "Training recipe").
+    # the base model of LWM's text stages (docs/LWM.md, "Training recipe").
     "llama2-7b": ModelConfig(vision_vocab_size=0),
     # LWM-7B: Llama-2 7B plus the 8448-entry vision embedding and head; RoPE theta of
     # the paper's vision-language stages (5e7). Stage plans override rope_theta per stage.

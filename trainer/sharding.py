@@ -1,6 +1,6 @@
 """Device mesh and sharding rules: the one place where logical axes meet devices.
 
-Mesh axes (as in the paper's tables, LWM_FACTS "Training recipe"):
+Mesh axes (as in the paper's tables, docs/LWM.md, "Training recipe"):
 - ``dp``: data parallel, parameters replicated;
 - ``fsdp``: data parallel with parameters, gradients and optimizer state sharded;
 - ``sp``: sequence parallel (ring attention): the sequence axis is split, and

@@ -14,13 +14,7 @@ def add_checkpoint_arguments(parser, *, tokenizer: bool = False) -> None:
 
 
 def open_sampler(args):
-    """``(tokenizer, Sampler)`` from ``--tokenizer``, ``--ckpt``, ``--step`` and ``--sp``; the tokenizer is
-    checked against the checkpoint's vocabulary before its weights are loaded."""
-    from pipelines.tokens.text_tokenizer import TextTokenizer
-    from trainer import checkpoint
-    from trainer.inference.sampler import Sampler, check_tokenizer
+    """``(tokenizer, Sampler)`` from ``--tokenizer``, ``--ckpt``, ``--step`` and ``--sp``, checked together."""
+    from trainer.inference.sampler import open_checked
 
-    tokenizer = TextTokenizer(args.tokenizer)
-    ckpt = checkpoint.resolve_dir(args.ckpt)
-    check_tokenizer(tokenizer, checkpoint.restore_model_config(ckpt, args.step))
-    return tokenizer, Sampler(ckpt, sp=args.sp, step=args.step)
+    return open_checked(args.ckpt, args.tokenizer, step=args.step, sp=args.sp)

@@ -1,11 +1,11 @@
 """Synthetic needle-retrieval training contexts from the demo's books, so the tiny demo model learns
 to answer ``lwm eval needle``'s question.
 
-Each document is a haystack as the eval builds it (``trainer.evaluation.needle``: a window of book sentences with
+Each document is a haystack as the eval builds it (``trainer.evaluation.haystack``: a window of book sentences with
 "The special magic {city} number is: {7 digits}." at a random depth). ``lwm data chat-qa --generator
 needle`` turns each into the eval's prompt (LWM's chat template, the haystack, "What is the special
 magic {city} number?") followed by the answer, with loss on the answer only. Cities come from
-``trainer.evaluation.needle.TRAIN_CITIES``, never the eval's, and numbers from a seed namespace of their own.
+``trainer.evaluation.haystack.TRAIN_CITIES``, never the eval's, and numbers from a seed namespace of their own.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import pathlib
 
 from pipelines.tokens.text_tokenizer import TextTokenizer
-from trainer.evaluation import needle
+from trainer.evaluation import haystack
 
 
 def write_retrieval(path: pathlib.Path, books: pathlib.Path, tokenizer_path: str, count: int, *, seed: int = 1,
@@ -25,8 +25,8 @@ def write_retrieval(path: pathlib.Path, books: pathlib.Path, tokenizer_path: str
     with open(books) as f:
         texts = [json.loads(line)["text"] for line in f if line.strip()]
     tokenizer = TextTokenizer(tokenizer_path)
-    haystack = needle.Haystack(texts, tokenizer.encode)
-    documents = needle.training_texts(haystack, tokenizer, count, min_length=min_length, max_length=max_length,
+    filler = haystack.Haystack(texts, tokenizer.encode)
+    documents = haystack.training_texts(filler, tokenizer, count, min_length=min_length, max_length=max_length,
                                       digits=digits, seed=seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as out:

@@ -5,66 +5,61 @@ promotion should rest on a measurement. A stage's measurements are a flat mappin
 saved in ``lineage.json``:
 
 - ``eval_loss``: the mean over ``eval.datasets`` of the held-out loss the trainer
-  measures at the stage's last step (its ``eval:`` section, ``trainer.evaluation.heldout_loss``),
-  with each dataset's ``eval/NAME/loss``;
-- ``needle_accuracy/L``: needle-in-a-haystack accuracy at context length ``L``, over
-  ``needle.depths`` × ``needle.rounds`` (the stage's ``needle:``).
+  measures at the stage's last step (its ``eval:`` section), with each dataset's
+  ``eval/NAME/loss``;
+- each task of the stage's ``evals:`` (any task registered in :mod:`trainer.evaluation`):
+  ``lwm eval NAME`` on the stage's final checkpoint in a child process (this process
+  never starts JAX), its output in ``RUN_DIR/NAME/``, its measurements as the task
+  defines them (``needle_accuracy/1024``, ...).
 
-An ``Evaluator`` computes them for a stage (:func:`measure`: the trainer's logged
-held-out loss, and `lwm eval needle` in a child process); ``gate_failures`` compares
-them with ``gate:``. The evaluator is a parameter of the runner, so the gating logic
-does not depend on how the numbers are measured.
+:func:`measure` computes them for a stage and :func:`gate_failures` compares them with
+the stage's ``gate:``. The evaluator is a parameter of the runner, so the gating
+logic does not depend on how the numbers are measured.
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-from typing import Callable
-
-import numpy as np
+from typing import Any, Callable
 
 from orchestration.stages import status
 from orchestration.stages.plan import Stage
+from schemas import flags
 from schemas import manifest as manifest_lib
 from schemas import storage
+from trainer import evaluation
 
 Evaluator = Callable[[Stage], dict[str, float]]
-NEEDLE_DIR = "needle"  # RUN_DIR/needle/: results.jsonl, table.txt, heatmap.png of the stage's needle test
-
-
-def needle_key(length: int) -> str:
-    return f"needle_accuracy/{length}"
 
 
 def measure(stage: Stage) -> dict[str, float]:
     """A finished stage's measurements (module docstring)."""
     results = trainer_eval_loss(stage)
-    if not stage.needle.empty:
-        results.update(needle_accuracy(stage))
+    for name, config in stage.evals.items():
+        results.update(run_task(stage, name, config))
     return results
 
 
-def needle_accuracy(stage: Stage) -> dict[str, float]:
-    """`lwm eval needle` on the stage's final checkpoint, in a child process (this process never
-    starts JAX); its results stay in ``RUN_DIR/needle/``. The tokenizer is the one the stage's
-    data was built with (its manifests' ``tokenizer.uri``)."""
-    needle = stage.needle
-    out = storage.join(stage.run_dir, NEEDLE_DIR)
-    tokenizer = manifest_lib.read(stage.config.data.datasets[0].path, verify_hashes=False).tokenizer["uri"]
-    argv = [sys.executable, "-m", "orchestration.cli", "eval", "needle", "--ckpt", stage.run_dir,
-            "--step", str(stage.config.steps), "--tokenizer", tokenizer,
-            "--lengths", ",".join(map(str, needle.lengths)), "--depths", ",".join(map(str, needle.depths)),
-            "--rounds", str(needle.rounds), "--out", out]
-    print("$ lwm " + " ".join(argv[3:]), flush=True)
-    code = subprocess.run(argv).returncode
+def task_argv(stage: Stage, name: str, config: Any) -> list[str]:
+    """``lwm eval NAME`` on the stage's final checkpoint, output in ``RUN_DIR/NAME``. The tokenizer is the
+    one the stage's data was built with (its first manifest's ``tokenizer.uri``)."""
+    task = evaluation.task(name)
+    argv = ["eval", name, "--ckpt", stage.run_dir, "--step", str(stage.config.steps)]
+    if task.needs_tokenizer:
+        manifest = manifest_lib.read(stage.config.data.datasets[0].path, verify_hashes=False)
+        argv += ["--tokenizer", manifest.tokenizer["uri"]]
+    return argv + flags.to_argv(config) + ["--out", storage.join(stage.run_dir, name)]
+
+
+def run_task(stage: Stage, name: str, config: Any) -> dict[str, float]:
+    """The task's measurements after running it in a child process."""
+    argv = task_argv(stage, name, config)
+    print("$ lwm " + " ".join(argv), flush=True)
+    code = subprocess.run([sys.executable, "-m", "orchestration.cli", *argv]).returncode
     if code:
-        raise ValueError(f"stage {stage.name}: `lwm eval needle` exited {code}; its command is printed above")
-    trials = [json.loads(line) for line in storage.read_bytes(storage.join(out, "results.jsonl")).decode().splitlines()
-              if line.strip()]
-    return {needle_key(length): float(np.mean([t["correct"] for t in trials if t["length"] == length]))
-            for length in needle.lengths}
+        raise ValueError(f"stage {stage.name}: `lwm eval {name}` exited {code}; its command is printed above")
+    return evaluation.task(name).metrics(config, storage.join(stage.run_dir, name))
 
 
 def trainer_eval_loss(stage: Stage) -> dict[str, float]:
@@ -76,15 +71,5 @@ def trainer_eval_loss(stage: Stage) -> dict[str, float]:
 
 def gate_failures(stage: Stage, results: dict[str, float]) -> list[str]:
     """One message per unmet threshold of ``stage.gate`` (empty: the stage may be promoted)."""
-    gate, failures = stage.gate, []
-    if gate.max_eval_loss:
-        loss = results.get("eval_loss")
-        if loss is None or not loss <= gate.max_eval_loss:
-            failures.append(f"eval loss {loss} > gate.max_eval_loss {gate.max_eval_loss}")
-    if gate.min_needle_accuracy:
-        length = gate.needle_length or stage.config.data.seq_len
-        accuracy = results.get(needle_key(length))
-        if accuracy is None or not accuracy >= gate.min_needle_accuracy:
-            failures.append(f"needle accuracy at {length} tokens {accuracy} < gate.min_needle_accuracy "
-                            f"{gate.min_needle_accuracy}")
-    return failures
+    failures = (t.failure(results) for t in stage.gate.thresholds(stage.config.data.seq_len))
+    return [f for f in failures if f]

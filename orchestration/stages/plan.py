@@ -15,8 +15,10 @@ A plan (``configs/stages/*.yaml``)::
         parent: text-32k             # start from its final params, fresh optimizer
         model: {rope_theta: 1.0e+7}
         eval: {datasets: [...], every: 500}   # the trainer's held-out loss (also at the last step)
-        needle: {lengths: [131072]}    # needle in a haystack after the stage
-        gate: {min_needle_accuracy: 0.5}
+        evals:                       # registered evaluation tasks after the stage (trainer.evaluation)
+          needle: {lengths: [131072]}
+          variable-tracking: {lengths: [131072], hops: 4}
+        gate: {at_least: {needle_accuracy/131072: 0.5}, at_most: {eval_loss: 2.5}}
 
 One parser: each stage is ``defaults`` deep-merged with the stage's own sections and
 parsed by ``schemas.typed_config.from_mapping(TrainConfig, ...)``, exactly as ``lwm train``
@@ -43,11 +45,13 @@ from jax.sharding import AbstractMesh
 
 import pipelines
 from schemas.typed_config import from_mapping
+from trainer import evaluation
 from trainer.config import TrainConfig
+from trainer.evaluation.heldout_loss import dataset_name
 from trainer.ring_layout import check_layout
 from trainer.sharding import MESH_AXES, validate
 
-STAGE_KEYS = ("name", "parent", "needle", "gate")
+STAGE_KEYS = ("name", "parent", "evals", "needle", "gate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,45 +163,81 @@ class DatasetSource:
 
 
 @dataclasses.dataclass(frozen=True)
-class NeedleEval:
-    """Needle in a haystack after a stage: context ``lengths`` × insertion ``depths`` (0 start .. 1 end),
-    ``rounds`` each."""
-    lengths: tuple[int, ...] = ()
-    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    rounds: int = 3
-
-    @property
-    def empty(self) -> bool:
-        return not self.lengths
-
-
-@dataclasses.dataclass(frozen=True)
 class GateConfig:
-    """Thresholds a stage's evaluation must meet before the next stage starts (0: no threshold).
+    """Thresholds a stage's measurements must meet before the next stage starts.
 
-    ``needle_length``: the context length whose needle accuracy is gated (0: the stage's seq_len).
+    ``at_least`` and ``at_most`` map a measurement's name to the lowest (highest)
+    value that passes: ``eval_loss`` and ``eval/NAME/loss`` (the trainer's held-out
+    loss at the stage's last step), or any of the stage's ``evals:`` tasks'
+    measurements (``needle_accuracy/1024``, ``variable-tracking_accuracy/2048``, ...).
+    The first spellings stay: ``max_eval_loss``, and ``min_needle_accuracy`` at
+    ``needle_length`` tokens (0: the stage's seq_len); 0 sets no threshold.
     """
+
+    at_least: dict = dataclasses.field(default_factory=dict)
+    at_most: dict = dataclasses.field(default_factory=dict)
     max_eval_loss: float = 0.0
     min_needle_accuracy: float = 0.0
     needle_length: int = 0
 
+    def __post_init__(self):
+        for side in ("at_least", "at_most"):
+            for name, value in getattr(self, side).items():
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    raise ValueError(f"gate.{side}[{name}]: expected a number, got {value!r}")
+
     @property
     def empty(self) -> bool:
-        return not self.max_eval_loss and not self.min_needle_accuracy
+        return not (self.at_least or self.at_most or self.max_eval_loss or self.min_needle_accuracy)
+
+    def thresholds(self, seq_len: int) -> list["Threshold"]:
+        """Every threshold, the first spellings included."""
+        found = [Threshold(name, True, float(v), f"gate.at_least[{name}]", name) for name, v in self.at_least.items()]
+        found += [Threshold(name, False, float(v), f"gate.at_most[{name}]", name) for name, v in self.at_most.items()]
+        if self.max_eval_loss:
+            found.append(Threshold("eval_loss", False, self.max_eval_loss, "gate.max_eval_loss", "eval loss"))
+        if self.min_needle_accuracy:
+            length = self.needle_length or seq_len
+            found.append(Threshold(f"needle_accuracy/{length}", True, self.min_needle_accuracy,
+                                   "gate.min_needle_accuracy", f"needle accuracy at {length} tokens"))
+        return found
+
+
+@dataclasses.dataclass(frozen=True)
+class Threshold:
+    measurement: str
+    at_least: bool  # False: at most
+    value: float
+    key: str  # the gate's key that set it, as messages name it
+    label: str  # the measurement, as messages name it
+
+    def failure(self, results: Mapping[str, float]) -> str | None:
+        """None when ``results`` meet the threshold, else the message (a missing or NaN measurement fails)."""
+        value = results.get(self.measurement)
+        if value is not None and (value >= self.value if self.at_least else value <= self.value):
+            return None
+        return f"{self.label} {value} {'<' if self.at_least else '>'} {self.key} {self.value}"
 
 
 @dataclasses.dataclass(frozen=True)
 class StageKeys:
-    """A stage entry's own keys (all others are ``lwm train`` sections)."""
+    """A stage entry's own keys (all others are ``lwm train`` sections).
+
+    ``evals`` maps registered evaluation tasks (:mod:`trainer.evaluation`) to their
+    configs, run after the stage; ``needle`` is the first spelling of ``evals: {needle: ...}``.
+    """
+
     name: str
     parent: str = ""
-    needle: NeedleEval = NeedleEval()
+    evals: dict = dataclasses.field(default_factory=dict)
+    needle: dict | None = None
     gate: GateConfig = GateConfig()
 
 
 @dataclasses.dataclass(frozen=True)
 class PlanFile:
     """The top level of a plan file."""
+
     stages: tuple[dict, ...]
     run_root: str = "runs"
     launch: LaunchConfig = LaunchConfig()
@@ -208,10 +248,11 @@ class PlanFile:
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """One resolved stage: its own keys and its ``lwm train`` config."""
+
     name: str
     parent: str
     config: TrainConfig
-    needle: NeedleEval
+    evals: dict[str, Any]  # registered task name -> its config
     gate: GateConfig
 
     @property
@@ -220,7 +261,7 @@ class Stage:
 
     @property
     def evaluates(self) -> bool:
-        return not self.needle.empty or not self.gate.empty
+        return bool(self.evals) or not self.gate.empty
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,8 +305,7 @@ def _stage(entry: Mapping[str, Any], index: int, top: PlanFile, names: set[str])
     where = f"stages[{keys.name}]"
     if keys.name in names:
         raise ValueError(f"{where}: two stages are named {keys.name!r}")
-    if keys.gate.min_needle_accuracy and keys.needle.empty:
-        raise ValueError(f"{where}: gate.min_needle_accuracy needs needle.lengths to measure the accuracy at")
+    evals = _evals(keys, where)
     sections = merge(top.defaults, {k: v for k, v in entry.items() if k not in STAGE_KEYS})
     sections.setdefault("run_dir", f"{top.run_root.rstrip('/')}/{keys.name}")
     if keys.parent:
@@ -274,10 +314,46 @@ def _stage(entry: Mapping[str, Any], index: int, top: PlanFile, names: set[str])
             raise ValueError(f"{where}: give either parent or checkpoint.init_from, not both")
         # init_from becomes the parent's checkpoints once every stage is parsed (_link_parents).
     config = from_mapping(TrainConfig, sections, where)
-    if keys.gate.max_eval_loss and not (config.eval.datasets and config.eval.every):
-        raise ValueError(f"{where}: gate.max_eval_loss needs eval.datasets and eval.every > 0 (the trainer "
-                         "then measures the held-out loss at the stage's last step)")
-    return Stage(keys.name, keys.parent, config, keys.needle, keys.gate)
+    _check_gate(keys.gate, evals, config, where)
+    return Stage(keys.name, keys.parent, config, evals, keys.gate)
+
+
+def _evals(keys: StageKeys, where: str) -> dict[str, Any]:
+    """The stage's evaluation tasks with their typed configs (``needle:`` is ``evals: {needle: ...}``)."""
+    mappings = dict(_mapping(keys.evals, f"{where}.evals"))
+    if keys.needle is not None:
+        if "needle" in mappings:
+            raise ValueError(f"{where}: give needle: or evals.needle, not both")
+        mappings["needle"] = keys.needle
+    evals = {}
+    for name, mapping in mappings.items():
+        try:
+            task = evaluation.task(name)
+        except ValueError as error:
+            raise ValueError(f"{where}.evals: {error}") from None
+        evals[name] = from_mapping(task.config, _mapping(mapping or {}, f"{where}.evals.{name}"),
+                                   f"{where}.evals.{name}")
+    return evals
+
+
+def _check_gate(gate: GateConfig, evals: Mapping[str, Any], config: TrainConfig, where: str) -> None:
+    """Every threshold names a measurement the stage makes."""
+    measured = {f"eval/{dataset_name(d.path)}/{k}" for d in config.eval.datasets for k in ("loss", "text_loss",
+                                                                                            "vision_loss")}
+    measured |= {"eval_loss"} if config.eval.datasets and config.eval.every else set()
+    for name, task_config in evals.items():
+        measured.update(evaluation.task(name).metric_names(task_config))
+    for threshold in gate.thresholds(config.data.seq_len):
+        if threshold.measurement in measured:
+            continue
+        if threshold.key == "gate.max_eval_loss":
+            raise ValueError(f"{where}: gate.max_eval_loss needs eval.datasets and eval.every > 0 (the trainer "
+                             "then measures the held-out loss at the stage's last step)")
+        if threshold.key == "gate.min_needle_accuracy" and "needle" not in evals:
+            raise ValueError(f"{where}: gate.min_needle_accuracy needs needle.lengths to measure the accuracy at")
+        raise ValueError(f"{where}: {threshold.key} needs the measurement {threshold.measurement!r}, which this "
+                         f"stage does not make; it measures: {', '.join(sorted(measured)) or 'nothing'} (add the "
+                         "task to evals: or the lengths to its config)")
 
 
 def _link_parents(stages: list[Stage]) -> list[Stage]:

@@ -1,6 +1,6 @@
 """Long-context chat QA examples: books → sentence-aligned chunks → contexts with their QA turns.
 
-LWM_FACTS "Model-generated long-context chat QA": a book is split into chunks of
+docs/LWM.md, "Model-generated long-context chat QA": a book is split into chunks of
 about 1000 tokens, a model writes question-answer pairs per chunk, and adjacent
 chunks are concatenated up to the target length L, followed by the pairs about
 those chunks in LWM's chat format, with loss on the answers only::

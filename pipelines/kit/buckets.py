@@ -56,7 +56,7 @@ class Bucket:
         return f"{self.seq_len}:{self.min_tokens}-{'' if self.max_tokens is None else self.max_tokens}"
 
 
-# The paper's text stages and their document-length filters (LWM_FACTS, "Training recipe").
+# The paper's text stages and their document-length filters (docs/LWM.md, "Training recipe").
 PRESETS: dict[str, tuple[Bucket, ...]] = {
     "lwm-text": (
         Bucket(2**15, 10_000, 100_000),

@@ -3,7 +3,7 @@
 Pure functions over :class:`Segment` values, shared by every pipeline (books,
 image-text, video-text) and by tests. Each segment becomes one segment of a packed
 example (its own segment id, positions restarting at 0, attending only to itself:
-LWM_FACTS "Masked sequence packing").
+docs/LWM.md, "Sequence construction").
 
 Example, L = 8: three text documents framed by BOS (1) and EOS (2)::
 

@@ -1,8 +1,8 @@
 """SentencePiece text tokenizer: load any model file, encode in batches, never add BOS/EOS.
 
-LWM_FACTS warns that the released code let the tokenizer insert BOS implicitly
-inside sequences. Here encoding never adds special tokens; the pipeline's policy
-(:class:`SpecialTokens`) adds them explicitly.
+LWM's released code let the tokenizer insert BOS implicitly inside sequences
+(docs/LWM.md, "Sequence construction"). Here encoding never adds special tokens;
+the pipeline's policy (:class:`SpecialTokens`) adds them explicitly.
 """
 
 from __future__ import annotations

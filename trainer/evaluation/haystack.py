@@ -1,6 +1,10 @@
-"""Needle in a haystack and variable tracking: prompts of an exact token length, scoring, the sweep.
+"""The haystack sweep that the retrieval tasks share: prompts of an exact token length, scoring, the grid.
 
-Needle (LWM_FACTS "Evaluation"): filler text (the haystack) of sentences from any text,
+The registered tasks (:mod:`trainer.evaluation`) are thin over it: ``needle``,
+``multi-needle`` and ``variable-tracking`` each take :class:`NeedleConfig` with
+their own defaults (:func:`sweep_task`).
+
+Needle (the LWM paper's retrieval test): filler text (the haystack) of sentences from any text,
 with "The special magic {city} number is: {7 digits}." inserted at a sentence boundary
 at the requested depth; LWM's chat template asks "What is the special magic {city}
 number?"; the greedy answer is correct iff the number appears in it. Multi-needle:
@@ -23,7 +27,8 @@ place in a book), so every insertion point is a real sentence boundary. Trials a
 seeded by (seed, task, length, depth, round), so a sweep is deterministic.
 
 Construction and scoring are pure; :func:`run` drives a ``trainer.inference.sampler.Sampler``
-over the grid and writes ``results.jsonl``, a table and ``heatmap.png``.
+over the grid and writes ``results.jsonl``, a table and ``heatmap.png`` (drawn on its own
+``matplotlib.figure.Figure``: the process's pyplot backend is left alone).
 """
 
 from __future__ import annotations
@@ -34,13 +39,17 @@ import os
 import random
 import re
 import string
-from typing import Callable, Sequence
+import typing
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 
 from pipelines.tokens.prompts import OPENING, needle_question, needle_sentence, question_closing, variable_question
+from schemas import flags, raw, storage
+from trainer.evaluation import Target, Task, synthetic_books
 
-TASKS = ("needle", "variable-tracking")
+Kind = Literal["needle", "variable-tracking"]  # what a sweep inserts and asks about
+KINDS = typing.get_args(Kind)
 # The eval's cities; generators of training data must use others (TRAIN_CITIES).
 EVAL_CITIES = ("Chicago", "Yangon", "Antananarivo", "Colombo", "Almaty", "Sydney", "Mexico City", "Seattle",
                "Lagos", "Amsterdam", "Belgrade", "Cairo", "Baghdad", "Damascus", "Kigali", "Dakar", "Sofia",
@@ -49,27 +58,54 @@ TRAIN_CITIES = ("Oslo", "Lisbon", "Nairobi", "Quito", "Hanoi", "Tunis", "Riga", 
                 "Vienna", "Dublin", "Montreal", "Osaka", "Perth", "Porto", "Santiago", "Tbilisi", "Zagreb",
                 "Muscat", "Dhaka", "Lusaka", "Valencia", "Geneva", "Caracas")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+RESULTS = "results.jsonl"  # one line per trial, in every sweep's output directory
+
+
+def _numbers(kind):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"expected a comma-separated list of {kind.__name__}s, got {text!r}") from None
+    return parse
 
 
 @dataclasses.dataclass(frozen=True)
 class NeedleConfig:
-    """One sweep. ``lengths`` count whole prompts in tokens; ``depths`` are fractions of the haystack."""
+    """One sweep: ``lengths`` × ``depths`` × ``rounds`` prompts, answered greedily in batches."""
 
-    lengths: tuple[int, ...] = (1024, 2048, 4096)
-    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    lengths: tuple[int, ...] = flags.field((1024, 2048, 4096), parse=_numbers(int), metavar="L,...")
+    """Prompt lengths in tokens (whole prompts), comma-separated."""
+    depths: tuple[float, ...] = flags.field((0.0, 0.25, 0.5, 0.75, 1.0), parse=_numbers(float), metavar="D,...")
+    """Needle depths in [0, 1] (fractions of the haystack), comma-separated."""
     rounds: int = 3
+    """Trials per (length, depth), each with new needles."""
     needles: int = 1
+    """Needles inserted (variable tracking: chains, the others distractors)."""
     ask: int = 1
-    task: str = "needle"
+    """Needles asked for (all must be in the answer)."""
+    task: Kind = "needle"
+    """What to insert and ask."""
     hops: int = 4
+    """Variable tracking: assignments after the first."""
     seed: int = 0
-    max_new_tokens: int = 48
-    cities: tuple[str, ...] = EVAL_CITIES
-    digits: int = 7  # of each needle's number (the eval's 7; training exercises vary it)
+    """Seed of haystack windows, cities, numbers, names."""
+    max_new_tokens: int = flags.field(48, flag="max-tokens")
+    """Most answer tokens (greedy, stops at EOS)."""
+    haystack: tuple[str, ...] = flags.field((), metavar="FILE")
+    """Filler text files (.jsonl: each line's 'text'); none: synthetic books."""
+    batch_size: int = 16
+    """Prompts sampled together."""
+    sp: int = 1
+    """Devices of the ring prompts and caches are split over."""
+    cities: tuple[str, ...] = flags.field(EVAL_CITIES, hidden=True)
+    """Cities of the needles (the eval's; training exercises use others)."""
+    digits: int = flags.field(7, hidden=True)
+    """Digits of each needle's number (the eval's 7; training exercises vary it)."""
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.task not in KINDS:
+            raise ValueError(f"task must be one of {KINDS}, got {self.task!r}")
         if not self.lengths or min(self.lengths) <= 0:
             raise ValueError(f"lengths must be positive token counts, got {self.lengths}")
         if not self.depths or not all(0.0 <= d <= 1.0 for d in self.depths):
@@ -277,20 +313,19 @@ def table(results: Sequence[dict], config: NeedleConfig) -> str:
     return "\n".join(lines)
 
 
-def heatmap(results: Sequence[dict], config: NeedleConfig, path: str, title: str) -> str:
-    """``path``: a PNG of accuracy over context length (x) × depth (y), drawn with matplotlib."""
-    import matplotlib
+def heatmap(grid: np.ndarray, columns: Sequence, rows: Sequence, path: str, *, title: str, xlabel: str,
+            ylabel: str = "depth") -> str:
+    """``path``: a PNG of ``grid`` (accuracy in [0, 1], ``[rows, columns]``, NaN left blank) with each cell's
+    percentage, drawn on a figure of its own (no pyplot, so a notebook's backend is untouched)."""
+    from matplotlib.figure import Figure  # imported here: plotting is the sweep's last step, never a reader's
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grid = accuracy_grid(results, config)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(config.lengths), 1.0 + 0.6 * len(config.depths)))
+    fig = Figure(figsize=(1.2 + 0.9 * len(columns), 1.0 + 0.6 * len(rows)))
+    ax = fig.subplots()
     image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(len(config.lengths)), [str(n) for n in config.lengths])
-    ax.set_yticks(range(len(config.depths)), [f"{d:g}" for d in config.depths])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("depth")
+    ax.set_xticks(range(len(columns)), [f"{c:g}" if isinstance(c, float) else str(c) for c in columns])
+    ax.set_yticks(range(len(rows)), [f"{r:g}" for r in rows])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     for (i, j), value in np.ndenumerate(grid):
         if np.isfinite(value):
             ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=8)
@@ -298,24 +333,24 @@ def heatmap(results: Sequence[dict], config: NeedleConfig, path: str, title: str
     fig.colorbar(image, ax=ax, label="accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def run(sampler, tokenizer, haystack_texts: Sequence[str], config: NeedleConfig, out_dir: str, *,
-        batch_size: int = 16, progress: Callable[[str], None] = print) -> list[dict]:
+        progress: Callable[[str], None] = print) -> list[dict]:
     """The sweep on a loaded ``trainer.inference.sampler.Sampler``: greedy answers, ``OUT/results.jsonl`` (one
     line per trial), ``OUT/table.txt`` and ``OUT/heatmap.png``. Every length is checked against the
     model's context and the device memory before the first trial runs. Returns the result records."""
-    from trainer.inference.sampler import SampleSettings
+    from trainer.inference.sampler import SampleSettings  # imported here: reading results needs no JAX
 
+    batch_size = config.batch_size
     for length in config.lengths:
         sampler.check_fits(min(batch_size, len(config.depths) * config.rounds), length, config.max_new_tokens)
     haystack = Haystack(haystack_texts, tokenizer.encode)
     settings = SampleSettings(max_new_tokens=config.max_new_tokens, eos_id=tokenizer.eos_id)
     os.makedirs(out_dir, exist_ok=True)
     results = []
-    with open(os.path.join(out_dir, "results.jsonl"), "w") as out:
+    with open(os.path.join(out_dir, RESULTS), "w") as out:
         for length in config.lengths:
             cell = [build_trial(haystack, tokenizer.encode, tokenizer.bos_id, config, length, d, r)
                     for d in config.depths for r in range(config.rounds)]
@@ -337,6 +372,60 @@ def run(sampler, tokenizer, haystack_texts: Sequence[str], config: NeedleConfig,
     text = table(results, config)
     with open(os.path.join(out_dir, "table.txt"), "w") as f:
         f.write(text + "\n")
-    heatmap(results, config, os.path.join(out_dir, "heatmap.png"),
-            f"{config.task}: {config.needles} inserted, {config.ask} asked, {config.rounds} rounds")
+    heatmap(accuracy_grid(results, config), config.lengths, config.depths, os.path.join(out_dir, "heatmap.png"),
+            title=f"{config.task}: {config.needles} inserted, {config.ask} asked, {config.rounds} rounds",
+            xlabel="context length (tokens)")
     return results
+
+
+# ----------------------------------------------------------------------------- as registered tasks
+
+
+def haystack_texts(paths: Sequence[str]) -> list[str]:
+    """Text of the haystack files (``.jsonl``, optionally ``.gz``: each line's ``text``, read as the data jobs
+    read books, so a bad line is an error naming it; any other file: its whole text), or, without files,
+    synthetic books."""
+    if not paths:
+        return [synthetic_books.book(random.Random(10_000 + i), 200) for i in range(20)]
+    texts = []
+    for path in paths:
+        if not path.endswith((".jsonl", ".jsonl.gz")):
+            texts.append(storage.read_bytes(path).decode())
+            continue
+        with storage.open(path, "rb") as f:
+            for record in raw.iter_documents(f, path):
+                if isinstance(record, raw.DeadLetter):
+                    raise ValueError(f"haystack {record.source or path}: {record.reason} ({record.detail})")
+                texts.append(record.text)
+    return texts
+
+
+def accuracies(results: Sequence[dict], lengths: Sequence[int], name: str) -> dict[str, float]:
+    """``{name}_accuracy/{length}``: the share of correct trials at each length."""
+    return {f"{name}_accuracy/{n}": float(np.mean([r["correct"] for r in results if r["length"] == n]))
+            for n in lengths if any(r["length"] == n for r in results)}
+
+
+def sweep_task(name: str, config: type, *, help: str, description: str) -> Task:
+    """A registered task that runs the sweep with ``config`` (a :class:`NeedleConfig` with its own defaults)
+    and measures ``{name}_accuracy/{length}`` per prompt length."""
+
+    def run_task(config: NeedleConfig, target: Target, out: str) -> str:
+        from trainer.inference.sampler import open_checked  # imported here: reading results needs no JAX
+
+        texts = haystack_texts(config.haystack)  # bad input refused before the weights load
+        tokenizer, sampler = open_checked(target.ckpt, target.tokenizer, step=target.step, sp=config.sp)
+        run(sampler, tokenizer, texts, config, out)
+        with open(os.path.join(out, "table.txt")) as f:
+            table_text = f.read()
+        return (f"\n{config.task} accuracy (%), depth × context length:\n{table_text}"
+                f"results: {os.path.join(out, RESULTS)}\nheatmap: {os.path.join(out, 'heatmap.png')}")
+
+    def metrics(config: NeedleConfig, out: str) -> dict[str, float]:
+        lines = storage.read_bytes(storage.join(out, RESULTS)).decode().splitlines()
+        return accuracies([json.loads(line) for line in lines if line.strip()], config.lengths, name)
+
+    def metric_names(config: NeedleConfig) -> tuple[str, ...]:
+        return tuple(f"{name}_accuracy/{n}" for n in config.lengths)
+
+    return Task(name, config, run_task, metrics, metric_names, help=help, description=description)

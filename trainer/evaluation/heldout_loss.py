@@ -20,7 +20,9 @@ batch means); ``loss`` combines them as the run's ``LossConfig`` does.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
 from typing import Any, Sequence
 
@@ -30,9 +32,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from schemas import manifest as manifest_lib
-from schemas import packed
+from schemas import flags, packed, storage
 from trainer import checkpoint
 from trainer.config import DatasetConfig, EvalConfig, TrainConfig
+from trainer.evaluation import Target, Task
 from trainer import ring_layout as layout_lib
 from trainer.training.loader import NextTokenTargets, RingLayout
 from trainer.loss import LossConfig, loss_and_metrics
@@ -185,3 +188,42 @@ def _run_loss_config(ckpt_dir: str, step: int | None) -> LossConfig:
         return LossConfig()  # a converted or params-only checkpoint
     saved = checkpoint.restore_train_config(ckpt_dir, step).get("loss")
     return LossConfig(**saved) if saved else LossConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class LossTaskConfig:
+    """``lwm eval loss``: a checkpoint's loss on the first batches of packed datasets."""
+
+    data: tuple[str, ...] = flags.field(repeat=True, metavar="DIR")
+    """Packed dataset directory holding manifest.json (repeatable)."""
+    batches: int = 8
+    """Batches per dataset."""
+    batch_size: int = 1
+    """Sequences per batch."""
+    sp: int = 1
+    """Devices of the ring each sequence is split over."""
+
+
+def _run_task(config: LossTaskConfig, target: Target, out: str | None) -> str:
+    metrics = evaluate_checkpoint(checkpoint.resolve_dir(target.ckpt), config.data, batches=config.batches,
+                                  batch_size=config.batch_size, sp=config.sp, step=target.step)
+    if out:
+        storage.write_atomically(out, json.dumps(metrics, indent=2, sort_keys=True).encode())
+    return format_metrics(metrics) + (f"\nwrote {out}" if out else "")
+
+
+def _task_metrics(config: LossTaskConfig, out: str) -> dict[str, float]:
+    return json.loads(storage.read_bytes(out))
+
+
+def _metric_names(config: LossTaskConfig) -> tuple[str, ...]:
+    return tuple(f"eval/{dataset_name(d)}/{k}" for d in config.data for k in ("loss", "text_loss", "vision_loss"))
+
+
+TASK = Task(
+    "loss", LossTaskConfig, _run_task, _task_metrics, _metric_names,
+    help="held-out loss of a checkpoint on packed datasets (text and vision separately)",
+    description="Loss of a checkpoint on the first --batches batches of each packed dataset, in manifest order "
+    "(the same batches every time; the same numbers as a training run's eval: section). --out names a JSON file "
+    "the metrics are also written to.",
+    needs_tokenizer=False, out_required=False)

@@ -58,6 +58,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pipelines.tokens import prompts
+from pipelines.tokens.text_tokenizer import TextTokenizer
 from schemas import vocab
 from trainer import checkpoint
 from trainer.model import LWM, ModelConfig, param_shapes
@@ -91,6 +92,15 @@ class SampleSettings:
             raise ValueError(f"temperature and top_k must be >= 0, got {self.temperature}, {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+
+def open_checked(ckpt: str, tokenizer_path: str, *, step: int | None = None, sp: int = 1) -> tuple[TextTokenizer, "Sampler"]:
+    """``(tokenizer, Sampler)`` of a checkpoint (or run) directory; the tokenizer is checked against the
+    checkpoint's vocabulary before its weights are loaded."""
+    tokenizer = TextTokenizer(tokenizer_path)
+    ckpt = checkpoint.resolve_dir(ckpt)
+    check_tokenizer(tokenizer, checkpoint.restore_model_config(ckpt, step))
+    return tokenizer, Sampler(ckpt, sp=sp, step=step)
 
 
 def check_tokenizer(tokenizer, config: ModelConfig) -> None:

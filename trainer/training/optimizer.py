@@ -1,6 +1,6 @@
 """The optimizer: AdamW with global-norm clipping, the paper's LR schedules, optional accumulation.
 
-LWM_FACTS "Training recipe": AdamW (b1 0.9, b2 0.95), grad clip 1.0, weight decay
+docs/LWM.md, "Training recipe": AdamW (b1 0.9, b2 0.95), grad clip 1.0, weight decay
 0.1; constant LR for the text and chat stages (after a short warmup), warmup-cosine
 (6e-4 to 6e-5) for the 1K and 8K vision-language stages.
 

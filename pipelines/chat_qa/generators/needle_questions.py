@@ -15,7 +15,7 @@ _NEEDLE = re.compile(r"The special magic (?P<city>\S(?:[^.]*?\S)?) number is: (?
 class Needle:
     """Offline retrieval pairs: pair ``number`` asks about the ``number``-th needle sentence
     ("The special magic {city} number is: {digits}.") in the chunk, in the eval's words
-    (``trainer.evaluation.needle``): "What is the special magic {city} number?" → the needle sentence.
+    (``trainer.evaluation.haystack``): "What is the special magic {city} number?" → the needle sentence.
 
     For training data made of haystacks with needles inserted (``orchestration.demo.sample_retrieval``):
     the answer can only be copied from the context, so the answer-only loss is all about retrieval.
