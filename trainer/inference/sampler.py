@@ -194,7 +194,8 @@ def _decode_attention(mesh, prompt_slots: int):
     def per_shard(q_Bx1xHxE, k_Bx1xKxE, v_Bx1xKxE, segment_ids_Bx1, positions_Bx1, cache):
         step = cache["index"]
         mine = step % jax.lax.axis_size("sp") == jax.lax.axis_index("sp")
-        slot = prompt_slots + step // jax.lax.axis_size("sp")
+        # The decode slots are a ring: a batch that outlives them (the server's) reuses the oldest.
+        slot = prompt_slots + (step // jax.lax.axis_size("sp")) % (cache["k"].shape[1] - prompt_slots)
 
         def put(buffer, new):
             old = jax.lax.dynamic_slice_in_dim(buffer, slot, 1, axis=1)
