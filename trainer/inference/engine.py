@@ -169,7 +169,7 @@ class Engine:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is closed")
-            if len(self._waiting) >= self.config.max_queue and None not in self._rows:
+            if len(self._waiting) - self._rows.count(None) >= self.config.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.config.max_queue})")
             self._waiting.append(job)
             self._cond.notify()
