@@ -136,7 +136,7 @@ class Engine:
         sp = sampler.sp
         self.prompt_slots = sampling.prefill_length(self.context, sp, model) // sp
         self.ring_slots = -(-self.context // sp)
-        sampler.check_fits(config.max_batch, self.context, self.context)
+        self._check_memory(model, sp)
         self._sharding = {k: NamedSharding(sampler.mesh, PartitionSpec(None, *spec))
                           for k, spec in sampling._cache_specs().items()}
         self._sharding_items = tuple(self._sharding.items())  # hashable: a static argument of _place
@@ -152,6 +152,20 @@ class Engine:
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="lwm-engine", daemon=True)
         self._thread.start()
+
+    def _check_memory(self, model, sp: int) -> None:
+        """ValueError before anything is allocated when the rows, the prefix cache's copies of rows and a prefill
+        (``sampler.memory_estimate``, on the safe side) will not fit on a device."""
+        item = jnp.dtype(model.dtype).itemsize
+        row = model.num_layers * (self.prompt_slots + self.ring_slots) * (2 * model.num_kv_heads * model.head_dim * item + 8)
+        need = (sampling.memory_estimate(model, self.config.max_batch, self.context, self.context, sp)
+                + self.config.prefix_entries * row)
+        device = jax.devices()[0]
+        free = sampling.available_memory(device, jax.local_device_count() if device.platform == "cpu" else 1)
+        if free is not None and need > free:
+            raise ValueError(f"{self.config.max_batch} rows of {self.context} tokens need about {need / 2**30:.2f} GiB "
+                             f"per device at sp={sp}, but {free / 2**30:.2f} GiB are free; lower --max-batch, "
+                             "--max-context or --prefix-cache, or raise --sp")
 
     # -- public API
 
