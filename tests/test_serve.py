@@ -320,3 +320,80 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
     while server.engine.busy() and time.time() < deadline:
         time.sleep(0.05)
     assert server.engine.busy() == 0
+
+
+# ----------------------------------------------------------------------------- the chat-QA loop
+
+
+@pytest.fixture(scope="module")
+def book(sample_books, tmp_path_factory):
+    """One sample book of a few chunks."""
+    line = next(line for line in sample_books.read_text().splitlines() if 1500 < len(json.loads(line)["text"]) < 3000)
+    path = tmp_path_factory.mktemp("serve_book") / "book.jsonl"
+    path.write_text(line + "\n")
+    return path
+
+
+def test_chat_qa_through_the_server_writes_the_pairs_of_the_checkpoint(server, ckpt, book, tokenizer_path, tmp_path,
+                                                                         monkeypatch):
+    from pipelines.chat_qa import pipeline as chat_qa
+    from pipelines.chat_qa.generators import GeneratorConfig, interface, lwm_checkpoint, openai_server
+    from pipelines.kit.buckets import Bucket
+    from pipelines.kit.output import OutputConfig
+
+    def whole_reply(reply):  # an untrained model's replies, taken whole: every chunk gets a pair to compare
+        return interface.QAPair(" ".join(reply.split()) or "-", reply.strip()[::-1] or "-")
+
+    monkeypatch.setattr(openai_server, "parse_reply", whole_reply)
+    monkeypatch.setattr(lwm_checkpoint, "parse_reply", whole_reply)
+    pairs = {}
+    for spec in (f"lwm:{ckpt}", f"openai:{NAME}@{server.url}"):
+        output = tmp_path / spec[:3]
+        generator = GeneratorConfig(spec=spec, max_reply_tokens=8, temperature=0.0, batch=8, concurrency=4)
+        config = chat_qa.ChatQAConfig(inputs=(str(book),), tokenizer=tokenizer_path, generator=generator,
+                                      chunk_tokens=160, output=OutputConfig(str(output), (Bucket(1024),), num_shards=1))
+        counters = chat_qa.run(config).counters
+        assert counters["qa_generated"] == counters["chunks"] > 1
+        entries = [json.loads(p.read_text()) for p in (output / "qa_cache").rglob("*.json")]
+        pairs[spec[:3]] = sorted(tuple(sorted((k, str(v)) for k, v in e.items() if k != "generator")) for e in entries)
+    assert pairs["lwm"] == pairs["ope"] and len(pairs["lwm"]) > 1
+
+
+# ----------------------------------------------------------------------------- SIGTERM
+
+
+def test_sigterm_refuses_new_requests_finishes_those_in_flight_and_exits_0(ckpt, tokenizer_path, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(os.getcwd()), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "serve", "--ckpt", str(ckpt), "--tokenizer",
+                                tokenizer_path, "--port", str(port), "--max-batch", "2", "--served-name", NAME],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        question = next(q for q in (f"Tell a long story number {i}." for i in range(8))
+                        if chat(client, q, max_tokens=300).choices[0].finish_reason == "length")
+        stream = chat(client, question, max_tokens=300, stream=True)
+        chunks = [next(iter(stream))]
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        refused = httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": "hi"}, timeout=10)
+        chunks += list(stream)
+        assert refused.status_code == 503 and refused.json()["error"]["message"] == "the server is shutting down"
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
