@@ -165,7 +165,7 @@ def test_a_seed_makes_sampling_repeatable_and_equal_to_the_sampler(client, serve
     assert got == [want, want]
 
 
-def test_the_next_turn_reuses_the_cached_prefix_and_answers_the_same(client, server, sampler):
+def test_the_next_turn_reuses_the_cached_prefix_and_answers_the_same(client, server, sampler, monkeypatch):
     tokenizer = server.tokenizer
     first = [{"role": "system", "content": "You answer briefly."},
              {"role": "user", "content": "What is the name of the ship in the story?"}]
@@ -177,6 +177,7 @@ def test_the_next_turn_reuses_the_cached_prefix_and_answers_the_same(client, ser
     assert ids[:len(opening) + 1].tolist() == [tokenizer.bos_id, *opening]
     assert 2 in ids.tolist()  # EOS closes the earlier answer
     reused = server.engine.reused_tokens
+    monkeypatch.setattr(server.engine, "_step_s", 0.0)  # take the cached prefix whatever the timings say
     second = client.chat.completions.create(model=NAME, messages=turns, max_tokens=12, temperature=0)
     assert server.engine.reused_tokens > reused + len(opening)
     assert second.choices[0].message.content == tokenizer.decode(greedy(sampler, ids.tolist(), 12))
@@ -295,20 +296,32 @@ def test_the_api_key_is_required_under_v1_and_not_for_health(client, server, mon
 
 
 def test_a_full_queue_answers_429_with_retry_after(client, server, monkeypatch):
+    from trainer.inference.engine import Job
+
+    class Endless:  # keeps its row until cancelled (slowly: the rows stay taken while the client connects)
+        def token(self, token):
+            time.sleep(0.02)
+            return True
+
+        def finish(self, reason, error=None):
+            pass
+
     monkeypatch.setattr(server.engine, "config", dataclasses.replace(server.engine.config, max_queue=0))
-    streams = [chat(client, f"Long answer {i}", max_tokens=200, stream=True) for i in range(4)]  # fill every row
+    settings = sampling.SampleSettings(max_new_tokens=400, eos_id=None)
+    jobs = [server.engine.submit(Job(np.array([1, 5, 6, 7], np.int32), np.zeros(4, bool), settings, Endless()))
+            for _ in range(server.engine.config.max_batch)]
     try:
-        next(iter(streams[-1]))
         with pytest.raises(openai.RateLimitError) as raised:
             chat(client, "one more")
         assert raised.value.response.headers["retry-after"] == "1"
     finally:
-        for s in streams:
-            s.close()
+        for job in jobs:
+            job.cancel()
     deadline = time.time() + 30
     while server.engine.busy() and time.time() < deadline:
         time.sleep(0.05)
-    assert server.engine.busy() == 0  # closed streams freed their rows
+    assert server.engine.busy() == 0  # cancelled jobs freed their rows
+    assert chat(client, "now there is room", max_tokens=2).choices[0].finish_reason in ("stop", "length")
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_row(server):

@@ -9,7 +9,8 @@ segment ids and positions). Its loop, until closed:
 
 1. **Admit.** While a row is free and a request waits, the request takes the row:
    - when the prefix cache holds a finished conversation that shares the request's
-     first tokens (and the rest is short), that row is copied in, the entries past
+     first tokens (and feeding the rest, a token a step, is expected to take less time
+     than prefilling the whole prompt, by the fastest times seen), that row is copied in, the entries past
      the shared prefix hidden and its ring rotated so that its newest entry sits
      just before the ring's next step; the rest of the prompt is *fed*: one token a
      step, with the batch, through the decode program;
@@ -43,6 +44,7 @@ import dataclasses
 import functools
 import logging
 import threading
+import time
 from typing import Protocol
 
 import jax
@@ -148,8 +150,10 @@ class Engine:
         self._step = 0  # the ring's next step (the cache's "index")
         self.prefix: PrefixCache[_Stored] = PrefixCache(config.prefix_entries)
         self.reused_tokens = 0  # prompt tokens taken from the prefix cache instead of computed
+        self._step_s = self._prefill_token_s = 0.0  # fastest seen: a decode step, a prefilled token
         self._cond = threading.Condition()
         self._closed = False
+        self._admitting = 0
         self._thread = threading.Thread(target=self._loop, name="lwm-engine", daemon=True)
         self._thread.start()
 
@@ -183,7 +187,8 @@ class Engine:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is closed")
-            if len(self._waiting) - self._rows.count(None) >= self.config.max_queue:
+            free = self._rows.count(None) - self._admitting
+            if len(self._waiting) - free >= self.config.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.config.max_queue})")
             self._waiting.append(job)
             self._cond.notify()
@@ -192,7 +197,7 @@ class Engine:
     def busy(self) -> int:
         """Requests waiting or decoding."""
         with self._cond:
-            return len(self._waiting) + sum(r is not None for r in self._rows)
+            return len(self._waiting) + sum(r is not None for r in self._rows) + self._admitting
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stops the loop after its current step; requests still there end ``cancelled``."""
@@ -220,9 +225,12 @@ class Engine:
                         job.stream.finish("cancelled")
                     if not self._waiting:
                         break
+                self._admitting = len(admitted)  # rows taken, though still None until their prompts are in
             try:
                 for b, job in admitted:
                     self._admit(b, job)
+                with self._cond:
+                    self._admitting = 0
                 self._drop_cancelled()
                 if any(row is not None and row.feed for row in self._rows):
                     self._step_batch()
@@ -261,8 +269,8 @@ class Engine:
         entry, shared = found
         keep = min(shared, len(job.tokens) - 1)  # at least one token left to feed: its logits choose
         rest = len(job.tokens) - keep
-        if rest > MAX_FED_SUFFIX or keep < rest:
-            return False
+        if rest > MAX_FED_SUFFIX or keep < rest or rest * self._step_s > len(job.tokens) * self._prefill_token_s:
+            return False  # feeding the rest a token a step would take longer than prefilling it all
         stored = entry.value
         prompt_tokens = min(stored.prompt_tokens, keep)
         ring_total = len(entry.tokens) - stored.prompt_tokens
@@ -276,7 +284,9 @@ class Engine:
 
     def _prefill(self, b: int, job: Job) -> None:
         n = len(job.tokens)
+        start = time.perf_counter()
         state = self.sampler._prefill(job.tokens[None], job.vision_mask[None], np.array([n]), 1)
+        self._prefill_token_s = _fastest(self._prefill_token_s, (time.perf_counter() - start) / n)
         row = _widen(state.cache, sp=self.sampler.sp, small_slots=state.prompt_slots,
                      slots=self.prompt_slots + self.ring_slots)
         self._cache = _place(self._cache, row, jnp.int32(b), jnp.int32(0), jnp.int32(n), sp=self.sampler.sp,
@@ -297,10 +307,12 @@ class Engine:
                 stepped.append(b)
         replicated = NamedSharding(self.sampler.mesh, PartitionSpec())
         args = [jax.device_put(x, replicated) for x in (token_B, vision_B, position_B)]
+        start = time.perf_counter()
         with activate(self.sampler.mesh):
             text, _, self._cache = self._decode(self.sampler.params, self._cache, *args)
         self._step += 1
         logits_BxV = np.asarray(text)[:, -1]
+        self._step_s = _fastest(self._step_s, time.perf_counter() - start)
         for b in stepped:
             if self._rows[b] is not None and not self._rows[b].feed:
                 self._choose(b, logits_BxV[b])
@@ -331,6 +343,11 @@ class Engine:
             if row is not None and row.job.cancelled:
                 self._rows[b] = None
                 row.job.stream.finish("cancelled")
+
+
+def _fastest(old: float, new: float) -> float:
+    """The fastest time seen (the first ones include compilation)."""
+    return new if not old else min(old, new)
 
 
 # ----------------------------------------------------------------------------- cache rows (jitted)
