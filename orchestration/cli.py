@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "stages",
     "convert",
     "generate",
+    "chat",
     "eval",
     "demo",
 )

@@ -118,8 +118,25 @@ def decode_image(data: bytes, size: int = FRAME_SIZE, min_short_side: int = 0) -
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return _square(img, size)
+
+
+def _square(img: Image.Image, size: int) -> np.ndarray:
+    """Short side resized to ``size`` (bicubic) and the centre square kept, in one resampling step."""
     rgb = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC, box=_square_box(*img.size))
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def square_frames(frames_NxHxWx3: np.ndarray, size: int = FRAME_SIZE) -> np.ndarray:
+    """uint8 RGB frames of any size (already decoded, e.g. in a notebook) given the jobs' geometry:
+    [N, size, size, 3], each frame's short side resized to ``size`` and its centre square kept."""
+    frames = np.asarray(frames_NxHxWx3)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
+        raise MediaError("zero_frames" if frames.ndim == 4 and not len(frames) else "corrupt_image",
+                         f"expected uint8 RGB frames [N >= 1, H, W, 3], got {frames.dtype} {frames.shape}")
+    if frames.shape[1:3] == (size, size):
+        return frames
+    return np.stack([_square(Image.fromarray(frame), size) for frame in frames])
 
 
 @dataclasses.dataclass(frozen=True)
