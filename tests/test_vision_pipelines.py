@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestration import cli
-from orchestration.demo import sample_media
+from trainer.evaluation import synthetic_videos as sample_media
 from pipelines.kit import inspection
 from pipelines.tokens import media, vision_layout
 from pipelines.vision import vision_text

@@ -64,7 +64,7 @@ def _vision(args, sampler, prompt, settings, frame_codes, decode_frames) -> int:
         Image.fromarray(pixels[0]).save(args.image)
         print(f"wrote {args.image}")
     else:
-        from orchestration.demo.sample_media import encode_video
+        from trainer.evaluation.synthetic_videos import encode_video
 
         encode_video(args.video, np.asarray(pixels), args.fps)
         print(f"wrote {args.video} ({frames} frames at {args.fps} fps)")

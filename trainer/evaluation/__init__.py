@@ -21,8 +21,10 @@ measurements; nothing outside this package names a task. The registry holds
 module names as strings, as :data:`pipelines.JOBS` does, and imports only the task
 asked for.
 
-Besides the tasks: ``haystack`` (the prompt sweep the retrieval tasks share) and
-``synthetic_books`` (filler text: the default haystack and the demo's books).
+Besides the tasks: ``haystack`` (the prompt sweep the retrieval tasks share),
+``synthetic_books`` (filler text: the default haystack and the demo's books) and
+``synthetic_videos`` (moving shapes: the video needle's default haystack and the
+demo's image-text and video-text samples).
 """
 
 from __future__ import annotations
