@@ -57,6 +57,15 @@ def ckpt(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def long_ckpt(tmp_path_factory):
+    """Room for 20 frames."""
+    path = tmp_path_factory.mktemp("chat") / "long"
+    config = dataclasses.replace(CONFIG, max_position_embeddings=8192)
+    checkpoint.save_params(path, init_params(config, jax.random.key(0)), config)
+    return path
+
+
 def _session(ckpt, tokenizer, sp=1, **settings):
     settings = sample.SampleSettings(**{"max_new_tokens": 8, **settings})
     return vision_chat.ChatSession(sample.Sampler(ckpt, sp=sp), tokenizer, CodesFromPixels(), settings=settings)
@@ -87,9 +96,9 @@ def test_an_image_prompt_is_lwms_layout_with_one_bos(ckpt, tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("max_frames,indices", [(6, [0, 3, 7, 11, 15, 19]), (30, list(range(20)))])
-def test_a_video_prompt_holds_lwms_frames_in_order(ckpt, tokenizer, tmp_path, max_frames, indices):
+def test_a_video_prompt_holds_lwms_frames_in_order(long_ckpt, tokenizer, tmp_path, max_frames, indices):
     video = _video(tmp_path / "grey.mp4", 20)
-    session = _session(ckpt, tokenizer)
+    session = _session(long_ckpt, tokenizer)
     session.max_frames = max_frames
     turn = session.layout(QUESTION, video=str(video))
     assert list(turn.vision.indices) == indices and turn.vision.total == 20
@@ -113,7 +122,8 @@ def test_a_later_turn_reuses_the_cache_and_equals_recomputing_the_conversation(c
     session = _session(ckpt, tokenizer, sp=sp, max_new_tokens=5)
     session.ask(QUESTION, video=str(video))
     turn = session.layout("And then?")
-    extended = session.sampler.extend(session.context, turn.tokens, turn.vision_mask)
+    forked = session.sampler.fork(session.context)
+    extended = session.sampler.extend(forked, turn.tokens, turn.vision_mask)
     tokens, mask = session.conversation()
     assert tokens[:len(session.prompt[0])].tolist() == session.prompt[0].tolist()
     full = np.concatenate([tokens, turn.tokens])
@@ -128,11 +138,13 @@ def test_a_later_turn_reuses_the_cache_and_equals_recomputing_the_conversation(c
     again = session.sampler.generate([full], sample.SampleSettings(max_new_tokens=5, eos_id=tokenizer.eos_id),
                                      vision_masks=[full_mask])[0]
     assert second == tokenizer.decode(again)
+    with pytest.raises(ValueError, match="already extended"):
+        session.sampler.extend(forked, [])  # used once: its cache was donated to the next step
 
 
 def test_dump_prompt_writes_the_exact_ids_and_samples_nothing(ckpt, tokenizer, tokenizer_path, tmp_path, vqgan_dir,
                                                               capsys):
-    video = _video(tmp_path / "grey.mp4", 4)
+    video = _video(tmp_path / "grey.mp4", 3)
     out = tmp_path / "prompt.json"
     code = cli.main(["chat", "--ckpt", str(ckpt), "--tokenizer", tokenizer_path, "--vqgan", str(vqgan_dir),
                      "--video", str(video), "--prompt", QUESTION, "--max-tokens", "0", "--dump-prompt", str(out)])
@@ -142,9 +154,10 @@ def test_dump_prompt_writes_the_exact_ids_and_samples_nothing(ckpt, tokenizer, t
 
     vq = VQGAN.load(str(vqgan_dir))
     codes = vq.encode(vq.preprocess(media.decode_video(str(video), media.VideoConfig(native=True, max_frames=8))))
-    assert (document["tokens"], document["vision_mask"]) == _golden(tokenizer, codes.reshape(4, 256))
+    assert (document["tokens"], document["vision_mask"]) == _golden(tokenizer, codes.reshape(3, 256))
 
 
+@pytest.mark.slow
 def test_the_cli_answers_one_question_a_line_of_stdin(ckpt, tokenizer_path, vqgan_dir, tmp_path, monkeypatch, capsys):
     import io
 
@@ -182,7 +195,8 @@ def test_a_video_too_long_is_refused_naming_the_frames_that_fit(ckpt, tokenizer_
                      "--video", str(video), "--prompt", "q", "--max-frames", "12", "--max-tokens", "16"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert "12 frames" in err and "at most 3 frames fit" in err  # (1024 - 16 - text) // 257 = 3
+    assert "12 frames" in err and "max_position_embeddings 1024" in err
+    assert "at most 3 frames fit: use --max-frames 3" in err  # (1024 - 16 - text) // 257 = 3
 
 
 def test_a_checkpoint_without_a_vision_head_is_refused_for_vision(tmp_path, tokenizer_path, vqgan_dir, capsys):

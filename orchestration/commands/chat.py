@@ -12,7 +12,7 @@ from orchestration.commands import add_checkpoint_arguments
 
 def run(args, extra) -> int:
     from trainer.inference.sampler import SampleSettings
-    from trainer.inference.vision_chat import check_media_path, open_session, prompt_document
+    from trainer.inference.vision_chat import check_media_path, check_vision_head, open_session, prompt_document
 
     if args.image and args.video:
         raise ValueError("give --image or --video, not both")
@@ -20,8 +20,11 @@ def run(args, extra) -> int:
         raise ValueError("--image and --video need --vqgan DIR (the VQGAN the checkpoint was trained with)")
     if args.max_frames < 1 or args.max_tokens < 0:
         raise ValueError(f"--max-frames must be >= 1 and --max-tokens >= 0, got {args.max_frames}, {args.max_tokens}")
-    if args.image or args.video:
-        check_media_path(args.image or args.video)  # a wrong path is refused before the weights load
+    if args.image or args.video:  # refused before the weights load: a wrong path, a checkpoint that cannot see
+        check_media_path(args.image or args.video)
+        from trainer import checkpoint
+
+        check_vision_head(checkpoint.restore_model_config(checkpoint.resolve_dir(args.ckpt), args.step))
     settings = SampleSettings(max_new_tokens=max(args.max_tokens, 1), temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     session = open_session(args.ckpt, args.tokenizer, vqgan=args.vqgan, sp=args.sp, step=args.step,

@@ -416,7 +416,7 @@ class Sampler:
         self._check_ids(tokens, mask)
         self.check_fits(1, len(tokens), reserve)
         state = self._prefill(tokens[None], mask[None], np.array([len(tokens)]), reserve)
-        return Context(state, len(tokens), (), state.text_logits[0])
+        return Context(state, len(tokens), (), state.text_logits[0], [False])
 
     def extend(self, context: "Context", tokens: Sequence[int], vision_mask: Sequence[bool] | None = None) -> "Context":
         """``context`` with its pending tokens (the last answer's last token or EOS) and then ``tokens``
@@ -424,10 +424,11 @@ class Sampler:
         of the result: one row per token fed."""
         tokens = np.asarray(tokens, np.int64)
         mask = np.zeros(tokens.shape, bool) if vision_mask is None else np.asarray(vision_mask, bool)
+        context.take()
         feed = np.concatenate([np.asarray(context.pending, np.int64), tokens])
         feed_mask = np.concatenate([np.zeros(len(context.pending), bool), mask])
         if not feed.size:
-            return context
+            return dataclasses.replace(context, used=[False])
         self._check_ids(feed, feed_mask)
         self._check_room(context.length + len(feed))
         state = self._grown(context.state, len(feed))
@@ -435,7 +436,7 @@ class Sampler:
         for token, is_vision in zip(feed, feed_mask):
             state = self._decode(state, np.array([token]), np.array([is_vision]))
             logits.append(state.text_logits[0, -1])
-        return Context(state, context.length + len(feed), (), np.stack(logits))
+        return Context(state, context.length + len(feed), (), np.stack(logits), [False])
 
     def sample(self, context: "Context", settings: SampleSettings = SampleSettings(),
                on_token: Callable[[int], None] | None = None) -> "Answer":
@@ -443,22 +444,28 @@ class Sampler:
         fed through the cache as they are drawn, except the last one drawn (EOS, or the last token of an
         answer cut at ``max_new_tokens``): that one is the returned context's ``pending``, fed by the
         next :meth:`extend`."""
-        if context.pending:
-            context = self.extend(context, [])
+        context = self.extend(context, [])  # its pending tokens fed (and ``context`` taken)
         new = settings.max_new_tokens
         self._check_room(context.length + new)
         state, rng, out = self._grown(context.state, new - 1), np.random.default_rng(settings.seed), []
         for step in range(new):
             token = int(choose(state.text_logits[:, -1], settings, rng)[0])
             if settings.eos_id is not None and token == settings.eos_id:
-                return Answer(out, True, Context(state, context.length + step, (token,), state.text_logits[0]))
+                return Answer(out, True, Context(state, context.length + step, (token,), state.text_logits[0], [False]))
             out.append(token)
             if on_token is not None:
                 on_token(token)
             if step == new - 1:
                 break
             state = self._decode(state, np.array([token]), np.array([False]))
-        return Answer(out, False, Context(state, context.length + new - 1, (out[-1],), state.text_logits[0]))
+        return Answer(out, False, Context(state, context.length + new - 1, (out[-1],), state.text_logits[0], [False]))
+
+    def fork(self, context: "Context") -> "Context":
+        """An independent copy of ``context`` (its cache copied on the devices), e.g. to try two next turns."""
+        if context.used[0]:
+            raise ValueError("this context was already extended or sampled from; use the one that returned")
+        cache = jax.tree.map(jnp.copy, context.state.cache)
+        return dataclasses.replace(context, state=dataclasses.replace(context.state, cache=cache), used=[False])
 
     def _check_room(self, total: int) -> None:
         if total > self.config.max_position_embeddings:
@@ -640,12 +647,24 @@ class Context:
     ``length``: tokens fed so far (the next one gets this position); ``pending``: tokens chosen
     but not yet fed (the last answer's EOS or last token); ``text_logits``: ``[n, V]`` float32
     text-head logits after each token of the last prefill (its last token only) or extend.
+
+    A context is used once: ``extend`` and ``sample`` update its cache in place (the decode step
+    donates the buffers, so a long cache is never copied) and return the next context; passing
+    the old one again is a ValueError. :meth:`Sampler.fork` copies one to branch a conversation.
     """
 
     state: Any
     length: int
     pending: tuple[int, ...]
     text_logits: np.ndarray
+    used: list = dataclasses.field(default_factory=lambda: [False], repr=False, compare=False)
+
+    def take(self) -> None:
+        """Mark this context consumed; ValueError if it already was."""
+        if self.used[0]:
+            raise ValueError("this context was already extended or sampled from; use the one that returned "
+                             "(or Sampler.fork a context to branch)")
+        self.used[0] = True
 
     @property
     def total(self) -> int:

@@ -113,7 +113,7 @@ def read_vision(*, image: str | None = None, video: str | None = None, frames: n
             check(len(indices))
             pixels = media.square_frames(frames[list(indices)])
     except media.MediaError as error:
-        raise ValueError(f"{image or video or 'frames'}: {error}") from None
+        raise ValueError(f"{image or video or 'frames'}: {' '.join(str(error).split())}") from None  # one line
     codes = vqgan.encode(vqgan.preprocess(pixels))
     if codes.shape[1] * codes.shape[2] != vocab.TOKENS_PER_FRAME:
         raise ValueError(f"the VQGAN gives {codes.shape[1]}x{codes.shape[2]} codes a frame; LWM's layout needs 16x16")
@@ -222,12 +222,14 @@ class ChatSession:
 
         if fits(text_tokens + frames * FRAME_TOKENS):
             return
-        most = frames_that_fit(self.sampler.config, start + text_tokens, new, self.sampler.sp,
-                               lambda n: fits(n - start))
+        config = self.sampler.config
+        most = frames_that_fit(config, start + text_tokens, new, self.sampler.sp, lambda n: fits(n - start))
+        memory_bound = most < frames_that_fit(config, start + text_tokens, new, self.sampler.sp)
+        why = (f"the devices' memory at sp={self.sampler.sp}" if memory_bound else
+               f"the checkpoint's max_position_embeddings {config.max_position_embeddings}")
         raise ValueError(f"{frames} frames take {text_tokens + frames * FRAME_TOKENS} prompt tokens, which with "
-                         f"{new} answer tokens do not fit this checkpoint (max_position_embeddings "
-                         f"{self.sampler.config.max_position_embeddings}) on {self.sampler.sp} device(s); "
-                         f"at most {most} frames fit: use --max-frames {most}" + (" or a larger --sp" if most else ""))
+                         f"{new} answer tokens exceed {why}; at most {most} frames fit: use --max-frames {most}"
+                         + (" or a larger --sp" if memory_bound else ""))
 
 
 class _Stream:
