@@ -69,3 +69,14 @@ def needle_question(city: str) -> str:
 
 def variable_question(value: str) -> str:
     return f"Find all variables that are assigned the value {value} in the text above."
+
+
+VIDEO_NEEDLE_LETTERS = "ABCDEFGH"
+
+
+def video_needle_question(options) -> str:
+    """The video needle's question (after LongVA's V-NIAH: a question about the needle image with lettered
+    options), answered with a letter."""
+    listed = " ".join(f"({letter}) {option}" for letter, option in zip(VIDEO_NEEDLE_LETTERS, options))
+    return (f"One frame of the video shows something different from the others. What is it? {listed} "
+            f"Answer with the option's letter.")

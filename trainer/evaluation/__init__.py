@@ -38,6 +38,7 @@ TASKS = {
     "needle": "trainer.evaluation.needle",
     "multi-needle": "trainer.evaluation.multi_needle",
     "variable-tracking": "trainer.evaluation.variable_tracking",
+    "video-needle": "trainer.evaluation.video_needle",
 }
 
 
