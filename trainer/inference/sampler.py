@@ -122,6 +122,11 @@ def check_tokenizer(tokenizer, config: ModelConfig) -> None:
                          f"only {config.vocab_size}: they do not belong together")
 
 
+def unconditional_prompt(tokenizer) -> list[int]:
+    """What classifier-free guidance contrasts a vision prompt with: BOS ``<vision>`` (LWM's generation script)."""
+    return [int(tokenizer.bos_id), *(int(i) for i in tokenizer.encode(vocab.VISION_OPEN))]
+
+
 def encode_prompt(tokenizer, text: str, *, chat: bool = False, vision: bool = False) -> list[int]:
     """Token ids of a prompt as the model saw text in training: BOS, then the text (no EOS).
 
@@ -370,6 +375,28 @@ class Sampler:
         settings = dataclasses.replace(settings, max_new_tokens=frames * FRAME_TOKENS, eos_id=None)
         tokens, _ = self._run(rows, settings, frames=frames, vision_masks=row_masks, guidance=guidance)
         return tokens[:len(prompts)]
+
+    def continue_video(self, prompt: Sequence[int], first_Fx16x16: np.ndarray, frames: int,
+                       settings: SampleSettings = SampleSettings(), *, cfg_scale: float = 1.0,
+                       unconditional: Sequence[int] | None = None) -> np.ndarray:
+        """Codes ``[frames, 16, 16]`` of a video that starts with the given frame(s) (LWM's video generation:
+        the first frame drawn as an image, then the rest conditioned on it). ``prompt`` ends with ``<vision>``;
+        the given frames follow it, each closed by ``<eof>``, in the prompt and (for guidance) in the
+        unconditional prompt alike."""
+        first = np.asarray(first_Fx16x16, np.int64).reshape(-1, vocab.TOKENS_PER_FRAME)
+        if not 1 <= len(first) < frames:
+            raise ValueError(f"continuing needs 1 to frames - 1 given frames; got {len(first)} of {frames}")
+        given = np.concatenate([first, np.full((len(first), 1), vocab.EOF_ID)], axis=1).reshape(-1)
+
+        def with_frames(ids):
+            ids = np.asarray(ids, np.int64)
+            return np.concatenate([ids, given]), np.concatenate([np.zeros(len(ids), bool), np.ones(len(given), bool)])
+
+        tokens, mask = with_frames(prompt)
+        uncond, uncond_mask = with_frames(unconditional) if unconditional is not None else (None, None)
+        (ids,) = self.generate_guided([tokens], frames - len(first), settings, cfg_scale=cfg_scale,
+                                      unconditional=uncond, vision_masks=[mask], unconditional_mask=uncond_mask)
+        return np.concatenate([first.reshape(-1, 16, 16).astype(np.int32), frame_codes(ids)])
 
     def teacher_forced_logits(self, tokens: np.ndarray, prefill_len: int,
                               vision_mask: np.ndarray | None = None) -> np.ndarray:
