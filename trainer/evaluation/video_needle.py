@@ -254,8 +254,12 @@ def metric_names(config: VideoNeedleConfig) -> tuple[str, ...]:
 
 def run_task(config: VideoNeedleConfig, target: Target, out: str) -> str:
     from pipelines.tokens.vqgan import VQGAN
+    from trainer import checkpoint
     from trainer.inference.sampler import open_checked
+    from trainer.inference.vision_chat import check_vision_head
 
+    # Refused before anything loads: a missing checkpoint, one that cannot see, no VQGAN.
+    check_vision_head(checkpoint.restore_model_config(checkpoint.resolve_dir(target.ckpt), target.step))
     if not config.vqgan:
         raise ValueError("video-needle needs --vqgan DIR (the VQGAN the checkpoint was trained with)")
     vqgan = VQGAN.load(config.vqgan)
