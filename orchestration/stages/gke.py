@@ -143,7 +143,8 @@ def manifest(plan: Plan, launch: LaunchConfig, stage_args: Sequence[str], plan_t
         "apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": metadata,
         "spec": {
             "failurePolicy": {"maxRestarts": launch.max_restarts,
-                              "rules": [{"action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}]},
+                              "rules": [{"name": "finalExitStatus", "action": "FailJobSet",
+                                         "onJobFailureReasons": ["PodFailurePolicy"]}]},
             "network": {"enableDNSHostnames": True, "subdomain": name},
             "replicatedJobs": [{"name": REPLICATED_JOB, "replicas": launch.slices, "template": {"spec": {
                 "parallelism": hosts, "completions": hosts, "completionMode": "Indexed",

@@ -8,14 +8,17 @@ the processes together use every GPU the plan's meshes were checked against
 (``hosts x gpus_per_node``). Only task 0 writes lineage.
 
 Preemption and time limits need no one: the job takes whole nodes (``--exclusive``) and
-is requeueable (``--requeue``, output appended across requeues). SLURM's own
-preemption and node failures requeue it (SIGTERM first: the batch shell forwards it to
-``srun``, the stages save and exit 143). Five minutes before the time limit the batch
-shell gets USR1 (``--signal=B:USR1@300``; a signal of its own, so that ``scancel``'s
-SIGTERM does not requeue), stops the step the same way and requeues the job itself
-(``scontrol requeue``); the next allocation resumes the plan from its checkpoints.
-Other exit statuses end the job (``orchestration.stages.stage_runner``: 2 bad input,
-3 failed gate, 4 non-finite loss).
+is requeueable (``--requeue``, output appended across requeues), so SLURM requeues it
+after a preemption or a node failure. Five minutes before the time limit the batch
+shell alone gets USR1 (``--signal=B:USR1@300``). It then sends SIGTERM to the tasks
+through ``scancel --signal=TERM`` (not to ``srun``, which would forward SIGTERM as
+SIGKILL), the stages save and exit 143, and the shell requeues the job itself
+(``scontrol requeue``); the next allocation resumes the plan from its checkpoints. A
+SIGTERM to the batch shell (``scancel``, a preemption) is passed to the tasks the same
+way, without the requeue. Sites can have preemption send the same USR1 first
+(``PreemptParameters=send_user_signal``), so that a preempted job saves too. Other exit
+statuses end the job (``orchestration.stages.stage_runner``: 2 bad input, 3 failed gate,
+4 non-finite loss).
 """
 
 from __future__ import annotations
@@ -29,21 +32,18 @@ from orchestration.stages.plan import LaunchConfig, Plan
 
 SAVE_BEFORE_LIMIT_S = 300
 
-# The batch shell: srun in the background, so that its traps run while the step works. USR1
-# (the time limit is near) and TERM (preemption, scancel) are forwarded to the step as SIGTERM,
-# the stages save and exit 143; after USR1 the job then requeues itself.
+# The batch shell: srun in the background, so that its traps run while the step works.
 _SUPERVISE = """\
-stop_step() {{ kill -TERM "$step" 2>/dev/null || true; }}
+stop_tasks() {{ scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null || true; }}
 on_limit() {{
   echo "lwm-slurm: the time limit is {seconds} s away: the stages save, then the job requeues itself"
   requeue=1
-  stop_step
+  stop_tasks
 }}
 on_term() {{
-  echo "lwm-slurm: SIGTERM (preemption or scancel): the stages save"
-  stop_step
+  echo "lwm-slurm: SIGTERM (scancel or preemption): the stages save"
+  stop_tasks
 }}
-step=
 requeue=0
 trap on_limit USR1
 trap on_term TERM
