@@ -481,3 +481,73 @@ def test_a_failed_gate_and_a_non_finite_loss_stop_the_plan_with_distinct_codes(t
     monkeypatch.setattr(local, "train_argv", _child(local.NON_FINITE))
     assert runner.run_plan(plan, evaluator=None) == local.NON_FINITE
     assert "stage a: its loss became non-finite (exit 4); the plan stops" in capsys.readouterr().out
+
+
+def test_a_rerun_on_a_finished_run_with_a_damaged_final_checkpoint_trains_its_last_steps_again(tmp_path, capsys,
+                                                                                               monkeypatch):
+    data = write_dataset(tmp_path / "seq64", list(range(1, 33)))
+    run_dir = tmp_path / "run"
+    argv = ["train", "configs/train_tiny.yaml"] + [a for s in (
+        f"run_dir={run_dir}", f"data.datasets=[{{path: '{data}'}}]", "data.seq_len=64", "data.batch_size=8",
+        "model.max_position_embeddings=64", "steps=4", "optimizer.warmup_steps=1", "checkpoint.save_every=2", "checkpoint.async_save=false",
+        "log.every=1", "log.tensorboard=false", "mesh={dp: 1, fsdp: -1, sp: 1, tp: 1}") for a in ("--set", s)]
+    monkeypatch.chdir(TESTS.parent)
+    assert cli.main(argv) == 0
+    ckpt_dir = run_dir / "checkpoints"
+    params = [p for p in (ckpt_dir / "4" / "params").rglob("*") if p.is_file()]
+    os.truncate(max(params, key=os.path.getsize), 10)  # the final checkpoint: complete by name, damaged
+    capsys.readouterr()
+
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint 4 in {ckpt_dir} cannot be restored" in out and "resumed from checkpoint 2" in out
+    assert "finished 4 steps" in out and "nothing to do" not in out
+    assert cli.main(argv) == 0  # now the final checkpoint restores: finished
+    assert "is complete: checkpoint 4 of 4 steps, nothing to do" in capsys.readouterr().out
+
+
+def test_metrics_and_events_on_an_object_store_are_not_uploaded_at_every_log_line(fake_store, monkeypatch):
+    from schemas import storage
+    from trainer import run_files
+
+    uploads = []
+    real_upload = storage.upload
+    monkeypatch.setattr(storage, "upload", lambda local, dest: (uploads.append(dest), real_upload(local, dest)))
+    now = [0.0]
+    metrics = run_files.SyncedFile("fakegcs://run/metrics.jsonl", every_s=60, clock=lambda: now[0])
+    events = run_files.SyncedDir("fakegcs://run/tensorboard", every_s=60, clock=lambda: now[0])
+    with open(os.path.join(events.local, "static"), "w") as f:
+        f.write("written once")
+    for step in range(1, 101):  # 100 log lines over 99 seconds
+        metrics.write(f'{{"step": {step}}}\n')
+        metrics.sync()
+        with open(os.path.join(events.local, "events.out"), "a") as f:
+            f.write(f"{step}\n")
+        events.sync()
+        now[0] += 1.0
+    assert uploads.count("fakegcs://run/metrics.jsonl") == 2 and uploads.count("fakegcs://run/tensorboard/static") == 1
+    metrics.close()
+    events.close()
+    assert (fake_store / "run" / "metrics.jsonl").read_text().count("\n") == 100  # all of it once closed
+    assert (fake_store / "run" / "tensorboard" / "events.out").read_text().count("\n") == 100
+    assert uploads.count("fakegcs://run/tensorboard/static") == 1  # changed files only
+
+
+def test_start_up_lists_each_dataset_once_and_reads_no_shard(tmp_path, fake_store, monkeypatch):
+    from schemas import manifest as manifest_lib
+    from schemas import storage
+    from trainer.config import DataConfig, DatasetConfig
+    from trainer.training import loader
+
+    import shutil
+    shutil.copytree(write_dataset(tmp_path / "d", list(range(1, 41)), shard_sizes=(10, 10, 20)), fake_store / "d")
+    opened, sized = [], []
+    monkeypatch.setattr(manifest_lib, "file_sha256", lambda path: opened.append(path))
+    real_size = storage.size
+    monkeypatch.setattr(storage, "size", lambda path: (sized.append(path), real_size(path))[1])
+    config = DataConfig(datasets=(DatasetConfig("fakegcs://d"),), seq_len=64, batch_size=4)
+    assert loader.read_manifests(config)[0].records == 40
+    assert opened == [] and sized == []  # sizes from one listing; hashes only with data.verify_hashes
+    (fake_store / "d" / manifest_lib.shard_name("synthetic", 1, 3)).write_bytes(b"cut")
+    with pytest.raises(ValueError, match=r"shard synthetic.array_record-00001-of-00003 has 3 bytes"):
+        loader.read_manifests(config)
