@@ -551,3 +551,15 @@ def test_start_up_lists_each_dataset_once_and_reads_no_shard(tmp_path, fake_stor
     (fake_store / "d" / manifest_lib.shard_name("synthetic", 1, 3)).write_bytes(b"cut")
     with pytest.raises(ValueError, match=r"shard synthetic.array_record-00001-of-00003 has 3 bytes"):
         loader.read_manifests(config)
+
+
+def test_the_dockerfile_installs_every_package_and_the_extras_the_gke_backend_needs():
+    import configparser
+
+    setup = configparser.ConfigParser()
+    setup.read(TESTS.parent / "setup.cfg")
+    packages = {p.strip().rstrip("*") for p in setup["options.packages.find"]["include"].split() if p.strip()}
+    dockerfile = (TESTS.parent / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (\w+) \1$", dockerfile, re.M))
+    assert packages <= copied and "ARG EXTRAS=tpu,gcp" in dockerfile and 'pip install --no-cache-dir ".[${EXTRAS}]"' \
+        in dockerfile and {"tpu", "gcp"} <= set(setup["options.extras_require"])
