@@ -372,8 +372,8 @@ fi
     _tool(tools, "python3.12", """if [ "$1 $2" = "-m venv" ]; then
   mkdir -p "$3/bin"
   printf '#!/bin/bash\\necho "pip $*"\\n' > "$3/bin/python"
-  printf '#!/bin/bash\\necho "lwm $* started"\\nwhile [ ! -e "$FINISH" ]; do sleep 0.05; done\\necho "lwm finished"\\n' \\
-    > "$3/bin/lwm"
+  printf '#!/bin/bash\\necho "lwm $* started"\\n' > "$3/bin/lwm"
+  printf 'while [ ! -e "$FINISH" ]; do sleep 0.05; done\\necho "lwm finished"\\n' >> "$3/bin/lwm"
   chmod +x "$3/bin/python" "$3/bin/lwm"
 fi
 """)
@@ -489,7 +489,8 @@ def test_a_rerun_on_a_finished_run_with_a_damaged_final_checkpoint_trains_its_la
     run_dir = tmp_path / "run"
     argv = ["train", "configs/train_tiny.yaml"] + [a for s in (
         f"run_dir={run_dir}", f"data.datasets=[{{path: '{data}'}}]", "data.seq_len=64", "data.batch_size=8",
-        "model.max_position_embeddings=64", "steps=4", "optimizer.warmup_steps=1", "checkpoint.save_every=2", "checkpoint.async_save=false",
+        "model.max_position_embeddings=64", "steps=4", "optimizer.warmup_steps=1", "checkpoint.save_every=2",
+        "checkpoint.async_save=false",
         "log.every=1", "log.tensorboard=false", "mesh={dp: 1, fsdp: -1, sp: 1, tp: 1}") for a in ("--set", s)]
     monkeypatch.chdir(TESTS.parent)
     assert cli.main(argv) == 0

@@ -51,10 +51,15 @@ copy_log() {{ gcloud storage cp "$log" "$staged/logs/" >/dev/null 2>&1 || true; 
 copier=$!
 (
   set -e
+  # this worker's index (lineage is written by worker 0 only), from the TPU VM's metadata server
+  metadata=http://metadata.google.internal/computeMetadata/v1/instance/attributes
+  export TPU_WORKER_ID="${{TPU_WORKER_ID:-$(curl -s -m 5 -H 'Metadata-Flavor: Google' "$metadata/agent-worker-number" ||
+                                           true)}}"
   {setup}
   python=""
   for candidate in python3.12 python3.11 python3; do
-    if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info < {min_python})'; then
+    if command -v "$candidate" >/dev/null &&
+       "$candidate" -c 'import sys; sys.exit(sys.version_info < {min_python})'; then
       python=$candidate
       break
     fi
