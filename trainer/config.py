@@ -77,7 +77,7 @@ class DataConfig:
     worker_buffer_size: int = 2
     read_threads: int = 4
     layout: str = "segments"
-    verify_hashes: bool = True
+    verify_hashes: bool = False  # sha256 every shard at start-up (reads every byte); sizes are always checked
 
     def __post_init__(self):
         for name in ("seq_len", "batch_size", "worker_buffer_size", "read_threads"):

@@ -40,13 +40,14 @@ def run(args, extra) -> int:
 
         return launch(args.config, args.set, args.processes)
     simulate_cpu_devices(config)
+    from orchestration.stages import local
     from trainer.training.loop import NonFiniteLossError, train  # JAX starts here, after the device count is set
 
     try:
         result = train(config)
     except NonFiniteLossError as error:
         print(f"lwm train: {error}", file=sys.stderr)
-        return 1
+        return local.NON_FINITE
     return 128 + result.signum if result.preempted else 0  # as the shell reports a signal: 143 SIGTERM, 130 SIGINT
 
 
@@ -62,8 +63,8 @@ def register(subparsers) -> None:
             run_dir, with checkpoint.init_from to start from the old weights). On CPU the simulated
             device count is set from the mesh unless XLA_FLAGS sets it.
 
-            Exit status: 0 finished (or nothing to do), 1 non-finite training, 2 bad input or
-            config, 130 after Ctrl-C and 143 after SIGTERM (checkpoint saved: run again to resume)."""),
+            Exit status: 0 finished (or nothing to do), 2 bad input or config, 4 non-finite
+            training, 130 after Ctrl-C and 143 after SIGTERM (checkpoint saved: run again to resume)."""),
         epilog="config keys and their defaults (the paper's 32K text stage); model.preset\n"
         f"({', '.join(sorted(PRESETS))}) starts the model section from a registered preset:\n  "
         + "\n  ".join(config_lib.help_text().splitlines()),
