@@ -116,8 +116,6 @@ def register(subparsers) -> None:
         parser.add_argument("--print-config", action="store_true",
                             help="print the job's resolved config as a stage plan's datasets: entry takes it "
                             "({job: ..., config: ...}, YAML); run nothing")
-        parser.add_argument("-v", "--verbose", action="count", default=0, help="also log Beam's progress")
-        parser.add_argument("-q", "--quiet", action="count", default=0, help="no progress lines, only warnings")
         parser.set_defaults(func=functools.partial(run_job, job, parser), accepts_extra=True)
 
     parser = group.add_parser("inspect", help="summary and one decoded record of a packed dataset")
