@@ -45,6 +45,7 @@ COMMAND_MODULES = tuple(COMMANDS)
 # Loggers of the libraries the commands run; quiet (errors only) unless -v.
 LIBRARY_LOGGERS = ("jax", "jaxlib", "orbax", "flax", "grain", "apache_beam", "tensorboardX", "fsspec")
 USER_ERROR_EXIT = 2
+_running: list[int] = []  # verbosity of the main() calls under way (`lwm demo` and `lwm stages data` call it again)
 INTERRUPTED_EXIT = 130
 
 
@@ -150,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    configure_logging(args.verbose - args.quiet)
+    if not _running:  # an inner call keeps the outer command's -v/-q
+        configure_logging(args.verbose - args.quiet)
+    _running.append(args.verbose - args.quiet)
     try:
         return int(args.func(args, extra) or 0)
     except ValueError as error:  # bad input or config: a clear message, no traceback
@@ -168,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lwm: interrupted", file=sys.stderr)
         return INTERRUPTED_EXIT
+    finally:
+        _running.pop()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 import re
 import textwrap
 from typing import Iterable, Iterator, Sequence
@@ -106,15 +107,33 @@ def training_pieces(text: str, max_bytes: int = MAX_PIECE_BYTES) -> Iterator[str
                 yield from textwrap.wrap(sentence, width=max_bytes // 4, break_on_hyphens=False)
 
 
-def train(texts: Iterable[str], vocab_size: int, output: str, *, model_type: str = "bpe") -> str:
+# Sentences SentencePiece keeps for training by default: a uniform sample of this many
+# when the corpus has more (its own guidance for large corpora is a few million).
+INPUT_SENTENCE_SIZE = 5_000_000
+SAMPLE_SEED = 0
+
+
+def train(texts: Iterable[str], vocab_size: int, output: str, *, model_type: str = "bpe",
+          input_sentence_size: int = INPUT_SENTENCE_SIZE, shuffle_input_sentence: bool = True,
+          num_threads: int | None = None) -> str:
     """Train a Llama-style SentencePiece model (BPE, byte fallback, unk 0 / bos 1 / eos 2) offline.
 
-    Documents are fed as :func:`training_pieces`. Writes the model file to ``output``
-    (any Beam filesystem) and returns the path; no text, or text SentencePiece cannot
+    Documents are fed as :func:`training_pieces`, one document in memory at a time.
+    SentencePiece keeps at most ``input_sentence_size`` sentences (0: all of them): a
+    uniform sample over the whole corpus with ``shuffle_input_sentence`` (reservoir
+    sampling, seeded, so a corpus gives the same model every time), else the first
+    ones; memory grows with the sample, not the corpus. ``num_threads`` (default: every
+    core) parallelise the counting and merges. Writes the model file to ``output``
+    (any filesystem) and returns the path; no text, or text SentencePiece cannot
     train on, is a ``ValueError``.
     """
     if vocab_size < 300:
         raise ValueError(f"vocab size {vocab_size} is too small: byte fallback alone needs 259 ids")
+    if input_sentence_size < 0:
+        raise ValueError(f"input sentence size must be >= 0 (0: every sentence), got {input_sentence_size}")
+    num_threads = os.cpu_count() or 1 if num_threads is None else num_threads
+    if num_threads < 1:
+        raise ValueError(f"threads must be >= 1, got {num_threads}")
     fed = 0
 
     def sentences() -> Iterator[str]:
@@ -125,6 +144,7 @@ def train(texts: Iterable[str], vocab_size: int, output: str, *, model_type: str
                 yield piece
 
     model = io.BytesIO()
+    spm.set_random_generator_seed(SAMPLE_SEED)
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=sentences(),
@@ -139,12 +159,71 @@ def train(texts: Iterable[str], vocab_size: int, output: str, *, model_type: str
             eos_id=2,
             pad_id=-1,
             hard_vocab_limit=False,
-            num_threads=1,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=shuffle_input_sentence,
+            num_threads=num_threads,
             minloglevel=2,
         )
     except RuntimeError as error:  # SentencePiece reports everything as RuntimeError
         if not fed:
             raise ValueError("no text to train the tokenizer on") from None
         raise ValueError(f"SentencePiece could not train on {fed} sentences: {error}") from None
-    storage.write_atomically(output, model.getvalue())
+    storage.write_atomically(output, _without_field(model.getvalue(), TRAINER_SPEC, NUM_THREADS))
     return output
+
+
+# The model file embeds its TrainerSpec, thread count included; that field is dropped so
+# that the file (and its sha256, which manifests record) does not depend on the machine.
+TRAINER_SPEC, NUM_THREADS = 2, 16  # field numbers in sentencepiece_model.proto
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if byte < 0x80:
+            return value, at
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes(out + bytes([value]))
+
+
+def _fields(data: bytes) -> Iterator[tuple[int, bytes, bytes]]:
+    """``(field number, raw key+value bytes, payload of a length-delimited field)`` of a protobuf message."""
+    at = 0
+    while at < len(data):
+        start = at
+        key, at = _varint(data, at)
+        wire = key & 7
+        payload = b""
+        if wire == 0:
+            _, at = _varint(data, at)
+        elif wire == 1:
+            at += 8
+        elif wire == 5:
+            at += 4
+        elif wire == 2:
+            length, at = _varint(data, at)
+            payload, at = data[at:at + length], at + length
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        yield key >> 3, data[start:at], payload
+
+
+def _without_field(model: bytes, message: int, field: int) -> bytes:
+    """``model`` with ``field`` removed from its sub-message ``message``."""
+    out = bytearray()
+    for number, raw, payload in _fields(model):
+        if number != message:
+            out += raw
+            continue
+        inner = b"".join(r for n, r, _ in _fields(payload) if n != field)
+        out += _encode_varint(message << 3 | 2) + _encode_varint(len(inner)) + inner
+    return bytes(out)
