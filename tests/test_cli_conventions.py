@@ -240,3 +240,17 @@ def test_data_job_json_is_the_summary_as_one_document(sample_books, tokenizer_pa
     (directory, manifest), = doc["datasets"].items()
     assert directory.endswith("seq512") and manifest["records"] > 0 and doc["dry_run"] is None
     assert doc["counters"] and captured.err == ""
+
+
+def test_convert_json_is_one_document_per_conversion(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from tests.test_hf_convert import _hf_model
+
+    _hf_model().save_pretrained(tmp_path / "hf")
+    ckpt, out = tmp_path / "ckpt", tmp_path / "export"
+    assert cli.main(["convert", "hf-import", "--hf-dir", str(tmp_path / "hf"), "--out", str(ckpt), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["output"] == str(ckpt) and doc["parameters"] > 0 and doc["model"]["vocab_size"] == 320
+    assert cli.main(["convert", "hf-export", "--ckpt", str(ckpt), "--out", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["format"] == "hf-llama-safetensors" and "config.json" in doc["files"]
