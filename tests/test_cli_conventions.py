@@ -72,13 +72,15 @@ def test_lwm_help_lists_every_group_with_its_summary_without_importing_any():
     assert summaries == cli.COMMANDS  # the full parser lists the same one-liners
 
 
-def test_library_warnings_are_quiet_by_default_and_shown_with_v():
-    code = ("import absl.logging, logging; from orchestration import cli; cli.main(['env', '--no-devices', '--json'%s]);"
-            "absl.logging.warning('Given directory is read only'); logging.getLogger('jax').warning('jax says')")
+def test_library_warnings_are_quiet_by_default_and_shown_with_v(tmp_path):
+    # What `make demo` used to print dozens of times: Orbax's warnings about a read-only checkpoint manager.
+    code = ("import logging; from orchestration import cli; cli.main(['env', '--no-devices', '--json'%s]);"
+            "import orbax.checkpoint as ocp; logging.getLogger('jax').warning('jax says');"
+            f"ocp.CheckpointManager({str(tmp_path)!r}, options=ocp.CheckpointManagerOptions(read_only=True)).close()")
     quiet = _run(code % "")
-    assert quiet.returncode == 0 and quiet.stderr == ""
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
     loud = _run(code % ", '-v'")
-    assert "Given directory is read only" in loud.stderr and "jax says" in loud.stderr
+    assert "CheckpointManagerOptions.read_only=True" in loud.stderr and "jax says" in loud.stderr
 
 
 def test_env_reports_versions_devices_and_tools_as_json(capsys):
@@ -254,3 +256,16 @@ def test_convert_json_is_one_document_per_conversion(tmp_path, capsys):
     assert cli.main(["convert", "hf-export", "--ckpt", str(ckpt), "--out", str(out), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["format"] == "hf-llama-safetensors" and "config.json" in doc["files"]
+
+
+@pytest.mark.parametrize("flags, shown", [([], True), (["-q"], False)])
+def test_train_progress_lines_are_dropped_with_q(monkeypatch, capsys, flags, shown):
+    from trainer.training import loop
+
+    def train(config):
+        print(f"step 1/{config.steps} | loss 1.0")
+        return loop.TrainResult(step=1, preempted=False, metrics={})
+
+    monkeypatch.setattr(loop, "train", train)
+    assert cli.main(["train", "configs/train_tiny.yaml", "steps=70", *flags]) == 0
+    assert ("step 1/70" in capsys.readouterr().out) == shown

@@ -8,7 +8,9 @@ arguments naming a checkpoint, and a sampler opened from them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 
 EXAMPLES = "examples:"
@@ -43,6 +45,17 @@ def add_json_flag(parser: argparse.ArgumentParser, fields: str) -> None:
 
 def print_json(document) -> None:
     print(json.dumps(document, indent=2, sort_keys=True))
+
+
+@contextlib.contextmanager
+def progress_on_stdout(args):
+    """Runs a library call whose progress goes to stdout (training's step lines, the demo's steps); ``-q``
+    drops it."""
+    if not getattr(args, "quiet", 0):
+        yield
+        return
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        yield
 
 
 def progress(args, text: str) -> None:

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-
-from orchestration.commands import add_examples
+from orchestration.commands import add_examples, progress_on_stdout
 from orchestration.demo import workflow as demo
 
 
 def run(args, extra) -> int:
-    with contextlib.redirect_stdout(io.StringIO()) if args.quiet else contextlib.nullcontext():
-        return demo.run(args.workdir)  # its progress goes to stdout; -q drops it
+    with progress_on_stdout(args):
+        return demo.run(args.workdir)
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo", description="Sample books, images and videos → tokenizer → data jobs → three training stages → "
+        "demo", description="Sample books, images and videos → tokenizer → data jobs → a plan of tiny training stages → "
         "needle evaluation, all on CPU in a few minutes; everything is written under --workdir.")
     parser.add_argument("--workdir", default="demo_out", help="where the demo writes everything")
     parser.set_defaults(func=run)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import math
 import os
 import sys
 import textwrap
 
-from orchestration.commands import add_examples
+from orchestration.commands import add_examples, progress_on_stdout
 from trainer import config as config_lib
 from trainer.model import PRESETS
 
@@ -56,8 +54,8 @@ def run(args, extra) -> int:
     from trainer.training.loop import NonFiniteLossError, train  # JAX starts here, after the device count is set
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()) if args.quiet else contextlib.nullcontext():
-            result = train(config)  # its progress lines go to stdout; -q drops them
+        with progress_on_stdout(args):
+            result = train(config)
     except NonFiniteLossError as error:
         print(f"lwm train: {error}", file=sys.stderr)
         return 1
