@@ -45,8 +45,8 @@ COMMAND_MODULES = tuple(COMMANDS)
 # Loggers of the libraries the commands run; quiet (errors only) unless -v.
 LIBRARY_LOGGERS = ("jax", "jaxlib", "orbax", "flax", "grain", "apache_beam", "tensorboardX", "fsspec")
 USER_ERROR_EXIT = 2
-_running: list[int] = []  # verbosity of the main() calls under way (`lwm demo` and `lwm stages data` call it again)
 INTERRUPTED_EXIT = 130
+_running: list[int] = []  # one entry per main() call under way (`lwm demo` and `lwm stages data` call it again)
 
 
 def version() -> str:
@@ -57,10 +57,11 @@ def version() -> str:
 
 
 class _Commands(argparse._SubParsersAction):
-    """The top level's sub-parsers: a group's summary comes from ``COMMANDS`` unless its module gives one."""
+    """The top level's sub-parsers: a group's summary is always its ``COMMANDS`` line (the one ``lwm --help``
+    shows without importing the group), whichever parser is built."""
 
     def add_parser(self, name, **kwargs):
-        kwargs.setdefault("help", COMMANDS.get(name))
+        kwargs["help"] = COMMANDS[name]
         return super().add_parser(name, **kwargs)
 
 

@@ -27,7 +27,7 @@ class HelpFormatter(argparse.HelpFormatter):
 
 def add_examples(parser: argparse.ArgumentParser, *lines: str) -> None:
     """End ``parser``'s help with an ``examples:`` section: runnable ``lwm ...`` lines, each optionally
-    followed by ``  # what it does``. ``tests/test_cli.py`` parses every line, so none goes stale."""
+    followed by ``  # what it does``. ``tests/test_cli_conventions.py`` parses every line, so none goes stale."""
     section = "\n".join([EXAMPLES, *(f"  {line}" for line in lines)])
     if parser.epilog:  # an epilog of its own (e.g. `lwm train`'s config keys) is laid out as written
         parser.epilog = f"{parser.epilog}\n\n{section}"
