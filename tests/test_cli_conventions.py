@@ -211,15 +211,24 @@ def test_tokenizer_train_refuses_bad_sampling_settings_in_one_line(sample_books,
     assert capsys.readouterr().err == f"lwm: error: {message}\n"
 
 
-def test_tokenizer_train_samples_sentences_deterministically(sample_books, tmp_path, capsys):
+def test_tokenizer_train_samples_sentences_the_same_way_in_every_process(sample_books, tmp_path, capsys):
     argv = ["tokenizer", "train", "--input", str(sample_books), "--vocab-size", "400", "--json",
             "--input-sentence-size", "300"]
-    shas = []
-    for name in ("a", "b"):
-        assert cli.main(argv + ["--output", str(tmp_path / f"{name}.model")]) == 0
-        shas.append(json.loads(capsys.readouterr().out)["sha256"])
+    assert cli.main(argv + ["--output", str(tmp_path / "a.model")]) == 0
+    here = json.loads(capsys.readouterr().out)["sha256"]
+    other = _run(f"from orchestration import cli; cli.main({argv + ['--output', str(tmp_path / 'b.model')]!r})")
+    assert json.loads(other.stdout)["sha256"] == here, other.stderr
     assert cli.main(argv[:-2] + ["--output", str(tmp_path / "all.model")]) == 0
-    assert shas[0] == shas[1] != json.loads(capsys.readouterr().out)["sha256"]
+    assert json.loads(capsys.readouterr().out)["sha256"] != here
+
+
+def test_sentence_sample_is_uniform_seeded_and_whole_when_small():
+    from pipelines.tokens.text_tokenizer import sample_sentences
+
+    assert sample_sentences(map(str, range(5)), 10) == ["0", "1", "2", "3", "4"]
+    sample = sample_sentences(map(str, range(10_000)), 1_000)
+    assert sample == sample_sentences(map(str, range(10_000)), 1_000) and len(set(sample)) == 1_000
+    assert 4_000 < sum(map(int, sample)) / len(sample) < 6_000  # spread over the stream, not its start
 
 
 def test_data_inspect_json_holds_the_manifest_and_the_record(books_dataset, capsys):

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
 import os
+import random
 import re
 import textwrap
 from typing import Iterable, Iterator, Sequence
@@ -107,8 +109,8 @@ def training_pieces(text: str, max_bytes: int = MAX_PIECE_BYTES) -> Iterator[str
                 yield from textwrap.wrap(sentence, width=max_bytes // 4, break_on_hyphens=False)
 
 
-# Sentences SentencePiece keeps for training by default: a uniform sample of this many
-# when the corpus has more (its own guidance for large corpora is a few million).
+# Sentences kept for training by default: a uniform sample of this many when the corpus
+# has more (SentencePiece's own guidance for large corpora is a few million).
 INPUT_SENTENCE_SIZE = 5_000_000
 SAMPLE_SEED = 0
 
@@ -118,20 +120,22 @@ def train(texts: Iterable[str], vocab_size: int, output: str, *, model_type: str
           num_threads: int | None = None) -> str:
     """Train a Llama-style SentencePiece model (BPE, byte fallback, unk 0 / bos 1 / eos 2) offline.
 
-    Documents are fed as :func:`training_pieces`, one document in memory at a time.
-    SentencePiece keeps at most ``input_sentence_size`` sentences (0: all of them): a
-    uniform sample over the whole corpus with ``shuffle_input_sentence`` (reservoir
-    sampling, seeded, so a corpus gives the same model every time), else the first
-    ones; memory grows with the sample, not the corpus. ``num_threads`` (default: every
-    core) parallelise the counting and merges. Writes the model file to ``output``
-    (any filesystem) and returns the path; no text, or text SentencePiece cannot
-    train on, is a ``ValueError``.
+    Documents are read one at a time and cut into :func:`training_pieces`; at most
+    ``input_sentence_size`` of those sentences (0: all of them) are kept for training:
+    a uniform sample over the whole corpus with ``shuffle_input_sentence``
+    (:func:`sample_sentences`), else the first ones. Memory grows with the sample, not
+    the corpus. The sampling is ours, seeded, rather than SentencePiece's (whose own
+    sample changes from one process to the next), so a corpus gives the same model
+    every time. ``num_threads`` (default: every core) parallelise SentencePiece's
+    counting and merges without changing the model. Writes the model file to
+    ``output`` (any filesystem) and returns the path; no text, or text SentencePiece
+    cannot train on, is a ``ValueError``.
     """
     if vocab_size < 300:
         raise ValueError(f"vocab size {vocab_size} is too small: byte fallback alone needs 259 ids")
     if input_sentence_size < 0:
         raise ValueError(f"input sentence size must be >= 0 (0: every sentence), got {input_sentence_size}")
-    num_threads = os.cpu_count() or 1 if num_threads is None else num_threads
+    num_threads = (os.cpu_count() or 1) if num_threads is None else num_threads
     if num_threads < 1:
         raise ValueError(f"threads must be >= 1, got {num_threads}")
     fed = 0
@@ -143,11 +147,16 @@ def train(texts: Iterable[str], vocab_size: int, output: str, *, model_type: str
                 fed += 1
                 yield piece
 
+    if not input_sentence_size:
+        chosen = sentences()
+    elif shuffle_input_sentence:
+        chosen = _drain(sample_sentences(sentences(), input_sentence_size))
+    else:
+        chosen = itertools.islice(sentences(), input_sentence_size)
     model = io.BytesIO()
-    spm.set_random_generator_seed(SAMPLE_SEED)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences(),
+            sentence_iterator=chosen,
             model_writer=model,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -159,8 +168,6 @@ def train(texts: Iterable[str], vocab_size: int, output: str, *, model_type: str
             eos_id=2,
             pad_id=-1,
             hard_vocab_limit=False,
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=shuffle_input_sentence,
             num_threads=num_threads,
             minloglevel=2,
         )
@@ -170,6 +177,26 @@ def train(texts: Iterable[str], vocab_size: int, output: str, *, model_type: str
         raise ValueError(f"SentencePiece could not train on {fed} sentences: {error}") from None
     storage.write_atomically(output, _without_field(model.getvalue(), TRAINER_SPEC, NUM_THREADS))
     return output
+
+
+def sample_sentences(sentences: Iterable[str], size: int, seed: int = SAMPLE_SEED) -> list[str]:
+    """A uniform sample of ``size`` sentences of a stream of any length, in one pass, holding only the sample
+    (reservoir sampling, Vitter's algorithm R); all of them, in order, when there are no more than ``size``."""
+    rng = random.Random(seed)
+    kept: list[str] = []
+    for seen, sentence in enumerate(sentences):
+        if seen < size:
+            kept.append(sentence)
+        elif (slot := rng.randrange(seen + 1)) < size:
+            kept[slot] = sentence
+    return kept
+
+
+def _drain(items: list[str]) -> Iterator[str]:
+    """``items`` in order, each released once SentencePiece has copied it."""
+    for index in range(len(items)):
+        item, items[index] = items[index], None
+        yield item
 
 
 # The model file embeds its TrainerSpec, thread count included; that field is dropped so
