@@ -268,6 +268,18 @@ def test_convert_json_is_one_document_per_conversion(tmp_path, capsys):
     assert cli.main(["convert", "hf-export", "--ckpt", str(ckpt), "--out", str(out), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["format"] == "hf-llama-safetensors" and "config.json" in doc["files"]
+    import numpy as np
+
+    from pipelines.tokens.vqgan import SMALL
+    from tests.test_vqgan import random_reference
+
+    frames = np.random.default_rng(2).random((1, 32, 32, 3), dtype=np.float32)
+    random_reference(SMALL, frames).save_pretrained(tmp_path / "amused" / "vqvae", safe_serialization=True)
+    assert cli.main(["convert", "vqgan-import", "--diffusers-dir", str(tmp_path / "amused"), "--out",
+                     str(tmp_path / "vq"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "output": str(tmp_path / "vq"), "block_out_channels": list(SMALL.block_out_channels),
+        "codebook": SMALL.num_vq_embeddings, "input_range": [0.0, 1.0]}
 
 
 @pytest.mark.parametrize("flags, shown", [([], True), (["-q"], False)])
