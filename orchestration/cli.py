@@ -37,7 +37,7 @@ COMMANDS = {
     "stages": "run a stage plan (all stages, resumable), its data jobs, its status",
     "convert": "convert checkpoints to and from other formats",
     "generate": "sample text, an image or a video from a checkpoint",
-    "eval": "evaluate a checkpoint: held-out loss, needle in a haystack",
+    "eval": "evaluate a checkpoint: held-out loss, needle in a haystack and the other registered tasks",
     "demo": "run the whole workflow on embedded sample data, on CPU",
     "completion": "print a shell completion script (bash or zsh) for lwm",
 }
