@@ -39,9 +39,18 @@ def google_credentials(env=os.environ) -> str | None:
             "GOOGLE_APPLICATION_CREDENTIALS (file missing)"
     if os.path.isfile(os.path.expanduser(ADC_FILE)):
         return "gcloud application-default credentials"
-    if env.get("GCE_METADATA_HOST") or os.path.exists("/run/google-mds-mtls"):
-        return "the Compute Engine metadata server"
+    if env.get("GCE_METADATA_HOST") or _on_google_cloud_vm():
+        return "the Compute Engine metadata server (this VM's service account)"
     return None
+
+
+def _on_google_cloud_vm() -> bool:
+    """A Compute Engine (or TPU) VM, from the firmware's product name, as Google's auth library checks it."""
+    try:
+        with open("/sys/class/dmi/id/product_name") as f:
+            return f.read().strip().startswith("Google")
+    except OSError:
+        return False
 
 
 def jax_devices() -> dict:
