@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from orchestration.commands import add_checkpoint_arguments, open_sampler
+from orchestration.commands import add_checkpoint_arguments, add_examples, open_sampler, progress
 
 
 def run(args, extra) -> int:
@@ -54,7 +54,7 @@ def _vision(args, sampler, prompt, settings, frame_codes, decode_frames) -> int:
 
     frames = args.frames if args.video else 1
     vqgan = VQGAN.load(args.vqgan)
-    print(f"generating {frames} frame(s) × 257 vision tokens ...", file=sys.stderr, flush=True)
+    progress(args, f"generating {frames} frame(s) × 257 vision tokens ...")
     (ids,) = sampler.generate_vision([prompt], frames, settings)
     pixels = decode_frames(frame_codes(ids), vqgan)
     os.makedirs(os.path.dirname(os.path.abspath(args.image or args.video)), exist_ok=True)
@@ -73,7 +73,7 @@ def _vision(args, sampler, prompt, settings, frame_codes, decode_frames) -> int:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "generate", help="sample text, an image or a video from a checkpoint",
+        "generate",
         description="Sample from a checkpoint. The prompt is encoded as text was in training (BOS, then the "
         "text; no template) unless --chat wraps it in LWM's chat template. Long prompts are prefilled with "
         "ring attention over --sp devices. Text streams to stdout as it is generated.",
@@ -94,3 +94,11 @@ def register(subparsers) -> None:
     parser.add_argument("--fps", type=int, default=4, help="frame rate of the --video file")
     parser.add_argument("--vqgan", metavar="DIR", help="VQGAN directory (lwm convert vqgan-import) decoding vision codes")
     parser.set_defaults(func=run)
+    add_examples(parser,
+                 'lwm generate --ckpt runs/tiny --tokenizer tok.model --prompt "The old sailor" --max-tokens 64 '
+                 '--temperature 0.8 --top-p 0.9',
+                 'lwm generate --ckpt ckpt/ --tokenizer tok.model --prompt "What is RingAttention?" --chat --sp 4',
+                 'lwm generate --ckpt ckpt/ --tokenizer tok.model --prompt "a red circle" --chat --image out.png '
+                 '--vqgan vqgan/',
+                 'lwm generate --ckpt ckpt/ --tokenizer tok.model --prompt "a red circle moving left" --video out.mp4 '
+                 '--frames 8 --vqgan vqgan/')
