@@ -25,7 +25,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from orchestration.demo.sample_books import write_books  # noqa: E402
+from trainer.evaluation.synthetic_books import write_books  # noqa: E402
 from pipelines.tokens.text_tokenizer import training_pieces  # noqa: E402
 
 

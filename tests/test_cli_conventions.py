@@ -15,7 +15,7 @@ from orchestration.commands import EXAMPLES
 from tests.test_cli import _leaf_commands
 
 # Command groups with a command whose --help has no examples: section yet (eval's come with its rewrite).
-WITHOUT_EXAMPLES = {"eval"}
+WITHOUT_EXAMPLES = set()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
