@@ -1,4 +1,4 @@
-"""`lwm convert`: checkpoint conversions (HF Llama import/export; VQGAN import)."""
+"""`lwm convert`: checkpoint conversions (HF Llama import/export; LWM release import/export; VQGAN import)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,27 @@ import json
 from orchestration.commands import convert_vqgan
 
 
+def _config_fields(path: str) -> dict:
+    """The ModelConfig fields in a JSON or YAML file."""
+    import yaml
+
+    with open(path) as f:
+        try:
+            fields = yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: not valid YAML or JSON: {' '.join(str(error).split())}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{path}: expected a mapping of ModelConfig fields")
+    return fields
+
+
 def _base_config(args):
     """The ModelConfig named by --preset and/or --config (a JSON or YAML file of fields), or None."""
     from trainer.model import ModelConfig
 
     if args.preset is None and args.config is None:
         return None
-    fields = {}
-    if args.config:
-        import yaml
-
-        with open(args.config) as f:
-            try:
-                fields = yaml.safe_load(f) or {}
-            except yaml.YAMLError as error:
-                raise ValueError(f"{args.config}: not valid YAML or JSON: {' '.join(str(error).split())}") from None
-        if not isinstance(fields, dict):
-            raise ValueError(f"{args.config}: expected a mapping of ModelConfig fields")
+    fields = _config_fields(args.config) if args.config else {}
     if args.preset:
         fields = {"preset": args.preset, **fields}
     return ModelConfig.from_dict(fields, where=args.config or "model")
@@ -43,6 +47,28 @@ def hf_export(args, extra) -> int:
 
     export_hf(args.ckpt, args.out, step=args.step, dtype=args.dtype)
     print(f"wrote {args.out} (HF Llama, safetensors)")
+    return 0
+
+
+def lwm_import(args, extra) -> int:
+    from trainer.convert import lwm_release
+    from trainer.model import ModelConfig
+
+    config = lwm_release.get_preset(args.preset)
+    if args.config:  # fields over the release preset (a fine-tuned or smaller model in LWM's format)
+        config = ModelConfig.from_dict({**config.to_dict(), **_config_fields(args.config)}, where=args.config)
+    config = lwm_release.import_release(args.params, config, args.out, vqgan=args.vqgan, tokenizer=args.tokenizer,
+                                        dtype=args.dtype, preset=args.preset)
+    print(f"wrote {args.out}: {config.num_params() / 1e6:.1f}M parameters ({config.param_dtype})")
+    return 0
+
+
+def lwm_export(args, extra) -> int:
+    from trainer.convert import lwm_release
+
+    path = lwm_release.export_release(args.ckpt, args.out, step=args.step, scan_layers=args.scan_layers,
+                                      scan_axis=args.param_scan_axis, dtype=args.dtype)
+    print(f"wrote {path} (LWM streaming params; load it in LWM as params::{path})")
     return 0
 
 
@@ -74,5 +100,42 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="tensor dtype (default: the checkpoint's param_dtype)")
     p.set_defaults(func=hf_export)
+
+    p = actions.add_parser(
+        "lwm-import",
+        help="LWM release (streaming params, VQGAN pickle, tokenizer.model) -> LWM checkpoint",
+        description="Reads LWM's streaming params file as a stream (params:: files, or train states under "
+                    "params/params), with per-layer or scanned layers (param_scan_axis 0 or 1), converts RoPE "
+                    "from interleaved pairs to halves, and writes OUT/checkpoints, OUT/vqgan, "
+                    "OUT/tokenizer.model and OUT/lwm_import.json (the sources' sha256). The VQGAN pickle is "
+                    "read without running code. Nothing is written until every input has been checked.",
+    )
+    p.add_argument("--params", required=True, help="LWM streaming params file (local or gs://)")
+    p.add_argument("--preset", required=True, help="the release, e.g. lwm-chat-1m, lwm-text-chat-128k (an unknown name lists them)")
+    p.add_argument("--vqgan", help="LWM's VQGAN weights (pickle; vision releases)")
+    p.add_argument("--tokenizer", help="the release's tokenizer.model (SentencePiece)")
+    p.add_argument("--out", required=True, help="directory to write (must be empty or absent)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="parameter dtype (default: the file's)")
+    p.add_argument("--config", help="JSON/YAML file of ModelConfig fields applied over --preset")
+    p.set_defaults(func=lwm_import)
+
+    p = actions.add_parser(
+        "lwm-export",
+        help="LWM checkpoint -> LWM's streaming params file (runs in LWM's own code)",
+        description="Writes OUT/params in LWM's streaming format and names (load it in LWM with "
+                    "--load_checkpoint=params::OUT/params), plus OUT/vqgan and OUT/tokenizer.model when the "
+                    "checkpoint directory holds them (an lwm-import output).",
+    )
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (or a run / lwm-import directory)")
+    p.add_argument("--out", required=True, help="directory to write (must be empty or absent)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="write layers stacked under transformer/h/scan_decoder (LWM's scan_layers=True)")
+    p.add_argument("--param-scan-axis", type=int, default=0, choices=(0, 1),
+                   help="axis the stacked layers go on (LWM's param_scan_axis)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="tensor dtype (default: the checkpoint's param_dtype)")
+    p.set_defaults(func=lwm_export)
 
     convert_vqgan.register_convert(actions)
