@@ -3,7 +3,7 @@
 ``pickle.load`` runs whatever callables a file names, so a downloaded pickle can run
 any code. :func:`load` resolves a global only from a fixed table of constructors of
 plain data: dicts (``collections.OrderedDict`` and flax's ``FrozenDict`` become
-dicts), numpy arrays, dtypes and scalars, and jax arrays (rebuilt as numpy arrays,
+dicts), numpy arrays, dtypes (bfloat16 included) and scalars, and jax arrays (rebuilt as numpy arrays,
 the way jax pickles them). Lists, tuples, numbers and strings need no global. Any
 other global is refused with a one-line ``ValueError`` naming it, before it is called.
 """
@@ -14,6 +14,7 @@ import io
 import pickle
 from typing import Any, Callable
 
+import ml_dtypes
 import numpy as np
 
 from schemas import storage
@@ -42,6 +43,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     **{(module, "scalar"): _scalar for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
+    ("ml_dtypes", "bfloat16"): ml_dtypes.bfloat16,  # the scalar type a bfloat16 array's dtype pickles as
     ("collections", "OrderedDict"): dict,
     ("flax.core.frozen_dict", "FrozenDict"): dict,
     ("jax._src.array", "_reconstruct_array"): _jax_array,
