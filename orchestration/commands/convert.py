@@ -45,8 +45,10 @@ def hf_import(args, extra) -> int:
 def hf_export(args, extra) -> int:
     from trainer.convert.hf_llama import export_hf
 
-    export_hf(args.ckpt, args.out, step=args.step, dtype=args.dtype)
-    print(f"wrote {args.out} (HF Llama, safetensors)")
+    export_hf(args.ckpt, args.out, step=args.step, dtype=args.dtype, tokenizer=args.tokenizer,
+              merge_vision_vocab=args.merge_vision_vocab)
+    merged = ", text + vision vocabulary" if args.merge_vision_vocab else ""
+    print(f"wrote {args.out} (HF Llama, safetensors{merged})")
     return 0
 
 
@@ -92,13 +94,18 @@ def register(subparsers) -> None:
 
     p = actions.add_parser(
         "hf-export",
-        help="LWM checkpoint -> HF Llama directory (text model; config.json + safetensors)",
+        help="LWM checkpoint -> HF Llama directory (config.json + safetensors + tokenizer files)",
     )
     p.add_argument("--ckpt", required=True, help="checkpoint directory (hf-import or training output)")
     p.add_argument("--out", required=True, help="HF directory to write")
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="tensor dtype (default: the checkpoint's param_dtype)")
+    p.add_argument("--tokenizer", help="SentencePiece tokenizer.model to write as tokenizer.model/.json/_config.json "
+                                       "(default: the checkpoint directory's own, e.g. an lwm-import output's)")
+    p.add_argument("--merge-vision-vocab", action="store_true",
+                   help="a vision model as one standard Llama: vocabulary = text then vision ids (offset by the "
+                        "text size, written to config.json and README.md)")
     p.set_defaults(func=hf_export)
 
     p = actions.add_parser(
