@@ -323,6 +323,18 @@ def iter_lwm_records(params: Any, config: ModelConfig, scan_layers: bool = False
         yield tuple(key.split("/")), w
 
 
+def _to_device(params: dict) -> dict:
+    """The arrays as jax arrays, moved one at a time (each host copy freed as it goes), so the
+    checkpoint writer holds the model once rather than making a device copy of it all."""
+    for name, value in list(params.items()):
+        if isinstance(value, dict):
+            params[name] = _to_device(value)
+        else:
+            params[name] = jax.device_put(value)
+            del value
+    return params
+
+
 def _sha256_of(path: str) -> str:
     import hashlib
 
@@ -359,7 +371,7 @@ def import_release(params_path: str, config: ModelConfig, out: str, *, vqgan: st
     params, info = read_params(params_path, config, dtype)
     config = dataclasses.replace(config, param_dtype=info["dtype"])
     sources = {"params": {"path": params_path, "sha256": info["sha256"], "bytes": info["bytes"]}}
-    checkpoint.save_params(storage.join(out, CHECKPOINTS), params, config)
+    checkpoint.save_params(storage.join(out, CHECKPOINTS), _to_device(params), config)
     del params
     if vq is not None:
         vq.save(storage.join(out, VQGAN_DIR))
