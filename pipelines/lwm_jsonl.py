@@ -124,7 +124,8 @@ def _codes(value: Any, name: str, max_n_frames: int) -> np.ndarray | str:
         return f"{name!r} holds {len(value)} codes, not a positive multiple of {per_frame}"
     codes = np.asarray(value, np.int64)
     if codes.min() < 0 or codes.max() >= vocab.VISION_CODEBOOK_SIZE:
-        return f"{name!r} holds code {codes.max() if codes.max() >= 0 else codes.min()}, outside [0, {vocab.VISION_CODEBOOK_SIZE})"
+        bad = codes.max() if codes.max() >= 0 else codes.min()
+        return f"{name!r} holds code {bad}, outside [0, {vocab.VISION_CODEBOOK_SIZE})"
     frames = codes.reshape(-1, per_frame)
     return frames[sample_frame_indices(len(frames), max_n_frames)].reshape(-1, 16, 16)
 
@@ -137,7 +138,8 @@ def lay_out_line(fields: dict, line_index: int, encode: Callable[[str], np.ndarr
     if spec is None:
         if config.fields_key not in fields:
             return "missing_field", f"no {config.fields_key!r} field"
-        return "bad_fields", f"{config.fields_key!r} is not a non-empty string or list of them (index {config.fields_index})"
+        return "bad_fields", (f"{config.fields_key!r} is not a non-empty string or list of them "
+                              f"(fields_index {config.fields_index})")
     pieces = [([markers.bos], False, 0.0)]  # (ids, is vision, loss weight)
     for field in spec.split(","):
         weight = 1.0

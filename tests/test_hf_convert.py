@@ -13,7 +13,7 @@ from orchestration import cli  # noqa: E402
 from trainer import checkpoint
 from trainer.convert import hf_llama as hf_convert
 from trainer.inference import predictor as inference
-from trainer.model import get_preset  # noqa: E402
+from trainer.model import get_preset, init_params  # noqa: E402
 
 ROPE_THETA = 50000.0
 
@@ -138,7 +138,7 @@ def vision_ckpt(tokenizer_path, tmp_path_factory):
 
     config = dataclasses.replace(get_preset("tiny"), vision_vocab_size=40, init_std=0.2, remat_policy="none")
     path = tmp_path_factory.mktemp("vision")
-    params = __import__("trainer.model", fromlist=["init_params"]).init_params(config, jax.random.key(3))
+    params = init_params(config, jax.random.key(3))
     checkpoint.save_params(str(path / "checkpoints"), params, config)
     shutil.copy(tokenizer_path, path / "tokenizer.model")
     return path, config

@@ -7,7 +7,6 @@ mask, ``lm_head`` and ``vision_head``.
 
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp

@@ -110,7 +110,7 @@ def test_sample_frame_indices_is_lwms_linspace_rule():
 
 
 @pytest.mark.parametrize("example,reason,detail", [
-    ({"fields": "[vision],caption", "vision": [1] * 300, "caption": "c"}, "bad_vision", "not a positive multiple of 256"),
+    ({"fields": "[vision],caption", "vision": [1] * 300, "caption": "c"}, "bad_vision", "not a positive multiple"),
     ({"fields": "[vision],caption", "vision": [8192] * 256, "caption": "c"}, "bad_vision", "code 8192"),
     ({"fields": "[vision],caption", "vision": ["a"] * 256, "caption": "c"}, "bad_vision", "not a list of integer"),
     ({"fields": "[vision],caption", "caption": "c"}, "missing_field", "no 'vision' field"),
@@ -124,8 +124,8 @@ def test_malformed_lines_are_dead_letters_with_their_reason(tok, example, reason
 
 
 def test_lwm_jsonl_job_writes_packed_examples_and_dead_letters(tokenizer_path, tok, tmp_path):
-    lines = [json.dumps(e) for e in GOLDEN[:5]] + ["", json.dumps({"fields": "[vision],c", "vision": [1] * 3, "c": "x"}),
-                                                  "not json"]
+    bad = json.dumps({"fields": "[vision],c", "vision": [1] * 3, "c": "x"})
+    lines = [json.dumps(e) for e in GOLDEN[:5]] + ["", bad, "not json"]
     src = tmp_path / "lwm.jsonl"
     src.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"

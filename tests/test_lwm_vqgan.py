@@ -139,7 +139,8 @@ def lwm_vq(tmp_path_factory):
 def test_lwm_vqgan_gives_lwms_codes_and_pixels(lwm_vq):
     model, params, frames, path = lwm_vq
     vq = lwm_vqgan.load_lwm_vqgan(path)
-    assert vq.config.block_out_channels == (32, 64, 64) and vq.config.layers_per_block == 1 and vq.config.num_vq_embeddings == CODES
+    assert vq.config.block_out_channels == (32, 64, 64) and vq.config.layers_per_block == 1
+    assert vq.config.num_vq_embeddings == CODES
     assert vq.input_range == (-1.0, 1.0)
     want_codes = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, method=LwmVQ.encode))(params, frames))
     codes = vq.encode(frames)

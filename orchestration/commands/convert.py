@@ -118,7 +118,8 @@ def register(subparsers) -> None:
                     "read without running code. Nothing is written until every input has been checked.",
     )
     p.add_argument("--params", required=True, help="LWM streaming params file (local or gs://)")
-    p.add_argument("--preset", required=True, help="the release, e.g. lwm-chat-1m, lwm-text-chat-128k (an unknown name lists them)")
+    p.add_argument("--preset", required=True,
+                   help="the release, e.g. lwm-chat-1m, lwm-text-chat-128k (an unknown name lists them)")
     p.add_argument("--vqgan", help="LWM's VQGAN weights (pickle; vision releases)")
     p.add_argument("--tokenizer", help="the release's tokenizer.model (SentencePiece)")
     p.add_argument("--out", required=True, help="directory to write (must be empty or absent)")

@@ -169,7 +169,8 @@ def tokenizer_files(spm_path: str, config: ModelConfig) -> dict[str, bytes]:
         data = f.read()
     sp = spm.SentencePieceProcessor(model_proto=data)
     if sp.get_piece_size() > config.vocab_size:
-        raise ValueError(f"{spm_path}: {sp.get_piece_size()} pieces, more than the model's vocab_size {config.vocab_size}")
+        raise ValueError(f"{spm_path}: {sp.get_piece_size()} pieces, more than the model's vocab_size "
+                         f"{config.vocab_size}")
     pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
     special = {"unk_token": pieces[sp.unk_id()], "bos_token": pieces[sp.bos_id()], "eos_token": pieces[sp.eos_id()]}
     model = tokenizers.models.BPE(vocab={p: i for i, p in enumerate(pieces)},

@@ -52,7 +52,7 @@ import numpy as np
 from schemas import storage, vocab
 from trainer import checkpoint
 from trainer.convert import lwm_streaming
-from trainer.model import ModelConfig, param_shapes
+from trainer.model import ModelConfig
 
 _LWM_7B = ModelConfig(vocab_size=vocab.TEXT_VOCAB_SIZE, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=32,
                       mlp_dim=11008, rms_norm_eps=1e-6)
@@ -366,7 +366,8 @@ def import_release(params_path: str, config: ModelConfig, out: str, *, vqgan: st
     _check_out(out)
     tok = TextTokenizer(tokenizer) if tokenizer else None
     if tok is not None and tok.vocab_size > config.vocab_size:
-        raise ValueError(f"--tokenizer has {tok.vocab_size} pieces, more than the model's vocab_size {config.vocab_size}")
+        raise ValueError(f"--tokenizer has {tok.vocab_size} pieces, more than the model's vocab_size "
+                         f"{config.vocab_size}")
     vq = lwm_vqgan.load_lwm_vqgan(vqgan) if vqgan else None
     params, info = read_params(params_path, config, dtype)
     config = dataclasses.replace(config, param_dtype=info["dtype"])
