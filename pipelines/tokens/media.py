@@ -267,6 +267,14 @@ def _sample_rate(info: VideoInfo, config: VideoConfig) -> float:
     return min(config.fps, uniform) if config.fps is not None else uniform
 
 
+def sample_frame_indices(num_frames: int, max_frames: int) -> np.ndarray:
+    """LWM's frame subsampling (``lwm/data.py``, ``lwm/vision_chat.py``): all ``num_frames`` frames when
+    ``max_frames`` is at most 0 or not fewer, else ``linspace(0, num_frames - 1, max_frames)`` truncated to int."""
+    if max_frames <= 0 or num_frames <= max_frames:
+        return np.arange(num_frames)
+    return np.linspace(0, num_frames - 1, max_frames).astype(int)
+
+
 def _uniform_subsample(frames: np.ndarray, count: int | None) -> np.ndarray:
     if count is None or len(frames) <= count:
         return frames
