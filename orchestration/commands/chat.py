@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-from orchestration.commands import add_checkpoint_arguments
+from orchestration.commands import add_checkpoint_arguments, add_examples
 
 
 def run(args, extra) -> int:
@@ -65,7 +64,6 @@ def _dump(path: str, document: dict) -> None:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "chat", help="chat about an image or a video with a checkpoint (one turn, or many from stdin)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Ask a checkpoint about an image or a video, laid out as LWM's vision chat feeds its models: "
         "BOS, 'You are a helpful assistant. USER: {question}\\n', <vision>, each frame's 256 VQGAN codes then "
         "<eof> (the last <eov>), </vision>, ' ASSISTANT:'. A video gives its frames at its own rate, all of them "
@@ -73,14 +71,7 @@ def register(subparsers) -> None:
         "to 256x256 as the data jobs do. With --prompt: one answer, streamed. Without: one question per line of "
         "standard input, each later turn reusing the key/value cache of the conversation so far; end of input "
         "exits. The prompt is prefilled with ring attention over --sp devices; a video too long for the "
-        "checkpoint's context or the devices' memory is refused, naming the frame count that fits.\n\n"
-        "examples:\n"
-        "  lwm chat --ckpt runs/stages/chat-1024 --tokenizer tokenizer.model --vqgan vqgan_small_random \\\n"
-        "      --video raw/video_text/videos/video-0-0000.mp4 --prompt 'What is moving?'\n"
-        "  lwm chat --ckpt runs/stages/chat-1024 --tokenizer tokenizer.model --vqgan vqgan_small_random \\\n"
-        "      --image picture.png --max-tokens 0 --dump-prompt prompt.json\n"
-        "  printf 'What is in it?\\nWhat colour is it?\\n' | lwm chat --ckpt runs/stages/chat-1024 \\\n"
-        "      --tokenizer tokenizer.model --vqgan vqgan_small_random --image picture.png\n",
+        "checkpoint's context or the devices' memory is refused, naming the frame count that fits.",
     )
     add_checkpoint_arguments(parser, tokenizer=True)
     parser.add_argument("--vqgan", metavar="DIR", help="VQGAN directory (lwm convert vqgan-import) encoding the frames")
@@ -99,3 +90,10 @@ def register(subparsers) -> None:
     parser.add_argument("--dump-prompt", metavar="OUT.json",
                         help='write the first turn\'s prompt as {"tokens": [...], "vision_mask": [...]}')
     parser.set_defaults(func=run)
+    add_examples(parser,
+                 "lwm chat --ckpt runs/stages/chat-1024 --tokenizer tokenizer.model --vqgan vqgan_small_random "
+                 "--video raw/video_text/videos/video-0-0000.mp4 --prompt 'What is moving?'",
+                 "lwm chat --ckpt runs/stages/chat-1024 --tokenizer tokenizer.model --vqgan vqgan_small_random "
+                 "--image picture.png --max-tokens 0 --dump-prompt prompt.json",
+                 "lwm chat --ckpt runs/stages/chat-1024 --tokenizer tokenizer.model --vqgan vqgan_small_random "
+                 "--image picture.png   # then one question a line; each turn reuses the cache")

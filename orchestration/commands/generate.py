@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from orchestration.commands import add_checkpoint_arguments, open_sampler
+from orchestration.commands import add_checkpoint_arguments, add_examples, open_sampler, progress
 
 
 def run(args, extra) -> int:
@@ -65,19 +65,17 @@ def _vision(args, tokenizer, sampler, prompt, settings, frame_codes, decode_fram
     uncond = unconditional_prompt(tokenizer)
     if args.video and args.first_frame:
         if args.first_frame == "generate":  # LWM's way: the first frame drawn as an image, with image guidance
-            print(f"generating the first frame as an image (cfg scale {args.first_frame_cfg_scale:g}) ...",
-                  file=sys.stderr, flush=True)
+            progress(args, f"generating the first frame as an image (cfg scale {args.first_frame_cfg_scale:g}) ...")
             image_prompt = encode_prompt(tokenizer, _vision_request(args, "image"), chat=args.chat, vision=True)
             (ids,) = sampler.generate_guided([image_prompt], 1, settings, cfg_scale=args.first_frame_cfg_scale,
                                              unconditional=uncond)
             first = frame_codes(ids)
         else:
             first = _encoded_picture(args.first_frame, vqgan)
-        print(f"generating {frames - 1} more frame(s) (cfg scale {scale:g}) ...", file=sys.stderr, flush=True)
+        progress(args, f"generating {frames - 1} more frame(s) (cfg scale {scale:g}) ...")
         codes = sampler.continue_video(prompt, first, frames, settings, cfg_scale=scale, unconditional=uncond)
     else:
-        print(f"generating {frames} frame(s) × 257 vision tokens (cfg scale {scale:g}) ...", file=sys.stderr,
-              flush=True)
+        progress(args, f"generating {frames} frame(s) × 257 vision tokens (cfg scale {scale:g}) ...")
         (ids,) = sampler.generate_guided([prompt], frames, settings, cfg_scale=scale, unconditional=uncond)
         codes = frame_codes(ids)
     pixels = decode_frames(codes, vqgan)
@@ -111,7 +109,7 @@ def _encoded_picture(path: str, vqgan) -> np.ndarray:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "generate", help="sample text, an image or a video from a checkpoint",
+        "generate",
         description="Sample from a checkpoint. The prompt is encoded as text was in training (BOS, then the "
         "text; no template) unless --chat wraps it in LWM's chat template. Long prompts are prefilled with "
         "ring attention over --sp devices. Text streams to stdout as it is generated.",
@@ -140,3 +138,13 @@ def register(subparsers) -> None:
     parser.add_argument("--first-frame-cfg-scale", type=float, default=5.0,
                         help="guidance of the first frame drawn with --first-frame generate (LWM's image scale)")
     parser.set_defaults(func=run)
+    add_examples(parser,
+                 'lwm generate --ckpt runs/tiny --tokenizer tok.model --prompt "The old sailor" --max-tokens 64 '
+                 '--temperature 0.8 --top-p 0.9',
+                 'lwm generate --ckpt ckpt/ --tokenizer tok.model --prompt "What is RingAttention?" --chat --sp 4',
+                 'lwm generate --ckpt ckpt/ --tokenizer tok.model --prompt "a red circle" --chat --image out.png '
+                 '--vqgan vqgan/',
+                 'lwm generate --ckpt ckpt/ --tokenizer tok.model --prompt "a red circle moving left" --video out.mp4 '
+                 '--frames 8 --vqgan vqgan/',
+                 'lwm generate --ckpt ckpt/ --tokenizer tok.model --prompt "a red circle moving left" --video out.mp4 '
+                 '--frames 8 --vqgan vqgan/ --first-frame generate   # LWM\'s way: the first frame drawn as an image')

@@ -293,14 +293,15 @@ def _sample_rate(info: VideoInfo, config: VideoConfig) -> float:
     return min(config.fps, uniform) if config.fps is not None else uniform
 
 
-def sample_frame_indices(n: int, max_frames: int) -> np.ndarray:
-    """Which of ``n`` frames to keep, LWM's rule (its chat and data loader alike): all of them when
-    ``n <= max_frames``, else ``numpy.linspace(0, n - 1, max_frames)`` truncated to integers."""
-    if n < 0 or max_frames < 1:
-        raise ValueError(f"need n >= 0 and max_frames >= 1, got {n}, {max_frames}")
-    if n <= max_frames:
-        return np.arange(n, dtype=np.int64)
-    return np.linspace(0, n - 1, max_frames).astype(np.int64)
+def sample_frame_indices(num_frames: int, max_frames: int) -> np.ndarray:
+    """Which of ``num_frames`` frames to keep, LWM's rule (its chat and its data loader alike): all of them
+    when ``max_frames`` is at most 0 or not fewer, else ``numpy.linspace(0, num_frames - 1, max_frames)``
+    truncated to integers."""
+    if num_frames < 0:
+        raise ValueError(f"need num_frames >= 0, got {num_frames}")
+    if max_frames <= 0 or num_frames <= max_frames:
+        return np.arange(num_frames, dtype=np.int64)
+    return np.linspace(0, num_frames - 1, max_frames).astype(np.int64)
 
 
 def _uniform_subsample(frames: np.ndarray, count: int | None) -> np.ndarray:

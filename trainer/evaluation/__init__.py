@@ -13,7 +13,8 @@ A task is one module here plus one line in :data:`TASKS`. The module defines
 - ``metrics(config, out) -> dict[str, float]``: the measurements in ``out`` that
   gates compare (``needle_accuracy/1024``, ``eval/books/loss``, ...);
 - ``metric_names(config)``: the names ``metrics`` gives, so a plan's ``gate:`` is
-  checked when the plan loads.
+  checked when the plan loads;
+- ``examples``: runnable ``lwm eval NAME ...`` lines for its ``--help``.
 
 Stage plans run every task in a stage's ``evals:`` after the stage (``lwm eval
 NAME`` in a child process, ``RUN_DIR/NAME/`` as ``out``) and gate on any of their
@@ -63,6 +64,7 @@ class Task:
     metric_names: Callable[[Any], tuple[str, ...]]
     help: str
     description: str
+    examples: tuple[str, ...] = ()
     needs_tokenizer: bool = True
     out_required: bool = True  # False: ``out`` is optional (the task prints all it measures)
 

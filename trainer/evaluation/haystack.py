@@ -407,7 +407,7 @@ def accuracies(results: Sequence[dict], lengths: Sequence[int], name: str) -> di
             for n in lengths if any(r["length"] == n for r in results)}
 
 
-def sweep_task(name: str, config: type, *, help: str, description: str) -> Task:
+def sweep_task(name: str, config: type, *, help: str, description: str, examples: tuple[str, ...]) -> Task:
     """A registered task that runs the sweep with ``config`` (a :class:`NeedleConfig` with its own defaults)
     and measures ``{name}_accuracy/{length}`` per prompt length."""
 
@@ -429,4 +429,5 @@ def sweep_task(name: str, config: type, *, help: str, description: str) -> Task:
     def metric_names(config: NeedleConfig) -> tuple[str, ...]:
         return tuple(f"{name}_accuracy/{n}" for n in config.lengths)
 
-    return Task(name, config, run_task, metrics, metric_names, help=help, description=description)
+    return Task(name, config, run_task, metrics, metric_names, help=help, description=description,
+                examples=examples)
