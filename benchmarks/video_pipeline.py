@@ -27,7 +27,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from orchestration import cli
 from trainer.evaluation import synthetic_books as sample_data
-from orchestration.demo import sample_media
+from trainer.evaluation import synthetic_videos as sample_media
 from pipelines.tokens import media
 from pipelines.tokens import vision_layout
 from pipelines.tokens.vqgan import PRESETS, VQGAN

@@ -9,6 +9,10 @@ Every user error ends in one line on stderr, ``lwm: error: ...``, and exit statu
 missing, unreadable or not writable (``OSError``, named with what to do) and a
 YAML file that does not parse.
 Ctrl-C outside training (which saves and exits 130 itself) exits 130 in one line.
+
+Every command takes ``-v`` (library logs: absl, Orbax, JAX, Beam, at INFO) and ``-q``
+(no progress lines either); by default libraries log errors only. ``lwm --help``
+lists the groups from ``COMMANDS`` without importing them, so it starts at once.
 """
 
 from __future__ import annotations
@@ -16,25 +20,35 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import logging
 import sys
+import warnings
 from importlib import metadata
 
 import yaml
 
-# Command groups, in the order `lwm --help` lists them.
-COMMAND_MODULES = (
-    "tokenizer",
-    "data",
-    "train",
-    "stages",
-    "convert",
-    "generate",
-    "serve",
-    "eval",
-    "demo",
-)
+# Command groups and their one-line summaries, in the order `lwm --help` lists them;
+# each is the module orchestration/commands/NAME.py.
+COMMANDS = {
+    "env": "the versions, devices, tools and credentials this machine offers (for set-up checks and bug reports)",
+    "tokenizer": "train text tokenizers",
+    "data": "preprocessing jobs (Beam) and dataset inspection",
+    "train": "train one stage from a YAML config (resumes from its newest checkpoint)",
+    "stages": "run a stage plan (all stages, resumable), its data jobs, its status",
+    "convert": "convert checkpoints to and from other formats",
+    "generate": "sample text, an image or a video from a checkpoint",
+    "chat": "chat with a checkpoint about an image or a video (one question, or several turns from stdin)",
+    "serve": "serve a checkpoint over the OpenAI API (chat and completions, text, images and video; batched)",
+    "eval": "evaluate a checkpoint: held-out loss, needle in a haystack and the other registered tasks",
+    "demo": "run the whole workflow on embedded sample data, on CPU",
+    "completion": "print a shell completion script (bash or zsh) for lwm",
+}
+COMMAND_MODULES = tuple(COMMANDS)
+# Loggers of the libraries the commands run; quiet (errors only) unless -v.
+LIBRARY_LOGGERS = ("jax", "jaxlib", "orbax", "flax", "grain", "apache_beam", "tensorboardX", "fsspec")
 USER_ERROR_EXIT = 2
 INTERRUPTED_EXIT = 130
+_running: list[int] = []  # one entry per main() call under way (`lwm demo` and `lwm stages data` call it again)
 
 
 def version() -> str:
@@ -44,20 +58,72 @@ def version() -> str:
         return "unknown (not installed: pip install -e .)"
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser of every command group, or of ``command``'s alone: a command imports only
-    its own libraries (a data job need not load JAX or torch before it starts)."""
+class _Commands(argparse._SubParsersAction):
+    """The top level's sub-parsers: a group's summary is always its ``COMMANDS`` line (the one ``lwm --help``
+    shows without importing the group), whichever parser is built."""
+
+    def add_parser(self, name, **kwargs):
+        kwargs["help"] = COMMANDS[name]
+        return super().add_parser(name, **kwargs)
+
+
+def build_parser(command: str | None = None, *, every: bool | None = None) -> argparse.ArgumentParser:
+    """The parser of every command group (``command`` None), or of ``command``'s alone: a command imports
+    only its own libraries (a data job need not load JAX or torch before it starts). With ``every=False``
+    the groups other than ``command`` are listed by name and summary only, nothing imported (``lwm --help``)."""
+    every = command is None if every is None else every
     parser = argparse.ArgumentParser(
         prog="lwm",
         description="Large World Model workflow: data jobs (Beam), training (JAX, RingAttention) and the tools "
-        "around them. `lwm COMMAND --help` describes each command.",
+        "around them. `lwm COMMAND --help` describes each command and ends with examples.",
     )
+    parser.register("action", "parsers", _Commands)
     parser.add_argument("--version", action="version", version=f"lwm {version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        if command in (None, name):
+        if every or command == name:
             importlib.import_module(f"orchestration.commands.{name}").register(subparsers)
+        else:
+            subparsers.add_parser(name, add_help=False)
+    for leaf in _leaves(subparsers):
+        _add_verbosity(leaf)
     return parser
+
+
+def _leaves(subparsers) -> list[argparse.ArgumentParser]:
+    """The parsers that run something, under ``subparsers`` (placeholders of unloaded groups excluded)."""
+    found = []
+    for sub in dict.fromkeys(subparsers.choices.values()):  # aliases share a parser
+        nested = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            found += _leaves(nested[0])
+        elif sub.add_help:
+            found.append(sub)
+    return found
+
+
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    """``-v``/``-q``, the same on every command."""
+    group = parser.add_argument_group("output")
+    group.add_argument("-v", "--verbose", action="count", default=0,
+                       help="also show library logs (absl, Orbax, JAX, Beam); -vv: debug logs")
+    group.add_argument("-q", "--quiet", action="count", default=0, help="no progress lines; warnings and errors only")
+
+
+def configure_logging(verbosity: int) -> None:
+    """Library loggers: errors only by default (their warnings say nothing a user can act on), INFO with -v,
+    DEBUG with -vv; library Python warnings are shown only with -v."""
+    import absl.logging  # before its logger is touched: absl gives "absl" its own Logger class
+
+    name = "error" if verbosity <= 0 else "info" if verbosity == 1 else "debug"
+    absl.logging.set_verbosity(name)  # Orbax logs through absl
+    level = logging.getLevelName(name.upper())
+    if verbosity > 0:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    for logger in LIBRARY_LOGGERS:
+        logging.getLogger(logger).setLevel(level)
+    warnings.filterwarnings("default" if verbosity > 0 else "ignore",
+                            module=r"(absl|jax|orbax|flax|grain|apache_beam|tensorboardX)(\.|$)")
 
 
 def command_group(argv: list[str]) -> str | None:
@@ -84,10 +150,13 @@ def os_error_message(error: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(command_group(argv))
+    parser = build_parser(command_group(argv), every=False)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not _running:  # an inner call keeps the outer command's -v/-q
+        configure_logging(args.verbose - args.quiet)
+    _running.append(args.verbose - args.quiet)
     try:
         return int(args.func(args, extra) or 0)
     except ValueError as error:  # bad input or config: a clear message, no traceback
@@ -105,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lwm: interrupted", file=sys.stderr)
         return INTERRUPTED_EXIT
+    finally:
+        _running.pop()
 
 
 if __name__ == "__main__":

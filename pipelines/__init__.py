@@ -6,7 +6,8 @@
   packing, shards and manifests, the runner, progress). It may import the
   tokenizers and the trainer, never a job.
 - the jobs, one place per family: ``books`` (a module), ``vision`` (image-text and
-  video-text), ``chat_qa`` (long-context QA and its generators). A job may import
+  video-text), ``chat_qa`` (long-context QA and its generators), ``lwm_jsonl`` (data
+  prepared for LWM's own trainer, a module). A job may import
   the kit, the tokenizers and the trainer, never another family.
 - :data:`JOBS` below is the one list of jobs: ``lwm data``, stage plans and their
   checks read it. This module imports nothing, so reading it costs nothing.
@@ -52,4 +53,5 @@ JOBS = {
     "image-text": "pipelines.vision.image_text",
     "video-text": "pipelines.vision.video_text",
     "chat-qa": "pipelines.chat_qa.pipeline",
+    "lwm-jsonl": "pipelines.lwm_jsonl",
 }

@@ -110,5 +110,15 @@ def check(config: BooksConfig) -> tuple[int, int]:
     return check_inputs(config.inputs)
 
 
-JOB = Job("books", BooksConfig, build, check, help="raw books → packed ArrayRecord shards, one dataset per length bucket")
+JOB = Job("books", BooksConfig, build, check, help="raw books → packed ArrayRecord shards, one dataset per length bucket",
+          examples=(
+              "lwm data books --input 'books/*.jsonl' --output out/ --tokenizer tokenizer.model --seq-len 4096",
+              "lwm data books --input 'books/*.jsonl' 'more/*.parquet' --output out/ --tokenizer tokenizer.model "
+              "--buckets lwm-text   # the paper's five text stages",
+              "lwm data books --input 'books/*.jsonl' --output out/ --tokenizer tokenizer.model --seq-len 4096 "
+              "--dry-run   # options and job graph; runs nothing",
+              "lwm data books --input 'gs://bucket/books/*.jsonl' --output gs://bucket/packed --tokenizer "
+              "gs://bucket/tokenizer.model --buckets lwm-text --runner DataflowRunner --project MY_PROJECT "
+              "--region us-central1 --temp_location gs://bucket/tmp --max_num_workers 64",
+          ))
 run = JOB.run

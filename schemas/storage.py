@@ -59,6 +59,18 @@ def size(path: str) -> int:
     return int(fs.size(stripped))
 
 
+def sizes(directory: str) -> dict[str, int]:
+    """Sizes of the files directly under ``directory``, by name, from one listing ({} when it does not exist).
+
+    One request per ~1000 files on an object store, where ``exists`` and ``size`` per file cost two each.
+    """
+    fs, stripped = _fs(directory)
+    if not fs.exists(stripped):
+        return {}
+    entries = fs.ls(stripped, detail=True)
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e["size"]) for e in entries if e.get("type") == "file"}
+
+
 def open(path: str, mode: str = "rb") -> IO:  # noqa: A001 - the filesystem's open
     """A file object; parent folders are created for writes where folders exist."""
     fs, stripped = _fs(path)

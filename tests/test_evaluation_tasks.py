@@ -23,7 +23,8 @@ def test_lwm_eval_offers_every_registered_task(capsys):
 @pytest.mark.parametrize("name", sorted(evaluation.TASKS))
 def test_a_tasks_flags_and_plan_keys_give_the_same_config(name):
     task = evaluation.task(name)
-    config = task.config(data=("d/seq512",)) if name == "loss" else task.config(lengths=(256, 512), seed=3)
+    examples = {"loss": dict(data=("d/seq512",)), "video-needle": dict(frames=(4, 8), vqgan="v", seed=3)}
+    config = task.config(**examples.get(name, dict(lengths=(256, 512), seed=3)))
     argv = flags.to_argv(config)
     assert cli.build_parser("eval").parse_args(["eval", name, "--ckpt", "c", "--out", "o", *argv] + (
         ["--tokenizer", "t"] if task.needs_tokenizer else []))

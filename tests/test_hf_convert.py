@@ -13,7 +13,7 @@ from orchestration import cli  # noqa: E402
 from trainer import checkpoint
 from trainer.convert import hf_llama as hf_convert
 from trainer.inference import predictor as inference
-from trainer.model import get_preset  # noqa: E402
+from trainer.model import get_preset, init_params  # noqa: E402
 
 ROPE_THETA = 50000.0
 
@@ -120,3 +120,97 @@ def test_non_default_rope_scaling_is_refused(hf_dir):
     hf["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": ROPE_THETA}
     with pytest.raises(ValueError, match="RoPE"):
         hf_convert.config_from_hf(hf)
+
+
+# --- tokenizer files and the merged vision vocabulary (an LWM vision model as one Llama) ----------------
+
+# Texts without newlines or repeated spaces: the test tokenizer normalizes those (Llama-2's does not).
+TEXTS = ["The book was long.", "What is the color of the cat? It is yellow!", "<vision>x</vision> ünï 你好"]
+
+
+@pytest.fixture(scope="module")
+def vision_ckpt(tokenizer_path, tmp_path_factory):
+    """A small vision model with the test tokenizer's vocabulary, saved like an lwm-import output."""
+    import dataclasses
+    import shutil
+
+    import jax
+
+    config = dataclasses.replace(get_preset("tiny"), vision_vocab_size=40, init_std=0.2, remat_policy="none")
+    path = tmp_path_factory.mktemp("vision")
+    params = init_params(config, jax.random.key(3))
+    checkpoint.save_params(str(path / "checkpoints"), params, config)
+    shutil.copy(tokenizer_path, path / "tokenizer.model")
+    return path, config
+
+
+def _our_logits(ckpt, tokens, vision_mask):
+    import jax.numpy as jnp
+
+    from trainer.model import LWM
+
+    params, config = checkpoint.restore_params(checkpoint.resolve_dir(str(ckpt)))
+    s = tokens.shape[1]
+    hidden = LWM(config).apply({"params": params}, jnp.asarray(tokens), jnp.asarray(vision_mask),
+                               jnp.ones_like(tokens), jnp.broadcast_to(jnp.arange(s), tokens.shape))
+    return np.asarray(hidden @ params["text_head"]), np.asarray(hidden @ params["vision_head"])
+
+
+def test_hf_export_writes_a_tokenizer_that_autotokenizer_loads(vision_ckpt, tokenizer_path, tmp_path):
+    from pipelines.tokens.text_tokenizer import TextTokenizer
+
+    out = tmp_path / "export"
+    assert cli.main(["convert", "hf-export", "--ckpt", str(vision_ckpt[0]), "--out", str(out),
+                     "--tokenizer", tokenizer_path]) == 0
+    assert {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours = TextTokenizer(tokenizer_path)
+    for text in TEXTS:
+        assert hf_tok(text, add_special_tokens=False).input_ids == ours.encode(text).tolist(), text
+        assert hf_tok(text).input_ids[0] == ours.bos_id
+        assert hf_tok.decode(ours.encode(text)) == text
+
+
+def test_merged_vision_vocab_gives_lwms_text_and_vision_logits_in_transformers(vision_ckpt, tmp_path):
+    path, config = vision_ckpt
+    out = tmp_path / "merged"
+    assert cli.main(["convert", "hf-export", "--ckpt", str(path), "--out", str(out), "--merge-vision-vocab"]) == 0
+    hf = json.loads((out / "config.json").read_text())
+    assert hf["vocab_size"] == 512 + 40 and hf["lwm_vision_token_offset"] == 512
+    assert "512 + i" in (out / "README.md").read_text()
+    assert transformers.AutoTokenizer.from_pretrained(out)("a").input_ids[0] == 1  # its own tokenizer, by default
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(0, 40, (2, 24)).astype(np.int32)
+    vision_mask = np.zeros((2, 24), bool)
+    vision_mask[:, 6:15] = True
+    tokens = np.where(vision_mask, tokens, rng.integers(0, 512, (2, 24))).astype(np.int32)
+    model = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    merged = _hf_logits(model, np.where(vision_mask, tokens + 512, tokens))
+    text, vision = _our_logits(path, tokens, vision_mask)
+    np.testing.assert_allclose(merged[..., :512], text, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(merged[..., 512:], vision, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--tokenizer", "TOKENIZER"], "512 pieces, more than the model's vocab_size 320"),
+    (["--tokenizer", "/nonexistent/tokenizer.model"], "no such file"),
+])
+def test_bad_hf_export_inputs_are_one_line_errors(imported, tokenizer_path, tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    flags = [tokenizer_path if f == "TOKENIZER" else f for f in flags]
+    assert cli.main(["convert", "hf-export", "--ckpt", str(imported), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_merge_vision_vocab_of_a_text_model_is_a_one_line_error(hf_dir, tmp_path, capsys):
+    from trainer.model import ModelConfig
+
+    text_only = ModelConfig(vocab_size=320, vision_vocab_size=0, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                            mlp_dim=96)
+    hf_convert.import_hf(hf_dir[0], tmp_path / "ckpt", base=text_only)
+    out = tmp_path / "out"
+    assert cli.main(["convert", "hf-export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(out),
+                     "--merge-vision-vocab"]) == 2
+    err = capsys.readouterr().err
+    assert "text-only model" in err and err.count("\n") == 1 and not out.exists()

@@ -171,10 +171,10 @@ def test_tampered_shard_is_refused_naming_the_shard(two_datasets, tmp_path):
     content[-1] ^= 0xFF
     shard.write_bytes(bytes(content))
     with pytest.raises(ValueError, match=f"shard {shard.name} sha256 differs"):
-        data.read_manifests(_config((copy, 1.0)))
+        data.read_manifests(_config((copy, 1.0), verify_hashes=True))
     shard.write_bytes(bytes(content) + b"x")
     with pytest.raises(ValueError, match=f"shard {shard.name} has {len(content) + 1} bytes"):
-        data.read_manifests(_config((copy, 1.0), verify_hashes=False))
+        data.read_manifests(_config((copy, 1.0)))
 
 
 def test_empty_stage_and_empty_dataset_are_refused(tmp_path):

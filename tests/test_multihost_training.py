@@ -196,8 +196,8 @@ def _nan_dataset(directory, tokenizer, count=8):
 def test_a_nan_on_one_process_stops_both_naming_the_step(books256, env, tmp_path):
     nan_dir = _nan_dataset(tmp_path / "nan", manifest.read(str(books256), verify_hashes=False).tokenizer)
     code, _, err = _finish(_start(_sets(tmp_path / "run", (books256, 1.0), (nan_dir, 0.2)), env, processes=2))
-    assert code == 1
-    assert "of 2 exited with code 1; stopped the other processes" in err
+    assert code == 4  # orchestration.stages.local.NON_FINITE
+    assert "of 2 exited with code 4; stopped the other processes" in err
     steps = set()
     for i in range(2):
         with open(tmp_path / "run" / "logs" / f"process-{i}.log") as f:

@@ -96,6 +96,40 @@ def test_vision_generation_forces_frame_markers_and_draws_codes_only(sampler):
         sample.frame_codes(ids[:-1])
 
 
+def test_cfg_scale_1_is_no_guidance_and_guidance_against_the_prompt_itself_changes_nothing(sampler):
+    prompt, settings = [1, 30, 31], sample.SampleSettings(temperature=1.0, seed=4)
+    plain = sampler.generate_vision([prompt], frames=1, settings=settings)
+    assert sampler.generate_guided([prompt], 1, settings, cfg_scale=1.0, unconditional=[1, 5]) == plain
+    # uncond + s (cond - uncond) = cond when both rows hold the same prompt: the guided rows change nothing
+    assert sampler.generate_guided([prompt], 1, settings, cfg_scale=3.0, unconditional=prompt) == plain
+    guided = sampler.generate_guided([prompt], 1, sample.SampleSettings(), cfg_scale=3.0, unconditional=[1, 5])
+    assert guided != sampler.generate_vision([prompt], 1, sample.SampleSettings())
+
+
+def test_guided_codes_follow_the_guidance_formula(sampler, monkeypatch):
+    seen = []
+    real = sample.choose
+    monkeypatch.setattr(sample, "choose", lambda logits, *a: seen.append(np.array(logits)) or real(logits, *a))
+    sampler.generate_guided([[1, 30, 31]], 1, sample.SampleSettings(), cfg_scale=2.5, unconditional=[1, 5])
+    assert len(seen) == 256 and seen[0].shape == (1, vocab.VISION_CODEBOOK_SIZE)
+    want_cond = sampler._prefill(np.array([[1, 30, 31]]), np.zeros((1, 3), bool), np.array([3]), 1).vision_logits
+    want_uncond = sampler._prefill(np.array([[1, 5]]), np.zeros((1, 2), bool), np.array([2]), 1).vision_logits
+    c, u = want_cond[0, -1, :vocab.VISION_CODEBOOK_SIZE], want_uncond[0, -1, :vocab.VISION_CODEBOOK_SIZE]
+    np.testing.assert_allclose(seen[0][0], u + 2.5 * (c - u), atol=1e-4)
+
+
+def test_a_video_continues_from_its_first_frame(sampler):
+    first = np.arange(256, dtype=np.int32).reshape(1, 16, 16)
+    codes = sampler.continue_video([1, 30, 31], first, 3, sample.SampleSettings(), cfg_scale=2.0,
+                                   unconditional=[1, 5])
+    assert codes.shape == (3, 16, 16) and np.array_equal(codes[0], first[0])
+    tokens = np.concatenate([[1, 30, 31], first.reshape(-1), [vocab.EOF_ID]])
+    mask = np.r_[np.zeros(3, bool), np.ones(257, bool)]
+    plain = sampler.generate_guided([tokens], 2, sample.SampleSettings(), vision_masks=[mask])
+    assert np.array_equal(sampler.continue_video([1, 30, 31], first, 3, sample.SampleSettings())[1:],
+                          sample.frame_codes(plain[0]))
+
+
 def test_top_k_and_top_p_keep_only_the_best_tokens():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
     assert np.isfinite(sample.filter_logits(logits, top_k=2)).tolist() == [[True, True, False, False]]

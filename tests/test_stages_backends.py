@@ -69,9 +69,9 @@ def test_jobset_manifest_parses_with_one_pod_per_host(monkeypatch):
                                    "cloud.google.com/gke-tpu-topology": "8x8x4"}
     container = pod["containers"][0]
     assert container["resources"]["limits"]["google.com/tpu"] == 4  # 256 chips over 64 hosts
-    assert container["command"][-1].startswith("exec lwm stages run /etc/lwm-stages/lwm_text.yaml --backend local")
+    assert "&& exec lwm stages run /etc/lwm-stages/lwm_text.yaml --backend local" in container["command"][-1]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["LWM_COORDINATOR"] == "lwm-text-workers-0-0.lwm-text:8476" and env["LWM_NUM_PROCESSES"] == "64"
+    assert env["LWM_COORDINATOR"] == "lwm-text-slice-0-0.lwm-text:8476" and env["LWM_NUM_PROCESSES"] == "64"
 
 
 def test_sbatch_script_is_valid_bash(monkeypatch, tmp_path):
@@ -80,16 +80,21 @@ def test_sbatch_script_is_valid_bash(monkeypatch, tmp_path):
     script.write_text(_body(_dry_run("slurm")))
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
-    assert "#SBATCH --nodes=32" in text and "#SBATCH --ntasks-per-node=1" in text
+    assert "#SBATCH --nodes=32" in text and "#SBATCH --ntasks-per-node=8" in text  # one task per GPU
     assert "srun --kill-on-bad-exit=1 lwm stages run configs/stages/lwm_text.yaml --backend local" in text
 
 
-def test_tpu_vm_worker_command_is_valid_bash(monkeypatch):
+def test_tpu_vm_ssh_command_and_worker_script_are_valid_bash(monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
-    ssh = shlex.split(_dry_run("tpu-vm").splitlines()[-1][2:])
-    worker = ssh[-1]
-    subprocess.run(["bash", "-n", "-c", worker], check=True)
-    assert "--worker=all" in ssh and "lwm stages run /tmp/lwm-stages/lwm_text.yaml --backend local" in worker
+    out = _dry_run("tpu-vm")
+    ssh = shlex.split(next(line for line in out.splitlines() if " tpu-vm ssh " in line)[2:])
+    subprocess.run(["bash", "-n", "-c", ssh[-1]], check=True)
+    assert "--worker=all" in ssh and "setsid nohup bash /tmp/lwm-stages/lwm-text/lwm-text.worker.sh" in ssh[-1]
+    script = tmp_path / "worker.sh"
+    script.write_text(out.split("\n", 1)[1].split("\n$ ")[0])
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert ("lwm\" stages run /tmp/lwm-stages/lwm-text/lwm_text.yaml --backend local --devices 256"
+            in script.read_text())
 
 
 def _fake_tool(directory, name):

@@ -136,7 +136,7 @@ def test_gates_and_evals_are_checked_when_the_plan_loads():
         return {"defaults": {"data": {"seq_len": 512}}, "stages": [{"name": "a", **keys}]}
 
     with pytest.raises(ValueError, match=r"stages\[a\]\.evals: unknown evaluation task 'haystack'; registered tasks: "
-                                         r"loss, needle, multi-needle, variable-tracking"):
+                                         r"loss, needle, multi-needle, variable-tracking, video-needle"):
         plan_lib.parse(stage(evals={"haystack": {}}))
     with pytest.raises(ValueError, match=r"stages\[a\]\.evals\.needle: unknown key 'length'; did you mean "
                                          r"stages\[a\]\.evals\.needle\.lengths\?"):

@@ -184,7 +184,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(books
         pad_tokens=0, config={}))
     run_dir = tmp_path / "run"
     code, _, err = _finish(_start(_sets(run_dir, (books_dataset, 1.0), (nan_dir, 0.04)), cache_env))
-    assert code == 1
+    assert code == 4  # orchestration.stages.local.NON_FINITE
     message = err.strip().splitlines()[-1]
     step = int(message.split("non-finite training at step ")[1].split(":")[0])
     last_good = checkpoint.latest_step(run_dir / "checkpoints")

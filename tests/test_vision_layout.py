@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines.kit import packing
-from pipelines.tokens import vision_layout
+from pipelines.tokens import media, vision_layout
 from pipelines.tokens.text_tokenizer import SpecialTokens, TextTokenizer
 from pipelines.tokens import prompts
 from pipelines.tokens.vision_layout import GENERATION, UNDERSTANDING, Markers
@@ -144,11 +144,41 @@ def test_frames_that_fit_is_the_most_that_fit(markers, frames, limit):
 
 
 @given(total=st.integers(1, 500), data=st.data())
-def test_uniform_frames_are_distinct_sorted_and_spread(total, data):
+def test_frames_kept_to_fit_follow_lwms_rule(total, data):
     keep = data.draw(st.integers(1, total))
-    chosen = vision_layout.uniform_frames(total, keep)
-    assert len(chosen) == keep and np.all(np.diff(chosen) > 0) and 0 <= chosen[0] and chosen[-1] < total
-    assert np.all(np.abs(chosen - (np.arange(keep) + 0.5) * total / keep) < 1)
+    chosen = media.sample_frame_indices(total, keep)
+    assert len(chosen) == keep and np.all(np.diff(chosen) > 0) and chosen[0] == 0
+    assert keep == 1 or chosen[-1] == total - 1
+    assert np.array_equal(chosen, np.linspace(0, total - 1, keep).astype(int))
+
+
+@pytest.mark.parametrize("modality", ["image", "video"])
+def test_the_chat_template_is_the_vision_chat_prompt_token_for_token(tokenizer, markers, modality):
+    """A chat understanding example, up to its caption, is exactly what ``lwm chat`` feeds for that question."""
+    config = LayoutConfig(template="chat", generation_fraction=0.0)
+    codes = _codes(2)
+    record = _decoded(tokenizer, markers, config, "x", codes, modality)
+    question = prompts.description_request(modality)
+    tokens, mask = vision_layout.conversation([vision_layout.Turn("user", question, vision=True)], codes,
+                                              tokenizer.encode, markers)
+    assert record["tokens"][:len(tokens)].tolist() == tokens.tolist()
+    assert record["vision_mask"][:len(tokens)].tolist() == mask.tolist()
+    caption = tokenizer.encode(CAPTION).tolist() + [tokenizer.eos_id]
+    assert record["tokens"][len(tokens):].tolist() == caption
+    assert tokenizer.decode(tokens[1:np.flatnonzero(mask)[0]]).startswith(f"{prompts.OPENING} {question}")
+
+
+def test_a_conversation_has_one_bos_an_eos_after_each_ended_answer_and_later_turns_appended(tokenizer, markers):
+    turns = [vision_layout.Turn("user", "What is it?", vision=True), vision_layout.Turn("assistant", (40, 41)),
+             vision_layout.Turn("user", "And then?"), vision_layout.Turn("assistant", (42,), ended=False),
+             vision_layout.Turn("user", "Why?")]
+    tokens, mask = vision_layout.conversation(turns, _codes(1), tokenizer.encode, markers)
+    later = [tokenizer.encode(t).tolist() for t in (" USER: And then? ASSISTANT:", " USER: Why? ASSISTANT:")]
+    first, _ = vision_layout.conversation(turns[:1], _codes(1), tokenizer.encode, markers)
+    assert tokens.tolist() == first.tolist() + [40, 41, tokenizer.eos_id] + later[0] + [42] + later[1]
+    assert tokens.tolist().count(tokenizer.bos_id) == 1 and mask.sum() == 257
+    with pytest.raises(ValueError, match="one image or video"):
+        vision_layout.conversation(turns[:1] * 2, _codes(1), tokenizer.encode, markers)
 
 
 def test_bad_config_is_a_clear_error():

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestration import cli
-from orchestration.demo import sample_media
+from trainer.evaluation import synthetic_videos as sample_media
 from pipelines.kit import inspection
-from pipelines.tokens import vision_layout
+from pipelines.tokens import media, vision_layout
 from pipelines.vision import vision_text
 from pipelines.kit.buckets import Bucket
 from pipelines.tokens.media import ffmpeg_tools
@@ -221,7 +221,7 @@ def test_a_video_too_long_for_a_bucket_is_resampled_or_dead_lettered():
     codes, segments, tagged = _assign(10, buckets, resample=True)  # 10 frames = 2570 + 26 tokens
     assert sorted(segments) == [1024, 4096]
     kept = segments[1024].tokens[segments[1024].vision_mask].reshape(-1, 257)[:, :256]
-    assert np.array_equal(kept, codes[vision_layout.uniform_frames(10, 3)].reshape(3, 256))  # 3 × 257 + 26 ≤ 1024
+    assert np.array_equal(kept, codes[media.sample_frame_indices(10, 3)].reshape(3, 256))  # 3 × 257 + 26 ≤ 1024
     assert len(segments[4096]) == 26 + 10 * 257
     assert ("counts", ((8192, "too_long"), 1)) in tagged  # outside the bucket's length range: a count, as for books
     _, segments, tagged = _assign(10, buckets, resample=False)

@@ -16,8 +16,9 @@ Training checkpoints (``save_train_state`` / ``restore_train_state``) add
 position; every process writes its own ``process_<i>-of-<n>.json``, restorable on
 another number of processes: ``trainer.training.data_position``) and
 ``train_config`` (the resolved ``trainer.config.TrainConfig`` as JSON). Steps are
-written to a temporary name and renamed when complete, so a run killed mid-save
-resumes from the newest complete step. A step that is complete by name but damaged
+written to a temporary name and renamed when complete (on object stores: a commit
+marker written last), so a run killed mid-save resumes from the newest complete step
+(``committed_steps`` lists them without starting JAX). A step that is complete by name but damaged
 (a truncated array file, missing metadata) is reported in one line, moved aside to
 ``RUN_DIR/damaged_checkpoints/<step>`` (nothing is deleted, and the resumed run can
 save that step number again) and the previous step restored instead
@@ -93,6 +94,23 @@ def _resolve_step(mngr: ocp.CheckpointManager, ckpt_dir, step: int | None) -> in
     if step not in steps:
         raise ValueError(f"step {step} not in checkpoint {os.fspath(ckpt_dir)!r}; steps: {sorted(steps)}")
     return step
+
+
+def committed_steps(ckpt_dir: str) -> list[int]:
+    """The steps of ``ckpt_dir`` that orbax committed, ascending; no manager, so no JAX backend starts.
+
+    On a local disk orbax saves a step under a temporary name and renames it when
+    complete; ``ocp.utils.checkpoint_steps`` lists the finalized ones. An object store
+    cannot rename a folder, so there orbax writes the step under its final name and, last,
+    the commit marker ``ocp.path.atomicity.COMMIT_SUCCESS_FILE``: a step folder without
+    it is a save that was cut off, whatever its name says.
+    """
+    if storage.is_local(ckpt_dir):
+        path = storage.absolute(ckpt_dir)
+        return sorted(ocp.utils.checkpoint_steps(path)) if os.path.isdir(path) else []
+    marker = ocp.path.atomicity.COMMIT_SUCCESS_FILE
+    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in storage.listdir(ckpt_dir))
+    return sorted(int(n) for n in names if n.isdigit() and storage.exists(storage.join(ckpt_dir, n, marker)))
 
 
 def _check_exists(ckpt_dir: str | os.PathLike) -> None:

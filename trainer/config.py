@@ -77,7 +77,7 @@ class DataConfig:
     worker_buffer_size: int = 2
     read_threads: int = 4
     layout: str = "segments"
-    verify_hashes: bool = True
+    verify_hashes: bool = False  # sha256 every shard at start-up (reads every byte); sizes are always checked
 
     def __post_init__(self):
         for name in ("seq_len", "batch_size", "worker_buffer_size", "read_threads"):
@@ -248,10 +248,12 @@ def _index(part: str, node: list, key: str) -> int:
 
 
 def load(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """The config of a YAML file (None: the defaults) with ``overrides`` applied."""
+    """The config of a YAML file (None: the defaults; any filesystem, ``gs://`` included) with ``overrides``
+    applied."""
     mapping: dict[str, Any] = {}
     if path is not None:
-        with open(path) as f:
+        path = os.fspath(path)
+        with open(path) if storage.is_local(path) else storage.open(path, "r") as f:
             try:
                 mapping = yaml.safe_load(f) or {}
             except yaml.YAMLError as error:

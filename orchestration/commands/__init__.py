@@ -1,8 +1,67 @@
 """`lwm` sub-command groups; each module exposes ``register(subparsers)``.
 
-Also what several groups share: the arguments naming a checkpoint, and a sampler
-opened from them.
+Also what several groups share: the ``examples:`` section that ends every
+command's ``--help``, ``--json`` output, progress lines that ``-q`` silences, the
+arguments naming a checkpoint, and a sampler opened from them.
 """
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+EXAMPLES = "examples:"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's wrapping, except an ``examples:`` section, whose lines stay as written."""
+
+    def _fill_text(self, text, width, indent):
+        if text.startswith(EXAMPLES):
+            return "\n".join(indent + line for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
+
+
+def add_examples(parser: argparse.ArgumentParser, *lines: str) -> None:
+    """End ``parser``'s help with an ``examples:`` section: runnable ``lwm ...`` lines, each optionally
+    followed by ``  # what it does``. ``tests/test_cli_conventions.py`` parses every line, so none goes stale."""
+    section = "\n".join([EXAMPLES, *(f"  {line}" for line in lines)])
+    if parser.epilog:  # an epilog of its own (e.g. `lwm train`'s config keys) is laid out as written
+        parser.epilog = f"{parser.epilog}\n\n{section}"
+    else:
+        parser.epilog = section
+        if parser.formatter_class is argparse.HelpFormatter:
+            parser.formatter_class = HelpFormatter
+
+
+def add_json_flag(parser: argparse.ArgumentParser, fields: str) -> None:
+    """``--json``: one JSON document on stdout instead of the text (progress stays on stderr)."""
+    parser.add_argument("--json", action="store_true",
+                        help=f"print one JSON document on stdout instead (progress stays on stderr): {fields}")
+
+
+def print_json(document) -> None:
+    print(json.dumps(document, indent=2, sort_keys=True))
+
+
+@contextlib.contextmanager
+def progress_on_stdout(args):
+    """Runs a library call whose progress goes to stdout (training's step lines, the demo's steps); ``-q``
+    drops it."""
+    if not getattr(args, "quiet", 0):
+        yield
+        return
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        yield
+
+
+def progress(args, text: str) -> None:
+    """A progress line on stderr, unless ``-q``."""
+    if not getattr(args, "quiet", 0):
+        print(text, file=sys.stderr, flush=True)
 
 
 def add_checkpoint_arguments(parser, *, tokenizer: bool = False) -> None:

@@ -20,6 +20,7 @@ import sys
 import yaml
 
 import pipelines
+from orchestration.commands import add_examples, add_json_flag, print_json
 from schemas import flags
 from pipelines.kit import inspection
 from pipelines.kit import job as job_lib
@@ -91,12 +92,19 @@ def run_job(job: job_lib.Job, parser: argparse.ArgumentParser, args, extra) -> i
         result = job.run(config, options, dry_run=args.dry_run)
     finally:
         signal.signal(signal.SIGINT, previous)
-    print(result.summary())
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print(result.summary())
     return 0
 
 
 def run_inspect(args, extra) -> int:
-    print(inspection.inspect(args.directory, record=args.record, tokenizer=args.tokenizer, verify_hashes=not args.no_verify))
+    options = dict(record=args.record, tokenizer=args.tokenizer, verify_hashes=not args.no_verify)
+    if args.json:
+        print_json(inspection.inspect_dict(args.directory, **options))
+    else:
+        print(inspection.inspect(args.directory, **options))
     return 0
 
 
@@ -105,7 +113,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def register(subparsers) -> None:
-    data = subparsers.add_parser("data", help="preprocessing jobs (Beam) and dataset inspection")
+    data = subparsers.add_parser("data")
     group = data.add_subparsers(dest="job", required=True, metavar="JOB")
     for name, module in pipelines.JOBS.items():
         job = importlib.import_module(module).JOB
@@ -116,13 +124,21 @@ def register(subparsers) -> None:
         parser.add_argument("--print-config", action="store_true",
                             help="print the job's resolved config as a stage plan's datasets: entry takes it "
                             "({job: ..., config: ...}, YAML); run nothing")
-        parser.add_argument("-v", "--verbose", action="count", default=0, help="also log Beam's progress")
-        parser.add_argument("-q", "--quiet", action="count", default=0, help="no progress lines, only warnings")
+        add_json_flag(parser, "job, output, runner, seconds, counters, datasets {directory: manifest fields}, "
+                      "warnings, dry_run (the --dry-run description, else null)")
         parser.set_defaults(func=functools.partial(run_job, job, parser), accepts_extra=True)
+        add_examples(parser, *job.examples)
 
     parser = group.add_parser("inspect", help="summary and one decoded record of a packed dataset")
     parser.add_argument("directory", help="a dataset directory (holding manifest.json)")
     parser.add_argument("--record", type=int, default=0, help="which record to show, counted over the shards in manifest order (default: 0)")
     parser.add_argument("--tokenizer", help="tokenizer to render text with (default: the manifest's, by its absolute uri)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the shards")
+    add_json_flag(parser, "dataset, manifest (manifest.json's fields with records and utilization), record "
+                  "{index, shard, index_in_shard, segments [{segment, tokens, spans [{text, loss_weight, vision}]}], "
+                  "padding, note}")
     parser.set_defaults(func=run_inspect)
+    add_examples(parser,
+                 "lwm data inspect out/seq32768              # manifest summary + record 0, loss spans marked",
+                 "lwm data inspect out/seq32768 --record 5 --no-verify",
+                 "lwm data inspect out/seq32768 --json       # the same as one JSON document")

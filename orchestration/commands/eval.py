@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 
-from orchestration.commands import add_checkpoint_arguments
+from orchestration.commands import add_checkpoint_arguments, add_examples, add_json_flag
 from schemas import flags
 from trainer import evaluation
 
@@ -48,6 +48,6 @@ def register(subparsers) -> None:
         flags.add_flags(sub, task.config)
         sub.add_argument("--out", required=task.out_required,
                          help="where the results go" + ("" if task.out_required else " (optional)"))
-        sub.add_argument("--json", action="store_true",
-                         help="print the measurements as one JSON document on stdout (the rest on stderr)")
+        add_json_flag(sub, "task, ckpt, step, out, metrics (the measurements a stage's gate: can require)")
+        add_examples(sub, *task.examples)
         sub.set_defaults(func=functools.partial(run_task, task))

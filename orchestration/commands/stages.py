@@ -8,6 +8,7 @@ from orchestration.stages import datasets, gates, gke, local, slurm, status, tpu
 from orchestration.stages import stage_runner as runner
 from orchestration.stages import plan as plan_lib
 from orchestration.stages.plan import LaunchConfig
+from orchestration.commands import add_examples
 from schemas import flags
 
 
@@ -60,7 +61,7 @@ def show(args, extra) -> int:
 
 def register(subparsers) -> None:
     stages = subparsers.add_parser(
-        "stages", help="run a stage plan (all stages, resumable), its data jobs, its status",
+        "stages",
         description="A stage plan (configs/stages/*.yaml) lists training stages of growing length and RoPE theta, "
         "each starting from its parent's final params, and how their datasets are made. `run` runs them in order "
         "(locally or on TPU VMs, GKE, SLURM), `data` makes the missing datasets, `status` shows where each stage is.")
@@ -79,6 +80,10 @@ def register(subparsers) -> None:
     launch = parser.add_argument_group("launch (override the plan's launch: section)")
     flags.add_flags(launch, LaunchConfig, given_only=True)
     parser.set_defaults(func=run)
+    add_examples(parser, "lwm stages run configs/stages/demo.yaml                 # every stage, in order",
+                 "lwm stages run configs/stages/demo.yaml --only chat-1024 --dry-run",
+                 "lwm stages run configs/stages/lwm_text.yaml --backend tpu-vm --tpu my-tpu --zone us-central2-b "
+                 "--topology v4-64 --dry-run")
 
     parser = group.add_parser(
         "data", help="run (or submit to Dataflow) the plan's data jobs whose output is missing or incomplete",
@@ -90,8 +95,12 @@ def register(subparsers) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="print each lwm data command and its job's pipeline options and graph; run nothing")
     parser.set_defaults(func=data, accepts_extra=True)
+    add_examples(parser, "lwm stages data configs/stages/demo.yaml --dry-run",
+                 "lwm stages data configs/stages/lwm_text.yaml --runner DataflowRunner --project P --region us-central1 "
+                 "--temp_location gs://B/tmp")
 
     parser = group.add_parser("status", help="a table of the plan's stages: state, step, loss, tokens, checkpoint")
     parser.add_argument("plan", help="stage plan YAML")
     parser.add_argument("--json", action="store_true", help="print a JSON list (one object per stage) instead")
     parser.set_defaults(func=show)
+    add_examples(parser, "lwm stages status configs/stages/demo.yaml", "lwm stages status configs/stages/demo.yaml --json")

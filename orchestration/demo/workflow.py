@@ -13,7 +13,7 @@ from typing import Callable
 
 from orchestration import cli
 from trainer.evaluation import synthetic_books as sample_data
-from orchestration.demo import sample_media
+from trainer.evaluation import synthetic_videos as sample_media
 
 SEQ_LEN = 1024  # the image-text, chat and retrieval bucket: short enough for a tiny model on CPU
 VIDEO_SEQ_LEN = 2048  # videos of 1-4 frames (257 tokens each) pack well in 2048, as LWM trains video at its longer stages

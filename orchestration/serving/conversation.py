@@ -7,11 +7,14 @@ The layout (strings from :mod:`pipelines.tokens.prompts`, BOS and EOS explicit i
 * ``{system}`` is LWM's ``You are a helpful assistant.`` unless the conversation
   starts with a system message, which replaces it. The first turn is encoded as one
   string, exactly as ``lwm generate --chat`` and the ``lwm:CKPT`` generator encode it;
-  later turns follow the chat-QA data's further turns (answer, EOS, ``USER: … ASSISTANT:``).
+  later turns are `` USER: … ASSISTANT:`` after the answer and its EOS.
 * A user message's vision part (``image_url`` or ``video_url`` with a ``data:`` URL, or
   a path under ``--media-dir``) goes where LWM's vision chat puts it, after that
-  message's text: ``… USER: {question}\\n<vision> codes </vision> ASSISTANT:``
-  (:func:`vision_turn`). One image or video per conversation.
+  message's text: ``… USER: {question}\\n<vision> codes </vision> ASSISTANT:``.
+  One image or video per conversation.
+
+The layout itself is :func:`pipelines.tokens.vision_layout.conversation`, the one
+``lwm chat`` uses, so the server and the command agree token for token.
 
 Text parts of one message are joined with a newline. Anything the layout cannot
 take is an :class:`~orchestration.serving.openai_api.ApiError` 400.
@@ -29,8 +32,8 @@ import numpy as np
 
 from orchestration.serving.openai_api import ApiError
 from pipelines.tokens import media, prompts
-from pipelines.tokens.vision_layout import VISION, Markers, lay_out
-from schemas import vocab
+from pipelines.tokens.text_tokenizer import SpecialTokens
+from pipelines.tokens.vision_layout import Markers, Turn, conversation
 
 VISION_PARTS = {"image_url": "image", "video_url": "video"}
 
@@ -100,39 +103,16 @@ def parse(messages: list[dict]) -> tuple[str, list[_Message]]:
 
 
 def layout(tokenizer, messages: list[dict], policy: MediaPolicy) -> tuple[np.ndarray, np.ndarray]:
-    """(int32 ids, bool vision mask) of a chat request, BOS first, ending with ``ASSISTANT:``."""
-    system, turns = parse(messages)
-    ids: list[np.ndarray] = [np.array([tokenizer.bos_id], np.int32)]
-    masks: list[np.ndarray] = [np.zeros(1, bool)]
-    for number, message in enumerate(turns):
-        if message.role == "assistant":
-            ids.append(np.array([*tokenizer.encode(message.text), tokenizer.eos_id], np.int32))
-            masks.append(np.zeros(len(ids[-1]), bool))
-            continue
-        opening = f"{system} {prompts.USER}" if number == 0 else prompts.USER
-        if message.vision is None:
-            turn = np.asarray(tokenizer.encode(f"{opening} {prompts.question_closing(message.text)}"), np.int32)
-            mask = np.zeros(len(turn), bool)
-        else:
-            turn, mask = vision_turn(tokenizer, opening, message.text, encode_media(*message.vision, policy))
-        ids.append(turn)
-        masks.append(mask)
-    return np.concatenate(ids).astype(np.int32), np.concatenate(masks)
-
-
-def vision_turn(tokenizer, opening: str, question: str, codes_Fx16x16: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One user turn with a vision span: ``{opening} {question}\\n<vision> … </vision> ASSISTANT:`` (ids, mask).
-
-    THE PLACE TO SWITCH to issue 24's vision chat layout (``lwm chat``) once it is merged: this
-    lays out the same span from ``vision_layout.lay_out`` and ``prompts`` (codes, eof after each
-    frame, eov after the last, the mask on codes and markers), with the tests of this layout.
-    """
-    markers = Markers(None, None, tuple(int(i) for i in tokenizer.encode(vocab.VISION_OPEN)),
-                      tuple(int(i) for i in tokenizer.encode(vocab.VISION_CLOSE)))
-    parts = ((np.asarray(tokenizer.encode(f"{opening} {question}\n"), np.int32), False), (VISION, False),
-             (np.asarray(tokenizer.encode(prompts.ASSISTANT), np.int32), False))
-    tokens, mask, _ = lay_out(parts, codes_Fx16x16, markers)
-    return tokens, mask
+    """(int32 ids, bool vision mask) of a chat request, BOS first, ending with ``ASSISTANT:``: the one layout
+    of a conversation (:func:`pipelines.tokens.vision_layout.conversation`, the same as ``lwm chat``)."""
+    system, messages = parse(messages)
+    turns, codes = [], None
+    for message in messages:
+        if message.vision is not None:
+            codes = encode_media(*message.vision, policy)
+        turns.append(Turn(message.role, message.text, vision=message.vision is not None))
+    markers = Markers.from_tokenizer(tokenizer, SpecialTokens())
+    return conversation(turns, codes, tokenizer.encode, markers, system=system)
 
 
 # ----------------------------------------------------------------------------- media

@@ -4,7 +4,7 @@ The child, not this process, owns the accelerator (a TPU host's chips can be hel
 by one process only), so this process never starts a JAX backend: the device count
 is probed in a short child too (``devices_for``). SIGTERM or SIGINT to this process
 is forwarded to the child as SIGTERM, which saves a checkpoint and exits 143
-(``PREEMPTED``).
+(``PREEMPTED``); a non-finite loss makes the child exit 4 (``NON_FINITE``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Sequence
 from orchestration.stages.plan import Stage
 
 PREEMPTED = 128 + signal.SIGTERM
+NON_FINITE = 4  # `lwm train`'s status when the loss, gradient norm or parameters became NaN or infinite
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"  # XLA's simulated CPU devices, as `lwm train` sets it
 
 

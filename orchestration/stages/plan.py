@@ -66,7 +66,7 @@ class LaunchConfig:
     """Devices the meshes are checked against (0: probe locally; tpu-vm/gke: product of --topology; slurm:
     --hosts x --gpus-per-node)."""
     hosts: int = 1
-    """Hosts (TPU VM workers, GKE pods, SLURM nodes)."""
+    """Hosts (TPU VM workers, SLURM nodes; gke: must match --accelerator and --topology, which fix it)."""
     tpu: str = ""
     """TPU VM name (tpu-vm)."""
     zone: str = ""
@@ -74,38 +74,52 @@ class LaunchConfig:
     project: str = ""
     """GCP project (tpu-vm)."""
     bucket: str = ""
-    """A gs:// location the code and plan are staged to (tpu-vm)."""
+    """A gs:// location the code, plan and worker logs are staged to (tpu-vm)."""
     accelerator: str = ""
-    """GKE TPU accelerator node label, e.g. tpu-v5p-slice (gke)."""
+    """GKE TPU accelerator node label: tpu-v4-podslice, tpu-v5p-slice, tpu-v5-lite-podslice or tpu-v6e-slice (gke)."""
     topology: str = ""
-    """TPU slice topology, e.g. 4x4x4 (tpu-vm, gke)."""
+    """TPU slice topology, e.g. 4x4x4 (v4, v5p) or 4x8 (v5e, v6e) (tpu-vm, gke)."""
+    slices: int = 1
+    """TPU slices joined over the data-center network; each stage's mesh.dcn must span them (gke)."""
     image: str = ""
-    """Container image with lwm installed (gke)."""
+    """Container image with lwm installed, e.g. built from the repository's Dockerfile (gke)."""
     namespace: str = "default"
     """Kubernetes namespace (gke)."""
+    queue: str = ""
+    """Kueue LocalQueue the JobSet is submitted to (gke; the kueue.x-k8s.io/queue-name label; none: no Kueue)."""
+    priority_class: str = ""
+    """Kubernetes PriorityClass of the pods (gke)."""
+    max_restarts: int = 10
+    """Restarts of the whole JobSet after preemptions or node failures (gke; other failures are final)."""
     partition: str = ""
     """SLURM partition (slurm)."""
     account: str = ""
     """SLURM account (slurm)."""
     gpus_per_node: int = 8
-    """GPUs per SLURM node (slurm)."""
+    """GPUs per SLURM node, one JAX process (task) each (slurm)."""
     time_limit: str = "24:00:00"
-    """SLURM time limit (slurm)."""
+    """SLURM time limit of one allocation; the job requeues itself before it runs out (slurm)."""
     setup: str = ""
     """Shell line run on each host before lwm (e.g. activating a venv; slurm, tpu-vm)."""
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"launch.backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.processes < 1 or self.hosts < 1 or self.devices < 0 or self.gpus_per_node < 1:
-            raise ValueError("launch: processes, hosts and gpus_per_node must be >= 1 and devices >= 0")
+        if min(self.processes, self.hosts, self.gpus_per_node, self.slices) < 1 or min(self.devices,
+                                                                                        self.max_restarts) < 0:
+            raise ValueError("launch: processes, hosts, gpus_per_node and slices must be >= 1, devices and "
+                             "max_restarts >= 0")
 
     def cluster_devices(self) -> int:
         """Devices of the cluster as configured (0 when it must be probed on this machine)."""
         if self.devices:
             return self.devices
         if self.backend in ("tpu-vm", "gke") and self.topology:
-            return math.prod(int(n) for n in self.topology.split("x"))
+            try:
+                chips = math.prod(int(n) for n in self.topology.split("x"))
+            except ValueError:
+                raise ValueError(f"--topology {self.topology!r} is not AxB or AxBxC") from None
+            return chips * (self.slices if self.backend == "gke" else 1)
         if self.backend == "slurm":
             return self.hosts * self.gpus_per_node
         return 0

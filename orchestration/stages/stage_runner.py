@@ -16,6 +16,18 @@ For each selected stage:
 
 A SIGTERM (preemption, Kubernetes, a scheduler) saves the running stage and the
 plan exits 143; running the same command again continues where it stopped.
+
+Exit statuses of ``run_plan`` (and ``lwm stages run``), which the cluster backends
+use to tell a retry from a final failure:
+
+====== =================================================================
+0      every selected stage finished
+1      an unexpected error (a stage's ``lwm train`` crashed)
+2      bad input or config (``lwm: error: ...``)
+3      a gate failed (``STOPPED_BY_GATE``): the plan stops, later stages wait
+4      a stage's loss became non-finite (``local.NON_FINITE``)
+143    SIGTERM (130: Ctrl-C): the running stage saved; run again to resume
+====== =================================================================
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ from orchestration.stages.plan import Plan, Stage
 from schemas import storage
 
 STAGE_CONFIG = "stage.yaml"
-STOPPED_BY_GATE = 1
+STOPPED_BY_GATE = 3
 
 
 def select(plan: Plan, only: str | None = None, start: str | None = None) -> tuple[Stage, ...]:
@@ -112,15 +124,17 @@ def _run_stage(plan: Plan, stage: Stage, processes: int, devices: local.Devices,
         return local.PREEMPTED
     lineage.end(stage.run_dir, "failed", exit_status=code)
     if code:
-        print(f"stage {stage.name}: lwm train exited {code}; the plan stops", flush=True)
+        why = "its loss became non-finite" if code == local.NON_FINITE else "lwm train failed"
+        print(f"stage {stage.name}: {why} (exit {code}); the plan stops", flush=True)
         return code
     raise ValueError(f"stage {stage.name}: lwm train exited 0 without a checkpoint at step {stage.config.steps}")
 
 
 def run_plan(plan: Plan, *, only: str | None = None, start: str | None = None, processes: int = 1,
              devices: local.Devices = local.Devices({}), dry_run: bool = False, evaluator: Evaluator) -> int:
-    """Runs the selected stages in order; returns 0, 143 after a SIGTERM, 1 when a gate stops the plan,
-    or the failing exit status. ``evaluator`` measures what the stages' ``eval:`` sections ask for."""
+    """Runs the selected stages in order; returns 0, 143 after a SIGTERM, 3 when a gate stops the plan,
+    4 after a non-finite loss, or the failing exit status (module docstring). ``evaluator`` measures what
+    the stages' ``eval:`` sections ask for."""
     selected = select(plan, only, start)
     ran = 0
     with local.Signals() as signals:

@@ -1,11 +1,13 @@
 """Where each stage of a plan stands: ``lwm stages status`` and the runner's skip/resume decisions.
 
-A stage is ``finished`` when its newest checkpoint is its last step (the trainer
-always saves the last step); otherwise its lineage says how its last attempt ended
-(``running``, ``interrupted``, ``failed``; ``interrupted`` too when it says running but
-its runner on this host is gone), or it is ``pending``. Checkpoint steps are
-read from the directory names orbax commits (``CKPT/<step>/``; unfinished saves carry
-a temporary suffix) rather than through an orbax manager, because a manager starts
+A stage is ``finished`` when its newest committed checkpoint is its last step (the
+trainer always saves the last step); otherwise its lineage says how its last attempt
+ended (``running``, ``interrupted``, ``failed``; ``interrupted`` too when it says running
+but its runner on this host is gone), or it is ``pending``. Committed steps are what
+orbax says they are (``trainer.checkpoint.committed_steps``): on an object store a step
+folder is named before its commit marker is written, so a final save cut off is a
+folder with the last step's name and no marker, which counts as interrupted (resumed
+from the step before) rather than finished. No orbax manager is made: it would start
 the JAX backend, and on a TPU host the stage's own training process needs the chips.
 """
 
@@ -18,14 +20,14 @@ from typing import Any
 from orchestration.stages import lineage
 from orchestration.stages.plan import Plan, Stage
 from schemas import storage
+from trainer import checkpoint
 
 FINISHED, PENDING, INTERRUPTED = "finished", "pending", "interrupted"
 
 
 def checkpoint_steps(run_dir: str) -> list[int]:
     """Committed checkpoint steps in ``RUN_DIR/checkpoints``, ascending."""
-    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in storage.listdir(storage.join(run_dir, "checkpoints")))
-    return sorted(int(n) for n in names if n.isdigit())
+    return checkpoint.committed_steps(storage.join(run_dir, "checkpoints"))
 
 
 def _metrics_lines(run_dir: str) -> list[dict[str, Any]]:

@@ -297,5 +297,15 @@ def check(config: ChatQAConfig) -> tuple[int, int]:
 
 JOB = Job("chat-qa", ChatQAConfig, build, check, help=(
     "books → long-context chat QA: contexts of adjacent chunks + generated question-answer turns, "
-    "loss on answers, packed per length bucket"))
+    "loss on answers, packed per length bucket"),
+    examples=(
+        "lwm data chat-qa --input 'books/*.jsonl' --output qa/ --tokenizer tokenizer.model --seq-len 32768 "
+        "--generator extractive   # offline, deterministic, no model",
+        "lwm data chat-qa --input 'books/*.jsonl' --output qa/ --tokenizer tokenizer.model --seq-len 32768 "
+        "--generator openai:my-model@http://host:8000/v1 --api-key-env MY_KEY",
+        "lwm data chat-qa --input 'books/*.jsonl' --output qa/ --tokenizer tokenizer.model --seq-len 32768 "
+        "--generator lwm:runs/stages/chat-1024/checkpoints   # our own checkpoint",
+        "lwm data chat-qa --input haystacks.jsonl --output needles/ --tokenizer tokenizer.model --seq-len 4096 "
+        "--generator needle   # the needle eval's question about each needle sentence",
+    ))
 run = JOB.run

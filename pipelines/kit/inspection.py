@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Iterator
 
 import numpy as np
@@ -53,24 +54,33 @@ def _span_text(tokens: np.ndarray, vision: np.ndarray, tokenizer: TextTokenizer 
     return text
 
 
-def render_record(example: dict[str, np.ndarray], tokenizer: TextTokenizer | None, max_chars: int = 160) -> str:
-    """Segments one per line; ``[loss w: …]`` marks spans with non-zero loss weight, ``<…>`` vision spans."""
-    lines = []
+def record_segments(example: dict[str, np.ndarray], tokenizer: TextTokenizer | None,
+                    max_chars: int = 160) -> list[dict]:
+    """One record's segments in order: ``{"segment", "tokens", "spans"}``, each span a run of equal loss
+    weight and modality, ``{"text", "loss_weight", "vision"}`` (vision spans as ``<N vision tokens …>``)."""
+    segments = []
     segment_ids = example["segment_ids"]
     for segment in range(1, int(segment_ids.max(initial=0)) + 1):
         where = np.flatnonzero(segment_ids == segment)
         tokens = example["tokens"][where]
         weights = example["loss_weights"][where]
         vision = example["vision_mask"][where]
-        # Runs of equal (weight, modality) inside the segment, rendered in order.
         bounds = np.flatnonzero((np.diff(weights) != 0) | (np.diff(vision.astype(int)) != 0)) + 1
-        parts = []
-        for start, end in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(tokens)]])):
-            text = _span_text(tokens[start:end], vision[start:end], tokenizer, max_chars)
-            weight = float(weights[start])
-            parts.append(f"[loss {weight:g}: {text}]" if weight > 0 else text)
-        lines.append(f"  segment {segment} ({len(where)} tokens): {''.join(parts)}")
-    padding = int(np.sum(segment_ids == 0))
+        spans = [{"text": _span_text(tokens[start:end], vision[start:end], tokenizer, max_chars),
+                  "loss_weight": float(weights[start]), "vision": bool(vision[start])}
+                 for start, end in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(tokens)]]))]
+        segments.append({"segment": segment, "tokens": len(where), "spans": spans})
+    return segments
+
+
+def render_record(example: dict[str, np.ndarray], tokenizer: TextTokenizer | None, max_chars: int = 160) -> str:
+    """Segments one per line; ``[loss w: …]`` marks spans with non-zero loss weight, ``<…>`` vision spans."""
+    lines = []
+    for segment in record_segments(example, tokenizer, max_chars):
+        parts = [f"[loss {s['loss_weight']:g}: {s['text']}]" if s["loss_weight"] > 0 else s["text"]
+                 for s in segment["spans"]]
+        lines.append(f"  segment {segment['segment']} ({segment['tokens']} tokens): {''.join(parts)}")
+    padding = int(np.sum(example["segment_ids"] == 0))
     lines.append(f"  padding: {padding} tokens")
     return "\n".join(lines)
 
@@ -98,18 +108,11 @@ def _tokenizer(manifest: manifest_lib.Manifest, override: str | None) -> tuple[T
     return None, f"(tokenizer {shown} not found: text shown as token ids)" if shown else "(no tokenizer: token ids)"
 
 
-def inspect(directory: str, *, record: int = 0, tokenizer: str | None = None, verify_hashes: bool = True) -> str:
-    """The text ``lwm data inspect`` prints: summary, then record ``record`` of the dataset (counted over its
-    shards in manifest order) decoded."""
-    manifest = manifest_lib.read(directory, verify_hashes=verify_hashes)
-    out = [summary(directory, manifest)]
-    if not manifest.records:
-        out.append("(no records)")
-        return "\n".join(out)
+def _record(directory: str, manifest: manifest_lib.Manifest, record: int) -> tuple[dict[str, np.ndarray], str, int]:
+    """Record ``record`` (counted over the shards in manifest order), its shard's path and index in it."""
     if not 0 <= record < manifest.records:
         raise ValueError(f"--record {record} is out of range: {directory} holds {manifest.records} records "
                          f"(0 to {manifest.records - 1})")
-    text_tokenizer, note = _tokenizer(manifest, tokenizer)
     index = record
     for path, shard in zip(manifest_lib.shard_paths(directory, manifest), manifest.shards):
         if index < shard.records:
@@ -119,6 +122,35 @@ def inspect(directory: str, *, record: int = 0, tokenizer: str | None = None, ve
         reader = ArrayRecordReader(local)
         example = packed.decode(reader.read([index])[0], manifest.seq_len)
         reader.close()
-    out.append(f"record {record} (record {index} of {shard.path}):" + (f" {note}" if note else ""))
+    return example, shard.path, index
+
+
+def inspect(directory: str, *, record: int = 0, tokenizer: str | None = None, verify_hashes: bool = True) -> str:
+    """The text ``lwm data inspect`` prints: summary, then record ``record`` of the dataset (counted over its
+    shards in manifest order) decoded."""
+    manifest = manifest_lib.read(directory, verify_hashes=verify_hashes)
+    out = [summary(directory, manifest)]
+    if not manifest.records:
+        out.append("(no records)")
+        return "\n".join(out)
+    example, shard, index = _record(directory, manifest, record)
+    text_tokenizer, note = _tokenizer(manifest, tokenizer)
+    out.append(f"record {record} (record {index} of {shard}):" + (f" {note}" if note else ""))
     out.append(render_record(example, text_tokenizer))
     return "\n".join(out)
+
+
+def inspect_dict(directory: str, *, record: int = 0, tokenizer: str | None = None,
+                 verify_hashes: bool = True) -> dict:
+    """``lwm data inspect --json``: ``dataset``, ``manifest`` (manifest.json's fields, with ``records`` and
+    ``utilization``) and ``record`` (null for an empty dataset): ``index``, ``shard``, ``index_in_shard``,
+    ``segments`` (:func:`record_segments`), ``padding``, ``note`` (why text shows as token ids, or "")."""
+    manifest = manifest_lib.read(directory, verify_hashes=verify_hashes)
+    doc = {"dataset": directory, "manifest": json.loads(manifest.to_json()), "record": None}
+    if manifest.records:
+        example, shard, index = _record(directory, manifest, record)
+        text_tokenizer, note = _tokenizer(manifest, tokenizer)
+        doc["record"] = {"index": record, "shard": shard, "index_in_shard": index,
+                         "segments": record_segments(example, text_tokenizer),
+                         "padding": int(np.sum(example["segment_ids"] == 0)), "note": note}
+    return doc

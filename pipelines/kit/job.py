@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import json
 import logging
 import os
 import shutil
@@ -50,6 +51,8 @@ class Job:
     help: str  # one line for ``lwm data --help``
     # Flag names for fields of configs owned elsewhere, by dotted path (None: keep off the CLI).
     renames: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+    # Runnable ``lwm data NAME ...`` lines (optionally ``# what it does``) for the end of its --help.
+    examples: tuple[str, ...] = ()
 
     def run(self, config, options: PipelineOptions | None = None, *, dry_run: bool = False) -> "JobResult":
         """``pipelines.books.run(config, options)``: see :func:`run`."""
@@ -68,6 +71,15 @@ class JobResult:
     manifests: dict[str, manifest_lib.Manifest]  # bucket directory → its manifest; empty unless complete
     description: str = ""  # dry run: the resolved options and stage names
     warnings: tuple[str, ...] = ()  # e.g. buckets that got no records
+
+    def to_dict(self) -> dict[str, Any]:
+        """``lwm data JOB --json``: job, output, runner, seconds, counters, ``datasets`` (bucket directory →
+        its manifest's fields, ``records`` and ``utilization`` included; empty until the job completes),
+        warnings, and ``dry_run`` (the description) for a dry run, else null."""
+        return {"job": self.job, "output": self.output.output, "runner": self.runner,
+                "seconds": round(self.seconds, 3), "counters": dict(self.counters),
+                "datasets": {d: json.loads(m.to_json()) for d, m in self.manifests.items()},
+                "warnings": list(self.warnings), "dry_run": self.description or None}
 
     def summary(self) -> str:
         if self.description:

@@ -20,6 +20,11 @@ never crashes or stalls a job. Reasons:
     too_long_duration   longer than ``VideoConfig.max_duration_s``
     zero_frames         opened fine but produced no frames
     ffmpeg_timeout      ffmpeg/ffprobe ran longer than ``VideoConfig.timeout_s``
+
+Two ways of choosing frames: a sampling rate (``VideoConfig.fps``, the data jobs' 4 fps),
+or LWM's own count (``VideoConfig.native``, what its vision chat and data loader do):
+n = the frames the video holds at its own rate, all of them if n <= max_frames, else
+those at :func:`sample_frame_indices`. Both cap at ``max_frames`` with that same rule.
 """
 
 from __future__ import annotations
@@ -113,8 +118,25 @@ def decode_image(data: bytes, size: int = FRAME_SIZE, min_short_side: int = 0) -
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return _square(img, size)
+
+
+def _square(img: Image.Image, size: int) -> np.ndarray:
+    """Short side resized to ``size`` (bicubic) and the centre square kept, in one resampling step."""
     rgb = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC, box=_square_box(*img.size))
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def square_frames(frames_NxHxWx3: np.ndarray, size: int = FRAME_SIZE) -> np.ndarray:
+    """uint8 RGB frames of any size (already decoded, e.g. in a notebook) given the jobs' geometry:
+    [N, size, size, 3], each frame's short side resized to ``size`` and its centre square kept."""
+    frames = np.asarray(frames_NxHxWx3)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
+        raise MediaError("zero_frames" if frames.ndim == 4 and not len(frames) else "corrupt_image",
+                         f"expected uint8 RGB frames [N >= 1, H, W, 3], got {frames.dtype} {frames.shape}")
+    if frames.shape[1:3] == (size, size):
+        return frames
+    return np.stack([_square(Image.fromarray(frame), size) for frame in frames])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +153,9 @@ class VideoConfig:
       decoding when a container does not state its duration.
     timeout_s: wall-clock limit for each ffmpeg/ffprobe call.
     size: output frame side (short side resize, centre crop).
+    native: count frames at the video's own rate, as LWM does (``fps`` is not used):
+      all n of them, or ``max_frames`` at :func:`sample_frame_indices`; only those are
+      decoded (ffmpeg's ``select``), so an hour of video costs the frames kept.
     """
 
     fps: float | None = 4.0
@@ -138,9 +163,10 @@ class VideoConfig:
     max_duration_s: float = 600.0
     timeout_s: float = 120.0
     size: int = FRAME_SIZE
+    native: bool = False
 
     def __post_init__(self):
-        if self.fps is None and self.max_frames is None:
+        if self.fps is None and self.max_frames is None and not self.native:
             raise ValueError("VideoConfig needs fps, max_frames, or both")
         if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
             raise ValueError(f"fps must be a positive number, got {self.fps}")
@@ -267,17 +293,59 @@ def _sample_rate(info: VideoInfo, config: VideoConfig) -> float:
     return min(config.fps, uniform) if config.fps is not None else uniform
 
 
+def sample_frame_indices(num_frames: int, max_frames: int) -> np.ndarray:
+    """Which of ``num_frames`` frames to keep, LWM's rule (its chat and its data loader alike): all of them
+    when ``max_frames`` is at most 0 or not fewer, else ``numpy.linspace(0, num_frames - 1, max_frames)``
+    truncated to integers."""
+    if num_frames < 0:
+        raise ValueError(f"need num_frames >= 0, got {num_frames}")
+    if max_frames <= 0 or num_frames <= max_frames:
+        return np.arange(num_frames, dtype=np.int64)
+    return np.linspace(0, num_frames - 1, max_frames).astype(np.int64)
+
+
 def _uniform_subsample(frames: np.ndarray, count: int | None) -> np.ndarray:
     if count is None or len(frames) <= count:
         return frames
-    return frames[np.linspace(0, len(frames) - 1, count).round().astype(int)]
+    return frames[sample_frame_indices(len(frames), count)]
+
+
+def _count_packets(path: str, tools: FFmpegTools, timeout_s: float) -> int | None:
+    """Frames of the first video stream as its container indexes them (ffprobe reads packets, decodes nothing)."""
+    if not tools.ffprobe:
+        return None
+    proc = _run([tools.ffprobe, "-v", "error", "-select_streams", "v:0", "-count_packets",
+                 "-show_entries", "stream=nb_read_packets", "-of", "csv=p=0", path], timeout_s)
+    text = proc.stdout.decode(errors="replace").strip().split(",")[0] if proc.returncode == 0 else ""
+    return int(text) if text.isdigit() else None
+
+
+def count_frames(source: str | os.PathLike, config: VideoConfig = VideoConfig(native=True),
+                 tools: FFmpegTools | None = None) -> int:
+    """n: the frames a video file holds at its own rate (LWM's count), without decoding any; the
+    same ``MediaError`` as :func:`decode_video` for files that are missing, empty, not video or too long.
+    Without ffprobe, or for a container that does not say, duration × frame rate."""
+    tools = tools or ffmpeg_tools()
+    path = os.fspath(source)
+    info = _checked_info(path, config, tools)
+    return _native_count(path, info, config, tools)
+
+
+def _native_count(path: str, info: "VideoInfo", config: VideoConfig, tools: FFmpegTools) -> int:
+    counted = _count_packets(path, tools, config.timeout_s)
+    if counted is None and info.duration_s and info.frame_rate:
+        counted = int(round(info.duration_s * info.frame_rate))
+    if not counted:
+        raise MediaError("zero_frames", f"duration {info.duration_s}s, no frames counted")
+    return counted
 
 
 # ffmpeg's words for a video stream that holds no packets (not damage).
 _NO_FRAMES = re.compile(r"does not contain any stream|Cannot determine format of input stream")
 
 
-def _decode_file(path: str, config: VideoConfig, tools: FFmpegTools) -> np.ndarray:
+def _checked_info(path: str, config: VideoConfig, tools: FFmpegTools) -> VideoInfo:
+    """Probe a local file, refusing what cannot be a video (reasons in the module docstring)."""
     try:
         with open(path, "rb") as f:
             empty = not f.read(1)
@@ -292,17 +360,34 @@ def _decode_file(path: str, config: VideoConfig, tools: FFmpegTools) -> np.ndarr
         raise MediaError("no_video_stream", f"duration {info.duration_s}s, no video stream")
     if info.duration_s is not None and info.duration_s > config.max_duration_s:
         raise MediaError("too_long_duration", f"{info.duration_s:.1f}s > {config.max_duration_s}s")
-    rate, s = _sample_rate(info, config), config.size
+    return info
+
+
+def _decode_file(path: str, config: VideoConfig, tools: FFmpegTools) -> np.ndarray:
+    info = _checked_info(path, config, tools)
+    s = config.size
+    if config.native:
+        total = _native_count(path, info, config, tools)
+        keep = sample_frame_indices(total, config.max_frames or total)
+        rate = info.frame_rate or 0.0
+    else:
+        rate = _sample_rate(info, config)
+
+    def sampled(stream):
+        if not config.native:  # eof_action=pass: clips shorter than one sampling step still give their frame.
+            return stream.filter("fps", fps=f"{rate:.9g}", eof_action="pass")
+        if len(keep) == total:
+            return stream
+        return stream.filter("select", "+".join(f"eq(n,{i})" for i in keep))
 
     def decode(threads: int) -> subprocess.CompletedProcess:
-        args = (ffmpeg.input(path, t=config.max_duration_s, threads=threads)
-                # eof_action=pass: clips shorter than one sampling step still give their frame.
-                .filter("fps", fps=f"{rate:.9g}", eof_action="pass")
+        output = {"fps_mode": "passthrough"} if config.native else {}
+        args = (sampled(ffmpeg.input(path, t=config.max_duration_s, threads=threads))
                 # Short side to s in display geometry (dar = width × SAR / height), as players show
                 # non-square pixels; rounded as force_original_aspect_ratio rounds for square ones.
                 .filter("scale", f"max({s},round({s}*dar))", f"max({s},round({s}/dar))")
                 .filter("crop", s, s)
-                .output("pipe:", format="rawvideo", pix_fmt="rgb24", an=None, sn=None, dn=None)
+                .output("pipe:", format="rawvideo", pix_fmt="rgb24", an=None, sn=None, dn=None, **output)
                 .global_args("-nostdin", "-hide_banner", "-v", "error")
                 .compile(cmd=tools.ffmpeg))
         return _run(args, config.timeout_s)
@@ -319,9 +404,9 @@ def _decode_file(path: str, config: VideoConfig, tools: FFmpegTools) -> np.ndarr
         raise MediaError("zero_frames", f"duration {info.duration_s}s, sampled at {rate:.4g} fps; {errors}".strip())
     if proc.returncode != 0 or n == 0:
         raise MediaError("corrupt_video", errors or f"ffmpeg exit status {proc.returncode}")
-    expected = info.duration_s * rate if info.duration_s else 0.0
-    if errors and n < 0.9 * expected:
-        raise MediaError("truncated_video", f"{n} of ~{expected:.0f} frames; ffmpeg: {errors}")
+    expected = len(keep) if config.native else info.duration_s * rate if info.duration_s else 0.0
+    if errors and len(frames) < 0.9 * expected:
+        raise MediaError("truncated_video", f"{len(frames)} of ~{expected:.0f} frames; ffmpeg: {errors}")
     return _uniform_subsample(frames, config.max_frames)
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
+import os
+import random
 import re
 import textwrap
 from typing import Iterable, Iterator, Sequence
@@ -106,15 +109,35 @@ def training_pieces(text: str, max_bytes: int = MAX_PIECE_BYTES) -> Iterator[str
                 yield from textwrap.wrap(sentence, width=max_bytes // 4, break_on_hyphens=False)
 
 
-def train(texts: Iterable[str], vocab_size: int, output: str, *, model_type: str = "bpe") -> str:
+# Sentences kept for training by default: a uniform sample of this many when the corpus
+# has more (SentencePiece's own guidance for large corpora is a few million).
+INPUT_SENTENCE_SIZE = 5_000_000
+SAMPLE_SEED = 0
+
+
+def train(texts: Iterable[str], vocab_size: int, output: str, *, model_type: str = "bpe",
+          input_sentence_size: int = INPUT_SENTENCE_SIZE, shuffle_input_sentence: bool = True,
+          num_threads: int | None = None) -> str:
     """Train a Llama-style SentencePiece model (BPE, byte fallback, unk 0 / bos 1 / eos 2) offline.
 
-    Documents are fed as :func:`training_pieces`. Writes the model file to ``output``
-    (any Beam filesystem) and returns the path; no text, or text SentencePiece cannot
-    train on, is a ``ValueError``.
+    Documents are read one at a time and cut into :func:`training_pieces`; at most
+    ``input_sentence_size`` of those sentences (0: all of them) are kept for training:
+    a uniform sample over the whole corpus with ``shuffle_input_sentence``
+    (:func:`sample_sentences`), else the first ones. Memory grows with the sample, not
+    the corpus. The sampling is ours, seeded, rather than SentencePiece's (whose own
+    sample changes from one process to the next), so a corpus gives the same model
+    every time. ``num_threads`` (default: every core) parallelise SentencePiece's
+    counting and merges without changing the model. Writes the model file to
+    ``output`` (any filesystem) and returns the path; no text, or text SentencePiece
+    cannot train on, is a ``ValueError``.
     """
     if vocab_size < 300:
         raise ValueError(f"vocab size {vocab_size} is too small: byte fallback alone needs 259 ids")
+    if input_sentence_size < 0:
+        raise ValueError(f"input sentence size must be >= 0 (0: every sentence), got {input_sentence_size}")
+    num_threads = (os.cpu_count() or 1) if num_threads is None else num_threads
+    if num_threads < 1:
+        raise ValueError(f"threads must be >= 1, got {num_threads}")
     fed = 0
 
     def sentences() -> Iterator[str]:
@@ -124,10 +147,16 @@ def train(texts: Iterable[str], vocab_size: int, output: str, *, model_type: str
                 fed += 1
                 yield piece
 
+    if not input_sentence_size:
+        chosen = sentences()
+    elif shuffle_input_sentence:
+        chosen = _drain(sample_sentences(sentences(), input_sentence_size))
+    else:
+        chosen = itertools.islice(sentences(), input_sentence_size)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences(),
+            sentence_iterator=chosen,
             model_writer=model,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -139,12 +168,89 @@ def train(texts: Iterable[str], vocab_size: int, output: str, *, model_type: str
             eos_id=2,
             pad_id=-1,
             hard_vocab_limit=False,
-            num_threads=1,
+            num_threads=num_threads,
             minloglevel=2,
         )
     except RuntimeError as error:  # SentencePiece reports everything as RuntimeError
         if not fed:
             raise ValueError("no text to train the tokenizer on") from None
         raise ValueError(f"SentencePiece could not train on {fed} sentences: {error}") from None
-    storage.write_atomically(output, model.getvalue())
+    storage.write_atomically(output, _without_field(model.getvalue(), TRAINER_SPEC, NUM_THREADS))
     return output
+
+
+def sample_sentences(sentences: Iterable[str], size: int, seed: int = SAMPLE_SEED) -> list[str]:
+    """A uniform sample of ``size`` sentences of a stream of any length, in one pass, holding only the sample
+    (reservoir sampling, Vitter's algorithm R); all of them, in order, when there are no more than ``size``."""
+    rng = random.Random(seed)
+    kept: list[str] = []
+    for seen, sentence in enumerate(sentences):
+        if seen < size:
+            kept.append(sentence)
+        elif (slot := rng.randrange(seen + 1)) < size:
+            kept[slot] = sentence
+    return kept
+
+
+def _drain(items: list[str]) -> Iterator[str]:
+    """``items`` in order, each released once SentencePiece has copied it."""
+    for index in range(len(items)):
+        item, items[index] = items[index], None
+        yield item
+
+
+# The model file embeds its TrainerSpec, thread count included; that field is dropped so
+# that the file (and its sha256, which manifests record) does not depend on the machine.
+TRAINER_SPEC, NUM_THREADS = 2, 16  # field numbers in sentencepiece_model.proto
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if byte < 0x80:
+            return value, at
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes(out + bytes([value]))
+
+
+def _fields(data: bytes) -> Iterator[tuple[int, bytes, bytes]]:
+    """``(field number, raw key+value bytes, payload of a length-delimited field)`` of a protobuf message."""
+    at = 0
+    while at < len(data):
+        start = at
+        key, at = _varint(data, at)
+        wire = key & 7
+        payload = b""
+        if wire == 0:
+            _, at = _varint(data, at)
+        elif wire == 1:
+            at += 8
+        elif wire == 5:
+            at += 4
+        elif wire == 2:
+            length, at = _varint(data, at)
+            payload, at = data[at:at + length], at + length
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        yield key >> 3, data[start:at], payload
+
+
+def _without_field(model: bytes, message: int, field: int) -> bytes:
+    """``model`` with ``field`` removed from its sub-message ``message``."""
+    out = bytearray()
+    for number, raw, payload in _fields(model):
+        if number != message:
+            out += raw
+            continue
+        inner = b"".join(r for n, r, _ in _fields(payload) if n != field)
+        out += _encode_varint(message << 3 | 2) + _encode_varint(len(inner)) + inner
+    return bytes(out)

@@ -19,7 +19,15 @@ or, with ``template="chat"``, LWM's chat format (:mod:`pipelines.tokens.prompts`
 
 ("a video of" / "the video" for videos). :func:`lay_out` turns parts and codes
 into ids, mask and target flags; the vision data jobs add loss weights
-(:mod:`pipelines.vision.examples`) and the sampler feeds the same ids. Pure numpy.
+(:mod:`pipelines.vision.examples`) and the sampler feeds the same ids. The chat
+understanding example is, up to its caption, exactly the prompt of LWM's vision chat
+(:func:`conversation` with one user turn): the text pieces
+``You are a helpful assistant. USER: {question}\\n``, ``<vision>``, ``</vision>`` and
+`` ASSISTANT:`` each tokenized on their own, one BOS.
+
+:func:`conversation` lays out a whole chat (system prompt, user and assistant turns, one
+image or video after a user turn's text) as the model is fed it: the vision chat
+(``trainer.inference.vision_chat``) and any server build their prompts with it. Pure numpy.
 """
 
 from __future__ import annotations
@@ -75,9 +83,9 @@ def template_parts(kind: str, caption: str, modality: str, template: str) -> tup
         return ((prompts.chat_prompt(prompts.generation_request(modality, caption)), False), (VISION, True))
     if (kind, template) == (UNDERSTANDING, "chat"):
         return (
-            (f"{prompts.OPENING} {prompts.description_request(modality)}\n", False),
+            (prompts.user_turn(prompts.description_request(modality), first=True, vision=True), False),
             (VISION, False),
-            (prompts.ASSISTANT, False),
+            (prompts.ASSISTANT_CUE, False),
             (caption, True),
         )
     raise ValueError(f"unknown direction {kind!r} or template {template!r}")
@@ -110,13 +118,6 @@ def frames_that_fit(parts: Sequence[Part], markers: Markers, num_frames: int, li
     return max(0, min(num_frames, room // FRAME_TOKENS))
 
 
-def uniform_frames(num_frames: int, keep: int) -> np.ndarray:
-    """Indices of ``keep`` frames spread evenly over ``num_frames`` (the centre of each of ``keep`` equal spans)."""
-    if not 1 <= keep <= num_frames:
-        raise ValueError(f"cannot keep {keep} of {num_frames} frames")
-    return ((np.arange(keep) + 0.5) * num_frames / keep).astype(np.int64)
-
-
 def lay_out(parts: Sequence[Part], codes_Fx16x16: np.ndarray, markers: Markers
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``parts`` (text ids, or :data:`VISION` for the frames) as one sequence framed by the markers' BOS/EOS:
@@ -137,3 +138,78 @@ def lay_out(parts: Sequence[Part], codes_Fx16x16: np.ndarray, markers: Markers
     vision_mask = np.concatenate([np.full(len(ids), vision) for ids, vision, _ in pieces]).astype(bool)
     target = np.concatenate([np.full(len(ids), target) for ids, _, target in pieces]).astype(bool)
     return tokens, vision_mask, target
+
+
+# ----------------------------------------------------------------------------- conversations
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    """One turn of a chat. ``role`` is "user" or "assistant".
+
+    A user turn's ``text`` is its question; ``vision`` says the conversation's image or video
+    follows that text. An assistant turn's ``text`` is its answer, as text or as the token ids
+    the model generated (fed back as they are, never re-tokenized); ``ended`` says it closed
+    with EOS (False: cut at the token budget, kept as it is).
+    """
+
+    role: str
+    text: str | Sequence[int]
+    vision: bool = False
+    ended: bool = True
+
+    def __post_init__(self):
+        if self.role not in ("user", "assistant"):
+            raise ValueError(f"a turn's role is 'user' or 'assistant', got {self.role!r}")
+        if self.vision and self.role != "user":
+            raise ValueError("only a user turn carries the image or video")
+
+
+EOS = object()  # marks where turn_pieces puts the EOS id (an id, never text)
+
+
+def turn_pieces(turn: Turn, *, first: bool, system: str = prompts.SYSTEM_PROMPT
+                ) -> list[tuple[str | Sequence[int] | None, bool]]:
+    """A turn as pieces in order: (text, False), (VISION, True) for the frames, (ids, False) for a generated
+    answer; a user turn ends with the answer cue (``ASSISTANT:``), an ended answer with EOS (the piece
+    ``(EOS, False)``, :data:`EOS`). ``first``: the conversation's first turn (it opens with the system prompt)."""
+    if turn.role == "assistant":
+        pieces = [(turn.text, False)]
+        return pieces + [(EOS, False)] if turn.ended else pieces
+    if not turn.vision:
+        return [(prompts.user_turn(turn.text, first=first, system=system), False)]
+    return [(prompts.user_turn(turn.text, first=first, vision=True, system=system), False), (VISION, True),
+            (prompts.ASSISTANT_CUE, False)]
+
+
+def conversation(turns: Sequence[Turn], codes_Fx16x16: np.ndarray | None, encode, markers: Markers,
+                 *, bos: bool = True, system: str = prompts.SYSTEM_PROMPT) -> tuple[np.ndarray, np.ndarray]:
+    """The prompt of a chat as the model is fed it: ``(tokens int32[T], vision_mask bool[T])``.
+
+    ``BOS You are a helpful assistant. USER: {q1}\\n <vision> frames </vision> ASSISTANT: {a1} EOS
+    USER: {q2} ASSISTANT: …`` with every text piece tokenized on its own by ``encode`` (no BOS/EOS),
+    one BOS (``bos=False`` leaves it out: a later part of a conversation already under way), EOS
+    (``markers.eos``) after each ended answer, and the vision mask exactly on the frames' codes
+    and ``<eof>``/``<eov>``; ``system`` replaces the system prompt. At most one turn carries vision (``codes_Fx16x16``, LWM's one image or
+    video per chat); a conversation ending with a user turn ends with ``ASSISTANT:``, ready for its answer.
+    """
+    if sum(t.vision for t in turns) > (0 if codes_Fx16x16 is None else 1):
+        raise ValueError("a conversation carries one image or video, after one user turn's text, and needs its codes")
+    pieces: list[tuple[np.ndarray, bool]] = []
+    if bos:
+        pieces.append((np.array([markers.bos], np.int32), False))
+    for index, turn in enumerate(turns):
+        for piece, is_vision in turn_pieces(turn, first=index == 0 and bos, system=system):
+            if is_vision:
+                pieces += [(np.asarray(markers.vision_open, np.int32), False),
+                           (vision_tokens(codes_Fx16x16), True),
+                           (np.asarray(markers.vision_close, np.int32), False)]
+            elif piece is EOS:
+                pieces.append((np.array([markers.eos], np.int32), False))
+            elif isinstance(piece, str):
+                pieces.append((np.asarray(encode(piece), np.int32).reshape(-1), False))
+            else:
+                pieces.append((np.asarray(piece, np.int32).reshape(-1), False))
+    tokens = np.concatenate([ids for ids, _ in pieces]) if pieces else np.zeros(0, np.int32)
+    mask = np.concatenate([np.full(len(ids), v) for ids, v in pieces]) if pieces else np.zeros(0, bool)
+    return tokens.astype(np.int32), mask.astype(bool)

@@ -42,5 +42,11 @@ class ImageTextConfig(vision_text.VisionConfig):
 
 
 JOB = Job("image-text", ImageTextConfig, vision_text.build, vision_text.check, help=(
-    "image-caption pairs → VQGAN codes in LWM's layout → packed ArrayRecord shards per length bucket"))
+    "image-caption pairs → VQGAN codes in LWM's layout → packed ArrayRecord shards per length bucket"),
+    examples=(
+        "lwm data image-text --input 'laion/*.parquet' --vqgan vqgan/ --tokenizer tokenizer.model --output out/images "
+        "--seq-len 1024",
+        "lwm data image-text --input 'laion/*.parquet' --vqgan vqgan/ --tokenizer tokenizer.model --output out/images "
+        "--seq-len 1024 --template chat --generation-fraction 0.5",
+    ))
 run = JOB.run

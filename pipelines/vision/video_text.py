@@ -42,9 +42,15 @@ class VideoTextConfig(vision_text.VisionConfig):
 
 
 # VideoConfig (pipelines.tokens.media) is the decoder's own config: its flags keep the job's established names,
-# and the frame size stays the VQGAN's.
+# and the frame size stays the VQGAN's; native-rate counting is the vision chat's (the job samples at --fps).
 JOB = Job("video-text", VideoTextConfig, vision_text.build, vision_text.check, help=(
     "video-caption pairs → VQGAN codes in LWM's layout → packed ArrayRecord shards per length bucket"),
     renames={"media.video.max_duration_s": "max-duration", "media.video.timeout_s": "ffmpeg-timeout",
-             "media.video.size": None})
+             "media.video.size": None, "media.video.native": None},
+    examples=(
+        "lwm data video-text --input 'webvid/*.jsonl' --vqgan vqgan/ --tokenizer tokenizer.model --output out/videos "
+        "--seq-len 8192 --fps 4 --resample-to-fit",
+        "lwm data video-text --input 'webvid/*.jsonl' --vqgan vqgan/ --tokenizer tokenizer.model --output out/videos "
+        "--seq-len 8192 --fps none --max-frames 16   # frames spread over each whole video",
+    ))
 run = JOB.run

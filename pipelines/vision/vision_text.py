@@ -36,7 +36,7 @@ from schemas import flags
 from pipelines.tokens import vision_layout
 from pipelines.kit.packed_writer import ALL_BUCKETS, DatasetSpec, WritePackedDatasets, route
 from pipelines.kit.job import check_inputs, check_tokenizer
-from pipelines.tokens.media import MediaError
+from pipelines.tokens.media import MediaError, sample_frame_indices
 from pipelines.kit.naming import METRICS_NAMESPACE
 from pipelines.kit.output import OutputConfig
 from pipelines.kit.sources import ReadUnique, count_dead_letter
@@ -197,7 +197,7 @@ def assign_buckets(example_id: str, source: str, parts: Sequence[vision_layout.P
                     f"; fewer than {config.min_frames} frame(s) fit" if config.resample_to_fit else "")
                 return DeadLetter(example_id, "too_long", detail, source)
             Metrics.counter(METRICS_NAMESPACE, "resampled").inc()
-        chosen = codes if keep == frames else codes[vision_layout.uniform_frames(frames, keep)]
+        chosen = codes if keep == frames else codes[sample_frame_indices(frames, keep)]
         return [examples.assemble((example_id, 0), parts, chosen, markers, config.layout)]
 
     return route(length, config.output.buckets, fit)

@@ -5,8 +5,14 @@ Import (``import_hf``) reads an HF Llama directory (``config.json`` plus
 an LWM checkpoint (``trainer.checkpoint``): the text model comes from HF, the vision
 embedding and head (if the config has a vision vocabulary) are freshly initialised.
 Export (``export_hf``) writes the text model back in HF layout (``config.json`` +
-safetensors) that ``transformers.LlamaForCausalLM.from_pretrained`` loads. Pickle
-files (``*.bin``, ``*.pt``) are never loaded.
+safetensors) that ``transformers.LlamaForCausalLM.from_pretrained`` loads, and the
+tokenizer (``tokenizer.model``, ``tokenizer.json``, ``tokenizer_config.json``) that
+``AutoTokenizer.from_pretrained`` loads. With ``merge_vision_vocab`` a vision model
+becomes one standard Llama whose vocabulary is the text vocabulary followed by the
+vision ids (vision id ``i`` is token ``V + i``; embedding and output rows
+concatenated), so its logits are LWM's text logits followed by its vision logits; the
+offset is in ``config.json`` (``lwm_vision_token_offset``) and the directory's README.
+Pickle files (``*.bin``, ``*.pt``) are never loaded.
 
 Both sides use the same RoPE convention (HF's half-split ``rotate_half``), so
 projection matrices map by transpose and reshape only:
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any
 
 import jax
@@ -43,6 +50,7 @@ from trainer.model import ModelConfig, init_params
 _CONFIG = "config.json"
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
+_SPM_FILE = "tokenizer.model"
 _NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 # HF config key -> ModelConfig field, for the fields that fix the weights' shapes.
 _SHAPE_FIELDS = {
@@ -103,12 +111,14 @@ def config_from_hf(hf: dict[str, Any], base: ModelConfig | None = None) -> Model
     return from_mapping(ModelConfig, fields, "HF config.json", base=base or ModelConfig())
 
 
-def hf_config(config: ModelConfig, dtype: str) -> dict[str, Any]:
-    """An HF ``LlamaConfig`` dict for the text part of ``config``."""
+def hf_config(config: ModelConfig, dtype: str, merge_vision_vocab: bool = False) -> dict[str, Any]:
+    """An HF ``LlamaConfig`` dict for the text part of ``config`` (with the vision ids appended if merged)."""
+    merged = {"lwm_vision_token_offset": config.vocab_size, "lwm_vision_vocab_size": config.vision_vocab_size}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": config.vocab_size,
+        "vocab_size": config.vocab_size + (config.vision_vocab_size if merge_vision_vocab else 0),
+        **(merged if merge_vision_vocab else {}),
         "hidden_size": config.d_model,
         "intermediate_size": config.mlp_dim,
         "num_hidden_layers": config.num_layers,
@@ -128,6 +138,64 @@ def hf_config(config: ModelConfig, dtype: str) -> dict[str, Any]:
         "eos_token_id": 2,
         "dtype": dtype,
     }
+
+
+def _bpe_merges(pieces: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges of a SentencePiece BPE model: every split of a piece into two pieces, the best-scored
+    (earliest-learnt) merged piece first, splits of one piece by their halves' ids."""
+    ids = {piece: i for i, piece in enumerate(pieces)}
+    merges = []
+    for merged, score in zip(pieces, scores):
+        splits = [(merged[:k], merged[k:]) for k in range(1, len(merged)) if merged[:k] in ids and merged[k:] in ids]
+        merges += [(-score, ids[a], ids[b], a, b) for a, b in splits]
+    return [(a, b) for *_, a, b in sorted(merges)]
+
+
+def tokenizer_files(spm_path: str, config: ModelConfig) -> dict[str, bytes]:
+    """``tokenizer.model``, ``tokenizer.json`` and ``tokenizer_config.json`` of a SentencePiece BPE model
+    (Llama-2's, or one ``lwm tokenizer train`` wrote), for ``AutoTokenizer.from_pretrained``.
+
+    ``tokenizer.json`` is built from the model's pieces and scores with the ``tokenizers``
+    library, the way Llama-2's is: BPE with byte fallback, a ``▁`` prefix and spaces as ``▁``,
+    BOS added in front. (SentencePiece's ``remove_extra_whitespaces``, off in Llama-2's
+    model, is not reproduced.)
+    """
+    import sentencepiece as spm
+    import tokenizers
+    from tokenizers import decoders, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    with open(spm_path, "rb") as f:
+        data = f.read()
+    sp = spm.SentencePieceProcessor(model_proto=data)
+    if sp.get_piece_size() > config.vocab_size:
+        raise ValueError(f"{spm_path}: {sp.get_piece_size()} pieces, more than the model's vocab_size "
+                         f"{config.vocab_size}")
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    special = {"unk_token": pieces[sp.unk_id()], "bos_token": pieces[sp.bos_id()], "eos_token": pieces[sp.eos_id()]}
+    model = tokenizers.models.BPE(vocab={p: i for i, p in enumerate(pieces)},
+                                  merges=_bpe_merges(pieces, [sp.get_score(i) for i in range(len(pieces))]),
+                                  unk_token=special["unk_token"], fuse_unk=True, byte_fallback=True)
+    tok = tokenizers.Tokenizer(model)
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([tokenizers.AddedToken(t, normalized=False, special=True) for t in special.values()])
+    bos = special["bos_token"]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, sp.bos_id())])
+    with tempfile.TemporaryDirectory() as tmp:
+        PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=config.max_position_embeddings,
+                                clean_up_tokenization_spaces=False, **special).save_pretrained(tmp)
+        with open(os.path.join(tmp, "tokenizer.json"), "rb") as f:
+            tokenizer_json = f.read()
+        with open(os.path.join(tmp, "tokenizer_config.json")) as f:
+            tokenizer_config = json.load(f)
+    # A class name every transformers release knows (newer ones write their own backend's name).
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tokenizer_config.pop("backend", None)
+    return {_SPM_FILE: data, "tokenizer.json": tokenizer_json,
+            "tokenizer_config.json": json.dumps(tokenizer_config, indent=2).encode()}
 
 
 def _safetensors_files(hf_dir: str | os.PathLike) -> list[str]:
@@ -196,15 +264,20 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig, rng: jax
     return params
 
 
-def params_to_hf(params: Any, config: ModelConfig, dtype: str) -> dict[str, np.ndarray]:
-    """HF Llama tensors (text model only) from LWM parameters."""
+def params_to_hf(params: Any, config: ModelConfig, dtype: str, merge_vision_vocab: bool = False
+                 ) -> dict[str, np.ndarray]:
+    """HF Llama tensors from LWM parameters: the text model, plus the vision rows after the text ones if merged."""
     np_dtype = _NUMPY_DTYPES[dtype]
     p = jax.tree.map(lambda x: np.asarray(jax.device_get(x)).astype(np_dtype), params)
     c = config
     d = c.d_model
+    embed, head = p["text_embed"], p["text_head"].T
+    if merge_vision_vocab:
+        embed = np.concatenate([embed, p["vision_embed"]])
+        head = np.concatenate([head, p["vision_head"].T])
     out = {
-        "model.embed_tokens.weight": p["text_embed"],
-        "lm_head.weight": p["text_head"].T,
+        "model.embed_tokens.weight": embed,
+        "lm_head.weight": head,
         "model.norm.weight": p["final_norm"]["scale"],
     }
     layers = p["layers"]
@@ -230,17 +303,29 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, base: Model
 
 
 def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None,
-              dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Writes the text model of an LWM checkpoint as an HF Llama directory.
+              dtype: str | None = None, max_shard_bytes: int = 5 * 2**30, tokenizer: str | None = None,
+              merge_vision_vocab: bool = False) -> None:
+    """Writes the text model of an LWM checkpoint (and its tokenizer) as an HF Llama directory.
 
     ``dtype`` defaults to the checkpoint's ``param_dtype``. Tensors are split into
     safetensors shards of at most ``max_shard_bytes`` (with an index) when larger.
+    ``tokenizer``: a SentencePiece model; default the ``tokenizer.model`` beside the
+    checkpoint (an ``lwm convert lwm-import`` directory's own), else none is written.
+    ``merge_vision_vocab``: append the vision vocabulary (see the module docstring).
     """
-    params, config = checkpoint.restore_params(ckpt_dir, step)
+    ckpt_dir = os.fspath(ckpt_dir)
+    own = os.path.join(ckpt_dir, _SPM_FILE)
+    tokenizer = tokenizer or (own if os.path.isfile(own) else None)
+    if tokenizer is not None and not os.path.isfile(tokenizer):
+        raise ValueError(f"--tokenizer {tokenizer!r}: no such file")
+    params, config = checkpoint.restore_params(checkpoint.resolve_dir(ckpt_dir), step)
     dtype = dtype or config.param_dtype
     if dtype not in _NUMPY_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_NUMPY_DTYPES)}, got {dtype!r}")
-    tensors = params_to_hf(params, config, dtype)
+    if merge_vision_vocab and not config.vision_vocab_size:
+        raise ValueError(f"--merge-vision-vocab: {ckpt_dir!r} is a text-only model (vision_vocab_size 0)")
+    files = tokenizer_files(tokenizer, config) if tokenizer else {}
+    tensors = params_to_hf(params, config, dtype, merge_vision_vocab)
     os.makedirs(out_dir, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -262,5 +347,28 @@ def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
         with open(os.path.join(out_dir, _INDEX), "w") as f:
             json.dump(index, f, indent=2)
+    for name, data in files.items():
+        with open(os.path.join(out_dir, name), "wb") as f:
+            f.write(data)
+    if merge_vision_vocab:
+        with open(os.path.join(out_dir, "README.md"), "w") as f:
+            f.write(_merged_readme(config))
     with open(os.path.join(out_dir, _CONFIG), "w") as f:
-        json.dump(hf_config(config, dtype), f, indent=2)
+        json.dump(hf_config(config, dtype, merge_vision_vocab), f, indent=2)
+
+
+def _merged_readme(config: ModelConfig) -> str:
+    v, w = config.vocab_size, config.vision_vocab_size
+    return f"""# LWM vision-language model as a standard Llama
+
+Exported by `lwm convert hf-export --merge-vision-vocab`. The vocabulary is the
+{v} text tokens followed by the {w} vision tokens: vision id `i` (a VQGAN code
+0-8191, `<eof>` 8192, `<eov>` 8193) is token `{v} + i` (`lwm_vision_token_offset`
+= {v} in `config.json`). The logits are LWM's text logits (`[:, :, :{v}]`) followed
+by its vision logits (`[:, :, {v}:]`).
+
+A vision span is the text `<vision>`, each frame's 256 codes followed by `<eof>`
+(the last frame's by `<eov>`), then the text `</vision>`. The tokenizer holds the
+text vocabulary only: add {v} to vision codes before feeding them, and read a
+sampled token at or above {v} as vision id `token - {v}`.
+"""

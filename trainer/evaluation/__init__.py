@@ -13,7 +13,8 @@ A task is one module here plus one line in :data:`TASKS`. The module defines
 - ``metrics(config, out) -> dict[str, float]``: the measurements in ``out`` that
   gates compare (``needle_accuracy/1024``, ``eval/books/loss``, ...);
 - ``metric_names(config)``: the names ``metrics`` gives, so a plan's ``gate:`` is
-  checked when the plan loads.
+  checked when the plan loads;
+- ``examples``: runnable ``lwm eval NAME ...`` lines for its ``--help``.
 
 Stage plans run every task in a stage's ``evals:`` after the stage (``lwm eval
 NAME`` in a child process, ``RUN_DIR/NAME/`` as ``out``) and gate on any of their
@@ -21,8 +22,10 @@ measurements; nothing outside this package names a task. The registry holds
 module names as strings, as :data:`pipelines.JOBS` does, and imports only the task
 asked for.
 
-Besides the tasks: ``haystack`` (the prompt sweep the retrieval tasks share) and
-``synthetic_books`` (filler text: the default haystack and the demo's books).
+Besides the tasks: ``haystack`` (the prompt sweep the retrieval tasks share),
+``synthetic_books`` (filler text: the default haystack and the demo's books) and
+``synthetic_videos`` (moving shapes: the video needle's default haystack and the
+demo's image-text and video-text samples).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ TASKS = {
     "needle": "trainer.evaluation.needle",
     "multi-needle": "trainer.evaluation.multi_needle",
     "variable-tracking": "trainer.evaluation.variable_tracking",
+    "video-needle": "trainer.evaluation.video_needle",
 }
 
 
@@ -60,6 +64,7 @@ class Task:
     metric_names: Callable[[Any], tuple[str, ...]]
     help: str
     description: str
+    examples: tuple[str, ...] = ()
     needs_tokenizer: bool = True
     out_required: bool = True  # False: ``out`` is optional (the task prints all it measures)
 

@@ -61,7 +61,8 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 RESULTS = "results.jsonl"  # one line per trial, in every sweep's output directory
 
 
-def _numbers(kind):
+def number_list(kind):
+    """A flag parser of comma-separated numbers of ``kind`` (the sweeps' lengths, depths, frame counts)."""
     def parse(text: str) -> tuple:
         try:
             return tuple(kind(v) for v in text.split(",") if v.strip())
@@ -74,9 +75,9 @@ def _numbers(kind):
 class NeedleConfig:
     """One sweep: ``lengths`` × ``depths`` × ``rounds`` prompts, answered greedily in batches."""
 
-    lengths: tuple[int, ...] = flags.field((1024, 2048, 4096), parse=_numbers(int), metavar="L,...")
+    lengths: tuple[int, ...] = flags.field((1024, 2048, 4096), parse=number_list(int), metavar="L,...")
     """Prompt lengths in tokens (whole prompts), comma-separated."""
-    depths: tuple[float, ...] = flags.field((0.0, 0.25, 0.5, 0.75, 1.0), parse=_numbers(float), metavar="D,...")
+    depths: tuple[float, ...] = flags.field((0.0, 0.25, 0.5, 0.75, 1.0), parse=number_list(float), metavar="D,...")
     """Needle depths in [0, 1] (fractions of the haystack), comma-separated."""
     rounds: int = 3
     """Trials per (length, depth), each with new needles."""
@@ -406,7 +407,7 @@ def accuracies(results: Sequence[dict], lengths: Sequence[int], name: str) -> di
             for n in lengths if any(r["length"] == n for r in results)}
 
 
-def sweep_task(name: str, config: type, *, help: str, description: str) -> Task:
+def sweep_task(name: str, config: type, *, help: str, description: str, examples: tuple[str, ...]) -> Task:
     """A registered task that runs the sweep with ``config`` (a :class:`NeedleConfig` with its own defaults)
     and measures ``{name}_accuracy/{length}`` per prompt length."""
 
@@ -428,4 +429,5 @@ def sweep_task(name: str, config: type, *, help: str, description: str) -> Task:
     def metric_names(config: NeedleConfig) -> tuple[str, ...]:
         return tuple(f"{name}_accuracy/{n}" for n in config.lengths)
 
-    return Task(name, config, run_task, metrics, metric_names, help=help, description=description)
+    return Task(name, config, run_task, metrics, metric_names, help=help, description=description,
+                examples=examples)

@@ -226,4 +226,7 @@ TASK = Task(
     description="Loss of a checkpoint on the first --batches batches of each packed dataset, in manifest order "
     "(the same batches every time; the same numbers as a training run's eval: section). --out names a JSON file "
     "the metrics are also written to.",
+    examples=("lwm eval loss --ckpt runs/tiny --data heldout/seq1024  # 8 batches of 1 sequence",
+              "lwm eval loss --ckpt runs/tiny --step 400 --data books/seq1024 --data video/seq1024 --batches 16 "
+              "--sp 4 --out loss.json"),
     needs_tokenizer=False, out_required=False)

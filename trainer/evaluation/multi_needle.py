@@ -29,4 +29,7 @@ TASK = sweep_task(
     help="multi-needle retrieval: --needles inserted, --ask of them asked for, over lengths × depths",
     description="Insert --needles needle sentences (the first at each depth, the others at seeded depths), ask "
     "for the first --ask of them and score the greedy answer (correct iff every asked number appears). Writes "
-    "OUT/results.jsonl, OUT/table.txt and OUT/heatmap.png. Deterministic for a --seed.")
+    "OUT/results.jsonl, OUT/table.txt and OUT/heatmap.png. Deterministic for a --seed.",
+    examples=("lwm eval multi-needle --ckpt runs/tiny --tokenizer tok.model --lengths 1024,2048 --out multi/  "
+              "# 4 inserted, 2 asked",
+              "lwm eval multi-needle --ckpt runs/tiny --tokenizer tok.model --needles 8 --ask 4 --out multi/"))

@@ -13,4 +13,9 @@ TASK = sweep_task(
     description="Insert 'The special magic {city} number is: {7 digits}.' at a sentence boundary at each depth of "
     "filler text, ask for it in LWM's chat template and score the greedy answer (correct iff the number appears). "
     "--lengths count whole prompts in tokens. Writes OUT/results.jsonl, OUT/table.txt and OUT/heatmap.png. "
-    "Deterministic for a --seed.")
+    "Deterministic for a --seed.",
+    examples=(
+        "lwm eval needle --ckpt runs/tiny --tokenizer tok.model --out needle/  # 1K-4K tokens, 5 depths, 3 rounds",
+        "lwm eval needle --ckpt runs/tiny --tokenizer tok.model --lengths 512,1024 --depths 0,0.5,1 --rounds 2 "
+        "--haystack books.jsonl --out needle/ --json",
+    ))

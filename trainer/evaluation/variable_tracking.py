@@ -26,4 +26,6 @@ TASK = sweep_task(
     help="RULER variable tracking: name every variable a value reaches through --hops assignments",
     description="Insert a chain of --hops + 1 assignments starting at each depth (and --needles - 1 distractor "
     "chains), ask which variables hold the chain's value and score the greedy answer (correct iff every name "
-    "appears). Writes OUT/results.jsonl, OUT/table.txt and OUT/heatmap.png. Deterministic for a --seed.")
+    "appears). Writes OUT/results.jsonl, OUT/table.txt and OUT/heatmap.png. Deterministic for a --seed.",
+    examples=("lwm eval variable-tracking --ckpt runs/tiny --tokenizer tok.model --lengths 1024 --hops 2 "
+              "--out vt/",))

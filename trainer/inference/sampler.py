@@ -31,10 +31,22 @@ optional top-k and top-p (nucleus) filtering. A row stops at EOS (not returned) 
 after ``max_new_tokens``. Greedy results do not depend on how prompts are batched;
 sampled ones depend on the seed and the row's index in the batch.
 
-Vision generation (``generate_vision``): the prompt ends with the text ``<vision>``;
-the sampler then draws only VQGAN codes (0..8191) from the vision head, forces ``<eof>``
-after every 256 codes and ``<eov>`` after the last requested frame; ``frame_codes`` gives
-the codes ``[F, 16, 16]`` and ``decode_frames`` uint8 RGB frames through a VQGAN.
+Vision generation (``generate_vision``): the prompt ends with the text ``<vision>`` (and,
+to continue a video, the frames so far); the sampler then draws only VQGAN codes
+(0..8191) from the vision head, forces ``<eof>`` after every 256 codes and ``<eov>`` after
+the last requested frame; ``frame_codes`` gives the codes ``[F, 16, 16]`` and
+``decode_frames`` uint8 RGB frames through a VQGAN. Classifier-free guidance
+(``cfg_scale != 1``, as LWM's generation script): every prompt is paired with an
+unconditional one (BOS ``<vision>``, plus the same frames when continuing) in the same
+batch, and the codes are drawn from ``uncond + scale * (cond - uncond)``; both rows are
+then fed the drawn code. ``cfg_scale == 1`` runs no unconditional rows at all.
+
+Conversations (``prefill`` → ``sample`` → ``extend`` → ``sample`` …): a :class:`Context` is
+one conversation's cache kept between turns, so a later turn feeds only its own tokens
+(the previous answer's last token, EOS, the new question) through the cache, one at a
+time as in step 2, instead of prefilling the whole conversation again. When the decode
+slots run out the cache grows on every device (each device's slots are padded at their
+end, so slot addresses stay valid); the prompt slots stay sharded where the ring left them.
 
 Correctness: ``teacher_forced_logits`` runs this exact path (prefill, then one token at a
 time through the cache) and equals ``trainer.inference.predictor.logits`` (tests, fp32, sp 1 and 4).
@@ -108,6 +120,11 @@ def check_tokenizer(tokenizer, config: ModelConfig) -> None:
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but the checkpoint's text vocabulary "
                          f"only {config.vocab_size}: they do not belong together")
+
+
+def unconditional_prompt(tokenizer) -> list[int]:
+    """What classifier-free guidance contrasts a vision prompt with: BOS ``<vision>`` (LWM's generation script)."""
+    return [int(tokenizer.bos_id), *(int(i) for i in tokenizer.encode(vocab.VISION_OPEN))]
 
 
 def encode_prompt(tokenizer, text: str, *, chat: bool = False, vision: bool = False) -> list[int]:
@@ -310,13 +327,15 @@ class Sampler:
     # -- public API
 
     def generate(self, prompts: Sequence[Sequence[int]], settings: SampleSettings = SampleSettings(),
-                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+                 on_token: Callable[[int, int], None] | None = None,
+                 vision_masks: Sequence[Sequence[bool]] | None = None) -> list[list[int]]:
         """Text completions (token ids after each prompt, EOS left out) of a batch of prompts.
 
-        ``prompts``: text token ids (BOS first, see :func:`encode_prompt`), any lengths.
+        ``prompts``: token ids (BOS first, see :func:`encode_prompt`), any lengths; ``vision_masks``
+        (one per prompt, default all False) marks vision ids, e.g. an image a question is about.
         ``on_token(row, token)`` is called for every token as soon as it is chosen (streaming).
         """
-        tokens, _ = self._run(prompts, settings, frames=0, on_token=on_token)
+        tokens, _ = self._run(prompts, settings, frames=0, on_token=on_token, vision_masks=vision_masks)
         return tokens
 
     def generate_vision(self, prompts: Sequence[Sequence[int]], frames: int,
@@ -329,9 +348,56 @@ class Sampler:
             raise ValueError(f"frames must be >= 1, got {frames}")
         if not self.config.vision_vocab_size:
             raise ValueError("this checkpoint has no vision head (vision_vocab_size 0): it cannot generate images")
+        return self.generate_guided(prompts, frames, settings)
+
+    def generate_guided(self, prompts: Sequence[Sequence[int]], frames: int, settings: SampleSettings = SampleSettings(),
+                        *, cfg_scale: float = 1.0, unconditional: Sequence[int] | None = None,
+                        vision_masks: Sequence[Sequence[bool]] | None = None,
+                        unconditional_mask: Sequence[bool] | None = None) -> list[list[int]]:
+        """:meth:`generate_vision` with classifier-free guidance and prompts that may hold vision tokens.
+
+        ``vision_masks``: one per prompt (True on its vision ids: the frames a video continues);
+        ``unconditional``: the prompt guidance contrasts with (LWM's BOS ``<vision>``, then the
+        same frames), used for every row. ``cfg_scale == 1`` is exactly :meth:`generate_vision`.
+        """
+        if frames < 1:
+            raise ValueError(f"frames must be >= 1, got {frames}")
+        if not self.config.vision_vocab_size:
+            raise ValueError("this checkpoint has no vision head (vision_vocab_size 0): it cannot generate images")
+        if cfg_scale != 1.0 and unconditional is None:
+            raise ValueError("classifier-free guidance needs the unconditional prompt")
+        masks = list(vision_masks) if vision_masks is not None else [np.zeros(len(p), bool) for p in prompts]
+        rows, row_masks, guidance = list(prompts), masks, None
+        if cfg_scale != 1.0:
+            uncond_mask = np.zeros(len(unconditional), bool) if unconditional_mask is None else unconditional_mask
+            rows = rows + [unconditional] * len(prompts)
+            row_masks = masks + [uncond_mask] * len(prompts)
+            guidance = float(cfg_scale)
         settings = dataclasses.replace(settings, max_new_tokens=frames * FRAME_TOKENS, eos_id=None)
-        tokens, _ = self._run(prompts, settings, frames=frames)
-        return tokens
+        tokens, _ = self._run(rows, settings, frames=frames, vision_masks=row_masks, guidance=guidance)
+        return tokens[:len(prompts)]
+
+    def continue_video(self, prompt: Sequence[int], first_Fx16x16: np.ndarray, frames: int,
+                       settings: SampleSettings = SampleSettings(), *, cfg_scale: float = 1.0,
+                       unconditional: Sequence[int] | None = None) -> np.ndarray:
+        """Codes ``[frames, 16, 16]`` of a video that starts with the given frame(s) (LWM's video generation:
+        the first frame drawn as an image, then the rest conditioned on it). ``prompt`` ends with ``<vision>``;
+        the given frames follow it, each closed by ``<eof>``, in the prompt and (for guidance) in the
+        unconditional prompt alike."""
+        first = np.asarray(first_Fx16x16, np.int64).reshape(-1, vocab.TOKENS_PER_FRAME)
+        if not 1 <= len(first) < frames:
+            raise ValueError(f"continuing needs 1 to frames - 1 given frames; got {len(first)} of {frames}")
+        given = np.concatenate([first, np.full((len(first), 1), vocab.EOF_ID)], axis=1).reshape(-1)
+
+        def with_frames(ids):
+            ids = np.asarray(ids, np.int64)
+            return np.concatenate([ids, given]), np.concatenate([np.zeros(len(ids), bool), np.ones(len(given), bool)])
+
+        tokens, mask = with_frames(prompt)
+        uncond, uncond_mask = with_frames(unconditional) if unconditional is not None else (None, None)
+        (ids,) = self.generate_guided([tokens], frames - len(first), settings, cfg_scale=cfg_scale,
+                                      unconditional=uncond, vision_masks=[mask], unconditional_mask=uncond_mask)
+        return np.concatenate([first.reshape(-1, 16, 16).astype(np.int32), frame_codes(ids)])
 
     def teacher_forced_logits(self, tokens: np.ndarray, prefill_len: int,
                               vision_mask: np.ndarray | None = None) -> np.ndarray:
@@ -366,28 +432,110 @@ class Sampler:
             raise ValueError(f"{batch} x {total} tokens need about {need / 2**30:.2f} GiB per device at sp={self.sp}, "
                              f"but {free / 2**30:.2f} GiB are free; use a larger sp or shorter lengths")
 
+    # -- conversations: one row's cache kept between turns (module docstring, "Conversations")
+
+    def prefill(self, tokens: Sequence[int], vision_mask: Sequence[bool] | None = None, *,
+                reserve: int = 256) -> "Context":
+        """A conversation's first prompt prefilled with ring attention over ``sp``, its cache kept with
+        decode room for ``reserve`` more tokens (it grows when a conversation needs more). Checked
+        against the context and the device memory first, like :meth:`generate`."""
+        tokens = np.asarray(tokens, np.int64)
+        mask = np.zeros(tokens.shape, bool) if vision_mask is None else np.asarray(vision_mask, bool)
+        self._check_ids(tokens, mask)
+        self.check_fits(1, len(tokens), reserve)
+        state = self._prefill(tokens[None], mask[None], np.array([len(tokens)]), reserve)
+        return Context(state, len(tokens), (), state.text_logits[0], [False])
+
+    def extend(self, context: "Context", tokens: Sequence[int], vision_mask: Sequence[bool] | None = None) -> "Context":
+        """``context`` with its pending tokens (the last answer's last token or EOS) and then ``tokens``
+        fed through the cache, one at a time: nothing before them is computed again. ``text_logits``
+        of the result: one row per token fed."""
+        tokens = np.asarray(tokens, np.int64)
+        mask = np.zeros(tokens.shape, bool) if vision_mask is None else np.asarray(vision_mask, bool)
+        context.take()
+        feed = np.concatenate([np.asarray(context.pending, np.int64), tokens])
+        feed_mask = np.concatenate([np.zeros(len(context.pending), bool), mask])
+        if not feed.size:
+            return dataclasses.replace(context, used=[False])
+        self._check_ids(feed, feed_mask)
+        self._check_room(context.length + len(feed))
+        state = self._grown(context.state, len(feed))
+        logits = []
+        for token, is_vision in zip(feed, feed_mask):
+            state = self._decode(state, np.array([token]), np.array([is_vision]))
+            logits.append(state.text_logits[0, -1])
+        return Context(state, context.length + len(feed), (), np.stack(logits), [False])
+
+    def sample(self, context: "Context", settings: SampleSettings = SampleSettings(),
+               on_token: Callable[[int], None] | None = None) -> "Answer":
+        """A text answer continuing ``context`` (fed its pending tokens first). The answer's tokens are
+        fed through the cache as they are drawn, except the last one drawn (EOS, or the last token of an
+        answer cut at ``max_new_tokens``): that one is the returned context's ``pending``, fed by the
+        next :meth:`extend`."""
+        context = self.extend(context, [])  # its pending tokens fed (and ``context`` taken)
+        new = settings.max_new_tokens
+        self._check_room(context.length + new)
+        state, rng, out = self._grown(context.state, new - 1), np.random.default_rng(settings.seed), []
+        for step in range(new):
+            token = int(choose(state.text_logits[:, -1], settings, rng)[0])
+            if settings.eos_id is not None and token == settings.eos_id:
+                return Answer(out, True, Context(state, context.length + step, (token,), state.text_logits[0], [False]))
+            out.append(token)
+            if on_token is not None:
+                on_token(token)
+            if step == new - 1:
+                break
+            state = self._decode(state, np.array([token]), np.array([False]))
+        return Answer(out, False, Context(state, context.length + new - 1, (out[-1],), state.text_logits[0], [False]))
+
+    def fork(self, context: "Context") -> "Context":
+        """An independent copy of ``context`` (its cache copied on the devices), e.g. to try two next turns."""
+        if context.used[0]:
+            raise ValueError("this context was already extended or sampled from; use the one that returned")
+        cache = jax.tree.map(jnp.copy, context.state.cache)
+        return dataclasses.replace(context, state=dataclasses.replace(context.state, cache=cache), used=[False])
+
+    def _check_room(self, total: int) -> None:
+        if total > self.config.max_position_embeddings:
+            raise ValueError(f"the conversation would reach {total} tokens, beyond the checkpoint's "
+                             f"max_position_embeddings {self.config.max_position_embeddings}")
+
+    def _grown(self, state: "_State", more: int) -> "_State":
+        """``state`` with decode slots for ``more`` further steps: every device's slots padded at their end."""
+        slots = state.cache["k"].shape[2] // self.sp - state.prompt_slots
+        need = -(-(state.steps + max(more, 0)) // self.sp)
+        if need <= slots:
+            return state
+        extra = -(-max(need, 2 * slots) // 16) * 16 - slots
+        with activate(self.mesh):
+            cache = _grow_program(self.mesh, extra)(state.cache)
+        return dataclasses.replace(state, cache=cache)
+
     # -- internals
 
-    def _run(self, prompts, settings: SampleSettings, frames: int, on_token=None):
+    def _run(self, prompts, settings: SampleSettings, frames: int, on_token=None, vision_masks=None,
+             guidance: float | None = None):
         prompts = [np.asarray(p, np.int64) for p in prompts]
         if not prompts or any(p.ndim != 1 or p.size == 0 for p in prompts):
             raise ValueError("prompts must be a non-empty list of non-empty token id lists")
-        for p in prompts:
-            if p.min() < 0 or p.max() >= self.config.vocab_size:
-                raise ValueError(f"prompt token ids must lie in [0, {self.config.vocab_size})")
+        masks = [np.zeros(len(p), bool) if vision_masks is None else np.asarray(m, bool)
+                 for p, m in zip(prompts, vision_masks or prompts)]
+        for p, m in zip(prompts, masks):
+            self._check_ids(p, m)
         lengths = np.array([len(p) for p in prompts])
         new = settings.max_new_tokens
         self.check_fits(len(prompts), int(lengths.max()), new)
         padded = np.zeros((len(prompts), lengths.max()), np.int64)
-        for row, p in enumerate(prompts):
-            padded[row, :len(p)] = p
-        state = self._prefill(padded, np.zeros(padded.shape, bool), lengths, new - 1)
+        padded_mask = np.zeros(padded.shape, bool)
+        for row, (p, m) in enumerate(zip(prompts, masks)):
+            padded[row, :len(p)], padded_mask[row, :len(p)] = p, m
+        state = self._prefill(padded, padded_mask, lengths, new - 1)
         rng = np.random.default_rng(settings.seed)
         out: list[list[int]] = [[] for _ in prompts]
         done = np.zeros(len(prompts), bool)
         vision = np.full(len(prompts), frames > 0)
         for step in range(new):
-            token = self._next(state, step, frames, settings, rng)
+            token = self._next(state, step, frames, settings, rng, guidance)
             for row in np.flatnonzero(~done):
                 if not frames and settings.eos_id is not None and token[row] == settings.eos_id:
                     done[row] = True
@@ -400,14 +548,31 @@ class Sampler:
             state = self._decode(state, token, vision)
         return out, state
 
-    def _next(self, state, step: int, frames: int, settings: SampleSettings, rng) -> np.ndarray:
-        """The tokens of decode step ``step``: text, or vision codes with forced frame markers."""
+    def _next(self, state, step: int, frames: int, settings: SampleSettings, rng, guidance=None) -> np.ndarray:
+        """The tokens of decode step ``step``: text, or vision codes with forced frame markers; with
+        ``guidance`` (a CFG scale) the second half of the rows are the first half's unconditional
+        prompts, and both halves get the code drawn from the guided logits."""
         if not frames:
             return choose(state.text_logits[:, -1], settings, rng)
         if step % FRAME_TOKENS == FRAME_TOKENS - 1:
             marker = vocab.EOV_ID if step == frames * FRAME_TOKENS - 1 else vocab.EOF_ID
             return np.full(state.vision_logits.shape[0], marker)
-        return choose(state.vision_logits[:, -1, :vocab.VISION_CODEBOOK_SIZE], settings, rng)
+        logits = state.vision_logits[:, -1, :vocab.VISION_CODEBOOK_SIZE].astype(np.float64)
+        if guidance is None:
+            return choose(logits, settings, rng)
+        cond, uncond = np.split(logits, 2)
+        token = choose(uncond + guidance * (cond - uncond), settings, rng)
+        return np.concatenate([token, token])
+
+    def _check_ids(self, tokens: np.ndarray, vision_mask: np.ndarray) -> None:
+        if tokens.ndim != 1 or tokens.size == 0 or vision_mask.shape != tokens.shape:
+            raise ValueError("a prompt is a non-empty list of token ids with a vision mask of the same length")
+        text, vision = tokens[~vision_mask], tokens[vision_mask]
+        if text.size and (text.min() < 0 or text.max() >= self.config.vocab_size):
+            raise ValueError(f"prompt token ids must lie in [0, {self.config.vocab_size})")
+        if vision.size and (vision.min() < 0 or vision.max() >= self.config.vision_vocab_size):
+            raise ValueError(f"vision ids must lie in [0, {self.config.vision_vocab_size}) (this checkpoint's "
+                             f"vision vocabulary)")
 
     def _prefill(self, tokens_BxS, vision_BxS, lengths_B, decode_steps: int, all_positions: bool = False):
         batch, seq = tokens_BxS.shape
@@ -488,6 +653,61 @@ def _decode_program(config: ModelConfig, mesh, prompt_slots: int) -> Callable:
         return (*_heads(model, params, hidden), cache)
 
     return jax.jit(decode, donate_argnums=1)
+
+
+@functools.lru_cache(maxsize=8)
+def _grow_program(mesh, extra: int) -> Callable:
+    """``grow(cache) -> cache`` with ``extra`` empty slots (segment 0: invisible) after each device's own."""
+
+    def per_shard(cache):
+        def pad(x):
+            return jnp.pad(x, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 3)) if x.ndim >= 3 else x
+        return jax.tree.map(pad, cache)
+
+    specs = {k: PartitionSpec(None, *spec) for k, spec in _cache_specs().items()}
+    return jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=(specs,), out_specs=specs))
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """One conversation's key/value cache on the sampler's devices, between turns (:meth:`Sampler.prefill`).
+
+    ``length``: tokens fed so far (the next one gets this position); ``pending``: tokens chosen
+    but not yet fed (the last answer's EOS or last token); ``text_logits``: ``[n, V]`` float32
+    text-head logits after each token of the last prefill (its last token only) or extend.
+
+    A context is used once: ``extend`` and ``sample`` update its cache in place (the decode step
+    donates the buffers, so a long cache is never copied) and return the next context; passing
+    the old one again is a ValueError. :meth:`Sampler.fork` copies one to branch a conversation.
+    """
+
+    state: Any
+    length: int
+    pending: tuple[int, ...]
+    text_logits: np.ndarray
+    used: list = dataclasses.field(default_factory=lambda: [False], repr=False, compare=False)
+
+    def take(self) -> None:
+        """Mark this context consumed; ValueError if it already was."""
+        if self.used[0]:
+            raise ValueError("this context was already extended or sampled from; use the one that returned "
+                             "(or Sampler.fork a context to branch)")
+        self.used[0] = True
+
+    @property
+    def total(self) -> int:
+        """Tokens of the conversation, pending ones included."""
+        return self.length + len(self.pending)
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """What :meth:`Sampler.sample` drew: the answer's ids (EOS left out), whether it ended with EOS
+    (False: cut at ``max_new_tokens``), and the conversation's context after it."""
+
+    tokens: list[int]
+    ended: bool
+    context: Context
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,8 +4,10 @@
 
 - before any work: ``run_dir`` must be writable (``trainer.run_dir``); a resume
   must be able to honour the config (changes are reported, a changed model shape
-  or data order refused); a finished run has nothing to do; the datasets must fit
-  the model's vocabularies (``check_vocabulary``) and hold records;
+  or data order refused); the datasets must fit the model's vocabularies
+  (``check_vocabulary``) and hold records; a finished run (its final checkpoint
+  restores) has nothing to do, and one whose final checkpoint is damaged resumes
+  from the newest that restores, like any other;
 - the mesh comes from ``config.mesh`` (axes dp, fsdp, sp, tp); attention is ring
   attention over ``sp`` and the loader (``trainer.training.loader``) puts batches on the mesh
   already in the ring layout;
@@ -329,13 +331,8 @@ def train(config: TrainConfig) -> TrainResult:
     log = MetricsLog(config.run_dir, jax.process_index() == 0, config.log.tensorboard)
     options = dict(max_to_keep=config.checkpoint.keep, enable_async_checkpointing=config.checkpoint.async_save)
     with checkpoint.train_manager(storage.join(config.run_dir, "checkpoints"), **options) as mngr:
-        latest = mngr.latest_step()
-        if latest is not None:
+        if mngr.latest_step() is not None:
             run_dir.check_resume(config, log.message)
-            if latest >= config.steps:
-                log.message(f"{config.run_dir} is complete: checkpoint {latest} of {config.steps} steps, nothing to "
-                            f"do (to train further raise steps, e.g. --set steps={2 * config.steps})")
-                return TrainResult(latest, False, {})
         accum = config.optimizer.grad_accum_steps
         mesh = _mesh(config)
         validate(config.model, mesh, config.data.batch_size // accum, config.data.seq_len)
@@ -349,6 +346,10 @@ def train(config: TrainConfig) -> TrainResult:
                                   in_shardings=(state_sh, batch_sharding(mesh)), out_shardings=(state_sh, None),
                                   donate_argnums=0)
                 state, step, origin = _initial_state(config, mngr, loader, tx, state_sh, log)
+                if step >= config.steps:  # finished: its final checkpoint restored (a damaged one was set aside)
+                    log.message(f"{config.run_dir} is complete: checkpoint {step} of {config.steps} steps, nothing to "
+                                f"do (to train further raise steps, e.g. --set steps={2 * config.steps})")
+                    return TrainResult(step, False, {})
                 if jax.process_index() == 0:
                     write_resolved(config)
                 log.message(startup_summary(config, mesh, loader.manifests, origin))

@@ -1,4 +1,4 @@
-"""Generated image-text and video-text samples for the demo and tests (deterministic, no downloads).
+"""Generated image-text and video-text samples: the demo's media, the video needle's haystack (no downloads).
 
 Each example is a coloured shape on a plain background, captioned with what it shows:
 "a red circle on a white background"; in videos the shape moves and the caption says
@@ -6,6 +6,9 @@ which way ("a blue square moving to the right on a black background"). Images ar
 drawn with Pillow (PNG and JPEG, not square, so the resize and centre crop matter);
 videos are Pillow frames piped to ffmpeg (MPEG-4 part 2 in MP4, a codec every ffmpeg
 build has). The same seed gives the same files.
+
+Needles (:func:`needle_picture`) are of another kind: a star, cross, diamond or ring
+(never a haystack shape) filling a striped frame, so one stands out among moving shapes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from PIL import Image, ImageDraw
 from pipelines.tokens.media import ffmpeg_tools
 
 SHAPES = ("circle", "square", "triangle")
+NEEDLE_SHAPES = ("star", "cross", "diamond", "ring")  # the video needle's: never in a haystack
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
            "purple": (140, 60, 180), "orange": (240, 140, 30)}
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128)}
@@ -44,9 +48,39 @@ def draw(size: tuple[int, int], shape: str, colour: str, background: str, centre
         pen.rectangle(box, fill=COLOURS[colour])
     elif shape == "triangle":
         pen.polygon([(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=COLOURS[colour])
+    elif shape == "star":
+        angles = np.pi / 2 + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2, 0.4 * radius, radius)
+        pen.polygon([(x + r * np.cos(a), y - r * np.sin(a)) for a, r in zip(angles, radii)], fill=COLOURS[colour])
+    elif shape == "cross":
+        arm = radius / 3
+        pen.rectangle((x - radius, y - arm, x + radius, y + arm), fill=COLOURS[colour])
+        pen.rectangle((x - arm, y - radius, x + arm, y + radius), fill=COLOURS[colour])
+    elif shape == "diamond":
+        pen.polygon([(x, y - radius), (x + radius, y), (x, y + radius), (x - radius, y)], fill=COLOURS[colour])
+    elif shape == "ring":
+        pen.ellipse(box, outline=COLOURS[colour], width=max(2, int(radius / 3)))
     else:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES + NEEDLE_SHAPES}")
     return image
+
+
+def needle_picture(shape: str, colour: str, size: int = 256) -> np.ndarray:
+    """A video needle: a large ``shape`` (one of :data:`NEEDLE_SHAPES`) of ``colour`` on grey and white
+    stripes, uint8 RGB ``[size, size, 3]``."""
+    if shape not in NEEDLE_SHAPES:
+        raise ValueError(f"a needle is one of {NEEDLE_SHAPES}, got {shape!r}")
+    picture = draw((size, size), shape, colour, "white", (size / 2, size / 2), 0.4 * size)
+    pixels = np.asarray(picture).copy()
+    stripes = (np.arange(size) // 16) % 2 == 1
+    background = (pixels == BACKGROUNDS["white"]).all(axis=-1)
+    pixels[background & stripes[:, None]] = BACKGROUNDS["grey"]
+    return pixels
+
+
+def needle_name(shape: str, colour: str) -> str:
+    """How an option names a needle: "a red star"."""
+    return f"{_with_article(colour)} {shape}"
 
 
 def _with_article(phrase: str) -> str:
