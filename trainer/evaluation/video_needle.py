@@ -278,7 +278,10 @@ TASK = Task(
     "cross, diamond or ring on stripes) at frame round(d*(N-1)) for each depth d, ask in LWM's vision chat layout "
     "which different thing one frame shows with lettered options, and score the greedy answer (correct iff its "
     "first option letter is the right one). Writes OUT/results.jsonl, OUT/table.txt and OUT/heatmap.png "
-    "(frames × depth). Deterministic for a --seed. Frame counts beyond the checkpoint's context are refused.\n\n"
-    "examples:\n"
-    "  lwm eval video-needle --ckpt runs/stages/chat-1024 --tokenizer tokenizer.model --vqgan vqgan_small_random "
-    "--frames 2,3 --depths 0,0.5,1 --out evals/video_needle")
+    "(frames × depth). Deterministic for a --seed. Frame counts beyond the checkpoint's context are refused.",
+    examples=(
+        "lwm eval video-needle --ckpt runs/stages/chat-1024 --tokenizer tokenizer.model --vqgan vqgan_small_random "
+        "--frames 2,3 --depths 0,0.5,1 --out evals/video_needle",
+        "lwm eval video-needle --ckpt lwm-chat-1m/ --tokenizer lwm-chat-1m/tokenizer.model --vqgan lwm-chat-1m/vqgan "
+        "--haystack-videos 'videos/*.mp4' --frames 64,256,1024 --sp 8 --out vniah/ --json",
+    ))
