@@ -51,6 +51,23 @@ def test_prefill_then_cached_decoding_equals_the_dense_model(ckpt, sp, vision_sp
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("sp,max_chunk", [(1, sample.MAX_CHUNK), (4, 16)], ids=["sp1", "sp4-chunks-of-16"])
+def test_a_chunked_extend_equals_prefilling_all_the_tokens(ckpt, sp, max_chunk, monkeypatch):
+    monkeypatch.setattr(sample, "MAX_CHUNK", max_chunk)  # 16: the 27 fed tokens take two passes
+    tokens, mask = (x[0] for x in _tokens(vision_span=True))
+    sampler = sample.Sampler(ckpt, sp=sp)
+    context = sampler.extend(sampler.prefill(tokens[:21], mask[:21], reserve=8), tokens[21:], mask[21:])
+    want = sampler.teacher_forced_logits(tokens[None], len(tokens), mask[None])[0]  # one prefill of all 48
+    assert context.length == len(tokens) and context.text_logits.shape == (27, CONFIG.vocab_size)
+    np.testing.assert_allclose(context.text_logits, want[21:], atol=1e-4, rtol=0)
+
+
+def test_chunks_are_padded_to_a_few_lengths():
+    assert [sample.chunk_length(n, CONFIG) for n in (1, 2, 4, 5, 16, 17, 65, 256)] == [1, 4, 4, 16, 16, 64, 256, 256]
+    with pytest.raises(ValueError):
+        sample.chunk_length(sample.MAX_CHUNK + 1, CONFIG)
+
+
 def test_a_batch_of_unequal_prompts_gives_the_same_tokens_as_one_by_one(ckpt):
     sampler = sample.Sampler(ckpt, sp=2)
     rng = np.random.default_rng(2)

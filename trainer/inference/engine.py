@@ -9,18 +9,17 @@ segment ids and positions). Its loop, until closed:
 
 1. **Admit.** While a row is free and a request waits, the request takes the row:
    - when the prefix cache holds a finished conversation that shares the request's
-     first tokens (and feeding the rest, a token a step, is expected to take less time
-     than prefilling the whole prompt, by the fastest times seen), that row is copied in, the entries past
-     the shared prefix hidden and its ring rotated so that its newest entry sits
-     just before the ring's next step; the rest of the prompt is *fed*: one token a
-     step, with the batch, through the decode program;
+     first tokens (at least as many as are left to feed), that row is copied in, the
+     entries past the shared prefix hidden and its ring rotated so that the rest of
+     the prompt fits just before the ring's next step; the rest goes through the
+     cached prefix in one forward pass (the sampler's extend program, chunks of up to
+     ``sampler.MAX_CHUNK`` tokens) and the first token is chosen at once;
    - otherwise the prompt is prefilled alone (the sampler's prefill program, ring
      attention over ``sp``; the same program ``Sampler.generate`` runs for one
      prompt) and its cache copied into the row; the first token is chosen at once.
-2. **Step.** One decode step of the whole batch: each busy row feeds its next token
-   (a prompt token still to feed, or the token it chose last) and, once nothing is
-   left to feed, chooses its next token from the step's logits (``sampler.choose``,
-   with the request's own settings and random generator). A row ends at EOS, after
+2. **Step.** One decode step of the whole batch: each busy row feeds the token it chose
+   last and chooses its next one from the step's logits (``sampler.choose``, with the
+   request's own settings and random generator). A row ends at EOS, after
    ``max_new_tokens``, or when its stream says stop (a stop sequence; a client that
    left). A finished row is stored in the prefix cache and freed for the next request.
 
@@ -44,7 +43,6 @@ import dataclasses
 import functools
 import logging
 import threading
-import time
 from typing import Protocol
 
 import jax
@@ -58,7 +56,6 @@ from trainer.sharding import activate
 
 log = logging.getLogger(__name__)
 ROW_KEYS = ("k", "v", "segment_ids", "positions")
-MAX_FED_SUFFIX = 256  # a prefix hit feeds at most this many tokens one a step; a longer rest is prefilled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,13 +141,12 @@ class Engine:
         self._sharding_items = tuple(self._sharding.items())  # hashable: a static argument of _place
         slots = sp * (self.prompt_slots + self.ring_slots)
         self._cache = _empty_cache(model, config.max_batch, slots, self._sharding)
-        self._decode = sampling._decode_program(model, sampler.mesh, self.prompt_slots)
+        self._feed = sampling._feed_program(model, sampler.mesh, self.prompt_slots)
         self._rows: list[_Row | None] = [None] * config.max_batch
         self._waiting: collections.deque[Job] = collections.deque()
         self._step = 0  # the ring's next step (the cache's "index")
         self.prefix: PrefixCache[_Stored] = PrefixCache(config.prefix_entries)
         self.reused_tokens = 0  # prompt tokens taken from the prefix cache instead of computed
-        self._step_s = self._prefill_token_s = 0.0  # fastest seen: a decode step, a prefilled token
         self._cond = threading.Condition()
         self._closed = False
         self._admitting = 0
@@ -262,31 +258,41 @@ class Engine:
                     np.random.default_rng(job.settings.seed))
 
     def _restore(self, b: int, job: Job) -> bool:
-        """Takes the longest cached prefix of ``job``'s prompt when the rest is short; False if none fits."""
+        """Takes the longest cached prefix of ``job``'s prompt and feeds the rest through it; False if none
+        is at least as long as the rest."""
         found = self.prefix.longest(job.tokens, job.vision_mask)
         if found is None:
             return False
         entry, shared = found
         keep = min(shared, len(job.tokens) - 1)  # at least one token left to feed: its logits choose
         rest = len(job.tokens) - keep
-        if rest > MAX_FED_SUFFIX or keep < rest or rest * self._step_s > len(job.tokens) * self._prefill_token_s:
-            return False  # feeding the rest a token a step would take longer than prefilling it all
+        if keep < rest:  # a short shared prefix (a BOS, a system prompt) saves little: prefill it all
+            return False
         stored = entry.value
         prompt_tokens = min(stored.prompt_tokens, keep)
         ring_total = len(entry.tokens) - stored.prompt_tokens
         visible = keep - prompt_tokens
-        shift = (self._step - stored.step + ring_total - visible) % (self.sampler.sp * self.ring_slots)
+        ring = self.sampler.sp * self.ring_slots
+        start = self._step - rest  # the rest takes ring steps start .. self._step - 1, the kept entries sit before
+        shift = (start - stored.step + ring_total - visible) % ring
         self._cache = _place(self._cache, stored.row, jnp.int32(b), jnp.int32(shift), jnp.int32(keep),
                              sp=self.sampler.sp, prompt_slots=self.prompt_slots, sharding=self._sharding_items)
-        self._rows[b] = self._new_row(job, keep, prompt_tokens)
+        layers = self.sampler.config.num_layers
+        row = {**_take_row(self._cache, jnp.int32(b)), "index": jnp.full((layers,), start % ring, jnp.int32)}
+        state = sampling._State(row, np.array([keep]), 0, self.prompt_slots, None, None)
+        for at in range(keep, len(job.tokens), sampling.MAX_CHUNK):
+            end = min(at + sampling.MAX_CHUNK, len(job.tokens))
+            state = self.sampler._feed(state, job.tokens[None, at:end], job.vision_mask[None, at:end])
+        self._cache = _place(self._cache, state.cache, jnp.int32(b), jnp.int32(0), jnp.int32(len(job.tokens)),
+                             sp=self.sampler.sp, prompt_slots=self.prompt_slots, sharding=self._sharding_items)
+        self._rows[b] = self._new_row(job, len(job.tokens), prompt_tokens)
         self.reused_tokens += keep
+        self._choose(b, state.text_logits[0, -1])
         return True
 
     def _prefill(self, b: int, job: Job) -> None:
         n = len(job.tokens)
-        start = time.perf_counter()
         state = self.sampler._prefill(job.tokens[None], job.vision_mask[None], np.array([n]), 1)
-        self._prefill_token_s = _fastest(self._prefill_token_s, (time.perf_counter() - start) / n)
         row = _widen(state.cache, sp=self.sampler.sp, small_slots=state.prompt_slots,
                      slots=self.prompt_slots + self.ring_slots)
         self._cache = _place(self._cache, row, jnp.int32(b), jnp.int32(0), jnp.int32(n), sp=self.sampler.sp,
@@ -306,13 +312,11 @@ class Engine:
                 row.fed_mask.append(bool(vision_B[b]))
                 stepped.append(b)
         replicated = NamedSharding(self.sampler.mesh, PartitionSpec())
-        args = [jax.device_put(x, replicated) for x in (token_B, vision_B, position_B)]
-        start = time.perf_counter()
+        args = [jax.device_put(x[:, None], replicated) for x in (token_B, vision_B, np.ones(batch, np.int32), position_B)]
         with activate(self.sampler.mesh):
-            text, _, self._cache = self._decode(self.sampler.params, self._cache, *args)
+            text, _, self._cache = self._feed(self.sampler.params, self._cache, *args)
         self._step += 1
         logits_BxV = np.asarray(text)[:, -1]
-        self._step_s = _fastest(self._step_s, time.perf_counter() - start)
         for b in stepped:
             if self._rows[b] is not None and not self._rows[b].feed:
                 self._choose(b, logits_BxV[b])
@@ -343,11 +347,6 @@ class Engine:
             if row is not None and row.job.cancelled:
                 self._rows[b] = None
                 row.job.stream.finish("cancelled")
-
-
-def _fastest(old: float, new: float) -> float:
-    """The fastest time seen (the first ones include compilation)."""
-    return new if not old else min(old, new)
 
 
 # ----------------------------------------------------------------------------- cache rows (jitted)

@@ -25,6 +25,12 @@ How it works, on a mesh of ``sp`` devices (the ring, as in training):
    Masks come from the cached segment ids and positions, so slot order does not matter,
    unfilled slots (segment 0) are invisible and rows of different lengths need no
    left-padding: row b's generated tokens get positions len_b, len_b + 1, ...
+3. **Extend.** A chunk of N new tokens per row (a conversation's later turn, the rest of a
+   prompt whose prefix is cached) goes through the cache in one forward pass: the program
+   of step 2 with N queries instead of one. The chunk's keys/values take the next N decode
+   steps' slots, and each query attends to the whole cache, which now holds the prefix and
+   the chunk (the position mask makes the chunk causal). Chunks are padded to a few bucket
+   lengths (:func:`chunk_length`), so the program compiles a bounded number of times.
 
 Sampling (host side, numpy, seeded): greedy (``temperature=0``), or temperature with
 optional top-k and top-p (nucleus) filtering. A row stops at EOS (not returned) or
@@ -43,17 +49,18 @@ then fed the drawn code. ``cfg_scale == 1`` runs no unconditional rows at all.
 
 Conversations (``prefill`` → ``sample`` → ``extend`` → ``sample`` …): a :class:`Context` is
 one conversation's cache kept between turns, so a later turn feeds only its own tokens
-(the previous answer's last token, EOS, the new question) through the cache, one at a
-time as in step 2, instead of prefilling the whole conversation again. When the decode
+(the previous answer's last token, EOS, the new question) through the cache, in one chunk
+as in step 3, instead of prefilling the whole conversation again. When the decode
 slots run out the cache grows on every device (each device's slots are padded at their
 end, so slot addresses stay valid); the prompt slots stay sharded where the ring left them.
 
 Correctness: ``teacher_forced_logits`` runs this exact path (prefill, then one token at a
-time through the cache) and equals ``trainer.inference.predictor.logits`` (tests, fp32, sp 1 and 4).
+time through the cache) and equals ``trainer.inference.predictor.logits`` (tests, fp32, sp 1 and 4);
+so do a chunked extend's logits.
 
 Shape legend: B batch, P padded prompt length, T cache slots, S sequence, D d_model,
 H query heads, K key/value heads, G = H / K, E head dim, V text vocab, W vision vocab,
-L layers.
+L layers, N new tokens of a chunk.
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ from trainer.ring_attention import ring_attention
 from trainer.sharding import MeshConfig, activate, logical_to_spec, make_mesh, validate
 
 FRAME_TOKENS = vocab.TOKENS_PER_FRAME + 1  # 256 codes, then <eof> or <eov>
+MAX_CHUNK = 256  # new tokens fed through the cache in one pass; longer feeds take several
 _LAYOUT = "zigzag"
 
 
@@ -205,26 +213,38 @@ def _prefill_attention(mesh, config: ModelConfig):
                          out_specs=(heads, _cache_specs()))
 
 
-def _decode_attention(mesh, prompt_slots: int):
-    """Attention of one new token per row against the sequence-sharded cache (module docstring, step 2)."""
+def _cache_attention(mesh, prompt_slots: int):
+    """Attention of a chunk of N new tokens per row against the sequence-sharded cache (module docstring,
+    steps 2 and 3): the chunk's keys/values are written to the cache first, then every query attends to
+    the whole cache, so the chunk sees the cached prefix and (by positions) itself causally. A decode
+    step is the chunk of one token.
 
-    def per_shard(q_Bx1xHxE, k_Bx1xKxE, v_Bx1xKxE, segment_ids_Bx1, positions_Bx1, cache):
-        step = cache["index"]
-        mine = step % jax.lax.axis_size("sp") == jax.lax.axis_index("sp")
+    Chunk token j is ring step ``index + j``: device ``(index + j) mod sp``, ring slot ``(index + j) // sp``.
+    Only the first ``count`` tokens are written, ``count`` being the largest number of real tokens
+    (segment id > 0) in a row: a chunk padded to its bucket keeps its padding out of the cache.
+    """
+
+    def per_shard(q_BxNxHxE, k_BxNxKxE, v_BxNxKxE, segment_ids_BxN, positions_BxN, cache):
+        step, sp = cache["index"], jax.lax.axis_size("sp")
+        chunk = q_BxNxHxE.shape[1]
+        count = jax.lax.pmax(jnp.max(jnp.sum(segment_ids_BxN > 0, axis=1)), batch_axes)  # one step for all rows
+        steps_N = step + jnp.arange(chunk)
+        mine_N = (steps_N % sp == jax.lax.axis_index("sp")) & (jnp.arange(chunk) < count)
         # The decode slots are a ring: a batch that outlives them (the server's) reuses the oldest.
-        slot = prompt_slots + (step // jax.lax.axis_size("sp")) % (cache["k"].shape[1] - prompt_slots)
+        slots = cache["k"].shape[1]
+        slot_N = jnp.where(mine_N, prompt_slots + (steps_N // sp) % (slots - prompt_slots), slots)
 
-        def put(buffer, new):
-            old = jax.lax.dynamic_slice_in_dim(buffer, slot, 1, axis=1)
-            return jax.lax.dynamic_update_slice_in_dim(buffer, jnp.where(mine, new.astype(buffer.dtype), old),
-                                                       slot, axis=1)
+        def put(buffer, new):  # slot ``slots`` is out of range: those tokens are dropped
+            return buffer.at[:, slot_N].set(new.astype(buffer.dtype), mode="drop")
 
-        cache = {"k": put(cache["k"], k_Bx1xKxE), "v": put(cache["v"], v_Bx1xKxE),
-                 "segment_ids": put(cache["segment_ids"], segment_ids_Bx1),
-                 "positions": put(cache["positions"], positions_Bx1), "index": step + 1}
-        return _merged_attention(q_Bx1xHxE, segment_ids_Bx1, positions_Bx1, cache), cache
+        cache = {"k": put(cache["k"], k_BxNxKxE), "v": put(cache["v"], v_BxNxKxE),
+                 "segment_ids": put(cache["segment_ids"], segment_ids_BxN),
+                 "positions": put(cache["positions"], positions_BxN), "index": step + count}
+        return _merged_attention(q_BxNxHxE, segment_ids_BxN, positions_BxN, cache), cache
 
-    # The new token is replicated over sp (every device attends it to its own slots).
+    # The new tokens are replicated over sp (every device attends them to its own slots).
+    batch_axes = logical_to_spec(("batch",))[0]
+    batch_axes = () if batch_axes is None else (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
     heads = logical_to_spec(("batch", None, "act_heads", "head_dim"))
     kv = logical_to_spec(("batch", None, "act_kv_heads", "head_dim"))
     tokens = logical_to_spec(("batch", None))
@@ -232,23 +252,35 @@ def _decode_attention(mesh, prompt_slots: int):
                          out_specs=(heads, _cache_specs()))
 
 
-def _merged_attention(q_Bx1xHxE, segment_ids_Bx1, positions_Bx1, cache):
-    """Exact attention over all devices' cache slots: local partial softmax, merged by pmax/psum over sp."""
+def _merged_attention(q_BxNxHxE, segment_ids_BxN, positions_BxN, cache):
+    """Exact attention over all devices' cache slots: local partial softmax (fp32), merged by pmax/psum over sp."""
     k_BxTxKxE, v_BxTxKxE = cache["k"], cache["v"]
-    b, _, h, e = q_Bx1xHxE.shape
+    b, n, h, e = q_BxNxHxE.shape
     kh = k_BxTxKxE.shape[2]
-    q_BxKxGxE = q_Bx1xHxE.reshape(b, kh, h // kh, e).astype(jnp.float32) * e**-0.5
-    s_BxKxGxT = jnp.einsum("bkge,btke->bkgt", q_BxKxGxE, k_BxTxKxE.astype(jnp.float32))
-    visible_BxT = ((cache["segment_ids"] == segment_ids_Bx1) & (segment_ids_Bx1 > 0)
-                   & (cache["positions"] <= positions_Bx1))
-    s_BxKxGxT = jnp.where(visible_BxT[:, None, None, :], s_BxKxGxT, -jnp.inf)
-    m_BxKxG = jax.lax.pmax(jnp.max(s_BxKxGxT, axis=-1), "sp")
-    m_BxKxG = jnp.where(jnp.isneginf(m_BxKxG), 0.0, m_BxKxG)
-    p_BxKxGxT = jnp.exp(s_BxKxGxT - m_BxKxG[..., None])
-    denom_BxKxG = jax.lax.psum(jnp.sum(p_BxKxGxT, axis=-1), "sp")
-    out_BxKxGxE = jax.lax.psum(jnp.einsum("bkgt,btke->bkge", p_BxKxGxT, v_BxTxKxE.astype(jnp.float32)), "sp")
-    out_BxKxGxE = out_BxKxGxE / jnp.where(denom_BxKxG > 0, denom_BxKxG, 1.0)[..., None]
-    return out_BxKxGxE.reshape(b, 1, h, e).astype(q_Bx1xHxE.dtype)
+    q_BxNxKxGxE = q_BxNxHxE.reshape(b, n, kh, h // kh, e).astype(jnp.float32) * e**-0.5
+    s_BxNxKxGxT = jnp.einsum("bnkge,btke->bnkgt", q_BxNxKxGxE, k_BxTxKxE.astype(jnp.float32))
+    visible_BxNxT = ((cache["segment_ids"][:, None, :] == segment_ids_BxN[:, :, None])
+                     & (segment_ids_BxN[:, :, None] > 0)
+                     & (cache["positions"][:, None, :] <= positions_BxN[:, :, None]))
+    s_BxNxKxGxT = jnp.where(visible_BxNxT[:, :, None, None, :], s_BxNxKxGxT, -jnp.inf)
+    m_BxNxKxG = jax.lax.pmax(jnp.max(s_BxNxKxGxT, axis=-1), "sp")
+    m_BxNxKxG = jnp.where(jnp.isneginf(m_BxNxKxG), 0.0, m_BxNxKxG)
+    p_BxNxKxGxT = jnp.exp(s_BxNxKxGxT - m_BxNxKxG[..., None])
+    denom_BxNxKxG = jax.lax.psum(jnp.sum(p_BxNxKxGxT, axis=-1), "sp")
+    out_BxNxKxGxE = jax.lax.psum(jnp.einsum("bnkgt,btke->bnkge", p_BxNxKxGxT, v_BxTxKxE.astype(jnp.float32)), "sp")
+    out_BxNxKxGxE = out_BxNxKxGxE / jnp.where(denom_BxNxKxG > 0, denom_BxNxKxG, 1.0)[..., None]
+    return out_BxNxKxGxE.reshape(b, n, h, e).astype(q_BxNxHxE.dtype)
+
+
+def chunk_length(n: int, config: ModelConfig) -> int:
+    """The bucket a chunk of ``n <= MAX_CHUNK`` new tokens is padded to: 1, 4, 16, 64 or 256 (a multiple of
+    the MLP chunk when longer than it), so the extend program compiles a few times, not once per length."""
+    if not 1 <= n <= MAX_CHUNK:
+        raise ValueError(f"a chunk holds 1 to {MAX_CHUNK} tokens, got {n}")
+    length = 1 << (2 * math.ceil(math.log2(n) / 2))
+    if length > config.mlp_chunk_size:
+        length = -(-length // config.mlp_chunk_size) * config.mlp_chunk_size
+    return length
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -448,8 +480,8 @@ class Sampler:
 
     def extend(self, context: "Context", tokens: Sequence[int], vision_mask: Sequence[bool] | None = None) -> "Context":
         """``context`` with its pending tokens (the last answer's last token or EOS) and then ``tokens``
-        fed through the cache, one at a time: nothing before them is computed again. ``text_logits``
-        of the result: one row per token fed."""
+        fed through the cache in chunks of up to ``MAX_CHUNK`` tokens, one forward pass each: nothing
+        before them is computed again. ``text_logits`` of the result: one row per token fed."""
         tokens = np.asarray(tokens, np.int64)
         mask = np.zeros(tokens.shape, bool) if vision_mask is None else np.asarray(vision_mask, bool)
         context.take()
@@ -461,10 +493,10 @@ class Sampler:
         self._check_room(context.length + len(feed))
         state = self._grown(context.state, len(feed))
         logits = []
-        for token, is_vision in zip(feed, feed_mask):
-            state = self._decode(state, np.array([token]), np.array([is_vision]))
-            logits.append(state.text_logits[0, -1])
-        return Context(state, context.length + len(feed), (), np.stack(logits), [False])
+        for start in range(0, len(feed), MAX_CHUNK):
+            state = self._feed(state, feed[None, start:start + MAX_CHUNK], feed_mask[None, start:start + MAX_CHUNK])
+            logits.append(state.text_logits[0])
+        return Context(state, context.length + len(feed), (), np.concatenate(logits), [False])
 
     def sample(self, context: "Context", settings: SampleSettings = SampleSettings(),
                on_token: Callable[[int], None] | None = None) -> "Answer":
@@ -599,13 +631,23 @@ class Sampler:
                       None if vision is None else np.asarray(vision))
 
     def _decode(self, state: "_State", token_B, vision_B) -> "_State":
-        fn = _decode_program(self.config, self.mesh, state.prompt_slots)
+        return self._feed(state, np.asarray(token_B)[:, None], np.asarray(vision_B)[:, None])
+
+    def _feed(self, state: "_State", tokens_BxN, vision_BxN) -> "_State":
+        """``state`` after a chunk of new tokens (every row the same number, at most ``MAX_CHUNK``) went
+        through the cache in one pass; its logits: one row per token fed."""
+        batch, n = tokens_BxN.shape
+        pad = chunk_length(n, self.config) - n
+        real = np.pad(np.ones((batch, n), np.int32), ((0, 0), (0, pad)))
+        positions = (state.lengths + state.steps)[:, None] + np.arange(n + pad)[None]
+        fn = _feed_program(self.config, self.mesh, state.prompt_slots)
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        args = [jax.device_put(np.asarray(x, dtype), replicated) for x, dtype in (
-            (token_B, np.int32), (vision_B, bool), (state.lengths + state.steps, np.int32))]
+        args = [jax.device_put(x, replicated) for x in (
+            np.pad(np.asarray(tokens_BxN, np.int32), ((0, 0), (0, pad))),
+            np.pad(np.asarray(vision_BxN, bool), ((0, 0), (0, pad))), real, (positions * real).astype(np.int32))]
         text, vision, cache = fn(self.params, state.cache, *args)
-        return _State(cache, state.lengths, state.steps + 1, state.prompt_slots, np.asarray(text),
-                      None if vision is None else np.asarray(vision))
+        return _State(cache, state.lengths, state.steps + n, state.prompt_slots, np.asarray(text)[:, :n],
+                      None if vision is None else np.asarray(vision)[:, :n])
 
 
 def _heads(model: LWM, params, hidden_BxNxD):
@@ -643,16 +685,17 @@ def _prefill_program(config: ModelConfig, mesh, decode_slots: int) -> Callable:
 
 
 @functools.lru_cache(maxsize=16)
-def _decode_program(config: ModelConfig, mesh, prompt_slots: int) -> Callable:
-    """``decode(params, cache, token, vision, position) -> (text logits, vision logits, cache)``, jitted."""
-    model = LWM(config, _decode_attention(mesh, prompt_slots))
+def _feed_program(config: ModelConfig, mesh, prompt_slots: int) -> Callable:
+    """``feed(params, cache, tokens, vision, segment_ids, positions) -> (text logits, vision logits, cache)``,
+    jitted: a chunk ``[B, N]`` of new tokens through the cache in one forward pass (a decode step: N = 1);
+    logits ``[B, N, V]`` of every chunk position. It compiles once per chunk length (:func:`chunk_length`)."""
+    model = LWM(config, _cache_attention(mesh, prompt_slots))
 
-    def decode(params, cache, token_B, vision_B, position_B):
-        hidden, cache = model.apply({"params": params}, token_B[:, None], vision_B[:, None],
-                                    jnp.ones_like(token_B)[:, None], position_B[:, None], cache)
+    def feed(params, cache, tokens_BxN, vision_BxN, segment_ids_BxN, positions_BxN):
+        hidden, cache = model.apply({"params": params}, tokens_BxN, vision_BxN, segment_ids_BxN, positions_BxN, cache)
         return (*_heads(model, params, hidden), cache)
 
-    return jax.jit(decode, donate_argnums=1)
+    return jax.jit(feed, donate_argnums=1)
 
 
 @functools.lru_cache(maxsize=8)
