@@ -79,7 +79,7 @@ def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="depths"):
         vn.VideoNeedleConfig(depths=(1.5,))
     assert task("video-needle").metric_names(vn.VideoNeedleConfig(frames=(4, 8))) == (
-        "video_needle_accuracy/4", "video_needle_accuracy/8")
+        "video-needle_accuracy/4", "video-needle_accuracy/8")
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_a_small_sweep_writes_results_table_heatmap_and_metrics(ckpt, tokenizer_
     code = cli.main(_command(ckpt, tokenizer_path, vqgan_dir, tmp_path) + ["--frames", "2,3", "--json"])
     assert code == 0
     document = json.loads(capsys.readouterr().out)
-    assert set(document["metrics"]) == {"video_needle_accuracy/2", "video_needle_accuracy/3"}
+    assert set(document["metrics"]) == {"video-needle_accuracy/2", "video-needle_accuracy/3"}
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["frames"], r["depth"], r["needle_frame"]) for r in records] == [(2, 0.0, 0), (2, 1.0, 1), (3, 0.0, 0),
                                                                                (3, 1.0, 2)]

@@ -72,6 +72,26 @@ def add_checkpoint_arguments(parser, *, tokenizer: bool = False) -> None:
         parser.add_argument("--tokenizer", required=True, help="the SentencePiece model the checkpoint was trained with")
 
 
+def add_sampling_arguments(parser, *, max_tokens_help: str) -> None:
+    """How tokens are drawn (``lwm generate`` and ``lwm chat`` alike): budget, temperature, top-k, top-p,
+    seed, and the ring the prompt and cache are split over; :func:`sample_settings` reads them."""
+    parser.add_argument("--max-tokens", type=int, default=256, help=max_tokens_help)
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
+    parser.add_argument("--sp", type=int, default=1, help="devices of the ring the prompt and cache are split over")
+
+
+def sample_settings(args, **overrides):
+    """The ``SampleSettings`` of :func:`add_sampling_arguments`' flags (``overrides`` win)."""
+    from trainer.inference.sampler import SampleSettings
+
+    fields = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  seed=args.seed)
+    return SampleSettings(**{**fields, **overrides})
+
+
 def open_sampler(args):
     """``(tokenizer, Sampler)`` from ``--tokenizer``, ``--ckpt``, ``--step`` and ``--sp``, checked together."""
     from trainer.inference.sampler import open_checked

@@ -6,11 +6,10 @@ import json
 import os
 import sys
 
-from orchestration.commands import add_checkpoint_arguments, add_examples
+from orchestration.commands import add_checkpoint_arguments, add_examples, add_sampling_arguments, sample_settings
 
 
 def run(args, extra) -> int:
-    from trainer.inference.sampler import SampleSettings
     from trainer.inference.vision_chat import check_media_path, check_vision_head, open_session, prompt_document
 
     if args.image and args.video:
@@ -24,8 +23,7 @@ def run(args, extra) -> int:
         from trainer import checkpoint
 
         check_vision_head(checkpoint.restore_model_config(checkpoint.resolve_dir(args.ckpt), args.step))
-    settings = SampleSettings(max_new_tokens=max(args.max_tokens, 1), temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    settings = sample_settings(args, max_new_tokens=max(args.max_tokens, 1))
     session = open_session(args.ckpt, args.tokenizer, vqgan=args.vqgan, sp=args.sp, step=args.step,
                            settings=settings, max_frames=args.max_frames)
     media = {"image": args.image, "video": args.video}
@@ -80,13 +78,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max-frames", type=int, default=8,
                         help="most frames of --video, spread evenly when it has more (LWM's default 8)")
     parser.add_argument("--prompt", help="the question: answer once and exit (default: one question a line of stdin)")
-    parser.add_argument("--max-tokens", type=int, default=256,
-                        help="most answer tokens a turn (stops earlier at EOS); 0 samples nothing")
-    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
-    parser.add_argument("--sp", type=int, default=1, help="devices of the ring the prompt and cache are split over")
+    add_sampling_arguments(parser, max_tokens_help="most answer tokens a turn (stops earlier at EOS); 0 samples nothing")
     parser.add_argument("--dump-prompt", metavar="OUT.json",
                         help='write the first turn\'s prompt as {"tokens": [...], "vision_mask": [...]}')
     parser.set_defaults(func=run)

@@ -7,11 +7,12 @@ import sys
 
 import numpy as np
 
-from orchestration.commands import add_checkpoint_arguments, add_examples, open_sampler, progress
+from orchestration.commands import (add_checkpoint_arguments, add_examples, add_sampling_arguments, open_sampler,
+                                    progress, sample_settings)
 
 
 def run(args, extra) -> int:
-    from trainer.inference.sampler import SampleSettings, decode_frames, encode_prompt, frame_codes
+    from trainer.inference.sampler import decode_frames, encode_prompt, frame_codes
 
     vision_out = args.image or args.video
     if args.image and args.video:
@@ -27,8 +28,7 @@ def run(args, extra) -> int:
 
         check_media_path(args.first_frame)
     tokenizer, sampler = open_sampler(args)
-    settings = SampleSettings(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id)
+    settings = sample_settings(args, eos_id=tokenizer.eos_id)
     modality = "video" if args.video else "image"
     prompt = encode_prompt(tokenizer, _vision_request(args, modality) if vision_out else args.prompt, chat=args.chat,
                            vision=bool(vision_out))
@@ -118,12 +118,7 @@ def register(subparsers) -> None:
     parser.add_argument("--prompt", required=True, help="prompt text (for --image/--video: what to draw)")
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt in LWM's chat template (You are a helpful assistant. USER: ... ASSISTANT:)")
-    parser.add_argument("--max-tokens", type=int, default=256, help="most new text tokens (stops earlier at EOS)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
-    parser.add_argument("--sp", type=int, default=1, help="devices of the ring the prompt and cache are split over")
+    add_sampling_arguments(parser, max_tokens_help="most new text tokens (stops earlier at EOS)")
     parser.add_argument("--image", metavar="OUT.png", help="generate an image instead of text, written here")
     parser.add_argument("--video", metavar="OUT.mp4", help="generate a video instead of text, written here")
     parser.add_argument("--frames", type=int, default=4, help="frames of --video")

@@ -291,25 +291,26 @@ def training_texts(haystack: Haystack, tokenizer, count: int, *, min_length: int
 # ----------------------------------------------------------------------------- the sweep
 
 
-def accuracy_grid(results: Sequence[dict], config: NeedleConfig) -> np.ndarray:
-    """Mean correctness ``[depths, lengths]`` (NaN where no trial ran)."""
-    grid = np.full((len(config.depths), len(config.lengths)), np.nan)
-    for i, depth in enumerate(config.depths):
-        for j, length in enumerate(config.lengths):
-            cell = [r["correct"] for r in results if r["depth"] == depth and r["length"] == length]
+def accuracy_grid(results: Sequence[dict], depths: Sequence[float], columns: Sequence[int],
+                  key: str = "length") -> np.ndarray:
+    """Mean correctness ``[depths, columns]`` of trials whose ``key`` is each column (NaN where no trial ran)."""
+    grid = np.full((len(depths), len(columns)), np.nan)
+    for i, depth in enumerate(depths):
+        for j, column in enumerate(columns):
+            cell = [r["correct"] for r in results if r["depth"] == depth and r[key] == column]
             if cell:
                 grid[i, j] = float(np.mean(cell))
     return grid
 
 
-def table(results: Sequence[dict], config: NeedleConfig) -> str:
-    """Accuracy (%) per depth (rows) and context length (columns), with an overall row."""
-    grid = accuracy_grid(results, config)
-    width = max(7, *(len(str(n)) + 1 for n in config.lengths))
-    lines = ["depth \\ length".ljust(15) + "".join(str(n).rjust(width) for n in config.lengths)]
-    for depth, row in zip(config.depths, grid):
+def table(results: Sequence[dict], depths: Sequence[float], columns: Sequence[int], key: str = "length") -> str:
+    """Accuracy (%) per depth (rows) and ``key`` (columns: context length, frames), with an overall row."""
+    grid = accuracy_grid(results, depths, columns, key)
+    width = max(7, *(len(str(n)) + 1 for n in columns))
+    lines = [f"depth \\ {key}".ljust(15) + "".join(str(n).rjust(width) for n in columns)]
+    for depth, row in zip(depths, grid):
         lines.append(f"{depth:<15g}" + "".join(f"{100 * v:{width}.0f}" for v in row))
-    overall = [np.mean([r["correct"] for r in results if r["length"] == n] or [np.nan]) for n in config.lengths]
+    overall = [np.mean([r["correct"] for r in results if r[key] == n] or [np.nan]) for n in columns]
     lines.append("all".ljust(15) + "".join(f"{100 * v:{width}.0f}" for v in overall))
     return "\n".join(lines)
 
@@ -370,10 +371,11 @@ def run(sampler, tokenizer, haystack_texts: Sequence[str], config: NeedleConfig,
             out.flush()
             accuracy = np.mean([r["correct"] for r in results if r["length"] == length])
             progress(f"length {length}: {100 * accuracy:.0f}% of {len(cell)} trials correct")
-    text = table(results, config)
+    text = table(results, config.depths, config.lengths)
     with open(os.path.join(out_dir, "table.txt"), "w") as f:
         f.write(text + "\n")
-    heatmap(accuracy_grid(results, config), config.lengths, config.depths, os.path.join(out_dir, "heatmap.png"),
+    heatmap(accuracy_grid(results, config.depths, config.lengths), config.lengths, config.depths,
+            os.path.join(out_dir, "heatmap.png"),
             title=f"{config.task}: {config.needles} inserted, {config.ask} asked, {config.rounds} rounds",
             xlabel="context length (tokens)")
     return results
@@ -401,10 +403,10 @@ def haystack_texts(paths: Sequence[str]) -> list[str]:
     return texts
 
 
-def accuracies(results: Sequence[dict], lengths: Sequence[int], name: str) -> dict[str, float]:
-    """``{name}_accuracy/{length}``: the share of correct trials at each length."""
-    return {f"{name}_accuracy/{n}": float(np.mean([r["correct"] for r in results if r["length"] == n]))
-            for n in lengths if any(r["length"] == n for r in results)}
+def accuracies(results: Sequence[dict], columns: Sequence[int], name: str, key: str = "length") -> dict[str, float]:
+    """``{name}_accuracy/{column}``: the share of correct trials at each ``key`` (context length, frames)."""
+    return {f"{name}_accuracy/{n}": float(np.mean([r["correct"] for r in results if r[key] == n]))
+            for n in columns if any(r[key] == n for r in results)}
 
 
 def sweep_task(name: str, config: type, *, help: str, description: str, examples: tuple[str, ...]) -> Task:

@@ -39,9 +39,8 @@ from pipelines.tokens.prompts import VIDEO_NEEDLE_LETTERS, video_needle_question
 from pipelines.tokens.vision_layout import FRAME_TOKENS, Markers, Turn, conversation
 from schemas import flags, storage
 from trainer.evaluation import Target, Task, synthetic_videos
-from trainer.evaluation.haystack import number_list, heatmap
+from trainer.evaluation.haystack import RESULTS, accuracies, accuracy_grid, heatmap, number_list, table
 
-RESULTS = "results.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,45 +210,21 @@ def run(sampler, tokenizer, vqgan, config: VideoNeedleConfig, out: str, *,
             progress(f"{n} frames: {100 * np.mean([r['correct'] for r in results if r['frames'] == n]):.0f}% "
                      f"of {len(cell)} trials correct")
     with open(os.path.join(out, "table.txt"), "w") as f:
-        f.write(table(results, config) + "\n")
-    heatmap(accuracy_grid(results, config), config.frames, config.depths, os.path.join(out, "heatmap.png"),
+        f.write(table(results, config.depths, config.frames, "frames") + "\n")
+    heatmap(accuracy_grid(results, config.depths, config.frames, "frames"), config.frames, config.depths,
+            os.path.join(out, "heatmap.png"),
             title=f"video needle: {config.options} options, {config.rounds} rounds", xlabel="frames")
     return results
 
 
-def accuracy_grid(results: Sequence[dict], config: VideoNeedleConfig) -> np.ndarray:
-    """Mean correctness ``[depths, frames]`` (NaN where no trial ran)."""
-    grid = np.full((len(config.depths), len(config.frames)), np.nan)
-    for i, depth in enumerate(config.depths):
-        for j, n in enumerate(config.frames):
-            cell = [r["correct"] for r in results if r["depth"] == depth and r["frames"] == n]
-            if cell:
-                grid[i, j] = float(np.mean(cell))
-    return grid
-
-
-def table(results: Sequence[dict], config: VideoNeedleConfig) -> str:
-    """Accuracy (%) per depth (rows) and frame count (columns), with an overall row."""
-    grid = accuracy_grid(results, config)
-    width = max(7, *(len(str(n)) + 1 for n in config.frames))
-    lines = ["depth \\ frames".ljust(15) + "".join(str(n).rjust(width) for n in config.frames)]
-    for depth, row in zip(config.depths, grid):
-        lines.append(f"{depth:<15g}" + "".join(f"{100 * v:{width}.0f}" for v in row))
-    overall = [np.mean([r["correct"] for r in results if r["frames"] == n] or [np.nan]) for n in config.frames]
-    lines.append("all".ljust(15) + "".join(f"{100 * v:{width}.0f}" for v in overall))
-    return "\n".join(lines)
-
-
 def metrics(config: VideoNeedleConfig, out: str) -> dict[str, float]:
-    """``video_needle_accuracy/{frames}``: the share of correct trials at each frame count."""
+    """``video-needle_accuracy/{frames}``: the share of correct trials at each frame count."""
     lines = storage.read_bytes(storage.join(out, RESULTS)).decode().splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
-    return {f"video_needle_accuracy/{n}": float(np.mean([r["correct"] for r in records if r["frames"] == n]))
-            for n in config.frames if any(r["frames"] == n for r in records)}
+    return accuracies([json.loads(line) for line in lines if line.strip()], config.frames, "video-needle", "frames")
 
 
 def metric_names(config: VideoNeedleConfig) -> tuple[str, ...]:
-    return tuple(f"video_needle_accuracy/{n}" for n in config.frames)
+    return tuple(f"video-needle_accuracy/{n}" for n in config.frames)
 
 
 def run_task(config: VideoNeedleConfig, target: Target, out: str) -> str:
