@@ -5,8 +5,8 @@
 - ``pipelines.kit``: the data-job kit (reading, routing into length buckets,
   packing, shards and manifests, the runner, progress). It may import the
   tokenizers and the trainer, never a job.
-- the jobs, one place per family: ``books`` (a module), ``vision`` (image-text and
-  video-text), ``chat_qa`` (long-context QA and its generators), ``lwm_jsonl`` (data
+- the jobs, one place per family: ``books`` (a module), ``vision`` (image-text,
+  video-text and video-needle exercises), ``chat_qa`` (long-context QA and its generators), ``lwm_jsonl`` (data
   prepared for LWM's own trainer, a module). A job may import
   the kit, the tokenizers and the trainer, never another family.
 - :data:`JOBS` below is the one list of jobs: ``lwm data``, stage plans and their
@@ -52,6 +52,7 @@ JOBS = {
     "books": "pipelines.books",
     "image-text": "pipelines.vision.image_text",
     "video-text": "pipelines.vision.video_text",
+    "video-needle": "pipelines.vision.needle_exercises",
     "chat-qa": "pipelines.chat_qa.pipeline",
     "lwm-jsonl": "pipelines.lwm_jsonl",
 }

@@ -199,6 +199,29 @@ def test_chunked_token_losses_equal_full_logits_cross_entropy(vision_share):
         np.testing.assert_array_equal(np.asarray(correct)[mask], logits.argmax(-1) == targets[mask])
 
 
+def test_vision_targets_without_weight_skip_the_vision_head_and_change_no_weighted_loss():
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.normal(size=(1, 16, 8)).astype(np.float32))
+    text_head, vision_head = rng.normal(size=(8, 11)).astype(np.float32), rng.normal(size=(8, 7)).astype(np.float32)
+    vision = np.zeros((1, 16), bool)
+    vision[:, :12] = True  # a video question: vision targets first, then text
+    targets = np.where(vision, rng.integers(0, 7, (1, 16)), rng.integers(0, 11, (1, 16)))
+    answer_only = np.where(vision, 0.0, 1.0).astype(np.float32)
+
+    def weighted(h, weights):
+        ce, _ = loss.token_losses(h, text_head, vision_head, targets, vision, chunk_size=4, target_weights_BxS=weights)
+        return jnp.sum(ce * answer_only)
+
+    skipped = jax.value_and_grad(weighted)(hidden, answer_only)
+    computed = jax.value_and_grad(weighted)(hidden, np.ones((1, 16), np.float32))
+    np.testing.assert_allclose(skipped[0], computed[0], rtol=1e-6)
+    np.testing.assert_allclose(skipped[1], computed[1], rtol=1e-6, atol=1e-7)
+    ce, _ = loss.token_losses(hidden, text_head, vision_head, targets, vision, chunk_size=4,
+                              target_weights_BxS=answer_only)
+    text_ce, _ = loss.token_losses(hidden, text_head, None, np.minimum(targets, 10), vision, chunk_size=4)
+    np.testing.assert_allclose(np.asarray(ce)[vision], np.asarray(text_ce)[vision], rtol=1e-6)  # text head's values
+
+
 def _reduce(ce, vision, weights, **config):
     return loss.reduce_losses(jnp.asarray(ce, jnp.float32), jnp.zeros_like(jnp.asarray(ce), bool),
                               jnp.asarray(vision), jnp.asarray(weights, jnp.float32), loss.LossConfig(**config))

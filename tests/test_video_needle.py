@@ -28,7 +28,9 @@ def _trial(tokenizer, frames, depth, round_index=0, haystack=10, seed=0):
     codes = np.repeat(np.arange(haystack, dtype=np.int32), 256).reshape(haystack, 16, 16)  # frame i: all codes i
     config = vn.VideoNeedleConfig(seed=seed)
     return vn.build_trial(codes, lambda shape, colour: np.full((16, 16), NEEDLE_CODE, np.int32), tokenizer.encode,
-                          Markers.from_tokenizer(tokenizer, SpecialTokens()), config, frames, depth, round_index)
+                          Markers.from_tokenizer(tokenizer, SpecialTokens()), options=config.options,
+                          rng=vn.trial_rng(config, frames, depth, round_index), frames=frames, depth=depth,
+                          round_index=round_index)
 
 
 @pytest.mark.parametrize("frames", [2, 5, 8, 23])

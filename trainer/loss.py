@@ -96,7 +96,7 @@ def _head_scores(hidden_BxCxD, head_DxV, targets_BxC):
 
 
 def token_losses(hidden_BxSxD, text_head_DxV, vision_head_DxW, targets_BxS, target_vision_mask_BxS,
-                 chunk_size: int):
+                 chunk_size: int, target_weights_BxS=None):
     """Per-position cross-entropy ``[B, S]`` (float32) and correctness ``[B, S]`` (bool).
 
     Logits are made ``chunk_size`` tokens at a time and rematerialised in the
@@ -104,9 +104,14 @@ def token_losses(hidden_BxSxD, text_head_DxV, vision_head_DxW, targets_BxS, targ
     A chunk with no vision target skips the vision head (``lax.cond``): in text
     batches of a model with a vision head, that head's logits (8448 wide, beside
     a 32K text head; 16x the text head's in the tiny preset) would be wasted work.
+    Given ``target_weights_BxS``, vision targets of weight 0 do not count (their
+    values are then the text head's, and weigh nothing): a video question with loss
+    on its answer only never computes the vision head.
     """
+    if target_weights_BxS is None:
+        target_weights_BxS = jnp.ones(targets_BxS.shape, jnp.float32)
 
-    def chunk(h_BxCxD, targets_BxC, vision_BxC):
+    def chunk(h_BxCxD, targets_BxC, vision_BxC, weights_BxC):
         ce, correct = _head_scores(h_BxCxD, text_head_DxV, targets_BxC)
         if vision_head_DxW is None:
             return ce, correct
@@ -115,9 +120,10 @@ def token_losses(hidden_BxSxD, text_head_DxV, vision_head_DxW, targets_BxS, targ
             vce, vcorrect = _head_scores(h_BxCxD, vision_head_DxW, targets_BxC)
             return jnp.where(vision_BxC, vce, ce), jnp.where(vision_BxC, vcorrect, correct)
 
-        return jax.lax.cond(jnp.any(vision_BxC), with_vision, lambda: (ce, correct))
+        return jax.lax.cond(jnp.any(vision_BxC & (weights_BxC > 0)), with_vision, lambda: (ce, correct))
 
-    return sequence_chunked_map(chunk, (hidden_BxSxD, targets_BxS, target_vision_mask_BxS), chunk_size)
+    return sequence_chunked_map(chunk, (hidden_BxSxD, targets_BxS, target_vision_mask_BxS, target_weights_BxS),
+                                chunk_size)
 
 
 def _safe_div(num, den):
@@ -167,6 +173,6 @@ def loss_and_metrics(model: LWM, params: Any, batch: Mapping[str, jax.Array],
 
     hidden_BxSxD, (text_head, vision_head) = model.apply({"params": params}, method=forward)
     ce, correct = token_losses(hidden_BxSxD, text_head, vision_head, batch["targets"],
-                               batch["target_vision_mask"], config.chunk_size)
+                               batch["target_vision_mask"], config.chunk_size, batch["target_weights"])
     return reduce_losses(ce, correct, batch["target_vision_mask"], batch["target_weights"], config,
                          has_vision=vision_head is not None)

@@ -81,3 +81,8 @@ def video_needle_question(options) -> str:
     listed = " ".join(f"({letter}) {option}" for letter, option in zip(VIDEO_NEEDLE_LETTERS, options))
     return (f"One frame of the video shows something different from the others. What is it? {listed} "
             f"Answer with the option's letter.")
+
+
+def video_needle_answer(letter: str, option: str) -> str:
+    """The answer the video needle's training exercises teach: the option as the question lists it."""
+    return f"({letter}) {option}"

@@ -259,8 +259,13 @@ def vqgan_sha256(path: str) -> str:
 def check(config: VisionConfig) -> tuple[int, int]:
     """Tokenizer, VQGAN weights and inputs, before any output is touched; returns the inputs' (files, bytes)."""
     check_tokenizer(config.tokenizer)
-    missing = [name for name in VQGAN_FILES if not FileSystems.exists(FileSystems.join(config.vqgan, name))]
-    if missing:
-        raise ValueError(f"--vqgan {config.vqgan!r} holds no {', '.join(missing)}: not VQGAN weights "
-                         "(see lwm convert vqgan-import)")
+    check_vqgan(config.vqgan)
     return check_inputs(config.inputs)
+
+
+def check_vqgan(path: str) -> None:
+    """A one-line ValueError unless ``path`` holds VQGAN weights."""
+    missing = [name for name in VQGAN_FILES if not FileSystems.exists(FileSystems.join(path, name))]
+    if missing:
+        raise ValueError(f"--vqgan {path!r} holds no {', '.join(missing)}: not VQGAN weights "
+                         "(see lwm convert vqgan-import)")

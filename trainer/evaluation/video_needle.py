@@ -112,23 +112,35 @@ def score(answer: str, expected: str, options: int) -> bool:
     return first_letter(answer, options) == expected
 
 
-def _needle(config: VideoNeedleConfig, rng: random.Random) -> tuple[tuple[str, str], tuple[str, ...], str]:
+def needle_kinds() -> list[tuple[str, str]]:
+    """Every needle picture's (shape, colour), in a fixed order."""
+    return [(s, c) for s in synthetic_videos.NEEDLE_SHAPES for c in sorted(synthetic_videos.COLOURS)]
+
+
+def _needle(options: int, rng: random.Random) -> tuple[tuple[str, str], tuple[str, ...], str]:
     """The needle (shape, colour), the option names (shuffled) and the expected letter."""
-    kinds = [(s, c) for s in synthetic_videos.NEEDLE_SHAPES for c in sorted(synthetic_videos.COLOURS)]
+    kinds = needle_kinds()
     needle = rng.choice(kinds)
     others = [k for k in kinds if k[0] != needle[0]]  # distractors of other shapes: the shape decides
-    choices = [needle] + rng.sample(others, config.options - 1)
+    choices = [needle] + rng.sample(others, options - 1)
     rng.shuffle(choices)
     names = tuple(synthetic_videos.needle_name(*k) for k in choices)
     return needle, names, VIDEO_NEEDLE_LETTERS[choices.index(needle)]
 
 
+def trial_rng(config: VideoNeedleConfig, frames: int, depth: float, round_index: int) -> random.Random:
+    """The random draws of one sweep cell's trial: seeded by (seed, frames, depth, round)."""
+    return random.Random(f"{config.seed}/video-needle/{frames}/{depth}/{round_index}")
+
+
 def build_trial(haystack_codes: np.ndarray, needle_codes: Callable[[str, str], np.ndarray], encode,
-                markers: Markers, config: VideoNeedleConfig, frames: int, depth: float, round_index: int) -> Trial:
-    """The prompt of one (frames, depth, round) cell: ``frames - 1`` haystack frames' codes
-    (``haystack_codes [M, 16, 16]``) with the needle's (``needle_codes(shape, colour)``) inserted."""
-    rng = random.Random(f"{config.seed}/video-needle/{frames}/{depth}/{round_index}")
-    needle, options, expected = _needle(config, rng)
+                markers: Markers, *, options: int, rng: random.Random, frames: int, depth: float,
+                round_index: int) -> Trial:
+    """The prompt of one trial: ``frames - 1`` haystack frames' codes (``haystack_codes [M, 16, 16]``, from
+    a starting point ``rng`` draws) with the needle's (``needle_codes(shape, colour)``, drawn with ``options``
+    lettered options) inserted at :func:`needle_index`. The eval draws with :func:`trial_rng`; the
+    ``video-needle`` data job with its own seeds."""
+    needle, options, expected = _needle(options, rng)
     total = len(haystack_codes)
     start = rng.randrange(total)
     span = max(total, frames - 1)  # too few haystack frames: the sequence wraps around
@@ -192,7 +204,8 @@ def run(sampler, tokenizer, vqgan, config: VideoNeedleConfig, out: str, *,
     results = []
     with open(os.path.join(out, RESULTS), "w") as stream:
         for n in config.frames:
-            cell = [build_trial(haystack, needle_codes, tokenizer.encode, markers, config, n, d, r)
+            cell = [build_trial(haystack, needle_codes, tokenizer.encode, markers, options=config.options,
+                                rng=trial_rng(config, n, d, r), frames=n, depth=d, round_index=r)
                     for d in config.depths for r in range(config.rounds)]
             for start in range(0, len(cell), config.batch_size):
                 chunk = cell[start:start + config.batch_size]
