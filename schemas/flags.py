@@ -296,3 +296,13 @@ def from_args(cls: type, args: argparse.Namespace, prefix: tuple[str, ...] = (),
             value = tuple(map(convert, value)) if isinstance(value, list) else convert(value)
         values[f.name] = value
     return cls(**values)
+
+
+def number_list(kind):
+    """A flag parser of comma-separated numbers of ``kind`` (sweeps' lengths, depths, frame counts)."""
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"expected a comma-separated list of {kind.__name__}s, got {text!r}") from None
+    return parse

@@ -199,4 +199,4 @@ def test_data_job_argv_from_config():
     assert jobs[0].argv(overwrite=True)[-1] == "--overwrite"
     assert len(jobs) == 3
     shared = plan_lib.parse(yaml.safe_load(open("configs/stages/demo.yaml")))
-    assert [len(j.outputs) for j in datasets.data_jobs(shared)] == [3, 1, 1, 1, 1, 1]  # one books run for three buckets
+    assert [len(j.outputs) for j in datasets.data_jobs(shared)] == [3, 1, 1, 1, 1, 1, 1]  # one books run for three buckets

@@ -7,6 +7,7 @@ library code (or CLI) a user would; later steps read what earlier ones wrote.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import time
 from typing import Callable
@@ -70,6 +71,11 @@ def vision(workdir: pathlib.Path) -> None:
     _lwm("data", "video-text", "--input", str(videos), "--output", str(workdir / "data" / "video_text"),
          "--seq-len", str(VIDEO_SEQ_LEN), "--fps", "2", "--max-frames", "4", *common)
     _lwm("data", "inspect", str(workdir / "data" / "video_text" / f"seq{VIDEO_SEQ_LEN}"))
+    # The video needle's training exercises: frames of the same clips at 2 fps with a needle picture
+    # among them, the eval's question, loss on the answer (the eval draws other clips and seeds).
+    _lwm("data", "video-needle", "--input", str(videos), "--output", str(workdir / "data" / "video_needle"),
+         "--seq-len", str(SEQ_LEN), "--fps", "2", "--frames", VIDEO_NEEDLE.frames,
+         "--count", str(VIDEO_NEEDLE.count), "--seed", "1", *common)
 
 
 def chat_qa(workdir: pathlib.Path) -> None:
@@ -92,8 +98,8 @@ def chat_qa(workdir: pathlib.Path) -> None:
 def train(workdir: pathlib.Path) -> None:
     """The stage plan ``configs/stages/demo.yaml``: copying and retrieval on needle exercises, then
     512 → 1024 (books + retrieval + image-text) → 2048 tokens (books + video-text), RoPE theta 1e4 →
-    2e4 → 5e4, then a chat stage on book QA, each stage from the previous one's final params; then its
-    status table.
+    2e4 → 5e4, then a chat stage on book QA and one on video needle exercises, each stage from the previous
+    one's final params; then its status table.
 
     The plan's paths are relative to the workdir, so the commands run there. Each stage
     trains in a child process that simulates the CPU devices of its own mesh (8 for fsdp 2 ×
@@ -105,7 +111,7 @@ def train(workdir: pathlib.Path) -> None:
     import shutil
 
     _banner("stage plan: a copying warm-up on needle exercises (1 device), then 512 → 1024 → 2048 tokens with growing "
-            "RoPE theta (ring attention over sp=4), then chat QA")
+            "RoPE theta (ring attention over sp=4), then chat QA, then video needle exercises")
     shutil.rmtree(workdir / "runs" / "stages", ignore_errors=True)  # a fresh plan each demo, not a resume
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
     env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}
@@ -147,6 +153,20 @@ EXERCISES = {  # the demo's sets, by dataset name under data/
 NEEDLE_LENGTHS = "512,1024,1536,2048"
 
 
+@dataclasses.dataclass(frozen=True)
+class VideoNeedle:
+    """The demo's video needle: exercises to train on, and the eval's frame counts, depths and haystack."""
+
+    count: int  # training exercises
+    frames: str  # frames per exercise and per eval prompt (the needle one of them)
+    depths: str
+    rounds: int
+    haystack_clips: int  # the eval's own moving-shape clips (another seed than the training clips)
+
+
+VIDEO_NEEDLE = VideoNeedle(count=600, frames="2,3", depths="0,0.5,1", rounds=4, haystack_clips=4)
+
+
 def write_exercises(workdir: pathlib.Path, exercises: Exercises, output: pathlib.Path) -> None:
     """Needle exercises from the demo books in ``workdir`` (other cities and numbers than the eval's):
     haystacks with a needle (``orchestration.demo.sample_retrieval``, written to ``raw/{output's name}.jsonl``),
@@ -180,7 +200,21 @@ def needle(workdir: pathlib.Path) -> None:
          "--out", str(workdir / "needle"))
 
 
-STEPS: tuple[Callable[[pathlib.Path], None], ...] = (books, retrieval_data, vision, chat_qa, train, needle)
+def video_needle(workdir: pathlib.Path) -> None:
+    """``lwm eval video-needle`` on the demo's last stage (``video-needle-1024``): a needle picture among
+    frames of moving-shape clips the demo writes for it (not the training clips), lettered options; the
+    table and the heatmap's path. Chance is 1 / 4."""
+    _banner("video needle in a haystack: the demo model's answers, frames × depth (chance 25%)")
+    haystack = sample_media.write_video_text(workdir / "raw" / "video_needle_haystack", VIDEO_NEEDLE.haystack_clips,
+                                             seed=7, frames=8, fps=8)
+    clips = [str(haystack.parent / json.loads(line)["path"]) for line in haystack.read_text().splitlines()]
+    _lwm("eval", "video-needle", "--ckpt", str(workdir / "runs" / "stages" / "video-needle-1024"),
+         "--tokenizer", str(workdir / "tokenizer.model"), "--vqgan", str(workdir / "vqgan_small_random"),
+         "--frames", VIDEO_NEEDLE.frames, "--depths", VIDEO_NEEDLE.depths, "--rounds", str(VIDEO_NEEDLE.rounds),
+         "--max-tokens", "12", "--haystack-videos", *clips, "--out", str(workdir / "video_needle"))
+
+
+STEPS: tuple[Callable[[pathlib.Path], None], ...] = (books, retrieval_data, vision, chat_qa, train, needle, video_needle)
 
 
 def run(workdir: str) -> None:

@@ -38,11 +38,10 @@ from pipelines.tokens.text_tokenizer import SpecialTokens, TextTokenizer
 from pipelines.tokens.vision_layout import Markers, Turn, conversation
 from pipelines.vision import vision_text
 from pipelines.vision.video_text import VideoMedia
+# The trainer's video needle (its trial builder, needle pictures) is imported where exercises are made,
+# so that building the `lwm data` CLI imports no trainer code.
 from schemas import flags, raw_vision
 from schemas.raw import DeadLetter
-from trainer.evaluation import synthetic_videos
-from trainer.evaluation.haystack import number_list
-from trainer.evaluation.video_needle import build_trial, needle_kinds
 
 NEEDLE_SOURCE = "<needle picture>"  # the path of the pool's needle entries, beside the haystack videos' examples
 
@@ -62,7 +61,7 @@ class VideoNeedleDataConfig:
     special: SpecialTokens = SpecialTokens()
     count: int = 1000
     """Exercises to write."""
-    frames: tuple[int, ...] = flags.field((2, 3), parse=number_list(int), metavar="N,...")
+    frames: tuple[int, ...] = flags.field((2, 3), parse=flags.number_list(int), metavar="N,...")
     """Frames per exercise (the needle one of them): each exercise takes one of these at random."""
     options: int = 4
     """Lettered options per question (the needle and needles of other shapes)."""
@@ -74,7 +73,9 @@ class VideoNeedleDataConfig:
     def __post_init__(self):
         if not self.frames or min(self.frames) < 2:
             raise ValueError(f"frames must be counts of at least 2 (a haystack frame and the needle), got {self.frames}")
-        most = min(len(VIDEO_NEEDLE_LETTERS), len(synthetic_videos.NEEDLE_SHAPES))
+        from trainer.evaluation.synthetic_videos import NEEDLE_SHAPES
+
+        most = min(len(VIDEO_NEEDLE_LETTERS), len(NEEDLE_SHAPES))
         if not 2 <= self.options <= most:
             raise ValueError(f"options must lie in [2, {most}] (one shape per option), got {self.options}")
         if self.count < 1 or self.encode_batch < 1:
@@ -102,6 +103,8 @@ def make_pool(coded) -> Pool:
 def exercise(index: int, pool: Pool, encode, markers: Markers, config: VideoNeedleDataConfig) -> Segment:
     """Exercise ``index``: an eval trial (random frame count and needle position) + answer + EOS, loss on
     the answer and EOS only."""
+    from trainer.evaluation.video_needle import build_trial
+
     rng = random.Random(f"{config.seed}/video-needle-exercise/{index}")
     frames = rng.choice(config.frames)
     position = rng.randrange(frames)
@@ -140,13 +143,17 @@ class MakeExercises(beam.DoFn):
 
 
 def _needle_frames(kind: tuple[str, str]):
+    from trainer.evaluation.synthetic_videos import needle_picture
+
     shape, colour = kind
     example = raw_vision.VisionExample(f"{shape}:{colour}", "", NEEDLE_SOURCE, 0)
-    return example, synthetic_videos.needle_picture(shape, colour)[None]
+    return example, needle_picture(shape, colour)[None]
 
 
 def build(pipeline: beam.Pipeline, config: VideoNeedleDataConfig):
     """Add the job to ``pipeline``; returns the PCollection of manifest paths."""
+    from trainer.evaluation.video_needle import needle_kinds
+
     parse = functools.partial(raw_vision.iter_examples, media_field=config.media.name)
     inputs = pipeline | "ReadInputs" >> ReadUnique(config.inputs, parse)
     decoded = (inputs["records"]
@@ -185,7 +192,10 @@ def build(pipeline: beam.Pipeline, config: VideoNeedleDataConfig):
 
 def longest_exercise(config: VideoNeedleDataConfig, tokenizer: TextTokenizer) -> int:
     """An upper bound of an exercise's tokens: the most frames, every option the longest needle name."""
-    name = max((synthetic_videos.needle_name(*kind) for kind in needle_kinds()), key=lambda n: len(tokenizer.encode(n)))
+    from trainer.evaluation.synthetic_videos import needle_name
+    from trainer.evaluation.video_needle import needle_kinds
+
+    name = max((needle_name(*kind) for kind in needle_kinds()), key=lambda n: len(tokenizer.encode(n)))
     question = video_needle_question([name] * config.options)
     prompt, _ = conversation([Turn("user", question, vision=True)], np.zeros((max(config.frames), 16, 16), np.int32),
                              tokenizer.encode, Markers.from_tokenizer(tokenizer, config.special))

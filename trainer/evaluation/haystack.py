@@ -61,23 +61,13 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 RESULTS = "results.jsonl"  # one line per trial, in every sweep's output directory
 
 
-def number_list(kind):
-    """A flag parser of comma-separated numbers of ``kind`` (the sweeps' lengths, depths, frame counts)."""
-    def parse(text: str) -> tuple:
-        try:
-            return tuple(kind(v) for v in text.split(",") if v.strip())
-        except ValueError:
-            raise ValueError(f"expected a comma-separated list of {kind.__name__}s, got {text!r}") from None
-    return parse
-
-
 @dataclasses.dataclass(frozen=True)
 class NeedleConfig:
     """One sweep: ``lengths`` × ``depths`` × ``rounds`` prompts, answered greedily in batches."""
 
-    lengths: tuple[int, ...] = flags.field((1024, 2048, 4096), parse=number_list(int), metavar="L,...")
+    lengths: tuple[int, ...] = flags.field((1024, 2048, 4096), parse=flags.number_list(int), metavar="L,...")
     """Prompt lengths in tokens (whole prompts), comma-separated."""
-    depths: tuple[float, ...] = flags.field((0.0, 0.25, 0.5, 0.75, 1.0), parse=number_list(float), metavar="D,...")
+    depths: tuple[float, ...] = flags.field((0.0, 0.25, 0.5, 0.75, 1.0), parse=flags.number_list(float), metavar="D,...")
     """Needle depths in [0, 1] (fractions of the haystack), comma-separated."""
     rounds: int = 3
     """Trials per (length, depth), each with new needles."""

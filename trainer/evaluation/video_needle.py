@@ -39,7 +39,7 @@ from pipelines.tokens.prompts import VIDEO_NEEDLE_LETTERS, video_needle_question
 from pipelines.tokens.vision_layout import FRAME_TOKENS, Markers, Turn, conversation
 from schemas import flags, storage
 from trainer.evaluation import Target, Task, synthetic_videos
-from trainer.evaluation.haystack import RESULTS, accuracies, accuracy_grid, heatmap, number_list, table
+from trainer.evaluation.haystack import RESULTS, accuracies, accuracy_grid, heatmap, table
 
 
 
@@ -49,9 +49,9 @@ class VideoNeedleConfig:
 
     vqgan: str = flags.field("", metavar="DIR")
     """The VQGAN the checkpoint was trained with (lwm convert vqgan-import); required."""
-    frames: tuple[int, ...] = flags.field((8, 16, 32), parse=number_list(int), metavar="N,...")
+    frames: tuple[int, ...] = flags.field((8, 16, 32), parse=flags.number_list(int), metavar="N,...")
     """Frames per prompt (the needle one of them), comma-separated."""
-    depths: tuple[float, ...] = flags.field((0.0, 0.2, 0.4, 0.6, 0.8, 1.0), parse=number_list(float), metavar="D,...")
+    depths: tuple[float, ...] = flags.field((0.0, 0.2, 0.4, 0.6, 0.8, 1.0), parse=flags.number_list(float), metavar="D,...")
     """Needle depths in [0, 1]: frame index round(d × (N − 1)), comma-separated."""
     rounds: int = 2
     """Trials per (frames, depth), each with another needle and haystack start."""
