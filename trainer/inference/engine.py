@@ -9,11 +9,13 @@ segment ids and positions). Its loop, until closed:
 
 1. **Admit.** While a row is free and a request waits, the request takes the row:
    - when the prefix cache holds a finished conversation that shares the request's
-     first tokens (at least as many as are left to feed), that row is copied in, the
-     entries past the shared prefix hidden and its ring rotated so that the rest of
-     the prompt fits just before the ring's next step; the rest goes through the
-     cached prefix in one forward pass (the sampler's extend program, chunks of up to
-     ``sampler.MAX_CHUNK`` tokens) and the first token is chosen at once;
+     first tokens (at least as many as are left to feed), that row's entries of the
+     shared prefix are gathered into the prompt slots of a row whose ring only holds
+     the rest of the prompt (``sampler.MAX_CHUNK`` steps when the rest is one chunk,
+     so that it attends to about half the slots of a full row); the rest goes through
+     them in one forward pass (the sampler's extend program, chunks of up to
+     ``sampler.MAX_CHUNK`` tokens), the row is copied in with its ring rotated so that
+     the rest sits just before the ring's next step, and the first token is chosen at once;
    - otherwise the prompt is prefilled alone (the sampler's prefill program, ring
      attention over ``sp``; the same program ``Sampler.generate`` runs for one
      prompt) and its cache copied into the row; the first token is chosen at once.
@@ -107,19 +109,9 @@ class _Row:
     job: Job
     fed: list[int]  # ids whose keys/values are in the row, in position order
     fed_mask: list[bool]
-    prompt_tokens: int  # of ``fed``, those in the prefill slots (the rest are in the ring)
     feed: collections.deque  # (id, is vision) still to feed before choosing
     rng: np.random.Generator
     generated: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class _Stored:
-    """A finished row in the prefix cache: its cache row, prefill-slot tokens and the ring step it ended at."""
-
-    row: dict
-    prompt_tokens: int
-    step: int
 
 
 class Engine:
@@ -138,14 +130,14 @@ class Engine:
         self._check_memory(model, sp)
         self._sharding = {k: NamedSharding(sampler.mesh, PartitionSpec(None, *spec))
                           for k, spec in sampling._cache_specs().items()}
-        self._sharding_items = tuple(self._sharding.items())  # hashable: a static argument of _place
+        self._sharding_items = tuple(self._sharding.items())  # hashable: a static argument of _compact, _place
         slots = sp * (self.prompt_slots + self.ring_slots)
         self._cache = _empty_cache(model, config.max_batch, slots, self._sharding)
         self._feed = sampling._feed_program(model, sampler.mesh, self.prompt_slots)
         self._rows: list[_Row | None] = [None] * config.max_batch
         self._waiting: collections.deque[Job] = collections.deque()
         self._step = 0  # the ring's next step (the cache's "index")
-        self.prefix: PrefixCache[_Stored] = PrefixCache(config.prefix_entries)
+        self.prefix: PrefixCache[dict] = PrefixCache(config.prefix_entries)  # finished rows
         self.reused_tokens = 0  # prompt tokens taken from the prefix cache instead of computed
         self._cond = threading.Condition()
         self._closed = False
@@ -252,9 +244,8 @@ class Engine:
             self._rows[b] = None
             job.stream.finish("error", f"{type(error).__name__}: {error}")
 
-    def _new_row(self, job: Job, fed: int, prompt_tokens: int) -> _Row:
-        rest = collections.deque(zip(job.tokens[fed:].tolist(), job.vision_mask[fed:].tolist()))
-        return _Row(job, job.tokens[:fed].tolist(), job.vision_mask[:fed].tolist(), prompt_tokens, rest,
+    def _new_row(self, job: Job) -> _Row:
+        return _Row(job, job.tokens.tolist(), job.vision_mask.tolist(), collections.deque(),
                     np.random.default_rng(job.settings.seed))
 
     def _restore(self, b: int, job: Job) -> bool:
@@ -268,24 +259,21 @@ class Engine:
         rest = len(job.tokens) - keep
         if keep < rest:  # a short shared prefix (a BOS, a system prompt) saves little: prefill it all
             return False
-        stored = entry.value
-        prompt_tokens = min(stored.prompt_tokens, keep)
-        ring_total = len(entry.tokens) - stored.prompt_tokens
-        visible = keep - prompt_tokens
-        ring = self.sampler.sp * self.ring_slots
-        start = self._step - rest  # the rest takes ring steps start .. self._step - 1, the kept entries sit before
-        shift = (start - stored.step + ring_total - visible) % ring
-        self._cache = _place(self._cache, stored.row, jnp.int32(b), jnp.int32(shift), jnp.int32(keep),
-                             sp=self.sampler.sp, prompt_slots=self.prompt_slots, sharding=self._sharding_items)
-        layers = self.sampler.config.num_layers
-        row = {**_take_row(self._cache, jnp.int32(b)), "index": jnp.full((layers,), start % ring, jnp.int32)}
+        sp = self.sampler.sp
+        ring_slots = self.ring_slots
+        if rest <= sampling.MAX_CHUNK:
+            ring_slots = min(ring_slots, -(-sampling.MAX_CHUNK // sp))
+        row = _compact(entry.value, jnp.int32(keep), sp=sp, prompt_slots=self.prompt_slots, ring_slots=ring_slots,
+                       sharding=self._sharding_items)
         state = sampling._State(row, np.array([keep]), 0, self.prompt_slots, None, None)
         for at in range(keep, len(job.tokens), sampling.MAX_CHUNK):
             end = min(at + sampling.MAX_CHUNK, len(job.tokens))
             state = self.sampler._feed(state, job.tokens[None, at:end], job.vision_mask[None, at:end])
-        self._cache = _place(self._cache, state.cache, jnp.int32(b), jnp.int32(0), jnp.int32(len(job.tokens)),
-                             sp=self.sampler.sp, prompt_slots=self.prompt_slots, sharding=self._sharding_items)
-        self._rows[b] = self._new_row(job, len(job.tokens), prompt_tokens)
+        shift = (self._step - rest) % (sp * self.ring_slots)  # the rest took ring steps 0 .. rest - 1
+        self._cache = _place(self._cache, state.cache, jnp.int32(b), jnp.int32(shift), sp=sp,
+                             row_prompt_slots=self.prompt_slots, prompt_slots=self.prompt_slots,
+                             ring_slots=self.ring_slots, sharding=self._sharding_items)
+        self._rows[b] = self._new_row(job)
         self.reused_tokens += keep
         self._choose(b, state.text_logits[0, -1])
         return True
@@ -293,11 +281,10 @@ class Engine:
     def _prefill(self, b: int, job: Job) -> None:
         n = len(job.tokens)
         state = self.sampler._prefill(job.tokens[None], job.vision_mask[None], np.array([n]), 1)
-        row = _widen(state.cache, sp=self.sampler.sp, small_slots=state.prompt_slots,
-                     slots=self.prompt_slots + self.ring_slots)
-        self._cache = _place(self._cache, row, jnp.int32(b), jnp.int32(0), jnp.int32(n), sp=self.sampler.sp,
-                             prompt_slots=self.prompt_slots, sharding=self._sharding_items)
-        self._rows[b] = self._new_row(job, n, n)
+        self._cache = _place(self._cache, state.cache, jnp.int32(b), jnp.int32(0), sp=self.sampler.sp,
+                             row_prompt_slots=state.prompt_slots, prompt_slots=self.prompt_slots,
+                             ring_slots=self.ring_slots, sharding=self._sharding_items)
+        self._rows[b] = self._new_row(job)
         self._choose(b, state.text_logits[0, -1])
 
     def _step_batch(self) -> None:
@@ -338,8 +325,7 @@ class Engine:
         row = self._rows[b]
         self._rows[b] = None
         if self.prefix.capacity and reason != "cancelled":
-            stored = _Stored(_take_row(self._cache, jnp.int32(b)), row.prompt_tokens, self._step)
-            self.prefix.put(row.fed, row.fed_mask, stored)
+            self.prefix.put(row.fed, row.fed_mask, _take_row(self._cache, jnp.int32(b)))
         row.job.stream.finish(reason)
 
     def _drop_cancelled(self) -> None:
@@ -364,41 +350,53 @@ def _empty_cache(config, batch: int, slots: int, sharding) -> dict:
     return jax.jit(empty, out_shardings=sharding)()
 
 
-@functools.partial(jax.jit, static_argnames=("sp", "small_slots", "slots"))
-def _widen(cache: dict, *, sp: int, small_slots: int, slots: int) -> dict:
-    """A one-row prefill cache ``[L, 1, sp * (small_slots + its decode slots)]`` as a row of the engine's width
-    ``[L, 1, sp * slots]``: each device's prompt slots first, the rest empty."""
-    out = {}
-    for name in ROW_KEYS:
-        x = cache[name]
-        layers, _, total, *rest = x.shape
-        x = x.reshape(layers, 1, sp, total // sp, *rest)[:, :, :, :small_slots]
-        pad = [(0, 0)] * x.ndim
-        pad[3] = (0, slots - small_slots)
-        out[name] = jnp.pad(x, pad).reshape(layers, 1, sp * slots, *rest)
-    return out
-
-
 @jax.jit
 def _take_row(cache: dict, b) -> dict:
     return {name: jax.lax.dynamic_slice_in_dim(cache[name], b, 1, axis=1) for name in ROW_KEYS}
 
 
-@functools.partial(jax.jit, static_argnames=("sp", "prompt_slots", "sharding"), donate_argnums=0)
-def _place(cache: dict, row: dict, b, shift, keep, *, sp: int, prompt_slots: int, sharding) -> dict:
-    """``cache`` with row ``b`` replaced by ``row``: entries at positions >= ``keep`` hidden (segment 0), the
-    ring rotated by ``shift`` steps (step t on device t mod sp, ring slot t // sp)."""
+@functools.partial(jax.jit, static_argnames=("sp", "prompt_slots", "ring_slots", "sharding"))
+def _compact(row: dict, keep, *, sp: int, prompt_slots: int, ring_slots: int, sharding) -> dict:
+    """A row ``[L, 1, sp * (prompt_slots + ring_slots)]`` holding the entries of ``row`` (a stored row) at
+    positions < ``keep`` in its prompt slots (in slot order: masks come from segment ids and positions, so
+    order does not matter), the other slots empty (segment 0), at ring step 0."""
+    kept = (row["segment_ids"] > 0) & (row["positions"] < keep)
+    slots = kept.shape[2]  # the index after the kept ones: out of range, so the gather fills in zeros
+    order = jax.vmap(jax.vmap(lambda k: jnp.nonzero(k, size=sp * prompt_slots, fill_value=slots)[0]))(kept)
+    out = {}
+    for name in ROW_KEYS:
+        x = row[name]
+        layers, _, _, *rest = x.shape
+        x = jnp.take_along_axis(x, order.reshape(order.shape + (1,) * len(rest)), axis=2, mode="fill", fill_value=0)
+        x = _padded(x.reshape(layers, 1, sp, prompt_slots, *rest), prompt_slots + ring_slots)
+        out[name] = x.reshape(layers, 1, sp * (prompt_slots + ring_slots), *rest)
+    out["index"] = jnp.zeros(row["positions"].shape[:1], jnp.int32)
+    return jax.lax.with_sharding_constraint(out, dict(sharding))
+
+
+@functools.partial(jax.jit, static_argnames=("sp", "row_prompt_slots", "prompt_slots", "ring_slots", "sharding"),
+                   donate_argnums=0)
+def _place(cache: dict, row: dict, b, shift, *, sp: int, row_prompt_slots: int, prompt_slots: int, ring_slots: int,
+           sharding) -> dict:
+    """``cache`` with row ``b`` replaced by ``row`` (``row_prompt_slots`` prompt slots per device, then a ring)
+    at the engine's ``prompt_slots`` and ``ring_slots`` per device (empty slots added; a prefill's decode slots,
+    empty, cut when more) and its ring rotated by ``shift`` steps (step t on device t mod sp, ring slot t // sp)."""
     out = dict(cache)
     for name in ROW_KEYS:
         x = row[name]
-        if name == "segment_ids":
-            x = jnp.where(row["positions"] < keep, x, 0)
         layers, _, total, *rest = x.shape
         x = x.reshape(layers, 1, sp, total // sp, *rest)
-        ring = x[:, :, :, prompt_slots:]
-        ring_steps = jnp.swapaxes(ring, 2, 3).reshape(layers, 1, -1, *rest)
-        ring_steps = jnp.roll(ring_steps, shift, axis=2)
-        ring = jnp.swapaxes(ring_steps.reshape(layers, 1, ring.shape[3], sp, *rest), 2, 3)
-        x = jnp.concatenate([x[:, :, :, :prompt_slots], ring], axis=3).reshape(layers, 1, total, *rest)
+        prompt = _padded(x[:, :, :, :row_prompt_slots], prompt_slots)
+        ring = _padded(x[:, :, :, row_prompt_slots:row_prompt_slots + ring_slots], ring_slots)
+        ring_steps = jnp.roll(jnp.swapaxes(ring, 2, 3).reshape(layers, 1, -1, *rest), shift, axis=2)
+        ring = jnp.swapaxes(ring_steps.reshape(layers, 1, ring_slots, sp, *rest), 2, 3)
+        x = jnp.concatenate([prompt, ring], axis=3).reshape(layers, 1, sp * (prompt_slots + ring_slots), *rest)
         out[name] = jax.lax.dynamic_update_slice_in_dim(cache[name], x.astype(cache[name].dtype), b, axis=1)
     return jax.lax.with_sharding_constraint(out, dict(sharding))
+
+
+def _padded(x, slots: int):
+    """``x`` ``[L, 1, sp, n, ...]`` with empty slots (zeros: segment 0) after each device's n, up to ``slots``."""
+    pad = [(0, 0)] * x.ndim
+    pad[3] = (0, slots - x.shape[3])
+    return jnp.pad(x, pad)
