@@ -22,7 +22,6 @@ bucket is refused before the job starts.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import random
 
 import apache_beam as beam
@@ -30,19 +29,19 @@ import numpy as np
 
 from pipelines.kit.job import Job, check_inputs, check_tokenizer
 from pipelines.kit.output import OutputConfig
-from pipelines.kit.packed_writer import ALL_BUCKETS, DatasetSpec, WritePackedDatasets, route
+from pipelines.kit.packed_writer import WritePackedDatasets, route
 from pipelines.kit.packing import Segment
-from pipelines.kit.sources import ReadUnique, count_dead_letter
 from pipelines.tokens.prompts import VIDEO_NEEDLE_LETTERS, video_needle_answer, video_needle_question
 from pipelines.tokens.text_tokenizer import SpecialTokens, TextTokenizer
 from pipelines.tokens.vision_layout import Markers, Turn, conversation
 from pipelines.vision import vision_text
-from pipelines.vision.video_text import VideoMedia
+from pipelines.vision.video_text import VIDEO_RENAMES, VideoMedia
 # The trainer's video needle (its trial builder, needle pictures) is imported where exercises are made,
 # so that building the `lwm data` CLI imports no trainer code.
 from schemas import flags, raw_vision
 from schemas.raw import DeadLetter
 
+JOB_NAME = "video-needle"
 NEEDLE_SOURCE = "<needle picture>"  # the path of the pool's needle entries, beside the haystack videos' examples
 
 
@@ -80,6 +79,10 @@ class VideoNeedleDataConfig:
             raise ValueError(f"options must lie in [2, {most}] (one shape per option), got {self.options}")
         if self.count < 1 or self.encode_batch < 1:
             raise ValueError(f"count and encode_batch must be >= 1, got {self.count}, {self.encode_batch}")
+
+    @property
+    def job(self) -> str:
+        return JOB_NAME
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,17 +157,10 @@ def build(pipeline: beam.Pipeline, config: VideoNeedleDataConfig):
     """Add the job to ``pipeline``; returns the PCollection of manifest paths."""
     from trainer.evaluation.video_needle import needle_kinds
 
-    parse = functools.partial(raw_vision.iter_examples, media_field=config.media.name)
-    inputs = pipeline | "ReadInputs" >> ReadUnique(config.inputs, parse)
-    decoded = (inputs["records"]
-               | "Decode" >> beam.ParDo(vision_text.DecodeMedia(config.media)).with_outputs("dead_letters", main="frames"))
+    frames, dead_letters, input_examples = vision_text.read_and_decode(pipeline, config)
     needles = pipeline | "NeedleKinds" >> beam.Create(needle_kinds()) | "NeedlePictures" >> beam.Map(_needle_frames)
     pool = (
-        (decoded.frames, needles)
-        | "AllFrames" >> beam.Flatten()
-        | "Batch" >> beam.BatchElements(min_batch_size=config.encode_batch, max_batch_size=config.encode_batch,
-                                        element_size_fn=lambda item: len(item[1]))
-        | "Encode" >> beam.ParDo(vision_text.EncodeFrames(config.vqgan, config.encode_batch))
+        vision_text.encode((frames, needles) | "AllFrames" >> beam.Flatten(), config)
         | "Gather" >> beam.combiners.ToList()
         | "Pool" >> beam.Map(make_pool)
     )
@@ -174,20 +170,12 @@ def build(pipeline: beam.Pipeline, config: VideoNeedleDataConfig):
         | "Exercises" >> beam.ParDo(MakeExercises(config), pool=beam.pvalue.AsSingleton(pool)).with_outputs(
             "counts", "dead_letters", main="segments")
     )
-    dead_letters = (
-        (inputs["dead_letters"], decoded.dead_letters | "CountMediaDeadLetters" >> beam.Map(count_dead_letter))
-        | "EarlyDeadLetters" >> beam.Flatten()
-        | "ForAllBuckets" >> beam.Map(lambda d: (ALL_BUCKETS, d))
-    )
-    spec = DatasetSpec.for_job("video-needle", config, TextTokenizer(config.tokenizer),
-                               vqgan_sha256=vision_text.vqgan_sha256(config.vqgan),
-                               media={"kind": config.media.name, **config.media.config()})
     return {
         "segments": made.segments,
         "counts": made.counts,
         "dead_letters": (dead_letters, made.dead_letters) | "AllDeadLetters" >> beam.Flatten(),
-        "input_examples": inputs["input_examples"],
-    } | "WriteDatasets" >> WritePackedDatasets(spec)
+        "input_examples": input_examples,
+    } | "WriteDatasets" >> WritePackedDatasets(vision_text.dataset_spec(config))
 
 
 def longest_exercise(config: VideoNeedleDataConfig, tokenizer: TextTokenizer) -> int:
@@ -214,11 +202,10 @@ def check(config: VideoNeedleDataConfig) -> tuple[int, int]:
     return check_inputs(config.inputs)
 
 
-JOB = Job("video-needle", VideoNeedleDataConfig, build, check, help=(
+JOB = Job(JOB_NAME, VideoNeedleDataConfig, build, check, help=(
     "haystack videos + needle pictures → video needle-in-a-haystack exercises in the eval's layout, loss on the "
     "answer → packed ArrayRecord shards"),
-    renames={"media.video.max_duration_s": "max-duration", "media.video.timeout_s": "ffmpeg-timeout",
-             "media.video.size": None, "media.video.native": None},
+    renames=VIDEO_RENAMES,
     examples=(
         "lwm data video-needle --input raw/video_text/video_text.jsonl --vqgan vqgan/ --tokenizer tokenizer.model "
         "--output data/video_needle --seq-len 1024 --frames 2,3 --fps 2 --count 2000",

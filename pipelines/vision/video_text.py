@@ -43,10 +43,12 @@ class VideoTextConfig(vision_text.VisionConfig):
 
 # VideoConfig (pipelines.tokens.media) is the decoder's own config: its flags keep the job's established names,
 # and the frame size stays the VQGAN's; native-rate counting is the vision chat's (the job samples at --fps).
+# Every job with VideoMedia names its flags so.
+VIDEO_RENAMES = {"media.video.max_duration_s": "max-duration", "media.video.timeout_s": "ffmpeg-timeout",
+                 "media.video.size": None, "media.video.native": None}
 JOB = Job("video-text", VideoTextConfig, vision_text.build, vision_text.check, help=(
     "video-caption pairs → VQGAN codes in LWM's layout → packed ArrayRecord shards per length bucket"),
-    renames={"media.video.max_duration_s": "max-duration", "media.video.timeout_s": "ffmpeg-timeout",
-             "media.video.size": None, "media.video.native": None},
+    renames=VIDEO_RENAMES,
     examples=(
         "lwm data video-text --input 'webvid/*.jsonl' --vqgan vqgan/ --tokenizer tokenizer.model --output out/videos "
         "--seq-len 8192 --fps 4 --resample-to-fit",

@@ -221,32 +221,51 @@ class LayOut(beam.DoFn):
         yield from assign_buckets(example.id, example.source, parts, codes, self.markers, config)
 
 
-def build(pipeline: beam.Pipeline, config: VisionConfig):
-    """Add the job to ``pipeline``; returns the PCollection of manifest paths."""
+def read_and_decode(pipeline: beam.Pipeline, config) -> tuple:
+    """The front of a vision job (``config`` has ``inputs`` and ``media``): ``(frames, dead_letters,
+    input_examples)``, where ``frames`` are (example, uint8 frames) pairs and ``dead_letters`` every record
+    the read or the decoder refused, counted by reason, as ``(ALL_BUCKETS, letter)``."""
     parse = functools.partial(raw_vision.iter_examples, media_field=config.media.name)
     inputs = pipeline | "ReadInputs" >> ReadUnique(config.inputs, parse)
     decoded = inputs["records"] | "Decode" >> beam.ParDo(DecodeMedia(config.media)).with_outputs("dead_letters", main="frames")
-    bucketed = (
-        decoded.frames
-        # Fixed-size batches (in frames): every call is padded to ``encode_batch`` frames anyway.
-        | "Batch" >> beam.BatchElements(min_batch_size=config.encode_batch, max_batch_size=config.encode_batch,
-                                        element_size_fn=lambda item: len(item[1]))
-        | "Encode" >> beam.ParDo(EncodeFrames(config.vqgan, config.encode_batch))
-        | "LayOut" >> beam.ParDo(LayOut(config)).with_outputs("counts", "dead_letters", main="segments")
-    )
     dead_letters = (
         (inputs["dead_letters"], decoded.dead_letters | "CountMediaDeadLetters" >> beam.Map(count_dead_letter))
         | "EarlyDeadLetters" >> beam.Flatten()
         | "ForAllBuckets" >> beam.Map(lambda d: (ALL_BUCKETS, d))
     )
-    spec = DatasetSpec.for_job(config.job, config, TextTokenizer(config.tokenizer), vqgan_sha256=vqgan_sha256(config.vqgan),
+    return decoded.frames, dead_letters, inputs["input_examples"]
+
+
+def encode(frames, config):
+    """(example, uint8 frames) → (example, int32 codes [F, 16, 16]) with ``config.vqgan``, in batches of
+    ``config.encode_batch`` frames (every call is padded to that many anyway)."""
+    return (
+        frames
+        | "Batch" >> beam.BatchElements(min_batch_size=config.encode_batch, max_batch_size=config.encode_batch,
+                                        element_size_fn=lambda item: len(item[1]))
+        | "Encode" >> beam.ParDo(EncodeFrames(config.vqgan, config.encode_batch))
+    )
+
+
+def dataset_spec(config) -> DatasetSpec:
+    """The packed-dataset spec of a vision job: its config, tokenizer, VQGAN fingerprint and media options."""
+    return DatasetSpec.for_job(config.job, config, TextTokenizer(config.tokenizer), vqgan_sha256=vqgan_sha256(config.vqgan),
                                media={"kind": config.media.name, **config.media.config()})
+
+
+def build(pipeline: beam.Pipeline, config: VisionConfig):
+    """Add the job to ``pipeline``; returns the PCollection of manifest paths."""
+    frames, dead_letters, input_examples = read_and_decode(pipeline, config)
+    bucketed = (
+        encode(frames, config)
+        | "LayOut" >> beam.ParDo(LayOut(config)).with_outputs("counts", "dead_letters", main="segments")
+    )
     return {
         "segments": bucketed.segments,
         "counts": bucketed.counts,
         "dead_letters": (dead_letters, bucketed.dead_letters) | "AllDeadLetters" >> beam.Flatten(),
-        "input_examples": inputs["input_examples"],
-    } | "WriteDatasets" >> WritePackedDatasets(spec)
+        "input_examples": input_examples,
+    } | "WriteDatasets" >> WritePackedDatasets(dataset_spec(config))
 
 
 def vqgan_sha256(path: str) -> str:
