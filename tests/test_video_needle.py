@@ -6,8 +6,11 @@ import json
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestration import cli
+from pipelines.tokens.prompts import VIDEO_NEEDLE_LETTERS
 from pipelines.tokens.text_tokenizer import SpecialTokens, TextTokenizer
 from pipelines.tokens.vision_layout import Markers
 from schemas import vocab
@@ -59,6 +62,21 @@ def test_trials_are_seeded_and_options_name_the_needle(tokenizer):
     assert len({o.split()[-1] for o in a.options}) == 4  # the shape alone tells the needle apart
     question = tokenizer.decode(a.tokens[1:np.flatnonzero(a.vision_mask)[0]])
     assert all(f"({letter}) {option}" in question for letter, option in zip("ABCD", a.options))
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 10**6), options=st.integers(2, 8))
+def test_options_hold_the_needle_once_among_other_shapes_in_a_fixed_order(seed, options):
+    config = vn.VideoNeedleConfig(seed=seed, options=options)
+    kinds = vn.needle_kinds()
+    needle, names, letter = vn.draw_needle(options, vn.trial_rng(config, 8, 0.5, 0))
+    by_name = {synthetic_videos.needle_name(*k): k for k in kinds}
+    listed = [by_name[n] for n in names]
+    assert len(names) == options and listed[VIDEO_NEEDLE_LETTERS.index(letter)] == needle
+    assert [k for k in listed if k[0] == needle[0]] == [needle]  # the shape alone tells the needle apart
+    assert listed == sorted(listed, key=kinds.index)
+    shapes = [k[0] for k in listed]
+    assert len(set(shapes)) == min(options, len(synthetic_videos.NEEDLE_SHAPES))  # each shape once before any twice
 
 
 def test_scoring_takes_the_first_option_letter():

@@ -37,7 +37,7 @@ POOL = nx.Pool(np.repeat(np.arange(20, dtype=np.int32), 256).reshape(20, 16, 16)
 
 
 @settings(max_examples=25, deadline=None)
-@given(index=st.integers(0, 10**6), frames=st.sampled_from([(2,), (3,), (2, 5), (7,)]), options=st.integers(2, 4))
+@given(index=st.integers(0, 10**6), frames=st.sampled_from([(2,), (3,), (2, 5), (7,)]), options=st.integers(2, 8))
 def test_an_exercise_is_an_eval_prompt_with_one_needle_and_loss_on_its_answer_only(tokenizer, tokenizer_path, tmp_path_factory,
                                                                                   index, frames, options):
     config = _config(tokenizer_path, tmp_path_factory.mktemp("x"), frames=frames, options=options)
@@ -142,7 +142,7 @@ def test_a_haystack_of_only_bad_videos_fails_the_job_naming_why(haystack_corpus,
     assert not (tmp_path / "out" / "seq1024" / "manifest.json").exists()
 
 
-@pytest.mark.parametrize("fields, message", [({"frames": (1, 3)}, "at least 2"), ({"options": 5}, "options"),
+@pytest.mark.parametrize("fields, message", [({"frames": (1, 3)}, "at least 2"), ({"options": 9}, "options"),
                                              ({"count": 0}, "count")])
 def test_config_refuses_impossible_exercises(tokenizer_path, tmp_path, fields, message):
     with pytest.raises(ValueError, match=message):

@@ -83,6 +83,12 @@ def video_needle_question(options) -> str:
             f"Answer with the option's letter.")
 
 
+def check_video_needle_options(options: int) -> None:
+    """Refuse a number of options the question cannot letter (2 to 8)."""
+    if not 2 <= options <= len(VIDEO_NEEDLE_LETTERS):
+        raise ValueError(f"options must lie in [2, {len(VIDEO_NEEDLE_LETTERS)}] (one letter each), got {options}")
+
+
 def video_needle_answer(letter: str, option: str) -> str:
     """The answer the video needle's training exercises teach: the option as the question lists it."""
     return f"({letter}) {option}"

@@ -11,7 +11,7 @@ A trial of N frames and depth d, in order:
    ``synthetic_videos.needle_picture``) inserted at frame index ``k = round(d × (N − 1))``
    (half up), so the prompt holds exactly N frames.
 3. **Question**: which different thing one frame shows, with lettered options (the needle and
-   other needle kinds, shuffled; ``pipelines.tokens.prompts.video_needle_question``), laid out as
+   needles of other shapes, in a fixed order; ``pipelines.tokens.prompts.video_needle_question``), laid out as
    ``lwm chat`` lays a video out (``vision_layout.conversation``); frames VQGAN-encoded as the jobs do.
 4. **Score**: correct iff the first option letter in the greedy answer is the expected one.
 
@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pipelines.tokens import media
-from pipelines.tokens.prompts import VIDEO_NEEDLE_LETTERS, video_needle_question
+from pipelines.tokens.prompts import VIDEO_NEEDLE_LETTERS, check_video_needle_options, video_needle_question
 from pipelines.tokens.vision_layout import FRAME_TOKENS, Markers, Turn, conversation
 from schemas import flags, storage
 from trainer.evaluation import Target, Task, synthetic_videos
@@ -73,10 +73,7 @@ class VideoNeedleConfig:
             raise ValueError(f"frames must be counts of at least 2 (a haystack frame and the needle), got {self.frames}")
         if not self.depths or not all(0.0 <= d <= 1.0 for d in self.depths):
             raise ValueError(f"depths must lie in [0, 1], got {self.depths}")
-        if not 2 <= self.options <= len(synthetic_videos.NEEDLE_SHAPES) * len(synthetic_videos.COLOURS):
-            raise ValueError(f"options must lie in [2, {len(VIDEO_NEEDLE_LETTERS)}], got {self.options}")
-        if self.options > len(VIDEO_NEEDLE_LETTERS):
-            raise ValueError(f"at most {len(VIDEO_NEEDLE_LETTERS)} options, got {self.options}")
+        check_video_needle_options(self.options)
         if self.rounds < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("rounds, max_new_tokens and batch_size must be >= 1")
 
@@ -117,13 +114,20 @@ def needle_kinds() -> list[tuple[str, str]]:
     return [(s, c) for s in synthetic_videos.NEEDLE_SHAPES for c in sorted(synthetic_videos.COLOURS)]
 
 
-def _needle(options: int, rng: random.Random) -> tuple[tuple[str, str], tuple[str, ...], str]:
-    """The needle (shape, colour), the option names (shuffled) and the expected letter."""
+def draw_needle(options: int, rng: random.Random) -> tuple[tuple[str, str], tuple[str, ...], str]:
+    """The needle (shape, colour), the option names and the expected letter.
+
+    Distractors take the needle's other shapes, each shape once before any twice, so the shape alone
+    tells the needle apart. Options are listed in :func:`needle_kinds`' fixed order (shape, then
+    colour), as V-NIAH asks each needle a multiple-choice question of fixed options: what the sweep
+    measures is whether the model finds and recognises the needle frame, not whether it can look a
+    name up in a shuffled list (a second skill, and one a small demo model does not learn in minutes)."""
     kinds = needle_kinds()
     needle = rng.choice(kinds)
-    others = [k for k in kinds if k[0] != needle[0]]  # distractors of other shapes: the shape decides
-    choices = [needle] + rng.sample(others, options - 1)
-    rng.shuffle(choices)
+    others = [k for k in kinds if k[0] != needle[0]]
+    others = rng.sample(others, len(others))
+    seen = {k: [o for o in others if o[0] == k[0]].index(k) for k in others}  # how many of its shape precede it
+    choices = sorted([needle, *sorted(others, key=seen.get)[:options - 1]], key=kinds.index)
     names = tuple(synthetic_videos.needle_name(*k) for k in choices)
     return needle, names, VIDEO_NEEDLE_LETTERS[choices.index(needle)]
 
@@ -140,7 +144,7 @@ def build_trial(haystack_codes: np.ndarray, needle_codes: Callable[[str, str], n
     a starting point ``rng`` draws) with the needle's (``needle_codes(shape, colour)``, drawn with ``options``
     lettered options) inserted at :func:`needle_index`. The eval draws with :func:`trial_rng`; the
     ``video-needle`` data job with its own seeds."""
-    needle, options, expected = _needle(options, rng)
+    needle, options, expected = draw_needle(options, rng)
     total = len(haystack_codes)
     start = rng.randrange(total)
     span = max(total, frames - 1)  # too few haystack frames: the sequence wraps around
