@@ -17,7 +17,6 @@ Steps and learning rates default to the demo plan's (copy-1024: 1800 at 5e-3, re
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import pathlib
@@ -35,11 +34,9 @@ PHASES = (  # name, the demo's stage (its steps and learning rate), the demo's e
 )
 
 
-def exercises(work: pathlib.Path, name: str, exercise_set: str, seed: int) -> pathlib.Path:
-    data = work / "data" / f"{name}_{seed}"
-    if not (data / "seq1024" / "manifest.json").exists():
-        demo.write_exercises(work, dataclasses.replace(demo.EXERCISES[exercise_set], seed=seed), data)
-    return data / "seq1024"
+def exercises(work: pathlib.Path, exercise_set: str, seed: int) -> pathlib.Path:
+    data = work / "data" / f"{exercise_set}_{seed}" / "seq1024"
+    return data if (data / "manifest.json").exists() else demo.write_exercises(work, exercise_set, seed)
 
 
 def train(run_dir: pathlib.Path, data: pathlib.Path, steps: int, learning_rate: float, init_from: str) -> None:
@@ -74,12 +71,12 @@ def main() -> None:
     args = parser.parse_args()
     work = pathlib.Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    if not (work / "data" / "books" / f"seq{demo.SEQ_LEN}" / "manifest.json").exists():
+    if not (work / "data" / "books" / "seq1024" / "manifest.json").exists():
         demo.books(work)
     stages = {stage.name: stage.config for stage in plan_lib.load(str(demo.PLAN)).stages}
     init_from = ""
     for (name, stage, exercise_set), steps in zip(PHASES, (args.warmup_steps, args.long_steps)):
-        data = exercises(work, name, exercise_set, args.seed)
+        data = exercises(work, exercise_set, args.seed)
         run_dir = work / "runs" / f"{name}_{args.seed}"
         train(run_dir, data, steps or stages[stage].steps, stages[stage].optimizer.learning_rate, init_from)
         init_from = str(run_dir)

@@ -16,9 +16,6 @@ from orchestration import cli
 from trainer.evaluation import synthetic_books as sample_data
 from trainer.evaluation import synthetic_videos as sample_media
 
-SEQ_LEN = 1024  # the image-text, chat and retrieval bucket: short enough for a tiny model on CPU
-VIDEO_SEQ_LEN = 2048  # videos of 1-4 frames (257 tokens each) pack well in 2048, as LWM trains video at its longer stages
-BOOK_LENGTHS = (512, 1024, 2048)  # the books buckets of the stage plan's three stages
 PLAN = pathlib.Path(__file__).resolve().parents[2] / "configs" / "stages" / "demo.yaml"
 
 
@@ -33,17 +30,38 @@ def _lwm(*argv: str) -> None:
         raise SystemExit(f"demo step failed: lwm {' '.join(argv)} exited {code}")
 
 
+def planned_job(dataset: str):
+    """The plan's ``lwm data`` job for ``dataset`` (a ``DataJob``): the plan's ``datasets:`` section is the
+    one place the demo's data settings are written."""
+    from orchestration.stages.datasets import job_for
+    from orchestration.stages.plan import load
+
+    job = job_for(load(PLAN), dataset)
+    if job is None:
+        raise SystemExit(f"demo: {PLAN} declares no dataset {dataset}")
+    return job
+
+
+def _run_job(workdir: pathlib.Path, job) -> None:
+    """``job`` in ``workdir``, which the plan's paths are relative to."""
+    import contextlib
+
+    with contextlib.chdir(workdir):
+        print(f"$ cd {workdir}", flush=True)
+        _lwm(*job.argv(overwrite=True))
+
+
+def _lwm_data(workdir: pathlib.Path, dataset: str) -> None:
+    _run_job(workdir, planned_job(dataset))
+
+
 def books(workdir: pathlib.Path) -> None:
     _banner("sample books → tokenizer → packed shards")
     corpus = sample_data.write_books(workdir / "raw" / "books.jsonl", 200)
     print(f"wrote {corpus} (200 synthetic books)")
     _lwm("tokenizer", "train", "--input", str(corpus), "--vocab-size", "512", "--output", str(workdir / "tokenizer.model"))
-    _lwm(
-        "data", "books", "--input", str(corpus), "--output", str(workdir / "data" / "books"),
-        "--tokenizer", str(workdir / "tokenizer.model"), "--buckets", ",".join(map(str, BOOK_LENGTHS)),
-        "--num-shards", "4", "--overwrite",
-    )
-    _lwm("data", "inspect", str(workdir / "data" / "books" / f"seq{SEQ_LEN}"))
+    _lwm_data(workdir, "data/books/seq512")  # one job writes every length bucket
+    _lwm("data", "inspect", str(workdir / "data" / "books" / "seq1024"))
 
 
 def vision(workdir: pathlib.Path) -> None:
@@ -62,20 +80,12 @@ def vision(workdir: pathlib.Path) -> None:
     vqgan = workdir / "vqgan_small_random"
     VQGAN.init_random(SMALL, seed=0).save(str(vqgan))
     print(f"saved a randomly initialised small VQGAN to {vqgan}")
-    common = ("--tokenizer", str(workdir / "tokenizer.model"), "--vqgan", str(vqgan), "--num-shards", "2",
-              "--overwrite")
-    _lwm("data", "image-text", "--input", str(images), "--output", str(workdir / "data" / "image_text"),
-         "--seq-len", str(SEQ_LEN), *common)
-    # Sampled at 2 fps, the clips have 1-4 frames (257 tokens each, plus the caption): mixed
-    # sizes that fill 2048-token sequences (~0.93), where 3-frame clips alone filled 1024 to 0.80.
-    _lwm("data", "video-text", "--input", str(videos), "--output", str(workdir / "data" / "video_text"),
-         "--seq-len", str(VIDEO_SEQ_LEN), "--fps", "2", "--max-frames", "4", *common)
-    _lwm("data", "inspect", str(workdir / "data" / "video_text" / f"seq{VIDEO_SEQ_LEN}"))
-    # The video needle's training exercises: frames of the same clips at 2 fps with a needle picture
-    # among them, the eval's question, loss on the answer (the eval draws other clips and seeds).
-    _lwm("data", "video-needle", "--input", str(videos), "--output", str(workdir / "data" / "video_needle"),
-         "--seq-len", str(SEQ_LEN), "--fps", "2", "--frames", VIDEO_NEEDLE.frames,
-         "--count", str(VIDEO_NEEDLE.count), "--seed", "1", *common)
+    _lwm_data(workdir, "data/image_text/seq1024")
+    _lwm_data(workdir, "data/video_text/seq2048")
+    _lwm("data", "inspect", str(workdir / "data" / "video_text" / "seq2048"))
+    # The video needle's training exercises: frames of the same clips with a needle picture among
+    # them, the eval's question, loss on the answer (the eval draws other clips and seeds).
+    _lwm_data(workdir, "data/video_needle/seq1024")
 
 
 def chat_qa(workdir: pathlib.Path) -> None:
@@ -86,13 +96,8 @@ def chat_qa(workdir: pathlib.Path) -> None:
     ``data/chat_qa/qa_cache``, so a second demo run generates none.
     """
     _banner("demo books → chat QA: contexts of adjacent chunks + extractive questions, loss on answers")
-    _lwm(
-        "data", "chat-qa", "--input", str(workdir / "raw" / "books.jsonl"),
-        "--output", str(workdir / "data" / "chat_qa"), "--tokenizer", str(workdir / "tokenizer.model"),
-        "--seq-len", str(SEQ_LEN), "--generator", "extractive", "--chunk-tokens", "200", "--num-shards", "2",
-        "--overwrite",
-    )
-    _lwm("data", "inspect", str(workdir / "data" / "chat_qa" / f"seq{SEQ_LEN}"))
+    _lwm_data(workdir, "data/chat_qa/seq1024")
+    _lwm("data", "inspect", str(workdir / "data" / "chat_qa" / "seq1024"))
 
 
 def train(workdir: pathlib.Path) -> None:
@@ -157,37 +162,43 @@ NEEDLE_LENGTHS = "512,1024,1536,2048"
 class VideoNeedle:
     """The demo's video needle: exercises to train on, and the eval's frame counts, depths and haystack."""
 
-    count: int  # training exercises
-    frames: str  # frames per exercise and per eval prompt (the needle one of them)
+    frames: str  # frames per eval prompt (the needle one of them), as the plan's exercises have
     depths: str
     rounds: int
     haystack_clips: int  # the eval's own moving-shape clips (another seed than the training clips)
 
 
-VIDEO_NEEDLE = VideoNeedle(count=600, frames="2,3", depths="0,0.5,1", rounds=4, haystack_clips=4)
-
-
-def write_exercises(workdir: pathlib.Path, exercises: Exercises, output: pathlib.Path) -> None:
-    """Needle exercises from the demo books in ``workdir`` (other cities and numbers than the eval's):
-    haystacks with a needle (``orchestration.demo.sample_retrieval``, written to ``raw/{output's name}.jsonl``),
-    turned by ``lwm data chat-qa --generator needle`` into the eval's prompt and answer with loss on the
-    answer only, packed into ``output/seq{SEQ_LEN}``."""
-    from orchestration.demo.sample_retrieval import write_retrieval
-
-    corpus = write_retrieval(workdir / "raw" / f"{output.name}.jsonl", workdir / "raw" / "books.jsonl",
-                             str(workdir / "tokenizer.model"), exercises.count, seed=exercises.seed,
-                             min_length=exercises.lengths[0], max_length=exercises.lengths[1], digits=exercises.digits)
-    print(f"wrote {corpus} ({exercises.count} haystacks of up to {exercises.lengths[1]} tokens with a needle each)")
-    _lwm("data", "chat-qa", "--input", str(corpus), "--output", str(output),
-         "--tokenizer", str(workdir / "tokenizer.model"), "--seq-len", str(SEQ_LEN), "--generator", "needle",
-         "--chunk-tokens", str(exercises.lengths[1] + 64), "--num-shards", "2", "--overwrite")
+VIDEO_NEEDLE = VideoNeedle(frames="2,3", depths="0,0.5,1", rounds=4, haystack_clips=4)
 
 
 def retrieval_data(workdir: pathlib.Path) -> None:
-    """The demo's needle exercises (:data:`EXERCISES`), each set into ``data/{name}/seq{SEQ_LEN}``."""
+    """The demo's needle exercises (:data:`EXERCISES`), from the demo books (other cities and numbers than
+    the eval's): haystacks with a needle (``orchestration.demo.sample_retrieval``) written to
+    ``raw/{name}.jsonl``, turned by the plan's ``lwm data chat-qa --generator needle`` into the eval's prompt
+    and answer with loss on the answer only, packed into ``data/{name}/seq1024``."""
     _banner("synthetic needle-retrieval exercises from the books → chat QA in the eval's words, loss on answers")
-    for name, exercises in EXERCISES.items():
-        write_exercises(workdir, exercises, workdir / "data" / name)
+    for name in EXERCISES:
+        write_exercises(workdir, name)
+
+
+def write_exercises(workdir: pathlib.Path, name: str, seed: int | None = None) -> pathlib.Path:
+    """Exercise set ``name`` as :func:`retrieval_data` makes it; with another data ``seed``, named
+    ``{name}_{seed}`` (raw file, dataset and cache) beside it. Returns the packed dataset's directory."""
+    from orchestration.demo.sample_retrieval import write_retrieval
+
+    exercises = EXERCISES[name]
+    label = name if seed is None else f"{name}_{seed}"
+    corpus = write_retrieval(workdir / "raw" / f"{label}.jsonl", workdir / "raw" / "books.jsonl",
+                             str(workdir / "tokenizer.model"), exercises.count,
+                             seed=exercises.seed if seed is None else seed, min_length=exercises.lengths[0],
+                             max_length=exercises.lengths[1], digits=exercises.digits)
+    print(f"wrote {corpus} ({exercises.count} haystacks of up to {exercises.lengths[1]} tokens with a needle each)")
+    job = planned_job(f"data/{name}/seq1024")
+    config = job.config
+    config = dataclasses.replace(config, inputs=(f"raw/{label}.jsonl",), cache=f"data/{label}/qa_cache",
+                                 output=dataclasses.replace(config.output, output=f"data/{label}"))
+    _run_job(workdir, dataclasses.replace(job, config=config, outputs=(f"data/{label}/seq1024",)))
+    return workdir / "data" / label / "seq1024"
 
 
 def needle(workdir: pathlib.Path) -> None:
