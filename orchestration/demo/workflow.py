@@ -194,9 +194,8 @@ def write_exercises(workdir: pathlib.Path, name: str, seed: int | None = None) -
                              max_length=exercises.lengths[1], digits=exercises.digits)
     print(f"wrote {corpus} ({exercises.count} haystacks of up to {exercises.lengths[1]} tokens with a needle each)")
     job = planned_job(f"data/{name}/seq1024")
-    config = job.config
-    config = dataclasses.replace(config, inputs=(f"raw/{label}.jsonl",), cache=f"data/{label}/qa_cache",
-                                 output=dataclasses.replace(config.output, output=f"data/{label}"))
+    config = dataclasses.replace(job.config, inputs=(f"raw/{label}.jsonl",), cache=f"data/{label}/qa_cache",
+                                 output=dataclasses.replace(job.config.output, output=f"data/{label}"))
     _run_job(workdir, dataclasses.replace(job, config=config, outputs=(f"data/{label}/seq1024",)))
     return workdir / "data" / label / "seq1024"
 

@@ -83,8 +83,11 @@ def video_needle_question(options) -> str:
             f"Answer with the option's letter.")
 
 
-def check_video_needle_options(options: int) -> None:
-    """Refuse a number of options the question cannot letter (2 to 8)."""
+def check_video_needle_counts(frames, options: int) -> None:
+    """Refuse video-needle prompts that cannot be made: fewer than 2 frames (a haystack frame and the
+    needle), or a number of options the question cannot letter (2 to 8)."""
+    if not frames or min(frames) < 2:
+        raise ValueError(f"frames must be counts of at least 2 (a haystack frame and the needle), got {frames}")
     if not 2 <= options <= len(VIDEO_NEEDLE_LETTERS):
         raise ValueError(f"options must lie in [2, {len(VIDEO_NEEDLE_LETTERS)}] (one letter each), got {options}")
 

@@ -31,7 +31,7 @@ from pipelines.kit.job import Job, check_inputs, check_tokenizer
 from pipelines.kit.output import OutputConfig
 from pipelines.kit.packed_writer import WritePackedDatasets, route
 from pipelines.kit.packing import Segment
-from pipelines.tokens.prompts import (VIDEO_NEEDLE_LETTERS, check_video_needle_options, video_needle_answer,
+from pipelines.tokens.prompts import (VIDEO_NEEDLE_LETTERS, check_video_needle_counts, video_needle_answer,
                                       video_needle_question)
 from pipelines.tokens.text_tokenizer import SpecialTokens, TextTokenizer
 from pipelines.tokens.vision_layout import Markers, Turn, conversation
@@ -71,9 +71,7 @@ class VideoNeedleDataConfig:
     """Frames per VQGAN call (codes do not depend on it)."""
 
     def __post_init__(self):
-        if not self.frames or min(self.frames) < 2:
-            raise ValueError(f"frames must be counts of at least 2 (a haystack frame and the needle), got {self.frames}")
-        check_video_needle_options(self.options)
+        check_video_needle_counts(self.frames, self.options)
         if self.count < 1 or self.encode_batch < 1:
             raise ValueError(f"count and encode_batch must be >= 1, got {self.count}, {self.encode_batch}")
 

@@ -61,6 +61,12 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 RESULTS = "results.jsonl"  # one line per trial, in every sweep's output directory
 
 
+def check_depths(depths: Sequence[float]) -> None:
+    """Refuse a sweep's depths unless there are some and each lies in [0, 1]."""
+    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"depths must lie in [0, 1], got {depths}")
+
+
 @dataclasses.dataclass(frozen=True)
 class NeedleConfig:
     """One sweep: ``lengths`` × ``depths`` × ``rounds`` prompts, answered greedily in batches."""
@@ -99,8 +105,7 @@ class NeedleConfig:
             raise ValueError(f"task must be one of {KINDS}, got {self.task!r}")
         if not self.lengths or min(self.lengths) <= 0:
             raise ValueError(f"lengths must be positive token counts, got {self.lengths}")
-        if not self.depths or not all(0.0 <= d <= 1.0 for d in self.depths):
-            raise ValueError(f"depths must lie in [0, 1], got {self.depths}")
+        check_depths(self.depths)
         if self.rounds < 1 or self.hops < 1 or self.max_new_tokens < 1 or self.digits < 1:
             raise ValueError("rounds, hops, max_new_tokens and digits must be >= 1")
         if not 1 <= self.ask <= self.needles:

@@ -35,11 +35,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pipelines.tokens import media
-from pipelines.tokens.prompts import VIDEO_NEEDLE_LETTERS, check_video_needle_options, video_needle_question
+from pipelines.tokens.prompts import VIDEO_NEEDLE_LETTERS, check_video_needle_counts, video_needle_question
 from pipelines.tokens.vision_layout import FRAME_TOKENS, Markers, Turn, conversation
 from schemas import flags, storage
 from trainer.evaluation import Target, Task, synthetic_videos
-from trainer.evaluation.haystack import RESULTS, accuracies, accuracy_grid, heatmap, table
+from trainer.evaluation.haystack import RESULTS, accuracies, accuracy_grid, check_depths, heatmap, table
 
 
 
@@ -69,11 +69,8 @@ class VideoNeedleConfig:
     """Devices of the ring prompts and caches are split over."""
 
     def __post_init__(self):
-        if not self.frames or min(self.frames) < 2:
-            raise ValueError(f"frames must be counts of at least 2 (a haystack frame and the needle), got {self.frames}")
-        if not self.depths or not all(0.0 <= d <= 1.0 for d in self.depths):
-            raise ValueError(f"depths must lie in [0, 1], got {self.depths}")
-        check_video_needle_options(self.options)
+        check_depths(self.depths)
+        check_video_needle_counts(self.frames, self.options)
         if self.rounds < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("rounds, max_new_tokens and batch_size must be >= 1")
 
