@@ -6,8 +6,10 @@ fixture (tiny text model, fsdp 2 x sp 4 ring attention, batch 2), sharing a
 persistent compilation cache so only the first one compiles.
 """
 
+import asyncio
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,10 +17,12 @@ import sys
 import time
 import types
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorstore as ts
 
 from orchestration import cli
 from pipelines.kit.packed_writer import write_shard
@@ -140,6 +144,7 @@ def test_tiny_model_loss_falls_and_resumes_bitwise_after_kills_signals_and_damag
     _damage(ckpt_dir, newest, "truncate")
     _damage(ckpt_dir, second, "metadata")
     code, out, err = _finish(_start(sets, cache_env))
+    open(f"/work/exp/evl/err_{os.getpid()}_{time.time()}.txt", "w").write(out + "\n=====ERR\n" + err)
     assert code == 0, err
     assert f"checkpoint {newest} in {ckpt_dir} cannot be restored: " in out
     assert f"checkpoint {second} in {ckpt_dir} cannot be restored: " in out
@@ -161,6 +166,74 @@ def test_tiny_model_loss_falls_and_resumes_bitwise_after_kills_signals_and_damag
     assert err.startswith(f"lwm: error: cannot resume {run_dir} with changed model.d_model 64 -> 128")
     assert err.count("\n") == 1
     assert (run_dir / config_lib.CONFIG_NAME).read_text() == saved_config
+
+
+def _wake_a_closed_loop(tmp_path):
+    """As orbax's failed restore: one read fails, the loop closes, tensorstore finishes another read later."""
+    in_flight = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "in_flight")}},
+                        create=True, delete_existing=True, dtype="float32", shape=[2048, 2048]).result()
+    in_flight.write(np.ones((2048, 2048), np.float32)).result()
+
+    async def damaged():
+        await asyncio.sleep(0.001)  # the other read has started
+        raise ValueError("damaged")
+
+    async def restore():
+        await asyncio.gather(in_flight.read(), damaged())
+
+    loop = asyncio.new_event_loop()
+    with pytest.raises(ValueError):
+        loop.run_until_complete(restore())
+    loop.close()
+
+
+def _wait_until(condition, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_damaged_step_is_reported_in_one_line_and_what_its_restore_leaves_behind_prints_nothing(
+        tmp_path, monkeypatch, caplog):
+    ckpt_dir = str(tmp_path / "checkpoints")
+    params, opt_state = {"w": jnp.arange(4096.0).reshape(64, 64)}, {"m": jnp.ones((64, 64))}
+    with checkpoint.train_manager(ckpt_dir) as mngr:
+        for step in (1, 2):
+            checkpoint.save_train_state(mngr, step, params=params, opt_state=opt_state, model_config=PRESETS["tiny"],
+                                        data_iter=iter(grain.MapDataset.range(8).to_iter_dataset()),
+                                        train_config={}, force=True)
+    _damage(ckpt_dir, 2, "truncate")
+    printed, seen = [], []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: printed.append(str(unraisable.exc_value)))
+    _wake_a_closed_loop(tmp_path)  # what users saw before
+    _wait_until(lambda: printed)
+    assert printed == ["Event loop is closed"]
+
+    printed.clear()
+    reports = []
+    targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (params, opt_state))
+    with checkpoint.train_manager(ckpt_dir) as mngr:
+        step, *_ = checkpoint.restore_newest_train_state(
+            mngr, params=targets[0], opt_state=targets[1], data_iter=iter(grain.MapDataset.range(8).to_iter_dataset()),
+            micro_batches=1, damaged_dir=str(tmp_path / "damaged"), report=reports.append)
+    assert step == 1 and len(reports) == 2 and reports[0].startswith(f"checkpoint 2 in {ckpt_dir} cannot be restored: ")
+
+    beneath = sys.unraisablehook
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: (seen.append(1), beneath(unraisable)))
+    _wake_a_closed_loop(tmp_path)
+    _wait_until(lambda: seen)
+    caplog.clear()
+    about_damaged = Exception(f"error while reading {os.path.join(ckpt_dir, '2', 'params')}")
+    caused_by_damaged = Exception("error while reading array")
+    caused_by_damaged.__cause__ = about_damaged
+    about_restored = Exception(f"error while reading {os.path.join(ckpt_dir, '1', 'params')}")
+    same_words = RuntimeError("Event loop is closed")  # not raised while waking a loop
+    for error in (about_damaged, caused_by_damaged, about_restored, same_words):
+        sys.unraisablehook(types.SimpleNamespace(exc_value=error, object=None))  # as the garbage collector does
+        logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=error)  # as asyncio does
+    assert printed == [str(about_restored), str(same_words)]
+    assert [record.exc_info[1] for record in caplog.records] == [about_restored, same_words]
 
 
 def _nan_dataset(directory, count=8):

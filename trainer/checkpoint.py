@@ -22,7 +22,8 @@ marker written last), so a run killed mid-save resumes from the newest complete 
 (a truncated array file, missing metadata) is reported in one line, moved aside to
 ``RUN_DIR/damaged_checkpoints/<step>`` (nothing is deleted, and the resumed run can
 save that step number again) and the previous step restored instead
-(``restore_newest_train_state``).
+(``restore_newest_train_state``); the tracebacks orbax's abandoned reads of the
+damaged step would print after that line are silenced.
 
 With several processes every one of them calls these functions (orbax saves each
 array's shards from the process that holds them; process 0 writes the metadata and
@@ -31,8 +32,11 @@ JSON items). ``ckpt_dir`` may be a ``gs://`` path: orbax reads and writes it its
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import sys
+import traceback
 from typing import Any, Callable
 
 import grain
@@ -205,8 +209,11 @@ def restore_newest_train_state(mngr: ocp.CheckpointManager, *, params: Any, opt_
     position; the other arguments as for ``restore_train_state``. A data position that
     cannot be moved to this topology (``DataPositionError``) is no damage: it is raised.
     """
+    _quiet_leftovers_of_failed_restores()
     damaged = []
     for step in sorted(mngr.all_steps(), reverse=True):
+        step_dir = os.path.join(os.fspath(mngr.directory), str(step), "")
+        _FAILED_RESTORES.add(step_dir)  # before trying: leftovers can print before ``except`` runs
         try:
             restored = restore_train_state(mngr, step, params=params, opt_state=opt_state, data_iter=data_iter,
                                            data_position=step * micro_batches)
@@ -217,6 +224,7 @@ def restore_newest_train_state(mngr: ocp.CheckpointManager, *, params: Any, opt_
             report(f"checkpoint {step} in {mngr.directory} cannot be restored: {reason}")
             damaged.append(step)
             continue
+        _FAILED_RESTORES.discard(step_dir)
         if damaged:
             _move_aside(mngr, damaged, damaged_dir)
             report(f"fell back to checkpoint {step}, the newest that restores; moved the damaged "
@@ -227,6 +235,50 @@ def restore_newest_train_state(mngr: ocp.CheckpointManager, *, params: Any, opt_
                          f"move them away to start afresh, or start a new run_dir from other weights with "
                          f"checkpoint.init_from")
     return None
+
+
+def _quiet_leftovers_of_failed_restores() -> None:
+    """Silences what a failed restore leaves behind; every other error still prints.
+
+    Orbax runs a restore on an event loop that it closes as soon as the first array
+    read fails, abandoning the reads still in flight. Python then prints a traceback
+    for each of them after our one-line report of the damaged step, in several ways:
+    tensorstore waking the closed loop when a read finishes (``RuntimeError: Event
+    loop is closed`` from ``call_soon_threadsafe``), the garbage collector closing an
+    abandoned read, and asyncio logging reads that failed after nobody was listening
+    ("... exception was never retrieved"). Such an error is dropped when it wakes a
+    closed loop or names a step directory in ``_FAILED_RESTORES``; their results are
+    discarded anyway. Installed once per process.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_failed_restores", False):
+        return
+
+    def hook(unraisable) -> None:
+        if not _left_by_failed_restore(unraisable.exc_value):
+            previous(unraisable)
+
+    hook.quiets_failed_restores = True
+    sys.unraisablehook = hook
+    if _keep_log_record not in logging.getLogger("asyncio").filters:
+        logging.getLogger("asyncio").addFilter(_keep_log_record)
+
+
+def _keep_log_record(record: logging.LogRecord) -> bool:
+    return not (record.exc_info and _left_by_failed_restore(record.exc_info[1]))
+
+
+_FAILED_RESTORES: set[str] = set()  # step directories (ending in a separator) whose restore failed
+
+
+def _left_by_failed_restore(error: BaseException | None) -> bool:
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return "call_soon_threadsafe" in {frame.name for frame in traceback.extract_tb(error.__traceback__)}
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return any(step_dir in str(e) for e in chain for step_dir in _FAILED_RESTORES)
 
 
 def _move_aside(mngr: ocp.CheckpointManager, steps: list[int], damaged_dir: str) -> None:
