@@ -399,8 +399,11 @@ def test_sigterm_refuses_new_requests_finishes_those_in_flight_and_exits_0(ckpt,
         stream = chat(client, question, max_tokens=300, stream=True)
         chunks = [next(iter(stream))]
         process.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        refused = httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": "hi"}, timeout=10)
+        deadline = time.time() + 30  # until the signal is handled, a request may still be served
+        while (refused := httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 1},
+                                     timeout=10)).status_code == 200:
+            assert time.time() < deadline, "SIGTERM was not handled"
+            time.sleep(0.05)
         chunks += list(stream)
         assert refused.status_code == 503 and refused.json()["error"]["message"] == "the server is shutting down"
         assert chunks[-1].choices[0].finish_reason == "length"
