@@ -246,9 +246,10 @@ def _quiet_leftovers_of_failed_restores() -> None:
     tensorstore waking the closed loop when a read finishes (``RuntimeError: Event
     loop is closed`` from ``call_soon_threadsafe``), the garbage collector closing an
     abandoned read, and asyncio logging reads that failed after nobody was listening
-    ("... exception was never retrieved"). Such an error is dropped when it wakes a
-    closed loop or names a step directory in ``_FAILED_RESTORES``; their results are
-    discarded anyway. Installed once per process.
+    ("... exception was never retrieved"). Once a restore has been tried and failed
+    (``_FAILED_RESTORES``), such an error is dropped when it wakes a closed loop or
+    names a failed step's directory; their results are discarded anyway. Installed
+    once per process.
     """
     previous = sys.unraisablehook
     if getattr(previous, "quiets_failed_restores", False):
@@ -272,6 +273,8 @@ _FAILED_RESTORES: set[str] = set()  # step directories (ending in a separator) w
 
 
 def _left_by_failed_restore(error: BaseException | None) -> bool:
+    if not _FAILED_RESTORES:  # no restore has failed (or is being tried): nothing to silence
+        return False
     if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
         return "call_soon_threadsafe" in {frame.name for frame in traceback.extract_tb(error.__traceback__)}
     chain = []
